@@ -1,0 +1,11 @@
+//! The coordinator (`myco server`): an axum HTTP API over an embedded redb store.
+//!
+//! Entry points: [`Coordinator::bind`] opens the store and binds the listener,
+//! [`Coordinator::serve`] answers requests until its shutdown future resolves.
+
+mod api;
+mod auth;
+mod server;
+pub mod store;
+
+pub use server::{Coordinator, ServerConfig, ServerError};

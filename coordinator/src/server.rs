@@ -1,0 +1,144 @@
+//! Starting and stopping the coordinator: data dir, store, listener, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::{self, AppState};
+use crate::store::{Store, StoreError};
+
+/// The store's file name inside the data dir.
+pub const STORE_FILE: &str = "myco.redb";
+
+/// Validated configuration of `myco server`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the HTTP API listens; port 0 picks a free port.
+    pub http_address: SocketAddr,
+    /// The URL agents and clients are told to use; the listen address when `None`.
+    pub access_url: Option<String>,
+    /// Holds the store file.
+    pub data_dir: PathBuf,
+}
+
+/// Why the coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data dir could not be created.
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The HTTP listener could not be bound.
+    #[error("cannot listen on {addr}: {source}; pick another --http-address")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A coordinator with its store open and its listener bound, not yet serving.
+pub struct Coordinator {
+    store: Arc<Store>,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    access_url: String,
+    store_path: PathBuf,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("local_addr", &self.local_addr)
+            .field("access_url", &self.access_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// Creates the data dir (mode 0700), opens the store and binds the listener.
+    ///
+    /// # Errors
+    /// See [`ServerError`]: the data dir, the store (in use by another server, or
+    /// unreadable) or the address.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        create_private_dir(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store_path = config.data_dir.join(STORE_FILE);
+        let path = store_path.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;
+        let listener = tokio::net::TcpListener::bind(config.http_address)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.http_address,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let access_url = config
+            .access_url
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| format!("http://{local_addr}"));
+        Ok(Self {
+            store: Arc::new(store),
+            listener,
+            local_addr,
+            access_url,
+            store_path,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn access_url(&self) -> &str {
+        &self.access_url
+    }
+
+    pub fn store_path(&self) -> &std::path::Path {
+        &self.store_path
+    }
+
+    /// Whether any user exists; on an empty store the operator is told how to make one.
+    pub fn has_users(&self) -> Result<bool, StoreError> {
+        self.store.has_users()
+    }
+
+    /// Serves the API until `shutdown` resolves, then lets requests in flight finish.
+    ///
+    /// # Errors
+    /// [`ServerError::Serve`] when accepting connections fails for good.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let state = AppState {
+            store: self.store.clone(),
+            access_url: self.access_url.clone(),
+        };
+        let app = api::router(state);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve)
+    }
+}
+
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}

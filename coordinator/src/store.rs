@@ -1,0 +1,562 @@
+//! The coordinator's store: one redb file in the data dir.
+//!
+//! Architecture Invariant: this is the only module that opens redb. Every write is one
+//! redb transaction committed with `Durability::Immediate` (redb's default), so a write
+//! the API acknowledged survives a `kill -9` of the server.
+//!
+//! Records are JSON in redb tables keyed by id, with name-index tables beside them.
+//! Agents live inside their workspace record, so a single pass over `workspaces`
+//! yields every agent and app (no query per agent).
+
+use std::path::Path;
+
+use mesh::api::{App, Script};
+use mesh::{Name, Timestamp};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// username -> [`UserRecord`]
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// token id -> [`TokenRecord`]
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// `owner/name` of a named API token -> token id
+const TOKEN_NAMES: TableDefinition<&str, &str> = TableDefinition::new("token_names");
+/// workspace id -> [`WorkspaceRecord`]
+const WORKSPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("workspaces");
+/// `owner/name` of a workspace -> workspace id
+const WORKSPACE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("workspace_names");
+
+/// What can go wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (usually another `myco server`) holds the database file.
+    #[error(
+        "the store {0} is in use by another process; stop the other myco server or pick another --data-dir"
+    )]
+    InUse(String),
+    /// redb failed: I/O, corruption it detected, or a transaction error.
+    #[error("store failure: {0}")]
+    Database(#[from] redb::Error),
+    /// A record could not be decoded; the file was written by an incompatible version.
+    #[error("store record {table}/{key} is unreadable: {source}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The first user exists already.
+    #[error("the first user has already been created")]
+    FirstUserExists,
+    /// A record with this unique name exists already.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The record to change does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Database(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub username: Name,
+    /// PHC string of an argon2id hash.
+    pub password_hash: String,
+    pub admin: bool,
+    pub created_at: Timestamp,
+}
+
+/// What a token lets its bearer act as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenKind {
+    /// Made by a password login; `myco logout` revokes it.
+    Session { user: Name },
+    /// A named API token (`myco tokens create`).
+    Api { user: Name, name: Name },
+    /// The token a workspace agent authenticates with.
+    Agent {
+        workspace_id: String,
+        agent_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The public half of the token, its key in the store.
+    pub id: String,
+    /// Hex SHA-256 of the secret half. The secret itself is never stored.
+    pub secret_sha256: String,
+    pub kind: TokenKind,
+    pub created_at: Timestamp,
+    /// `None`: valid until revoked (agent tokens, which are rotated instead).
+    pub expires_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: Name,
+    pub created_at: Timestamp,
+    /// Id of the agent's current [`TokenRecord`].
+    pub token_id: String,
+    pub apps: Vec<App>,
+    pub startup_script: Option<Script>,
+    pub shutdown_script: Option<Script>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub id: String,
+    pub owner: Name,
+    pub name: Name,
+    pub created_at: Timestamp,
+    pub agents: Vec<AgentRecord>,
+}
+
+/// The coordinator's database.
+pub struct Store {
+    db: Database,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        table,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn name_key(owner: &Name, name: &Name) -> String {
+    format!("{owner}/{name}")
+}
+
+impl Store {
+    /// Opens (or creates) the store file and makes sure every table exists.
+    ///
+    /// # Errors
+    /// [`StoreError::InUse`] when another process holds the file; [`StoreError::Database`]
+    /// when redb cannot open or repair it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::InUse(path.display().to_string())
+            }
+            other => StoreError::Database(other.into()),
+        })?;
+        let txn = db.begin_write()?;
+        txn.open_table(USERS)?;
+        txn.open_table(TOKENS)?;
+        txn.open_table(TOKEN_NAMES)?;
+        txn.open_table(WORKSPACES)?;
+        txn.open_table(WORKSPACE_NAMES)?;
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    pub fn has_users(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(!txn.open_table(USERS)?.is_empty()?)
+    }
+
+    /// Creates the first user, only while no user exists. The check and the insert are
+    /// one write transaction, so two racing bootstraps cannot both succeed.
+    pub fn create_first_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut users = txn.open_table(USERS)?;
+            if !users.is_empty()? {
+                return Err(StoreError::FirstUserExists);
+            }
+            users.insert(user.username.as_str(), encode(user).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn create_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut users = txn.open_table(USERS)?;
+            if users.get(user.username.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!("user {}", user.username)));
+            }
+            users.insert(user.username.as_str(), encode(user).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn user(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let users = txn.open_table(USERS)?;
+        users
+            .get(username)?
+            .map(|v| decode("users", username, v.value()))
+            .transpose()
+    }
+
+    pub fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let users = txn.open_table(USERS)?;
+        let mut out = Vec::new();
+        for row in users.iter()? {
+            let (k, v) = row?;
+            out.push(decode("users", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Stores a token. A named API token must be unique per owner.
+    pub fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut tokens = txn.open_table(TOKENS)?;
+            if let TokenKind::Api { user, name } = &token.kind {
+                let mut names = txn.open_table(TOKEN_NAMES)?;
+                let key = name_key(user, name);
+                if names.get(key.as_str())?.is_some() {
+                    return Err(StoreError::Conflict(format!("token {name} of {user}")));
+                }
+                names.insert(key.as_str(), token.id.as_str())?;
+            }
+            tokens.insert(token.id.as_str(), encode(token).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let tokens = txn.open_table(TOKENS)?;
+        tokens
+            .get(id)?
+            .map(|v| decode("tokens", id, v.value()))
+            .transpose()
+    }
+
+    /// The named API tokens of `owner`, or of everyone when `None`.
+    pub fn api_tokens(&self, owner: Option<&Name>) -> Result<Vec<TokenRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let names = txn.open_table(TOKEN_NAMES)?;
+        let tokens = txn.open_table(TOKENS)?;
+        let mut out = Vec::new();
+        let prefix = owner.map(|o| format!("{o}/"));
+        let rows = match &prefix {
+            Some(p) => names.range(p.as_str()..)?,
+            None => names.iter()?,
+        };
+        for row in rows {
+            let (k, id) = row?;
+            if let Some(p) = &prefix
+                && !k.value().starts_with(p.as_str())
+            {
+                break;
+            }
+            if let Some(v) = tokens.get(id.value())? {
+                out.push(decode("tokens", id.value(), v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a token by id. Returns whether it existed.
+    pub fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = {
+            let mut tokens = txn.open_table(TOKENS)?;
+            let old = tokens
+                .remove(id)?
+                .map(|v| decode::<TokenRecord>("tokens", id, v.value()))
+                .transpose()?;
+            if let Some(TokenRecord {
+                kind: TokenKind::Api { user, name },
+                ..
+            }) = &old
+            {
+                txn.open_table(TOKEN_NAMES)?
+                    .remove(name_key(user, name).as_str())?;
+            }
+            old.is_some()
+        };
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    /// Deletes `owner`'s API token called `name`. Returns whether it existed.
+    pub fn delete_api_token(&self, owner: &Name, name: &Name) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = {
+            let mut names = txn.open_table(TOKEN_NAMES)?;
+            let id = names
+                .remove(name_key(owner, name).as_str())?
+                .map(|v| v.value().to_owned());
+            if let Some(id) = &id {
+                txn.open_table(TOKENS)?.remove(id.as_str())?;
+            }
+            id.is_some()
+        };
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    /// Creates a workspace and its agents' tokens in one transaction.
+    pub fn create_workspace(
+        &self,
+        ws: &WorkspaceRecord,
+        agent_tokens: &[TokenRecord],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut names = txn.open_table(WORKSPACE_NAMES)?;
+            let key = name_key(&ws.owner, &ws.name);
+            if names.get(key.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!("workspace {key}")));
+            }
+            names.insert(key.as_str(), ws.id.as_str())?;
+            txn.open_table(WORKSPACES)?
+                .insert(ws.id.as_str(), encode(ws).as_slice())?;
+            let mut tokens = txn.open_table(TOKENS)?;
+            for t in agent_tokens {
+                tokens.insert(t.id.as_str(), encode(t).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn workspace(&self, owner: &Name, name: &Name) -> Result<Option<WorkspaceRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let names = txn.open_table(WORKSPACE_NAMES)?;
+        let Some(id) = names.get(name_key(owner, name).as_str())? else {
+            return Ok(None);
+        };
+        let workspaces = txn.open_table(WORKSPACES)?;
+        workspaces
+            .get(id.value())?
+            .map(|v| decode("workspaces", id.value(), v.value()))
+            .transpose()
+    }
+
+    /// Workspaces of `owner`, or all when `None`, ordered by owner then name.
+    pub fn workspaces(&self, owner: Option<&Name>) -> Result<Vec<WorkspaceRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let names = txn.open_table(WORKSPACE_NAMES)?;
+        let workspaces = txn.open_table(WORKSPACES)?;
+        let prefix = owner.map(|o| format!("{o}/"));
+        let rows = match &prefix {
+            Some(p) => names.range(p.as_str()..)?,
+            None => names.iter()?,
+        };
+        let mut out = Vec::new();
+        for row in rows {
+            let (k, id) = row?;
+            if let Some(p) = &prefix
+                && !k.value().starts_with(p.as_str())
+            {
+                break;
+            }
+            if let Some(v) = workspaces.get(id.value())? {
+                out.push(decode("workspaces", id.value(), v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a workspace and its agents' tokens. Returns whether it existed.
+    pub fn delete_workspace(&self, owner: &Name, name: &Name) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = {
+            let mut names = txn.open_table(WORKSPACE_NAMES)?;
+            let Some(id) = names
+                .remove(name_key(owner, name).as_str())?
+                .map(|v| v.value().to_owned())
+            else {
+                return Ok(false);
+            };
+            let mut workspaces = txn.open_table(WORKSPACES)?;
+            let ws = workspaces
+                .remove(id.as_str())?
+                .map(|v| decode::<WorkspaceRecord>("workspaces", &id, v.value()))
+                .transpose()?;
+            let mut tokens = txn.open_table(TOKENS)?;
+            for agent in ws.iter().flat_map(|w| &w.agents) {
+                tokens.remove(agent.token_id.as_str())?;
+            }
+            true
+        };
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    /// Replaces an agent's token: the old one stops working in the same transaction
+    /// that stores the new one.
+    pub fn rotate_agent_token(
+        &self,
+        owner: &Name,
+        workspace: &Name,
+        agent: &Name,
+        new_token: &TokenRecord,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let names = txn.open_table(WORKSPACE_NAMES)?;
+            let key = name_key(owner, workspace);
+            let id = names
+                .get(key.as_str())?
+                .map(|v| v.value().to_owned())
+                .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
+            let mut workspaces = txn.open_table(WORKSPACES)?;
+            let mut ws: WorkspaceRecord = {
+                let v = workspaces
+                    .get(id.as_str())?
+                    .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
+                decode("workspaces", &id, v.value())?
+            };
+            let rec = ws
+                .agents
+                .iter_mut()
+                .find(|a| &a.name == agent)
+                .ok_or_else(|| StoreError::NotFound(format!("agent {agent} of workspace {key}")))?;
+            let mut tokens = txn.open_table(TOKENS)?;
+            tokens.remove(rec.token_id.as_str())?;
+            tokens.insert(new_token.id.as_str(), encode(new_token).as_slice())?;
+            rec.token_id = new_token.id.clone();
+            workspaces.insert(id.as_str(), encode(&ws).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn user(n: &str) -> UserRecord {
+        UserRecord {
+            username: name(n),
+            password_hash: "x".into(),
+            admin: false,
+            created_at: Timestamp::from_unix_millis(1),
+        }
+    }
+
+    fn ws(owner: &str, n: &str, id: &str) -> WorkspaceRecord {
+        WorkspaceRecord {
+            id: id.into(),
+            owner: name(owner),
+            name: name(n),
+            created_at: Timestamp::from_unix_millis(1),
+            agents: vec![AgentRecord {
+                id: format!("{id}-a"),
+                name: name("main"),
+                created_at: Timestamp::from_unix_millis(1),
+                token_id: format!("{id}-t"),
+                apps: vec![],
+                startup_script: None,
+                shutdown_script: None,
+            }],
+        }
+    }
+
+    fn agent_token(id: &str) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            secret_sha256: "00".into(),
+            kind: TokenKind::Agent {
+                workspace_id: "w".into(),
+                agent_id: "a".into(),
+            },
+            created_at: Timestamp::from_unix_millis(1),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn first_user_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        assert!(!store.has_users().unwrap());
+        store.create_first_user(&user("alice")).unwrap();
+        assert!(matches!(
+            store.create_first_user(&user("bob")),
+            Err(StoreError::FirstUserExists)
+        ));
+        assert!(matches!(
+            store.create_user(&user("alice")),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn workspaces_by_owner_and_prefix_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        // "al" is a prefix of "alice": listing al's workspaces must not include alice's.
+        store.create_workspace(&ws("al", "x", "1"), &[agent_token("1-t")]).unwrap();
+        store.create_workspace(&ws("alice", "y", "2"), &[agent_token("2-t")]).unwrap();
+        store.create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")]).unwrap();
+        let al: Vec<_> = store.workspaces(Some(&name("al"))).unwrap();
+        assert_eq!(al.len(), 1);
+        assert_eq!(al[0].name.as_str(), "x");
+        assert_eq!(store.workspaces(None).unwrap().len(), 3);
+        assert!(matches!(
+            store.create_workspace(&ws("al", "x", "4"), &[]),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn delete_workspace_removes_agent_tokens_and_rotation_replaces_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store.create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")]).unwrap();
+        store
+            .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
+            .unwrap();
+        assert!(store.token("3-t").unwrap().is_none());
+        assert!(store.token("new").unwrap().is_some());
+        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
+        assert!(store.token("new").unwrap().is_none());
+        assert!(!store.delete_workspace(&name("bob"), &name("z")).unwrap());
+    }
+
+    #[test]
+    fn second_open_reports_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _first = Store::open(&path).unwrap();
+        assert!(matches!(Store::open(&path), Err(StoreError::InUse(_))));
+    }
+}

@@ -1,0 +1,267 @@
+//! Request and response bodies of the coordinator's HTTP API (`/api/v1/...`).
+//!
+//! The coordinator serializes these and the CLI deserializes them, so both sides
+//! always agree on the shape.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Name, Timestamp};
+
+/// Every API error body: what went wrong, and detail on why or what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// `GET /api/v1/buildinfo`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildInfo {
+    pub version: String,
+}
+
+/// `GET /api/v1/users/first`: whether the first user has been created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirstUserStatus {
+    pub exists: bool,
+}
+
+/// A username and a password, as sent to `POST /api/v1/users/first` and
+/// `POST /api/v1/users/login`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    pub username: Name,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A new session token, returned once by login and first-user creation.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Session {
+    pub user: User,
+    pub token: String,
+    pub expires_at: Timestamp,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.user)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub username: Name,
+    pub admin: bool,
+    pub created_at: Timestamp,
+}
+
+/// `POST /api/v1/users` (admins only).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreateUser {
+    pub username: Name,
+    pub password: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl std::fmt::Debug for CreateUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateUser")
+            .field("username", &self.username)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /api/v1/tokens`: a named API token of the caller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateToken {
+    pub name: Name,
+    /// Lifetime in seconds; the server's default (30 days) when absent.
+    #[serde(default)]
+    pub lifetime_seconds: Option<u64>,
+}
+
+/// A named API token as listed: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: Name,
+    pub owner: Name,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// A token just created; `token` is shown this once and stored only as a hash.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub info: TokenInfo,
+    pub token: String,
+}
+
+impl std::fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedToken")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A health check the agent runs against an app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub url: String,
+    /// Seconds between checks.
+    #[serde(default = "default_interval")]
+    pub interval: u64,
+    /// Consecutive failures before the app is unhealthy.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+}
+
+fn default_interval() -> u64 {
+    10
+}
+
+fn default_threshold() -> u32 {
+    3
+}
+
+/// An app an agent exposes, e.g. a web IDE on a local port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub slug: Name,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+}
+
+/// A script the agent runs at start or at shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    /// Run with `$SHELL -c`.
+    pub run: String,
+    /// Seconds before the script is considered timed out.
+    #[serde(default = "default_script_timeout")]
+    pub timeout: u64,
+}
+
+fn default_script_timeout() -> u64 {
+    300
+}
+
+/// One agent of a workspace to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    pub name: Name,
+    #[serde(default)]
+    pub apps: Vec<App>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_script: Option<Script>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_script: Option<Script>,
+}
+
+/// `POST /api/v1/workspaces`, and the shape of `myco create --from FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspace {
+    pub name: Name,
+    pub agents: Vec<AgentSpec>,
+}
+
+/// An agent as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: String,
+    pub name: Name,
+    pub created_at: Timestamp,
+    pub apps: Vec<App>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_script: Option<Script>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_script: Option<Script>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workspace {
+    pub id: String,
+    pub owner: Name,
+    pub name: Name,
+    pub created_at: Timestamp,
+    pub agents: Vec<Agent>,
+}
+
+/// An agent's token, shown once when the workspace is created or the token rotated.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct AgentToken {
+    pub agent: Name,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AgentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentToken")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Answer to `POST /api/v1/workspaces`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedWorkspace {
+    pub workspace: Workspace,
+    pub agent_tokens: Vec<AgentToken>,
+    /// The URL agents should be started with (the coordinator's access URL).
+    pub access_url: String,
+}
+
+/// Answer to `POST /api/v1/workspaces/{owner}/{name}/agents/{agent}/token`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotatedAgentToken {
+    pub agent_token: AgentToken,
+    pub access_url: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let c = Credentials {
+            username: Name::new("alice").unwrap(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let t = AgentToken {
+            agent: Name::new("main").unwrap(),
+            token: "myco_secret".into(),
+        };
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[test]
+    fn workspace_spec_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CreateWorkspace>(
+            r#"{"name":"dev","agents":[],"agnets":[]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("agnets"), "{err}");
+    }
+}
