@@ -1,1 +1,179 @@
-fn main() {}
+//! The `myco` binary: parses arguments, runs one command, and turns any failure into
+//! one readable line on stderr and a non-zero exit code.
+
+mod client;
+mod cmd;
+mod output;
+mod session;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Self-hosted remote development environments built around the workspace agent.
+#[derive(Debug, Parser)]
+#[command(
+    name = "myco",
+    version,
+    about = "Myco: self-hosted remote development environments built around the workspace agent",
+    long_about = None
+)]
+struct Cli {
+    /// URL of the coordinator; defaults to the one you logged in to.
+    #[arg(long, global = true, env = "MYCO_URL")]
+    url: Option<String>,
+
+    /// API token to use instead of the saved session.
+    #[arg(long, global = true, env = "MYCO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Where the session file lives (default: $XDG_CONFIG_HOME/myco, i.e. ~/.config/myco).
+    #[arg(long, global = true, env = "MYCO_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "MYCO_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator: HTTP API and store.
+    Server(cmd::server::Args),
+    /// Log in to a coordinator and save the session (creates the first user with --first-user).
+    Login(cmd::login::LoginArgs),
+    /// Revoke the saved session and delete it.
+    Logout,
+    /// Show who you are logged in as, and where.
+    Whoami(output::OutputArgs),
+    /// Manage users (admins only).
+    #[command(subcommand)]
+    Users(cmd::users::UsersCommand),
+    /// Manage your named API tokens.
+    #[command(subcommand)]
+    Tokens(cmd::tokens::TokensCommand),
+    /// Create a workspace and print each agent's token and start command.
+    Create(cmd::workspaces::CreateArgs),
+    /// List workspaces.
+    #[command(visible_alias = "list")]
+    Ls(cmd::workspaces::ListArgs),
+    /// Show one workspace with its agents and apps.
+    Show(cmd::workspaces::ShowArgs),
+    /// Delete a workspace and revoke its agents' tokens.
+    Delete(cmd::workspaces::DeleteArgs),
+    /// Replace an agent's token (the old one stops working) and print the new one.
+    RotateAgentToken(cmd::workspaces::RotateArgs),
+}
+
+/// Global options every command may need.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    pub url: Option<String>,
+    pub token: Option<String>,
+    pub config_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let server = matches!(cli.command, Command::Server(_));
+    init_tracing(cli.log_format, server);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("myco: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("myco: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let globals = Globals {
+        url: cli.url,
+        token: cli.token,
+        config_dir: cli.config_dir,
+    };
+    match cli.command {
+        Command::Server(args) => cmd::server::run(args).await,
+        Command::Login(args) => cmd::login::login(&globals, args).await,
+        Command::Logout => cmd::login::logout(&globals).await,
+        Command::Whoami(out) => cmd::login::whoami(&globals, out).await,
+        Command::Users(c) => cmd::users::run(&globals, c).await,
+        Command::Tokens(c) => cmd::tokens::run(&globals, c).await,
+        Command::Create(args) => cmd::workspaces::create(&globals, args).await,
+        Command::Ls(args) => cmd::workspaces::list(&globals, args).await,
+        Command::Show(args) => cmd::workspaces::show(&globals, args).await,
+        Command::Delete(args) => cmd::workspaces::delete(&globals, args).await,
+        Command::RotateAgentToken(args) => cmd::workspaces::rotate(&globals, args).await,
+    }
+}
+
+/// Help and version go to stdout as clap prints them; a usage error becomes one line.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.use_stderr() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("myco: {first} (see `myco --help`)");
+    ExitCode::from(2)
+}
+
+/// `myco ... | head` closing the pipe is not a failure.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn init_tracing(format: LogFormat, server: bool) {
+    use tracing_subscriber::EnvFilter;
+    // The server reports what it does; client commands stay quiet unless asked.
+    let default = if server { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

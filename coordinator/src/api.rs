@@ -23,7 +23,9 @@ use mesh::{Name, Timestamp};
 use serde::Deserialize;
 
 use crate::auth;
-use crate::store::{AgentRecord, Store, StoreError, TokenKind, TokenRecord, UserRecord, WorkspaceRecord};
+use crate::store::{
+    AgentRecord, Store, StoreError, TokenKind, TokenRecord, UserRecord, WorkspaceRecord,
+};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -46,7 +48,10 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/buildinfo", get(buildinfo))
-        .route("/users/first", get(first_user_status).post(create_first_user))
+        .route(
+            "/users/first",
+            get(first_user_status).post(create_first_user),
+        )
         .route("/users/login", post(login))
         .route("/users/logout", post(logout))
         .route("/users/me", get(me))
@@ -347,7 +352,11 @@ async fn no_route(req: Request) -> ApiError {
 async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        format!("method {} is not allowed on {}", req.method(), req.uri().path()),
+        format!(
+            "method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
         "",
     )
 }
@@ -412,7 +421,10 @@ async fn login(
     let store = state.store.clone();
     let user = blocking(move || {
         let user = store.user(body.username.as_str())?;
-        let ok = auth::verify_password(user.as_ref().map(|u| u.password_hash.as_str()), &body.password);
+        let ok = auth::verify_password(
+            user.as_ref().map(|u| u.password_hash.as_str()),
+            &body.password,
+        );
         Ok(user.filter(|_| ok))
     })
     .await?
@@ -442,7 +454,10 @@ async fn me(caller: Caller) -> Json<api::User> {
     Json(user_view(&caller.user))
 }
 
-async fn list_users(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<api::User>>> {
+async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<api::User>>> {
     caller.require_admin()?;
     let store = state.store.clone();
     let users = blocking(move || Ok(store.users()?)).await?;
@@ -490,7 +505,10 @@ fn token_info(t: &TokenRecord) -> Option<TokenInfo> {
     }
 }
 
-async fn list_tokens(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<TokenInfo>>> {
+async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TokenInfo>>> {
     let store = state.store.clone();
     let owner = caller.user.username.clone();
     let tokens = blocking(move || Ok(store.api_tokens(Some(&owner))?)).await?;
@@ -513,7 +531,10 @@ async fn create_token(
         Some(s) if Duration::from_secs(s) > MAX_TOKEN_LIFETIME => {
             return Err(ApiError::bad_request(
                 "token lifetime is too long",
-                format!("the longest is {} days", MAX_TOKEN_LIFETIME.as_secs() / 86400),
+                format!(
+                    "the longest is {} days",
+                    MAX_TOKEN_LIFETIME.as_secs() / 86400
+                ),
             ));
         }
         Some(s) => Duration::from_secs(s),
@@ -530,8 +551,8 @@ async fn create_token(
     let record = issued.record.clone();
     let store = state.store.clone();
     blocking(move || Ok(store.insert_token(&record)?)).await?;
-    let info = token_info(&issued.record)
-        .ok_or_else(|| ApiError::internal("token kind mismatch", ""))?;
+    let info =
+        token_info(&issued.record).ok_or_else(|| ApiError::internal("token kind mismatch", ""))?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
@@ -606,7 +627,11 @@ fn validate_workspace(spec: &CreateWorkspace) -> ApiResult<()> {
         }
         if agent.apps.len() > MAX_APPS {
             return Err(ApiError::bad_request(
-                format!("agent {} has too many apps ({})", agent.name, agent.apps.len()),
+                format!(
+                    "agent {} has too many apps ({})",
+                    agent.name,
+                    agent.apps.len()
+                ),
                 format!("an agent holds at most {MAX_APPS}"),
             ));
         }
@@ -618,7 +643,10 @@ fn validate_workspace(spec: &CreateWorkspace) -> ApiResult<()> {
                     "app slugs are unique within an agent",
                 ));
             }
-            check_url(&format!("app {} of agent {}", app.slug, agent.name), &app.url)?;
+            check_url(
+                &format!("app {} of agent {}", app.slug, agent.name),
+                &app.url,
+            )?;
             if let Some(hc) = &app.healthcheck {
                 let what = format!("health check of app {}", app.slug);
                 check_url(&what, &hc.url)?;
@@ -638,7 +666,10 @@ fn validate_workspace(spec: &CreateWorkspace) -> ApiResult<()> {
                 && s.timeout == 0
             {
                 return Err(ApiError::bad_request(
-                    format!("{kind} script of agent {}: timeout must be at least 1 second", agent.name),
+                    format!(
+                        "{kind} script of agent {}: timeout must be at least 1 second",
+                        agent.name
+                    ),
                     "",
                 ));
             }
@@ -723,7 +754,12 @@ async fn create_workspace(
 
 /// Resolves `{owner}/{name}` for the caller: `me` is the caller; another user's
 /// workspace is "not found" unless the caller is an admin, so its existence stays hidden.
-async fn find_workspace(state: &AppState, caller: &Caller, owner: &str, name: &str) -> ApiResult<WorkspaceRecord> {
+async fn find_workspace(
+    state: &AppState,
+    caller: &Caller,
+    owner: &str,
+    name: &str,
+) -> ApiResult<WorkspaceRecord> {
     let owner = if owner == ME {
         caller.user.username.clone()
     } else {
@@ -777,7 +813,10 @@ async fn rotate_agent_token(
     let agent = path_name("agent name", &agent)?;
     let rec = ws.agents.iter().find(|a| a.name == agent).ok_or_else(|| {
         ApiError::not_found(
-            format!("agent {agent} not found in workspace {}/{}", ws.owner, ws.name),
+            format!(
+                "agent {agent} not found in workspace {}/{}",
+                ws.owner, ws.name
+            ),
             "see the agents with `myco show WS`",
         )
     })?;

@@ -4,8 +4,8 @@
 //! A token reads `myco_<id>_<secret>`. Token secrets are uniformly random, so a fast
 //! hash is enough: there is nothing to brute-force from the hash.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 

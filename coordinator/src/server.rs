@@ -122,7 +122,10 @@ impl Coordinator {
     ///
     /// # Errors
     /// [`ServerError::Serve`] when accepting connections fails for good.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let state = AppState {
             store: self.store.clone(),
             access_url: self.access_url.clone(),

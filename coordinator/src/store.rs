@@ -145,7 +145,11 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn decode<T: DeserializeOwned>(table: &'static str, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         table,
         key: key.to_owned(),
@@ -351,7 +355,11 @@ impl Store {
         Ok(())
     }
 
-    pub fn workspace(&self, owner: &Name, name: &Name) -> Result<Option<WorkspaceRecord>, StoreError> {
+    pub fn workspace(
+        &self,
+        owner: &Name,
+        name: &Name,
+    ) -> Result<Option<WorkspaceRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let names = txn.open_table(WORKSPACE_NAMES)?;
         let Some(id) = names.get(name_key(owner, name).as_str())? else {
@@ -524,9 +532,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         // "al" is a prefix of "alice": listing al's workspaces must not include alice's.
-        store.create_workspace(&ws("al", "x", "1"), &[agent_token("1-t")]).unwrap();
-        store.create_workspace(&ws("alice", "y", "2"), &[agent_token("2-t")]).unwrap();
-        store.create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")]).unwrap();
+        store
+            .create_workspace(&ws("al", "x", "1"), &[agent_token("1-t")])
+            .unwrap();
+        store
+            .create_workspace(&ws("alice", "y", "2"), &[agent_token("2-t")])
+            .unwrap();
+        store
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .unwrap();
         let al: Vec<_> = store.workspaces(Some(&name("al"))).unwrap();
         assert_eq!(al.len(), 1);
         assert_eq!(al[0].name.as_str(), "x");
@@ -541,7 +555,9 @@ mod tests {
     fn delete_workspace_removes_agent_tokens_and_rotation_replaces_them() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
-        store.create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")]).unwrap();
+        store
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .unwrap();
         store
             .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
             .unwrap();

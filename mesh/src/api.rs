@@ -258,10 +258,9 @@ mod tests {
 
     #[test]
     fn workspace_spec_rejects_unknown_fields() {
-        let err = serde_json::from_str::<CreateWorkspace>(
-            r#"{"name":"dev","agents":[],"agnets":[]}"#,
-        )
-        .unwrap_err();
+        let err =
+            serde_json::from_str::<CreateWorkspace>(r#"{"name":"dev","agents":[],"agnets":[]}"#)
+                .unwrap_err();
         assert!(err.to_string().contains("agnets"), "{err}");
     }
 }

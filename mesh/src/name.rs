@@ -171,10 +171,7 @@ mod tests {
         ));
         assert!(matches!(Name::new("Dev"), Err(NameError::BadChar(_, 'D'))));
         assert!(matches!(Name::new("a_b"), Err(NameError::BadChar(_, '_'))));
-        assert!(matches!(
-            Name::new("-x"),
-            Err(NameError::LeadingHyphen(_))
-        ));
+        assert!(matches!(Name::new("-x"), Err(NameError::LeadingHyphen(_))));
     }
 
     #[test]

@@ -1,1 +1,352 @@
-//! x
+//! The end-to-end harness: a [`TestEnv`] holds a temp dir and a real `myco server`
+//! process, and runs the real `myco` binary as one or more users, each with its own
+//! config dir.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The password every test user gets.
+pub const PASSWORD: &str = "correct-horse-battery";
+
+/// Path of the `myco` binary, built once per test process so it is never stale.
+pub fn myco_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-exe> -> target/<profile>/myco
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let bin = profile_dir.join("myco");
+        // Cargo does not build another package's binary for our tests, so build it
+        // here (a no-op when it is fresh). CARGO is set by `cargo test` and nextest.
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "cli", "--bin", "myco"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "cargo build of myco failed");
+        }
+        assert!(
+            bin.exists(),
+            "{} does not exist; build it with `cargo build -p cli`",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// What a finished `myco` command left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Panics with everything printed unless the command succeeded.
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, Some(0), "command failed: {self:#?}");
+        self
+    }
+
+    /// Asserts the command failed the way users should see failures: non-zero, one
+    /// line on stderr starting `myco: `, no panic or backtrace. Returns that line.
+    #[track_caller]
+    pub fn fails(self) -> String {
+        assert!(
+            matches!(self.code, Some(c) if c != 0),
+            "command should have failed: {self:#?}"
+        );
+        assert!(!self.stderr.contains("panicked"), "panic: {self:#?}");
+        assert!(
+            !self.stderr.contains("RUST_BACKTRACE"),
+            "backtrace: {self:#?}"
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "want one line on stderr: {self:#?}");
+        assert!(lines[0].starts_with("myco: "), "{self:#?}");
+        lines[0].to_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// A running `myco server`.
+struct Server {
+    child: Child,
+}
+
+/// A temp dir with a coordinator and users of it.
+pub struct TestEnv {
+    dir: tempfile::TempDir,
+    server: Option<Server>,
+    /// The HTTP address once the first server bound it; restarts reuse it.
+    addr: Option<String>,
+    pub url: String,
+}
+
+impl TestEnv {
+    /// Starts a coordinator on a free loopback port with an empty data dir.
+    pub fn start() -> Self {
+        let mut env = Self {
+            dir: tempfile::tempdir().unwrap(),
+            server: None,
+            addr: None,
+            url: String::new(),
+        };
+        env.start_server();
+        env
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the server (again) on the same data dir and address.
+    pub fn start_server(&mut self) {
+        assert!(self.server.is_none(), "server already running");
+        let addr = self.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let mut child = Command::new(myco_bin())
+            .args(["server", "--http-address", &addr, "--data-dir"])
+            .arg(self.data_dir())
+            .env_remove("MYCO_ACCESS_URL")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let listening = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(rest) = line.strip_prefix("myco coordinator listening on ") {
+                        break rest.to_owned();
+                    }
+                }
+                _ => {
+                    let status = child.wait().unwrap();
+                    panic!("myco server exited before listening: {status}");
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        self.url = listening.clone();
+        self.addr = Some(listening.trim_start_matches("http://").to_owned());
+        self.server = Some(Server { child });
+    }
+
+    /// `kill -9` the server: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.child.kill().unwrap();
+            s.child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM the server and wait for it to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut s = self.server.take()?;
+        let status = Command::new("kill")
+            .args(["-TERM", &s.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        s.child.wait().unwrap().code()
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_server();
+    }
+
+    /// The config dir `user`'s CLI uses.
+    pub fn config_dir(&self, user: &str) -> PathBuf {
+        self.dir.path().join(format!("config-{user}"))
+    }
+
+    /// A `myco` command as `user` (with that user's config dir and no stray MYCO_ env).
+    pub fn cmd(&self, user: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(myco_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("MYCO_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("MYCO_CONFIG_DIR", self.config_dir(user))
+            .env_remove("RUST_LOG")
+            .args(args);
+        cmd
+    }
+
+    /// Runs `myco ARGS` as `user` with `stdin` as its input.
+    pub fn run_with_input(&self, user: &str, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .cmd(user, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `myco ARGS` as `user` with an empty stdin (not a terminal).
+    pub fn run(&self, user: &str, args: &[&str]) -> Output {
+        self.run_with_input(user, args, "")
+    }
+
+    /// Creates the first user, an admin, and logs them in.
+    pub fn bootstrap(&self, admin: &str) {
+        self.run_with_input(
+            admin,
+            &[
+                "login",
+                &self.url,
+                "--first-user",
+                "--username",
+                admin,
+                "--password-stdin",
+            ],
+            &format!("{PASSWORD}\n"),
+        )
+        .ok();
+    }
+
+    /// As `admin`, creates `user` (not an admin) and logs them in.
+    pub fn add_user(&self, admin: &str, user: &str) {
+        self.run_with_input(
+            admin,
+            &["users", "create", user, "--password-stdin"],
+            &format!("{PASSWORD}\n"),
+        )
+        .ok();
+        self.login(user);
+    }
+
+    pub fn login(&self, user: &str) {
+        self.run_with_input(
+            user,
+            &["login", &self.url, "--username", user, "--password-stdin"],
+            &format!("{PASSWORD}\n"),
+        )
+        .ok();
+    }
+
+    /// The session token `user`'s CLI saved.
+    pub fn token_of(&self, user: &str) -> String {
+        let text = std::fs::read_to_string(self.config_dir(user).join("session.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A raw HTTP client of the API, for the cases the CLI never sends.
+    pub fn http(&self) -> Api {
+        Api {
+            base: self.url.clone(),
+            client: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A raw client of the coordinator's API.
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::blocking::Client,
+}
+
+/// A status and a parsed JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl Reply {
+    /// Asserts an error reply of `status` in our JSON shape; returns the message.
+    #[track_caller]
+    pub fn error(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "{self:#?}");
+        let message = self.body["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {self:#?}"));
+        assert!(!message.is_empty(), "{self:#?}");
+        assert!(self.body["detail"].is_string(), "no detail: {self:#?}");
+        message.to_owned()
+    }
+}
+
+impl Api {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some((content_type, bytes)) = body {
+            req = req.header("content-type", content_type).body(bytes);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        let body = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {status} {text}"))
+        };
+        Reply { status, body }
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.request("GET", path, token, None)
+    }
+
+    pub fn post_json(&self, path: &str, token: Option<&str>, body: &serde_json::Value) -> Reply {
+        self.request(
+            "POST",
+            path,
+            token,
+            Some(("application/json", serde_json::to_vec(body).unwrap())),
+        )
+    }
+
+    pub fn delete(&self, path: &str, token: Option<&str>) -> Reply {
+        self.request("DELETE", path, token, None)
+    }
+}

@@ -1,0 +1,160 @@
+//! A small client of the coordinator's HTTP API that turns every failure into an
+//! error saying what went wrong and what to do.
+
+use anyhow::{Context, bail};
+use mesh::api::ErrorBody;
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Globals;
+use crate::session;
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+/// Normalizes a coordinator URL given by the user: requires http(s), drops a trailing `/`.
+pub fn normalize_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim().trim_end_matches('/');
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        bail!("{url:?} is not a coordinator URL; write it like http://127.0.0.1:3000");
+    };
+    if rest.is_empty() {
+        bail!("{url:?} has no host; write it like http://127.0.0.1:3000");
+    }
+    Ok(url.to_owned())
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("myco/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            http,
+            base: normalize_url(base)?,
+            token,
+        })
+    }
+
+    /// A client for the coordinator and identity the user chose: `--url`/`--token`
+    /// override the saved session.
+    pub fn authenticated(globals: &Globals) -> anyhow::Result<Self> {
+        let saved = session::load(&session::config_dir(globals)?)?;
+        let url = match (&globals.url, &saved) {
+            (Some(u), _) => normalize_url(u)?,
+            (None, Some(s)) => s.url.clone(),
+            (None, None) => bail!("you are not logged in; run `myco login URL` first"),
+        };
+        let token = match (&globals.token, &saved) {
+            (Some(t), _) => t.clone(),
+            (None, Some(s)) if s.url == url => s.token.clone(),
+            (None, Some(s)) => bail!(
+                "your session is for {} but --url names {url}; run `myco login {url}` or pass --token",
+                s.url
+            ),
+            (None, None) => bail!("no API token for {url}; run `myco login {url}` or pass --token"),
+        };
+        Self::new(&url, Some(token))
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            let why = if e.is_connect() {
+                "is `myco server` running there?"
+            } else if e.is_timeout() {
+                "it did not answer in time"
+            } else {
+                "check the URL"
+            };
+            anyhow::anyhow!(
+                "cannot reach the coordinator at {}: {why} ({})",
+                self.base,
+                root_cause(&e)
+            )
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(api_error(resp).await)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        decode(self.send(Method::GET, path, None).await?).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let bytes = serde_json::to_vec(body).context("cannot encode the request")?;
+        decode(self.send(Method::POST, path, Some(bytes)).await?).await
+    }
+
+    /// POST or DELETE whose answer has no body.
+    pub async fn call(&self, method: Method, path: &str) -> anyhow::Result<()> {
+        self.send(method, path, None).await?;
+        Ok(())
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+    let bytes = resp
+        .bytes()
+        .await
+        .context("the coordinator's answer broke off")?;
+    serde_json::from_slice(&bytes).context(
+        "the coordinator's answer is not what this myco expects; are both the same version?",
+    )
+}
+
+/// An error answer from the API: its message and detail when it sent JSON, else the status.
+async fn api_error(resp: reqwest::Response) -> anyhow::Error {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) if body.detail.is_empty() => anyhow::anyhow!("{}", body.message),
+        Ok(body) => anyhow::anyhow!("{}: {}", body.message, body.detail),
+        Err(_) if status == StatusCode::NOT_FOUND => {
+            anyhow::anyhow!("the coordinator answered 404; is this URL a myco coordinator?")
+        }
+        Err(_) => anyhow::anyhow!("the coordinator answered {status}"),
+    }
+}

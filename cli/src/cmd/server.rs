@@ -1,0 +1,88 @@
+//! `myco server`: runs the coordinator until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use coordinator::{Coordinator, ServerConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address the HTTP API listens on (port 0 picks a free one).
+    #[arg(long, env = "MYCO_HTTP_ADDRESS", default_value = "127.0.0.1:3000")]
+    http_address: SocketAddr,
+
+    /// URL agents and clients are told to use (default: http://<listen address>).
+    #[arg(long, env = "MYCO_ACCESS_URL")]
+    access_url: Option<String>,
+
+    /// Directory of the store (default: $XDG_DATA_HOME/myco, i.e. ~/.local/share/myco).
+    #[arg(long, env = "MYCO_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("myco"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .context("cannot find the data dir: HOME is not set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/myco"))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let access_url = match args.access_url {
+        Some(u) => Some(crate::client::normalize_url(&u).context("bad --access-url")?),
+        None => None,
+    };
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let data_dir = std::path::absolute(&data_dir)
+        .with_context(|| format!("bad --data-dir {}", data_dir.display()))?;
+    if args.http_address.ip().is_unspecified() && access_url.is_none() {
+        bail!(
+            "--http-address {} listens on every interface; also pass --access-url with the URL agents and clients should use",
+            args.http_address
+        );
+    }
+    let coordinator = Coordinator::bind(ServerConfig {
+        http_address: args.http_address,
+        access_url,
+        data_dir,
+    })
+    .await?;
+    let url = coordinator.access_url().to_owned();
+    println!(
+        "myco coordinator listening on http://{}",
+        coordinator.local_addr()
+    );
+    println!("access URL: {url}");
+    println!("store: {}", coordinator.store_path().display());
+    if !coordinator.has_users()? {
+        println!("no users yet; create the first (admin) user with:");
+        println!("    myco login {url} --first-user");
+    }
+    coordinator.serve(shutdown_signal()).await?;
+    println!("myco coordinator stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down: finishing requests in flight");
+}

@@ -1,0 +1,392 @@
+//! `myco create|ls|show|delete|rotate-agent-token`: workspaces and their agents.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use mesh::api::{AgentSpec, App, CreateWorkspace, CreatedWorkspace, RotatedAgentToken, Workspace};
+use mesh::{Name, WorkspaceRef};
+use serde::Deserialize;
+
+use crate::Globals;
+use crate::client::Client;
+use crate::output::{self, Format, OutputArgs};
+
+/// The agent a workspace gets when none is named.
+const DEFAULT_AGENT: &str = "main";
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Name of the new workspace: 1-32 characters of a-z, 0-9 and -.
+    name: String,
+    /// An agent of the workspace (repeatable; default: one agent called "main").
+    #[arg(long = "agent", value_name = "NAME")]
+    agents: Vec<String>,
+    /// An app, AGENT:SLUG=URL (AGENT may be left out when there is one agent; repeatable).
+    #[arg(long = "app", value_name = "AGENT:SLUG=URL")]
+    apps: Vec<String>,
+    /// Read agents, apps, health checks and scripts from a TOML or JSON file.
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Every user's workspaces (admins only).
+    #[arg(short, long)]
+    all: bool,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The workspace: [OWNER/]WORKSPACE.
+    workspace: WorkspaceRef,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// The workspace: [OWNER/]WORKSPACE.
+    workspace: WorkspaceRef,
+    /// Do not ask for confirmation.
+    #[arg(short = 'y', long = "yes")]
+    yes: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    /// The agent: [OWNER/]WORKSPACE[.AGENT] (AGENT may be left out when there is one).
+    agent: WorkspaceRef,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// The body of a `--from` file: the agents; the workspace name comes from the command line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspaceFile {
+    agents: Vec<AgentSpec>,
+}
+
+fn read_spec_file(path: &Path) -> anyhow::Result<Vec<AgentSpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let parsed: WorkspaceFile = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid workspace file", path.display()))?
+    } else {
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid workspace file: {}",
+                path.display(),
+                e.to_string().replace('\n', " ")
+            )
+        })?
+    };
+    Ok(parsed.agents)
+}
+
+/// Builds the workspace spec from `--from`, `--agent` and `--app`.
+fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
+    let name = Name::new(&args.name).context("bad workspace name")?;
+    let mut agents = match &args.from {
+        Some(p) => read_spec_file(p)?,
+        None => Vec::new(),
+    };
+    for a in &args.agents {
+        let name = Name::new(a).context("bad --agent")?;
+        if agents.iter().any(|x| x.name == name) {
+            bail!("agent {name} is given twice");
+        }
+        agents.push(AgentSpec {
+            name,
+            apps: Vec::new(),
+            startup_script: None,
+            shutdown_script: None,
+        });
+    }
+    if agents.is_empty() {
+        agents.push(AgentSpec {
+            name: Name::new(DEFAULT_AGENT)?,
+            apps: Vec::new(),
+            startup_script: None,
+            shutdown_script: None,
+        });
+    }
+    for spec in &args.apps {
+        let (agent, slug, url) = parse_app(spec)?;
+        let target = match agent {
+            Some(a) => agents.iter_mut().find(|x| x.name == a).with_context(|| {
+                format!("--app {spec:?} names agent {a}, which is not in this workspace")
+            })?,
+            None if agents.len() == 1 => &mut agents[0],
+            None => bail!("--app {spec:?} does not say which agent; write AGENT:SLUG=URL"),
+        };
+        target.apps.push(App {
+            slug,
+            url,
+            healthcheck: None,
+        });
+    }
+    Ok(CreateWorkspace { name, agents })
+}
+
+/// Parses `[AGENT:]SLUG=URL`.
+fn parse_app(spec: &str) -> anyhow::Result<(Option<Name>, Name, String)> {
+    let (lhs, url) = spec.split_once('=').with_context(|| {
+        format!("bad --app {spec:?}: write AGENT:SLUG=URL, e.g. main:web=http://localhost:8080")
+    })?;
+    let (agent, slug) = match lhs.split_once(':') {
+        Some((a, s)) => (
+            Some(Name::new(a).with_context(|| format!("bad agent in --app {spec:?}"))?),
+            s,
+        ),
+        None => (None, lhs),
+    };
+    let slug = Name::new(slug).with_context(|| format!("bad app slug in --app {spec:?}"))?;
+    Ok((agent, slug, url.to_owned()))
+}
+
+fn ws_path(r: &WorkspaceRef) -> String {
+    let owner = r.owner.as_ref().map_or("me", Name::as_str);
+    format!("/api/v1/workspaces/{owner}/{}", r.workspace)
+}
+
+pub async fn create(globals: &Globals, args: CreateArgs) -> anyhow::Result<()> {
+    let spec = build_spec(&args)?;
+    let client = Client::authenticated(globals)?;
+    let created: CreatedWorkspace = client.post("/api/v1/workspaces", &spec).await?;
+    if args.out.format == Format::Json {
+        return output::json(&created);
+    }
+    let ws = &created.workspace;
+    let n = ws.agents.len();
+    println!(
+        "created workspace {}/{} with {n} agent{}",
+        ws.owner,
+        ws.name,
+        if n == 1 { "" } else { "s" }
+    );
+    println!(
+        "start each agent inside the workspace with the line below; its token is shown only this once:"
+    );
+    for t in &created.agent_tokens {
+        println!();
+        println!("  agent {}:", t.agent);
+        println!(
+            "    myco agent --url {} --token {}",
+            created.access_url, t.token
+        );
+    }
+    Ok(())
+}
+
+pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {
+    let client = Client::authenticated(globals)?;
+    let path = if args.all {
+        "/api/v1/workspaces?all=true"
+    } else {
+        "/api/v1/workspaces"
+    };
+    let list: Vec<Workspace> = client.get(path).await?;
+    match args.out.format {
+        Format::Json => output::json(&list),
+        Format::Table => {
+            if list.is_empty() {
+                eprintln!("no workspaces yet; create one with `myco create NAME`");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|w| {
+                    let agents: Vec<&str> = w.agents.iter().map(|a| a.name.as_str()).collect();
+                    let apps: usize = w.agents.iter().map(|a| a.apps.len()).sum();
+                    vec![
+                        format!("{}/{}", w.owner, w.name),
+                        agents.join(","),
+                        apps.to_string(),
+                        w.created_at.to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["WORKSPACE", "AGENTS", "APPS", "CREATED"], &rows)
+        }
+    }
+}
+
+pub async fn show(globals: &Globals, args: ShowArgs) -> anyhow::Result<()> {
+    if args.workspace.agent.is_some() {
+        bail!("show takes a workspace, not an agent: drop the .AGENT part");
+    }
+    let client = Client::authenticated(globals)?;
+    let ws: Workspace = client.get(&ws_path(&args.workspace)).await?;
+    if args.out.format == Format::Json {
+        return output::json(&ws);
+    }
+    println!("workspace  {}/{}", ws.owner, ws.name);
+    println!("created    {}", ws.created_at);
+    for a in &ws.agents {
+        println!();
+        println!("agent {}", a.name);
+        if a.apps.is_empty() {
+            println!("  apps: none");
+        }
+        for app in &a.apps {
+            let hc = app
+                .healthcheck
+                .as_ref()
+                .map(|h| {
+                    format!(
+                        " (health: {} every {}s, unhealthy after {} failures)",
+                        h.url, h.interval, h.threshold
+                    )
+                })
+                .unwrap_or_default();
+            println!("  app {}  {}{hc}", app.slug, app.url);
+        }
+        for (kind, s) in [
+            ("startup", &a.startup_script),
+            ("shutdown", &a.shutdown_script),
+        ] {
+            if let Some(s) = s {
+                let first = s.run.lines().next().unwrap_or_default();
+                println!("  {kind} script (timeout {}s): {first}", s.timeout);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn delete(globals: &Globals, args: DeleteArgs) -> anyhow::Result<()> {
+    let r = &args.workspace;
+    if r.agent.is_some() {
+        bail!("delete takes a workspace, not an agent: drop the .AGENT part");
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to delete workspace {r} without confirmation; pass -y");
+        }
+        let answer = super::prompt_line(
+            &format!(
+                "Delete workspace {r} and revoke its agents' tokens? Type its name to confirm: "
+            ),
+            "-y",
+        )?;
+        if answer != r.workspace.as_str() {
+            bail!("not deleted: the answer did not match {}", r.workspace);
+        }
+    }
+    let client = Client::authenticated(globals)?;
+    client.call(reqwest::Method::DELETE, &ws_path(r)).await?;
+    println!("deleted workspace {r}");
+    Ok(())
+}
+
+pub async fn rotate(globals: &Globals, args: RotateArgs) -> anyhow::Result<()> {
+    let client = Client::authenticated(globals)?;
+    let r = &args.agent;
+    let agent = match &r.agent {
+        Some(a) => a.clone(),
+        None => {
+            let ws: Workspace = client.get(&ws_path(r)).await?;
+            match ws.agents.as_slice() {
+                [one] => one.name.clone(),
+                _ => bail!(
+                    "workspace {r} has {} agents; name one as WORKSPACE.AGENT",
+                    ws.agents.len()
+                ),
+            }
+        }
+    };
+    let rotated: RotatedAgentToken = client
+        .post(
+            &format!("{}/agents/{agent}/token", ws_path(r)),
+            &serde_json::json!({}),
+        )
+        .await?;
+    if args.out.format == Format::Json {
+        return output::json(&rotated);
+    }
+    println!(
+        "rotated the token of agent {agent}; the old token no longer works. Restart the agent with:"
+    );
+    println!(
+        "    myco agent --url {} --token {}",
+        rotated.access_url, rotated.agent_token.token
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(agents: &[&str], apps: &[&str]) -> CreateArgs {
+        CreateArgs {
+            name: "dev".into(),
+            agents: agents.iter().map(|s| s.to_string()).collect(),
+            apps: apps.iter().map(|s| s.to_string()).collect(),
+            from: None,
+            out: OutputArgs {
+                format: Format::Table,
+            },
+        }
+    }
+
+    #[test]
+    fn default_agent_and_short_app_form() {
+        let spec = build_spec(&args(&[], &["web=http://localhost:8080"])).unwrap();
+        assert_eq!(spec.agents.len(), 1);
+        assert_eq!(spec.agents[0].name.as_str(), "main");
+        assert_eq!(spec.agents[0].apps[0].slug.as_str(), "web");
+    }
+
+    #[test]
+    fn apps_need_an_agent_when_there_are_several() {
+        let err = build_spec(&args(&["a", "b"], &["web=http://x"])).unwrap_err();
+        assert!(err.to_string().contains("which agent"), "{err}");
+        let spec = build_spec(&args(&["a", "b"], &["b:web=http://x"])).unwrap();
+        assert_eq!(spec.agents[1].apps.len(), 1);
+        let err = build_spec(&args(&["a"], &["c:web=http://x"])).unwrap_err();
+        assert!(err.to_string().contains("not in this workspace"), "{err}");
+    }
+
+    #[test]
+    fn reads_toml_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ws.toml");
+        std::fs::write(
+            &p,
+            r#"
+[[agents]]
+name = "main"
+startup_script = { run = "echo hi", timeout = 60 }
+
+[[agents.apps]]
+slug = "code"
+url = "http://localhost:8080"
+healthcheck = { url = "http://localhost:8080/healthz", interval = 5, threshold = 2 }
+"#,
+        )
+        .unwrap();
+        let mut a = args(&[], &[]);
+        a.from = Some(p.clone());
+        let spec = build_spec(&a).unwrap();
+        assert_eq!(
+            spec.agents[0].apps[0]
+                .healthcheck
+                .as_ref()
+                .unwrap()
+                .threshold,
+            2
+        );
+        std::fs::write(&p, "[[agents]]\nname = \"main\"\ncolour = 1\n").unwrap();
+        let err = build_spec(&a).unwrap_err();
+        assert!(format!("{err:#}").contains("colour"), "{err:#}");
+    }
+}
