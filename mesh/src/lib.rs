@@ -1,9 +1,22 @@
-//! What the agent, the CLI and the coordinator share: validated names, timestamps and
-//! the wire types of the coordinator's HTTP API. Nothing here does I/O or knows tokio.
+//! What the agent, the CLI and the coordinator share: validated names, timestamps, the
+//! wire types of the HTTP API and of the agent's control channel, node identities,
+//! signed connection tickets, ALPN names, the framing of mesh streams, and the one
+//! place iroh endpoints are built.
+//!
+//! Architecture Invariant: message types and ticket checks here are plain data and
+//! pure functions (time is passed in); only `identity` (a key file), `frame` (generic
+//! stream framing) and `endpoint` (binding an iroh endpoint) touch I/O.
 
+pub mod alpn;
 pub mod api;
+pub mod control;
+pub mod endpoint;
+pub mod frame;
+pub mod identity;
 pub mod name;
+pub mod ticket;
 pub mod time;
 
+pub use iroh::{EndpointAddr, EndpointId, RelayUrl, SecretKey};
 pub use name::{Name, NameError, WorkspaceRef, WorkspaceRefError};
 pub use time::Timestamp;

@@ -1,0 +1,23 @@
+//! ALPN names of the protocols agents serve on the mesh. A connection speaks exactly
+//! one; bumping the trailing version is how a protocol changes incompatibly.
+
+/// Ping: ticket handshake, then timestamped echoes on one stream.
+pub const PING: &[u8] = b"myco/ping/1";
+/// Speedtest: ticket handshake, then bulk data one way for a fixed time.
+pub const SPEEDTEST: &[u8] = b"myco/speedtest/1";
+
+/// Every ALPN an agent accepts.
+pub fn agent_alpns() -> Vec<Vec<u8>> {
+    vec![PING.to_vec(), SPEEDTEST.to_vec()]
+}
+
+/// QUIC application close codes an agent uses when it refuses a connection; the
+/// reason bytes carry a sentence for the user.
+pub mod close {
+    /// The ticket was missing, malformed, forged, expired or for someone else.
+    pub const TICKET_REFUSED: u32 = 0x4d01;
+    /// The peer broke the protocol (bad frame, unknown request).
+    pub const PROTOCOL: u32 = 0x4d02;
+    /// The agent is shutting down.
+    pub const SHUTDOWN: u32 = 0x4d03;
+}

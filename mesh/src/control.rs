@@ -1,0 +1,75 @@
+//! Messages of the agent's control channel to the coordinator (a WebSocket at
+//! `GET /api/v1/agent/control`, authenticated by the agent token), and of the ticket
+//! handshake that opens every mesh connection to an agent.
+
+use iroh::{EndpointAddr, EndpointId, PublicKey, RelayUrl};
+use serde::{Deserialize, Serialize};
+
+/// Path of the control channel's WebSocket.
+pub const CONTROL_PATH: &str = "/api/v1/agent/control";
+
+/// Coordinator -> agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CoordinatorMessage {
+    /// First message on every control channel: who the agent is and how to reach the mesh.
+    Welcome {
+        /// Verifies connection tickets.
+        coordinator_key: PublicKey,
+        /// The coordinator's relay.
+        relay_url: RelayUrl,
+        /// `owner/workspace.agent`.
+        agent: String,
+        /// How often to send [`AgentMessage::Heartbeat`].
+        heartbeat_interval_ms: u64,
+    },
+}
+
+/// Agent -> coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The agent's mesh address, sent first and again whenever it changes.
+    Addr { addr: EndpointAddr },
+    /// Still alive.
+    Heartbeat,
+}
+
+/// First frame a client sends on a mesh connection to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientHello {
+    pub ticket: String,
+}
+
+/// The agent's answer when the ticket is good; a bad ticket closes the connection
+/// with [`crate::alpn::close::TICKET_REFUSED`] and the reason instead.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// `owner/workspace.agent` as the agent knows itself.
+    pub agent: String,
+    pub endpoint_id: EndpointId,
+}
+
+/// Answer of `POST /api/v1/workspaces/{owner}/{name}/connect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectInfo {
+    /// `owner/workspace.agent`.
+    pub agent: String,
+    /// The agent's last published address.
+    pub agent_addr: EndpointAddr,
+    /// Present to the agent in [`ClientHello`].
+    pub ticket: String,
+    /// The coordinator's relay, to be used as the client's home relay.
+    pub relay_url: RelayUrl,
+    pub expires_at: crate::Timestamp,
+}
+
+/// Body of `POST /api/v1/workspaces/{owner}/{name}/connect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// Which agent; may be left out when the workspace has one.
+    #[serde(default)]
+    pub agent: Option<crate::Name>,
+    /// The client's endpoint id, which the ticket will name.
+    pub client_id: EndpointId,
+}

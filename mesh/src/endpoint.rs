@@ -1,0 +1,88 @@
+//! The one place iroh endpoints are built, so no build of ours can reach n0's public
+//! services: `presets::Minimal` (a crypto provider and nothing else), a relay map
+//! holding only our coordinator's relay, no pkarr or DNS address lookup (peers'
+//! addresses come from the coordinator, through a [`MemoryLookup`]), no captive-portal
+//! check, and the port mapper on or off as configured.
+
+use std::net::SocketAddr;
+
+use iroh::address_lookup::MemoryLookup;
+use iroh::endpoint::{BindError, PortmapperConfig, QuicTransportConfig, presets};
+use iroh::{Endpoint, NetReportConfig, RelayConfig, RelayMap, RelayMode, RelayUrl, SecretKey};
+
+/// How to build an endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    pub secret_key: SecretKey,
+    /// Our coordinator's relay, the only one.
+    pub relay_url: RelayUrl,
+    /// Use the relay only: no UDP sockets, so no direct path can form.
+    pub relay_only: bool,
+    /// Bind UDP here instead of on every interface (tests bind loopback).
+    pub bind_addr: Option<SocketAddr>,
+    /// Ask the gateway for a port mapping (UPnP, NAT-PMP, PCP).
+    pub portmapper: bool,
+    /// Protocols this endpoint accepts; empty for a dial-only client.
+    pub alpns: Vec<Vec<u8>>,
+}
+
+/// A bound endpoint and the address book the coordinator feeds.
+#[derive(Debug, Clone)]
+pub struct MeshEndpoint {
+    pub endpoint: Endpoint,
+    pub lookup: MemoryLookup,
+}
+
+/// Why an endpoint could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The bind address is not usable.
+    #[error("bad mesh bind address {0}")]
+    BindAddr(SocketAddr),
+    /// Binding the UDP sockets or starting the endpoint failed.
+    #[error("cannot start the mesh endpoint: {0}")]
+    Bind(#[from] BindError),
+}
+
+/// The QUIC transport tuning we use everywhere. Stream windows stay below 8 MiB: at
+/// 8 MiB and above noq aborts connections ("too many gaps in stream buffer").
+pub fn transport_config() -> QuicTransportConfig {
+    QuicTransportConfig::builder()
+        .stream_receive_window((4u32 * 1024 * 1024).into())
+        .receive_window((16u32 * 1024 * 1024).into())
+        .send_window(16 * 1024 * 1024)
+        .build()
+}
+
+/// Builds and binds an endpoint.
+///
+/// # Errors
+/// [`EndpointError`] when the sockets cannot be bound.
+pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> {
+    let lookup = MemoryLookup::new();
+    let relay_map = RelayMap::from(RelayConfig::new(opts.relay_url.clone(), None));
+    let mut net_report = NetReportConfig::default();
+    net_report.captive_portal_check = false;
+    let mut builder = Endpoint::builder(presets::Minimal)
+        .secret_key(opts.secret_key)
+        .relay_mode(RelayMode::Custom(relay_map))
+        .address_lookup(lookup.clone())
+        .net_report_config(net_report)
+        .transport_config(transport_config())
+        .alpns(opts.alpns);
+    builder = builder.portmapper_config(if opts.portmapper {
+        PortmapperConfig::default()
+    } else {
+        PortmapperConfig::Disabled
+    });
+    if opts.relay_only {
+        builder = builder.clear_ip_transports();
+    } else if let Some(addr) = opts.bind_addr {
+        builder = builder
+            .clear_ip_transports()
+            .bind_addr(addr)
+            .map_err(|_| EndpointError::BindAddr(addr))?;
+    }
+    let endpoint = builder.bind().await?;
+    Ok(MeshEndpoint { endpoint, lookup })
+}
