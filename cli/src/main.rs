@@ -3,6 +3,7 @@
 
 mod client;
 mod cmd;
+mod dial;
 mod output;
 mod session;
 
@@ -49,8 +50,14 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the coordinator: HTTP API and store.
+    /// Run the coordinator: HTTP API, store and relay.
     Server(cmd::server::Args),
+    /// Run the workspace agent (inside the workspace): control channel and mesh services.
+    Agent(cmd::agent::Args),
+    /// Ping an agent over the mesh, showing whether each pong went direct or via the relay.
+    Ping(cmd::ping::Args),
+    /// Measure throughput to or from an agent over the mesh.
+    Speedtest(cmd::speedtest::Args),
     /// Log in to a coordinator and save the session (creates the first user with --first-user).
     Login(cmd::login::LoginArgs),
     /// Revoke the saved session and delete it.
@@ -89,7 +96,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let server = matches!(cli.command, Command::Server(_));
+    let server = matches!(cli.command, Command::Server(_) | Command::Agent(_));
     init_tracing(cli.log_format, server);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -119,6 +126,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Server(args) => cmd::server::run(args).await,
+        Command::Agent(args) => cmd::agent::run(&globals, args).await,
+        Command::Ping(args) => cmd::ping::run(&globals, args).await,
+        Command::Speedtest(args) => cmd::speedtest::run(&globals, args).await,
         Command::Login(args) => cmd::login::login(&globals, args).await,
         Command::Logout => cmd::login::logout(&globals).await,
         Command::Whoami(out) => cmd::login::whoami(&globals, out).await,
@@ -166,7 +176,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 fn init_tracing(format: LogFormat, server: bool) {
     use tracing_subscriber::EnvFilter;
     // The server reports what it does; client commands stay quiet unless asked.
-    let default = if server { "info" } else { "warn" };
+    // iroh logs connection teardown at error level; for a client command that is noise
+    // on the one line the user reads, so its crates stay quiet unless RUST_LOG asks.
+    let default = if server {
+        "info,iroh_relay::server::client=error"
+    } else {
+        "warn,iroh=off,iroh_relay=off,noq=off,noq_proto=off,portmapper=off"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

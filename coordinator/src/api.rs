@@ -14,15 +14,20 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use iroh::{RelayUrl, SecretKey};
 use mesh::api::{
     self, AgentToken, BuildInfo, CreateToken, CreateUser, CreateWorkspace, CreatedToken,
     CreatedWorkspace, Credentials, ErrorBody, FirstUserStatus, RotatedAgentToken, Session,
     TokenInfo,
 };
+use mesh::control::{ConnectInfo, ConnectRequest};
+use mesh::ticket::TicketClaims;
 use mesh::{Name, Timestamp};
 use serde::Deserialize;
 
 use crate::auth;
+use crate::registry::MeshRegistry;
+use crate::relay::{self, RelayState};
 use crate::store::{
     AgentRecord, Store, StoreError, TokenKind, TokenRecord, UserRecord, WorkspaceRecord,
 };
@@ -43,7 +48,17 @@ const MAX_APPS: usize = 64;
 pub struct AppState {
     pub store: Arc<Store>,
     pub access_url: String,
+    /// Who is on the mesh now.
+    pub registry: MeshRegistry,
+    /// Signs connection tickets; agents learn its public half on the control channel.
+    pub signing_key: Arc<SecretKey>,
+    /// The relay mounted on this listener.
+    pub relay_url: RelayUrl,
+    pub relay: RelayState,
 }
+
+/// How long a connection ticket is valid. A connection made in time lives on after.
+const TICKET_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -66,7 +81,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/workspaces/{owner}/{name}/agents/{agent}/token",
             post(rotate_agent_token),
-        );
+        )
+        .route("/workspaces/{owner}/{name}/connect", post(connect))
+        .route("/agent/control", get(crate::control::control_handler))
+        .route("/debug/relay", get(relay_stats));
+    let relay_routes = Router::new()
+        .route(iroh_relay::http::RELAY_PATH, get(relay::relay_handler))
+        .route(iroh_relay::http::RELAY_PROBE_PATH, get(relay::ping_handler))
+        .with_state(state.relay.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", api)
@@ -74,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+        .merge(relay_routes)
 }
 
 /// An API failure, answered as JSON `{"message", "detail"}`.
@@ -92,7 +115,7 @@ impl ApiError {
             detail: detail.into(),
         }
     }
-    fn bad_request(message: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message, detail)
     }
     fn unauthorized(message: impl Into<String>, detail: impl Into<String>) -> Self {
@@ -284,7 +307,7 @@ fn user_view(u: &UserRecord) -> api::User {
     }
 }
 
-fn workspace_view(w: &WorkspaceRecord) -> api::Workspace {
+fn workspace_view(w: &WorkspaceRecord, registry: &MeshRegistry) -> api::Workspace {
     api::Workspace {
         id: w.id.clone(),
         owner: w.owner.clone(),
@@ -300,6 +323,23 @@ fn workspace_view(w: &WorkspaceRecord) -> api::Workspace {
                 apps: a.apps.clone(),
                 startup_script: a.startup_script.clone(),
                 shutdown_script: a.shutdown_script.clone(),
+                connection: registry.live(&a.id).map(|live| api::AgentConnection {
+                    connected_at: live.connected_at,
+                    endpoint_id: live
+                        .addr
+                        .as_ref()
+                        .map(|x| x.id.to_string())
+                        .unwrap_or_default(),
+                    relay_url: live
+                        .addr
+                        .as_ref()
+                        .and_then(|x| x.relay_urls().next().map(|u| u.to_string())),
+                    direct_addrs: live
+                        .addr
+                        .as_ref()
+                        .map(|x| x.ip_addrs().map(|a| a.to_string()).collect())
+                        .unwrap_or_default(),
+                }),
             })
             .collect(),
     }
@@ -601,7 +641,11 @@ async fn list_workspaces(
     let owner = (!query.all).then(|| caller.user.username.clone());
     let store = state.store.clone();
     let list = blocking(move || Ok(store.workspaces(owner.as_ref())?)).await?;
-    Ok(Json(list.iter().map(workspace_view).collect()))
+    Ok(Json(
+        list.iter()
+            .map(|w| workspace_view(w, &state.registry))
+            .collect(),
+    ))
 }
 
 fn validate_workspace(spec: &CreateWorkspace) -> ApiResult<()> {
@@ -745,7 +789,7 @@ async fn create_workspace(
     Ok((
         StatusCode::CREATED,
         Json(CreatedWorkspace {
-            workspace: workspace_view(&ws),
+            workspace: workspace_view(&ws, &state.registry),
             agent_tokens: shown,
             access_url: state.access_url.clone(),
         }),
@@ -788,7 +832,7 @@ async fn get_workspace(
     Path((owner, name)): Path<(String, String)>,
 ) -> ApiResult<Json<api::Workspace>> {
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
-    Ok(Json(workspace_view(&ws)))
+    Ok(Json(workspace_view(&ws, &state.registry)))
 }
 
 async fn delete_workspace(
@@ -839,5 +883,146 @@ async fn rotate_agent_token(
             token: issued.text,
         },
         access_url: state.access_url.clone(),
+    }))
+}
+
+/// The agent behind a request's agent token.
+pub struct AgentCaller {
+    pub agent_id: String,
+    /// `owner/workspace.agent`
+    pub target: String,
+}
+
+impl FromRequestParts<AppState> for AgentCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let invalid = || {
+            ApiError::unauthorized(
+                "invalid agent token",
+                "the token is malformed, rotated or its workspace deleted; get a new one with `myco rotate-agent-token WS.AGENT`",
+            )
+        };
+        let text = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "missing agent token",
+                    "send Authorization: Bearer <agent token>",
+                )
+            })?;
+        let (id, secret) = auth::parse_token(text.trim()).ok_or_else(invalid)?;
+        let (id, secret) = (id.to_owned(), secret.to_owned());
+        let store = state.store.clone();
+        let found = blocking(move || {
+            let Some(token) = store.token(&id)? else {
+                return Ok(None);
+            };
+            let TokenKind::Agent {
+                workspace_id,
+                agent_id,
+            } = &token.kind
+            else {
+                return Ok(None);
+            };
+            let ws = store.workspace_by_id(workspace_id)?;
+            Ok(Some((token.clone(), agent_id.clone(), ws)))
+        })
+        .await?;
+        let Some((token, agent_id, Some(ws))) = found else {
+            return Err(invalid());
+        };
+        if !auth::secret_matches(&token, &secret) {
+            return Err(invalid());
+        }
+        let agent = ws
+            .agents
+            .iter()
+            .find(|a| a.id == agent_id)
+            .ok_or_else(invalid)?;
+        Ok(AgentCaller {
+            target: format!("{}/{}.{}", ws.owner, ws.name, agent.name),
+            agent_id,
+        })
+    }
+}
+
+async fn connect(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ConnectRequest>,
+) -> ApiResult<Json<ConnectInfo>> {
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let agent = match &req.agent {
+        Some(n) => ws.agents.iter().find(|a| &a.name == n).ok_or_else(|| {
+            ApiError::not_found(
+                format!("agent {n} not found in workspace {}/{}", ws.owner, ws.name),
+                "see the agents with `myco show WS`",
+            )
+        })?,
+        None => match ws.agents.as_slice() {
+            [one] => one,
+            many => {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "workspace {}/{} has {} agents",
+                        ws.owner,
+                        ws.name,
+                        many.len()
+                    ),
+                    "name one as WS.AGENT",
+                ));
+            }
+        },
+    };
+    let target = format!("{}/{}.{}", ws.owner, ws.name, agent.name);
+    let addr = state
+        .registry
+        .live(&agent.id)
+        .and_then(|l| l.addr)
+        .ok_or_else(|| {
+            ApiError::conflict(
+                format!("agent {target} is not connected"),
+                "start it inside the workspace with `myco agent --url URL --token TOKEN`",
+            )
+        })?;
+    let now = Timestamp::now();
+    let expires_at = now.saturating_add(TICKET_LIFETIME);
+    let claims = TicketClaims {
+        client: req.client_id,
+        agent: addr.id,
+        user: caller.user.username.to_string(),
+        target: target.clone(),
+        expires_at,
+    };
+    let ticket = mesh::ticket::sign(&state.signing_key, &claims);
+    state.registry.allow_client(req.client_id, expires_at, now);
+    tracing::info!(user = %caller.user.username, agent = %target, client = %req.client_id.fmt_short(), "ticket issued");
+    Ok(Json(ConnectInfo {
+        agent: target,
+        agent_addr: addr,
+        ticket,
+        relay_url: state.relay_url.clone(),
+        expires_at,
+    }))
+}
+
+async fn relay_stats(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<api::RelayStats>> {
+    caller.require_admin()?;
+    let m = &state.relay.metrics;
+    Ok(Json(api::RelayStats {
+        bytes_sent: m.bytes_sent.get(),
+        bytes_recv: m.bytes_recv.get(),
+        packets_sent: m.send_packets_sent.get(),
+        packets_recv: m.send_packets_recv.get(),
+        accepts: m.accepts.get(),
+        disconnects: m.disconnects.get(),
     }))
 }

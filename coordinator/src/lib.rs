@@ -5,6 +5,9 @@
 
 mod api;
 mod auth;
+mod control;
+mod registry;
+mod relay;
 mod server;
 pub mod store;
 

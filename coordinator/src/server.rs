@@ -6,10 +6,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::api::{self, AppState};
+use crate::registry::MeshRegistry;
+use crate::relay::RelayState;
 use crate::store::{Store, StoreError};
 
 /// The store's file name inside the data dir.
 pub const STORE_FILE: &str = "myco.redb";
+/// The coordinator's ed25519 key (signs connection tickets) inside the data dir.
+pub const SIGNING_KEY_FILE: &str = "coordinator.key";
 
 /// Validated configuration of `myco server`.
 #[derive(Debug, Clone)]
@@ -35,6 +39,12 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The coordinator's ticket-signing key could not be loaded or created.
+    #[error(transparent)]
+    Key(#[from] mesh::identity::IdentityError),
+    /// The access URL cannot serve as the relay URL.
+    #[error("the access URL {0} cannot be used as the relay URL: {1}")]
+    RelayUrl(String, String),
     /// The HTTP listener could not be bound.
     #[error("cannot listen on {addr}: {source}; pick another --http-address")]
     Bind {
@@ -50,6 +60,8 @@ pub enum ServerError {
 /// A coordinator with its store open and its listener bound, not yet serving.
 pub struct Coordinator {
     store: Arc<Store>,
+    signing_key: Arc<iroh::SecretKey>,
+    relay_url: iroh::RelayUrl,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     access_url: String,
@@ -81,6 +93,7 @@ impl Coordinator {
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
             .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;
+        let signing_key = mesh::identity::load_or_create(&config.data_dir.join(SIGNING_KEY_FILE))?;
         let listener = tokio::net::TcpListener::bind(config.http_address)
             .await
             .map_err(|source| ServerError::Bind {
@@ -92,13 +105,25 @@ impl Coordinator {
             .access_url
             .map(|u| u.trim_end_matches('/').to_owned())
             .unwrap_or_else(|| format!("http://{local_addr}"));
+        let relay_url: iroh::RelayUrl =
+            format!("{access_url}/")
+                .parse()
+                .map_err(|e: iroh::RelayUrlParseError| {
+                    ServerError::RelayUrl(access_url.clone(), e.to_string())
+                })?;
         Ok(Self {
             store: Arc::new(store),
+            signing_key: Arc::new(signing_key),
+            relay_url,
             listener,
             local_addr,
             access_url,
             store_path,
         })
+    }
+
+    pub fn relay_url(&self) -> &iroh::RelayUrl {
+        &self.relay_url
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -126,9 +151,14 @@ impl Coordinator {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        let registry = MeshRegistry::default();
         let state = AppState {
             store: self.store.clone(),
             access_url: self.access_url.clone(),
+            relay: RelayState::new(registry.clone(), self.store.clone()),
+            registry,
+            signing_key: self.signing_key.clone(),
+            relay_url: self.relay_url.clone(),
         };
         let app = api::router(state);
         axum::serve(self.listener, app)

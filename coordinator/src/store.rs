@@ -372,6 +372,15 @@ impl Store {
             .transpose()
     }
 
+    pub fn workspace_by_id(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let workspaces = txn.open_table(WORKSPACES)?;
+        workspaces
+            .get(id)?
+            .map(|v| decode("workspaces", id, v.value()))
+            .transpose()
+    }
+
     /// Workspaces of `owner`, or all when `None`, ordered by owner then name.
     pub fn workspaces(&self, owner: Option<&Name>) -> Result<Vec<WorkspaceRecord>, StoreError> {
         let txn = self.db.begin_read()?;

@@ -196,6 +196,33 @@ pub struct Agent {
     pub startup_script: Option<Script>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_script: Option<Script>,
+    /// Present while the agent holds a control channel to the coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<AgentConnection>,
+}
+
+/// A connected agent's place on the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConnection {
+    pub connected_at: Timestamp,
+    /// Empty until the agent published its address.
+    #[serde(default)]
+    pub endpoint_id: String,
+    #[serde(default)]
+    pub relay_url: Option<String>,
+    #[serde(default)]
+    pub direct_addrs: Vec<String>,
+}
+
+/// `GET /api/v1/debug/relay` (admins): the relay's traffic counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayStats {
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub packets_sent: u64,
+    pub packets_recv: u64,
+    pub accepts: u64,
+    pub disconnects: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -73,3 +73,27 @@ pub struct ConnectRequest {
     /// The client's endpoint id, which the ticket will name.
     pub client_id: EndpointId,
 }
+
+/// Which way a speedtest sends its data, seen from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Client to agent.
+    Up,
+    /// Agent to client.
+    Down,
+}
+
+/// Second frame of a speedtest connection, after the ticket handshake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpeedtestRequest {
+    pub direction: Direction,
+    pub duration_ms: u64,
+}
+
+/// The agent's count of what it received in an upload test.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpeedtestResult {
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+}

@@ -25,7 +25,10 @@ pub enum FrameError {
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled write may leave half a frame on the stream.
-pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
     let body = serde_json::to_vec(msg)?;
     let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge(u32::MAX))?;
     if len > MAX_FRAME {
@@ -65,6 +68,9 @@ mod tests {
         assert_eq!(v["x"], 1);
 
         a.write_all(&(MAX_FRAME + 1).to_be_bytes()).await.unwrap();
-        assert!(matches!(read::<_, serde_json::Value>(&mut b).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read::<_, serde_json::Value>(&mut b).await,
+            Err(FrameError::TooLarge(_))
+        ));
     }
 }

@@ -20,7 +20,9 @@ pub enum IdentityError {
     #[error("key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
     /// The file does not hold a 32-byte hex key.
-    #[error("key file {0} is not a myco key (want 64 hex characters); move it away to get a new identity")]
+    #[error(
+        "key file {0} is not a myco key (want 64 hex characters); move it away to get a new identity"
+    )]
     Malformed(PathBuf),
 }
 
@@ -88,10 +90,16 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(load_or_create(&path), Err(IdentityError::TooOpen { .. })));
+        assert!(matches!(
+            load_or_create(&path),
+            Err(IdentityError::TooOpen { .. })
+        ));
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "nope").unwrap();
-        assert!(matches!(load_or_create(&path), Err(IdentityError::Malformed(_))));
+        assert!(matches!(
+            load_or_create(&path),
+            Err(IdentityError::Malformed(_))
+        ));
     }
 }

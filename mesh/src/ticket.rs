@@ -81,7 +81,9 @@ pub fn verify(
         });
     }
     if claims.agent != me {
-        return Err(TicketError::WrongAgent(claims.agent.fmt_short().to_string()));
+        return Err(TicketError::WrongAgent(
+            claims.agent.fmt_short().to_string(),
+        ));
     }
     if claims.expires_at <= now {
         return Err(TicketError::Expired(claims.expires_at));
@@ -134,7 +136,10 @@ mod tests {
         let t = sign(&w.coordinator, &claims(&w));
 
         let forged = sign(&SecretKey::from_bytes(&[9; 32]), &claims(&w));
-        assert_eq!(verify(&forged, &key, w.client, w.agent, w.now), Err(TicketError::BadSignature));
+        assert_eq!(
+            verify(&forged, &key, w.client, w.agent, w.now),
+            Err(TicketError::BadSignature)
+        );
 
         // Changing the claims after signing breaks the signature.
         let (c, s) = t.split_once('.').unwrap();
@@ -142,20 +147,36 @@ mod tests {
         let pos = json.iter().position(|b| *b == b'a').unwrap();
         json[pos] = b'b';
         let tampered = format!("{}.{s}", hex::encode(json));
-        assert_eq!(verify(&tampered, &key, w.client, w.agent, w.now), Err(TicketError::BadSignature));
+        assert_eq!(
+            verify(&tampered, &key, w.client, w.agent, w.now),
+            Err(TicketError::BadSignature)
+        );
 
         let other = SecretKey::from_bytes(&[4; 32]).public();
-        assert!(matches!(verify(&t, &key, other, w.agent, w.now), Err(TicketError::WrongClient { .. })));
-        assert!(matches!(verify(&t, &key, w.client, other, w.now), Err(TicketError::WrongAgent(_))));
+        assert!(matches!(
+            verify(&t, &key, other, w.agent, w.now),
+            Err(TicketError::WrongClient { .. })
+        ));
+        assert!(matches!(
+            verify(&t, &key, w.client, other, w.now),
+            Err(TicketError::WrongAgent(_))
+        ));
 
         // The boundary: valid until just before expiry, refused at it.
         let before = Timestamp::from_unix_millis(1_059_999);
         let at = Timestamp::from_unix_millis(1_060_000);
         assert!(verify(&t, &key, w.client, w.agent, before).is_ok());
-        assert!(matches!(verify(&t, &key, w.client, w.agent, at), Err(TicketError::Expired(_))));
+        assert!(matches!(
+            verify(&t, &key, w.client, w.agent, at),
+            Err(TicketError::Expired(_))
+        ));
 
         for bad in ["", "nodot", "zz.zz", "00.00"] {
-            assert_eq!(verify(bad, &key, w.client, w.agent, w.now), Err(TicketError::Malformed), "{bad}");
+            assert_eq!(
+                verify(bad, &key, w.client, w.agent, w.now),
+                Err(TicketError::Malformed),
+                "{bad}"
+            );
         }
     }
 }

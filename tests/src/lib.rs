@@ -12,7 +12,12 @@ use std::time::Duration;
 /// The password every test user gets.
 pub const PASSWORD: &str = "correct-horse-battery";
 
-/// Path of the `myco` binary, built once per test process so it is never stale.
+/// Path of the `myco` binary beside the test executable.
+///
+/// Cargo does not build another package's binary for a test crate, so the suite's
+/// command (`bash .ci/test`) runs `cargo build --workspace --all-targets` first. (Building
+/// it from inside a test was tried: the nested cargo sees the test's environment,
+/// which dirties build scripts and rebuilt iroh's dependencies for minutes.)
 pub fn myco_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -20,20 +25,9 @@ pub fn myco_bin() -> &'static Path {
         let exe = std::env::current_exe().expect("current_exe");
         let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
         let bin = profile_dir.join("myco");
-        // Cargo does not build another package's binary for our tests, so build it
-        // here (a no-op when it is fresh). CARGO is set by `cargo test` and nextest.
-        if let Ok(cargo) = std::env::var("CARGO") {
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "cli", "--bin", "myco"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build");
-            assert!(status.success(), "cargo build of myco failed");
-        }
         assert!(
             bin.exists(),
-            "{} does not exist; build it with `cargo build -p cli`",
+            "{} does not exist; run `cargo build --workspace --all-targets` first (bash .ci/test does)",
             bin.display()
         );
         bin
@@ -78,6 +72,27 @@ impl Output {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
+static AGENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A running `myco agent`; killed when dropped.
+pub struct AgentProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -186,9 +201,81 @@ impl TestEnv {
             }
         }
         cmd.env("MYCO_CONFIG_DIR", self.config_dir(user))
+            // Mesh traffic stays on loopback and never asks a gateway for ports.
+            .env("MYCO_MESH_BIND", "127.0.0.1:0")
+            .env("MYCO_PORTMAPPER", "false")
             .env_remove("RUST_LOG")
             .args(args);
         cmd
+    }
+
+    /// Creates workspace `name` as `user` with one agent; returns the agent's token.
+    pub fn create_workspace(&self, user: &str, name: &str) -> String {
+        let created = self.run(user, &["create", name, "-o", "json"]).ok().json();
+        created["agent_tokens"][0]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Starts `myco agent` with `token`, its data in the temp dir, its mesh on loopback.
+    pub fn start_agent(&self, token: &str) -> AgentProc {
+        let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = self.dir.path().join(format!("agent-{n}"));
+        let log = std::fs::File::create(self.dir.path().join(format!("agent-{n}.log"))).unwrap();
+        let child = self
+            .cmd(
+                "agent",
+                &["agent", "--url", &self.url, "--token", token, "--data-dir"],
+            )
+            .arg(&data)
+            .env("RUST_LOG", "info,iroh=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        AgentProc {
+            child,
+            log: self.dir.path().join(format!("agent-{n}.log")),
+        }
+    }
+
+    /// Waits (bounded) until `user`'s workspace shows its first agent connected with a
+    /// direct address; returns that agent's JSON.
+    pub fn wait_agent_connected(&self, user: &str, ws: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
+            let agent = shown["agents"][0].clone();
+            let addrs = agent["connection"]["direct_addrs"]
+                .as_array()
+                .map_or(0, Vec::len);
+            if addrs > 0 && agent["connection"]["relay_url"].is_string() {
+                return agent;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent never connected: {shown:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until the workspace shows no connected agent.
+    pub fn wait_agent_gone(&self, user: &str, ws: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
+            if shown["agents"][0]["connection"].is_null() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent never went away: {shown:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs `myco ARGS` as `user` with `stdin` as its input.
@@ -266,6 +353,9 @@ impl TestEnv {
             base: self.url.clone(),
             client: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(30))
+                // A fresh connection per request: the server drops a connection
+                // after refusing an oversized body, and a pooled one would then fail.
+                .pool_max_idle_per_host(0)
                 .build()
                 .unwrap(),
         }

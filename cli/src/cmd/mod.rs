@@ -1,7 +1,10 @@
 //! One module per group of `myco` commands.
 
+pub mod agent;
 pub mod login;
+pub mod ping;
 pub mod server;
+pub mod speedtest;
 pub mod tokens;
 pub mod users;
 pub mod workspaces;

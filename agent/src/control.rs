@@ -1,0 +1,206 @@
+//! The control channel: connect, take the coordinator's welcome, publish our address
+//! on every change, heartbeat, and reconnect with exponential backoff and jitter.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use iroh::{SecretKey, Watcher};
+use mesh::control::{AgentMessage, CONTROL_PATH, CoordinatorMessage};
+use mesh::endpoint::EndpointOptions;
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, http};
+
+use crate::{AgentConfig, EndpointCell, SharedWelcome, Welcome};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A channel that lived this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(30);
+
+/// Control-channel failures retrying cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The coordinator refused the agent token.
+    #[error(
+        "the coordinator refused the agent token ({0}); get a new one with `myco rotate-agent-token WS.AGENT`"
+    )]
+    TokenRefused(String),
+    /// The URL is not an http(s) URL.
+    #[error("bad coordinator URL {0:?}; write it like http://127.0.0.1:3000")]
+    BadUrl(String),
+    /// The mesh endpoint could not be started.
+    #[error(transparent)]
+    Endpoint(#[from] mesh::endpoint::EndpointError),
+}
+
+/// Why one control channel ended; all are retried.
+#[derive(Debug, thiserror::Error)]
+enum ChannelEnd {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("channel closed by the coordinator")]
+    Closed,
+    #[error("channel failed: {0}")]
+    Failed(String),
+    #[error("fatal: {0}")]
+    Fatal(ControlError),
+}
+
+fn control_url(url: &str) -> Result<String, ControlError> {
+    let base = url.trim_end_matches('/');
+    if let Some(rest) = base.strip_prefix("http://") {
+        Ok(format!("ws://{rest}{CONTROL_PATH}"))
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        Ok(format!("wss://{rest}{CONTROL_PATH}"))
+    } else {
+        Err(ControlError::BadUrl(url.to_owned()))
+    }
+}
+
+pub async fn run(
+    config: AgentConfig,
+    key: SecretKey,
+    welcome: SharedWelcome,
+    endpoint: EndpointCell,
+) -> Result<(), ControlError> {
+    let url = control_url(&config.url)?;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = tokio::time::Instant::now();
+        match channel(&config, &url, &key, &welcome, &endpoint).await {
+            ChannelEnd::Fatal(e) => return Err(e),
+            end => tracing::warn!("control channel: {end}"),
+        }
+        if started.elapsed() > STABLE {
+            backoff = BACKOFF_MIN;
+        }
+        // Full jitter within [backoff/2, backoff): agents restarted together spread out.
+        let wait = backoff.mul_f64(0.5 + crate::jitter() / 2.0);
+        tracing::info!(?wait, "reconnecting");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn channel(
+    config: &AgentConfig,
+    url: &str,
+    key: &SecretKey,
+    shared: &SharedWelcome,
+    endpoint: &EndpointCell,
+) -> ChannelEnd {
+    let mut request = match url.into_client_request() {
+        Ok(r) => r,
+        Err(e) => return ChannelEnd::Fatal(ControlError::BadUrl(format!("{url}: {e}"))),
+    };
+    let Ok(auth) = http::HeaderValue::from_str(&format!("Bearer {}", config.token)) else {
+        return ChannelEnd::Fatal(ControlError::TokenRefused(
+            "it holds characters a header cannot".into(),
+        ));
+    };
+    request
+        .headers_mut()
+        .insert(http::header::AUTHORIZATION, auth);
+    let (mut ws, _) = match tokio_tungstenite::connect_async(request).await {
+        Ok(ok) => ok,
+        Err(tungstenite::Error::Http(resp)) if resp.status() == http::StatusCode::UNAUTHORIZED => {
+            let body = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<mesh::api::ErrorBody>(b).ok())
+                .map(|b| b.message)
+                .unwrap_or_else(|| "401".into());
+            return ChannelEnd::Fatal(ControlError::TokenRefused(body));
+        }
+        Err(e) => return ChannelEnd::Connect(e.to_string()),
+    };
+    let first = match ws.next().await {
+        Some(Ok(Message::Text(t))) => t,
+        Some(Ok(_)) | None => return ChannelEnd::Closed,
+        Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
+    };
+    let Ok(CoordinatorMessage::Welcome {
+        coordinator_key,
+        relay_url,
+        agent,
+        heartbeat_interval_ms,
+    }) = serde_json::from_str::<CoordinatorMessage>(&first)
+    else {
+        return ChannelEnd::Failed("the first message was not a welcome".into());
+    };
+    tracing::info!(%agent, relay = %relay_url, "control channel up");
+    if let Ok(mut w) = shared.write() {
+        *w = Some(Welcome {
+            coordinator_key,
+            agent,
+        });
+    }
+    let ep = match endpoint.get() {
+        Some(ep) => ep.clone(),
+        None => {
+            let ep = match mesh::endpoint::bind(EndpointOptions {
+                secret_key: key.clone(),
+                relay_url,
+                relay_only: false,
+                bind_addr: config.bind_addr,
+                portmapper: config.portmapper,
+                alpns: mesh::alpn::agent_alpns(),
+                relay_token: Some(config.token.clone()),
+            })
+            .await
+            {
+                Ok(ep) => ep,
+                Err(e) => return ChannelEnd::Fatal(e.into()),
+            };
+            tokio::spawn(crate::serve::accept_loop(
+                ep.endpoint.clone(),
+                shared.clone(),
+            ));
+            let _ = endpoint.set(ep.clone());
+            ep
+        }
+    };
+
+    let mut addrs = ep.endpoint.watch_addr();
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(heartbeat_interval_ms.max(1000)));
+    heartbeat.tick().await;
+    let mut last_sent = None;
+    loop {
+        let addr = addrs.get();
+        if last_sent.as_ref() != Some(&addr) {
+            let msg = AgentMessage::Addr { addr: addr.clone() };
+            if let Err(e) = send(&mut ws, &msg).await {
+                return ChannelEnd::Failed(e);
+            }
+            tracing::debug!(addrs = ?addr.addrs, "published address");
+            last_sent = Some(addr);
+        }
+        tokio::select! {
+            changed = addrs.updated() => {
+                if changed.is_err() {
+                    return ChannelEnd::Fatal(ControlError::BadUrl("the mesh endpoint closed".into()));
+                }
+            }
+            _ = heartbeat.tick() => {
+                if let Err(e) = send(&mut ws, &AgentMessage::Heartbeat).await {
+                    return ChannelEnd::Failed(e);
+                }
+            }
+            msg = ws.next() => match msg {
+                None | Some(Ok(Message::Close(_))) => return ChannelEnd::Closed,
+                Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn send<S>(ws: &mut S, msg: &AgentMessage) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,67 @@
+//! `myco agent`: runs the workspace agent until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::Globals;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "The coordinator URL and agent token come from the global --url and --token, \
+or from MYCO_AGENT_URL and MYCO_AGENT_TOKEN; `myco create` prints the exact line to run."
+)]
+pub struct Args {
+    /// Directory of the agent's key (default: $XDG_DATA_HOME/myco-agent, i.e. ~/.local/share/myco-agent).
+    #[arg(long, env = "MYCO_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Bind the mesh's UDP socket to this address (default: every interface, a random port).
+    #[arg(long, env = "MYCO_MESH_BIND", value_name = "ADDR")]
+    mesh_bind: Option<SocketAddr>,
+    /// Ask the network's gateway for a port mapping (UPnP, NAT-PMP, PCP).
+    #[arg(long, env = "MYCO_PORTMAPPER", default_value_t = true, action = clap::ArgAction::Set)]
+    portmapper: bool,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
+    let url = globals
+        .url
+        .clone()
+        .or_else(|| env_nonempty("MYCO_AGENT_URL"))
+        .context("no coordinator URL: pass --url or set MYCO_AGENT_URL")?;
+    let url = crate::client::normalize_url(&url)?;
+    let token = globals
+        .token
+        .clone()
+        .or_else(|| env_nonempty("MYCO_AGENT_TOKEN"))
+        .context(
+            "no agent token: pass --token or set MYCO_AGENT_TOKEN (printed by `myco create`)",
+        )?;
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let config = agent::AgentConfig {
+        url,
+        token,
+        data_dir,
+        bind_addr: args.mesh_bind,
+        portmapper: args.portmapper,
+    };
+    agent::run(config, crate::cmd::server::shutdown_signal()).await?;
+    Ok(())
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(x) = env_nonempty("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(x).join("myco-agent"));
+    }
+    let home = env_nonempty("HOME")
+        .context("cannot find the data dir: HOME is not set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/myco-agent"))
+}

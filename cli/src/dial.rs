@@ -1,0 +1,211 @@
+//! Dialing an agent over the mesh: ask the coordinator for a ticket, bind an endpoint
+//! (our key lives in the config dir), connect with the protocol's ALPN, and trade the
+//! ticket for the agent's hello. A refusal comes back as the agent's own reason.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use iroh::endpoint::{Connection, ConnectionError, PathEvent, RecvStream, SendStream};
+use mesh::control::{AgentHello, ClientHello, ConnectInfo, ConnectRequest};
+use mesh::endpoint::{EndpointOptions, MeshEndpoint};
+use mesh::{WorkspaceRef, frame};
+use n0_future::StreamExt;
+
+use crate::Globals;
+use crate::client::Client;
+
+/// How the user asked to reach the mesh.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MeshArgs {
+    /// Use the relay only, never a direct path.
+    #[arg(long)]
+    pub relay_only: bool,
+    /// Bind the mesh's UDP socket to this address (default: every interface).
+    #[arg(long, env = "MYCO_MESH_BIND", value_name = "ADDR")]
+    pub mesh_bind: Option<SocketAddr>,
+    /// Dial through the relay first and let the direct path form by hole punching
+    /// (shows the upgrade; for diagnosis).
+    #[arg(long, hide = true)]
+    pub relay_first: bool,
+}
+
+/// A ticketed connection to an agent, with a record of its path changes.
+pub struct Dialed {
+    pub mesh: MeshEndpoint,
+    pub conn: Connection,
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub info: ConnectInfo,
+    pub hello: AgentHello,
+    pub paths: PathLog,
+}
+
+/// What path carries the connection now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathKind {
+    Direct(String),
+    Relay(String),
+    Unknown,
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathKind::Direct(a) => write!(f, "direct {a}"),
+            PathKind::Relay(u) => write!(f, "relay {u}"),
+            PathKind::Unknown => f.write_str("unknown path"),
+        }
+    }
+}
+
+impl PathKind {
+    pub fn short(&self) -> &'static str {
+        match self {
+            PathKind::Direct(_) => "direct",
+            PathKind::Relay(_) => "relay",
+            PathKind::Unknown => "unknown",
+        }
+    }
+}
+
+fn describe(addr: &iroh::TransportAddr) -> PathKind {
+    match addr {
+        iroh::TransportAddr::Ip(a) => PathKind::Direct(a.to_string()),
+        iroh::TransportAddr::Relay(u) => PathKind::Relay(u.to_string()),
+        _ => PathKind::Unknown,
+    }
+}
+
+/// The path selected now.
+pub fn current_path(conn: &Connection) -> PathKind {
+    let paths = conn.paths();
+    paths
+        .iter()
+        .find(|p| p.is_selected())
+        .map(|p| describe(p.remote_addr()))
+        .unwrap_or(PathKind::Unknown)
+}
+
+/// Every change of the selected path, with when it happened.
+#[derive(Clone, Default)]
+pub struct PathLog(Arc<Mutex<Vec<(Instant, PathKind)>>>);
+
+impl PathLog {
+    fn watch(conn: &Connection) -> Self {
+        let log = Self::default();
+        if let Ok(mut v) = log.0.lock() {
+            v.push((Instant::now(), current_path(conn)));
+        }
+        let mut events = conn.path_events();
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.next().await {
+                if let PathEvent::Selected { remote_addr, .. } = ev
+                    && let Ok(mut v) = l.0.lock()
+                {
+                    v.push((Instant::now(), describe(&remote_addr)));
+                }
+            }
+        });
+        log
+    }
+
+    /// The selected path at connect time, then every change (repeats folded).
+    pub fn changes(&self) -> Vec<(Instant, PathKind)> {
+        let mut v = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        v.dedup_by(|b, a| a.1.short() == b.1.short());
+        v
+    }
+}
+
+/// The reason an agent gave for closing, if it closed.
+pub fn close_reason(conn: &Connection) -> Option<String> {
+    match conn.close_reason()? {
+        ConnectionError::ApplicationClosed(ac) => {
+            Some(String::from_utf8_lossy(&ac.reason).into_owned())
+        }
+        other => Some(other.to_string()),
+    }
+}
+
+pub async fn dial(
+    globals: &Globals,
+    target: &WorkspaceRef,
+    alpn: &[u8],
+    args: &MeshArgs,
+) -> anyhow::Result<Dialed> {
+    let client = Client::authenticated(globals)?;
+    let key =
+        mesh::identity::load_or_create(&crate::session::config_dir(globals)?.join("client.key"))?;
+    let owner = target.owner.as_ref().map_or("me", |o| o.as_str());
+    let info: ConnectInfo = client
+        .post(
+            &format!("/api/v1/workspaces/{owner}/{}/connect", target.workspace),
+            &ConnectRequest {
+                agent: target.agent.clone(),
+                client_id: key.public(),
+            },
+        )
+        .await?;
+    let mesh = mesh::endpoint::bind(EndpointOptions {
+        secret_key: key,
+        relay_url: info.relay_url.clone(),
+        relay_only: args.relay_only,
+        bind_addr: args.mesh_bind,
+        portmapper: false,
+        alpns: Vec::new(),
+        relay_token: None,
+    })
+    .await?;
+    let dial_addr = if args.relay_first {
+        iroh::EndpointAddr::from_parts(
+            info.agent_addr.id,
+            info.agent_addr
+                .relay_urls()
+                .cloned()
+                .map(iroh::TransportAddr::Relay),
+        )
+    } else {
+        info.agent_addr.clone()
+    };
+    mesh.lookup.add_endpoint_info(dial_addr.clone());
+    let conn = mesh
+        .endpoint
+        .connect(dial_addr, alpn)
+        .await
+        .with_context(|| format!("cannot connect to agent {}", info.agent))?;
+    let paths = PathLog::watch(&conn);
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .context("cannot open a stream to the agent")?;
+    let hello_sent = frame::write(
+        &mut send,
+        &ClientHello {
+            ticket: info.ticket.clone(),
+        },
+    )
+    .await;
+    let answer: Result<AgentHello, _> = match hello_sent {
+        Ok(()) => frame::read(&mut recv).await,
+        Err(e) => Err(e),
+    };
+    let hello = match answer {
+        Ok(h) => h,
+        Err(e) => match close_reason(&conn) {
+            Some(reason) => bail!("agent {} refused the connection: {reason}", info.agent),
+            None => bail!("agent {} broke off the handshake: {e}", info.agent),
+        },
+    };
+    Ok(Dialed {
+        mesh,
+        conn,
+        send,
+        recv,
+        info,
+        hello,
+        paths,
+    })
+}
