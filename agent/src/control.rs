@@ -123,6 +123,7 @@ async fn channel(
         relay_url,
         agent,
         heartbeat_interval_ms,
+        relay_quic,
     }) = serde_json::from_str::<CoordinatorMessage>(&first)
     else {
         return ChannelEnd::Failed("the first message was not a welcome".into());
@@ -145,6 +146,7 @@ async fn channel(
                 portmapper: config.portmapper,
                 alpns: mesh::alpn::agent_alpns(),
                 relay_token: Some(config.token.clone()),
+                relay_quic,
             })
             .await
             {

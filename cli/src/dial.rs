@@ -157,6 +157,7 @@ pub async fn dial(
         portmapper: false,
         alpns: Vec::new(),
         relay_token: None,
+        relay_quic: info.relay_quic.clone(),
     })
     .await?;
     let dial_addr = if args.relay_first {

@@ -55,6 +55,9 @@ pub struct AppState {
     /// The relay mounted on this listener.
     pub relay_url: RelayUrl,
     pub relay: RelayState,
+    /// QUIC address discovery: what peers are told, and the server for its counters.
+    pub relay_quic: mesh::control::RelayQuic,
+    pub qad: Arc<crate::qad::QadServer>,
 }
 
 /// How long a connection ticket is valid. A connection made in time lives on after.
@@ -1007,6 +1010,7 @@ async fn connect(
         agent_addr: addr,
         ticket,
         relay_url: state.relay_url.clone(),
+        relay_quic: Some(state.relay_quic.clone()),
         expires_at,
     }))
 }
@@ -1024,5 +1028,6 @@ async fn relay_stats(
         packets_recv: m.send_packets_recv.get(),
         accepts: m.accepts.get(),
         disconnects: m.disconnects.get(),
+        qad_connections: state.qad.connections(),
     }))
 }

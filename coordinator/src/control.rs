@@ -48,6 +48,7 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
         relay_url: state.relay_url.clone(),
         agent: agent.target.clone(),
         heartbeat_interval_ms: u64::try_from(HEARTBEAT_INTERVAL.as_millis()).unwrap_or(15_000),
+        relay_quic: Some(state.relay_quic.clone()),
     };
     let sent = match serde_json::to_string(&welcome) {
         Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),

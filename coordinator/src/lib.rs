@@ -6,6 +6,7 @@
 mod api;
 mod auth;
 mod control;
+mod qad;
 mod registry;
 mod relay;
 mod server;

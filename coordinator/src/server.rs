@@ -24,6 +24,11 @@ pub struct ServerConfig {
     pub access_url: Option<String>,
     /// Holds the store file.
     pub data_dir: PathBuf,
+    /// UDP address of QUIC address discovery; port 0 picks a free port.
+    pub relay_quic_address: SocketAddr,
+    /// The operator's TLS certificate and key (PEM) for QAD; self-signed when absent.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Why the coordinator could not start or stopped with an error.
@@ -45,6 +50,9 @@ pub enum ServerError {
     /// The access URL cannot serve as the relay URL.
     #[error("the access URL {0} cannot be used as the relay URL: {1}")]
     RelayUrl(String, String),
+    /// QUIC address discovery could not be set up.
+    #[error(transparent)]
+    Qad(#[from] crate::qad::QadError),
     /// The HTTP listener could not be bound.
     #[error("cannot listen on {addr}: {source}; pick another --http-address")]
     Bind {
@@ -60,6 +68,8 @@ pub enum ServerError {
 /// A coordinator with its store open and its listener bound, not yet serving.
 pub struct Coordinator {
     store: Arc<Store>,
+    qad: Arc<crate::qad::QadServer>,
+    relay_quic: mesh::control::RelayQuic,
     signing_key: Arc<iroh::SecretKey>,
     relay_url: iroh::RelayUrl,
     listener: tokio::net::TcpListener,
@@ -111,8 +121,26 @@ impl Coordinator {
                 .map_err(|e: iroh::RelayUrlParseError| {
                     ServerError::RelayUrl(access_url.clone(), e.to_string())
                 })?;
+        let host = relay_url
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let tls = crate::qad::TlsMaterial::load(
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+            &config.data_dir,
+            &host,
+        )?;
+        let qad = crate::qad::start(config.relay_quic_address, &tls).await?;
+        let relay_quic = mesh::control::RelayQuic {
+            port: qad.addr.port(),
+            cert_der_hex: hex::encode(tls.certs[0].as_ref()),
+        };
         Ok(Self {
             store: Arc::new(store),
+            qad: Arc::new(qad),
+            relay_quic,
             signing_key: Arc::new(signing_key),
             relay_url,
             listener,
@@ -120,6 +148,11 @@ impl Coordinator {
             access_url,
             store_path,
         })
+    }
+
+    /// Where QUIC address discovery listens.
+    pub fn relay_quic_addr(&self) -> SocketAddr {
+        self.qad.addr
     }
 
     pub fn relay_url(&self) -> &iroh::RelayUrl {
@@ -159,6 +192,8 @@ impl Coordinator {
             registry,
             signing_key: self.signing_key.clone(),
             relay_url: self.relay_url.clone(),
+            relay_quic: self.relay_quic.clone(),
+            qad: self.qad.clone(),
         };
         let app = api::router(state);
         axum::serve(self.listener, app)

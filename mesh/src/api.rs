@@ -223,6 +223,8 @@ pub struct RelayStats {
     pub packets_recv: u64,
     pub accepts: u64,
     pub disconnects: u64,
+    /// QUIC address discovery connections served.
+    pub qad_connections: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

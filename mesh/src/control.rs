@@ -22,7 +22,18 @@ pub enum CoordinatorMessage {
         agent: String,
         /// How often to send [`AgentMessage::Heartbeat`].
         heartbeat_interval_ms: u64,
+        /// Where the coordinator answers QUIC address discovery, if it does.
+        #[serde(default)]
+        relay_quic: Option<RelayQuic>,
     },
+}
+
+/// The coordinator's QUIC address discovery port and the certificate to pin for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayQuic {
+    pub port: u16,
+    /// DER of the certificate the QAD server presents, hex encoded.
+    pub cert_der_hex: String,
 }
 
 /// Agent -> coordinator.
@@ -61,6 +72,9 @@ pub struct ConnectInfo {
     pub ticket: String,
     /// The coordinator's relay, to be used as the client's home relay.
     pub relay_url: RelayUrl,
+    /// Its QUIC address discovery, if served.
+    #[serde(default)]
+    pub relay_quic: Option<RelayQuic>,
     pub expires_at: crate::Timestamp,
 }
 

@@ -27,6 +27,8 @@ pub struct EndpointOptions {
     /// Sent to the relay as a bearer token: agents send their agent token, so the
     /// relay admits them whether or not their control channel is up yet.
     pub relay_token: Option<String>,
+    /// The coordinator's QUIC address discovery, pinned to the certificate it named.
+    pub relay_quic: Option<crate::control::RelayQuic>,
 }
 
 /// A bound endpoint and the address book the coordinator feeds.
@@ -42,6 +44,9 @@ pub enum EndpointError {
     /// The bind address is not usable.
     #[error("bad mesh bind address {0}")]
     BindAddr(SocketAddr),
+    /// The relay certificate the coordinator named is not hex.
+    #[error("the coordinator sent a malformed relay certificate")]
+    Cert,
     /// Binding the UDP sockets or starting the endpoint failed.
     #[error("cannot start the mesh endpoint: {0}")]
     Bind(#[from] BindError),
@@ -61,7 +66,11 @@ pub fn transport_config() -> QuicTransportConfig {
 /// [`EndpointError`] when the sockets cannot be bound.
 pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> {
     let lookup = MemoryLookup::new();
-    let mut relay = RelayConfig::new(opts.relay_url.clone(), None);
+    let quic = opts
+        .relay_quic
+        .as_ref()
+        .map(|q| iroh_relay::RelayQuicConfig::new(q.port));
+    let mut relay = RelayConfig::new(opts.relay_url.clone(), quic);
     if let Some(t) = opts.relay_token {
         relay = relay.with_auth_token(t);
     }
@@ -80,6 +89,12 @@ pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> 
     } else {
         PortmapperConfig::Disabled
     });
+    if let Some(q) = &opts.relay_quic {
+        let der = hex::decode(&q.cert_der_hex).map_err(|_| EndpointError::Cert)?;
+        builder = builder.ca_tls_config(iroh::tls::CaTlsConfig::custom_roots([
+            rustls_pki_types::CertificateDer::from(der),
+        ]));
+    }
     if opts.relay_only {
         builder = builder.clear_ip_transports();
     } else if let Some(addr) = opts.bind_addr {

@@ -107,6 +107,8 @@ pub struct TestEnv {
     server: Option<Server>,
     /// The HTTP address once the first server bound it; restarts reuse it.
     addr: Option<String>,
+    /// Likewise the UDP address of QUIC address discovery.
+    qad_addr: Option<String>,
     pub url: String,
 }
 
@@ -117,6 +119,7 @@ impl TestEnv {
             dir: tempfile::tempdir().unwrap(),
             server: None,
             addr: None,
+            qad_addr: None,
             url: String::new(),
         };
         env.start_server();
@@ -131,8 +134,19 @@ impl TestEnv {
     pub fn start_server(&mut self) {
         assert!(self.server.is_none(), "server already running");
         let addr = self.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let qad = self
+            .qad_addr
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:0".into());
         let mut child = Command::new(myco_bin())
-            .args(["server", "--http-address", &addr, "--data-dir"])
+            .args([
+                "server",
+                "--http-address",
+                &addr,
+                "--relay-quic-address",
+                &qad,
+                "--data-dir",
+            ])
             .arg(self.data_dir())
             .env_remove("MYCO_ACCESS_URL")
             .env("RUST_LOG", "warn")
@@ -143,11 +157,16 @@ impl TestEnv {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let listening = loop {
+        let mut listening = String::new();
+        loop {
             match lines.next() {
                 Some(Ok(line)) => {
                     if let Some(rest) = line.strip_prefix("myco coordinator listening on ") {
-                        break rest.to_owned();
+                        listening = rest.to_owned();
+                    }
+                    if let Some(rest) = line.strip_prefix("QUIC address discovery on udp://") {
+                        self.qad_addr = Some(rest.to_owned());
+                        break;
                     }
                 }
                 _ => {
@@ -155,7 +174,7 @@ impl TestEnv {
                     panic!("myco server exited before listening: {status}");
                 }
             }
-        };
+        }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.by_ref() {});
         self.url = listening.clone();

@@ -6,12 +6,42 @@ use std::process::Stdio;
 
 use tests::TestEnv;
 
-fn relay_bytes(env: &TestEnv, admin: &str) -> u64 {
+fn relay_stats(env: &TestEnv, admin: &str) -> serde_json::Value {
     let r = env
         .http()
         .get("/api/v1/debug/relay", Some(&env.token_of(admin)));
     assert_eq!(r.status, 200, "{r:#?}");
-    r.body["bytes_recv"].as_u64().unwrap() + r.body["bytes_sent"].as_u64().unwrap()
+    r.body
+}
+
+fn relay_bytes(env: &TestEnv, admin: &str) -> u64 {
+    let r = relay_stats(env, admin);
+    r["bytes_recv"].as_u64().unwrap() + r["bytes_sent"].as_u64().unwrap()
+}
+
+#[test]
+fn agents_learn_their_address_by_quic_address_discovery() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let _agent = env.start_agent(&token);
+    env.wait_agent_connected("alice", "dev");
+    // The agent's net report probes QAD over QUIC, pinned to the coordinator's
+    // self-signed certificate; a failed TLS check would leave the counter at zero.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while relay_stats(&env, "alice")["qad_connections"]
+        .as_u64()
+        .unwrap()
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QAD probe reached the coordinator"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let cert = std::fs::read_to_string(env.data_dir().join("relay-tls.crt")).unwrap();
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
 #[test]

@@ -31,6 +31,7 @@ async fn endpoint(key: &SecretKey, info: &ConnectInfo) -> MeshEndpoint {
         portmapper: false,
         alpns: Vec::new(),
         relay_token: None,
+        relay_quic: info.relay_quic.clone(),
     })
     .await
     .unwrap()

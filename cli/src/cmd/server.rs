@@ -19,7 +19,24 @@ pub struct Args {
     /// Directory of the store (default: $XDG_DATA_HOME/myco, i.e. ~/.local/share/myco).
     #[arg(long, env = "MYCO_DATA_DIR")]
     data_dir: Option<PathBuf>,
+
+    /// UDP address of QUIC address discovery, which tells peers behind NAT their
+    /// public address (default: the --http-address IP, port 7842).
+    #[arg(long, env = "MYCO_RELAY_QUIC_ADDRESS")]
+    relay_quic_address: Option<SocketAddr>,
+
+    /// TLS certificate (PEM) for QUIC address discovery; without it a self-signed one
+    /// is generated in the data dir, and peers pin whichever the coordinator serves.
+    #[arg(long, env = "MYCO_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "MYCO_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
+
+/// iroh's customary QUIC address discovery port.
+const DEFAULT_QAD_PORT: u16 = 7842;
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
@@ -48,10 +65,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.http_address
         );
     }
+    let relay_quic_address = args
+        .relay_quic_address
+        .unwrap_or_else(|| SocketAddr::new(args.http_address.ip(), DEFAULT_QAD_PORT));
     let coordinator = Coordinator::bind(ServerConfig {
         http_address: args.http_address,
         access_url,
         data_dir,
+        relay_quic_address,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
     })
     .await?;
     let url = coordinator.access_url().to_owned();
@@ -60,6 +83,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         coordinator.local_addr()
     );
     println!("access URL: {url}");
+    println!("relay: {}", coordinator.relay_url());
+    println!(
+        "QUIC address discovery on udp://{}",
+        coordinator.relay_quic_addr()
+    );
     println!("store: {}", coordinator.store_path().display());
     if !coordinator.has_users()? {
         println!("no users yet; create the first (admin) user with:");
