@@ -52,3 +52,16 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Prints `items` as JSON, or as a table with one row per item.
+pub fn list<T: Serialize>(
+    format: Format,
+    items: &[T],
+    headers: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Json => json(items),
+        Format::Table => table(headers, &items.iter().map(row).collect::<Vec<_>>()),
+    }
+}

@@ -113,6 +113,17 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// A coordinator, its first user `alice`, her workspace `dev` and its agent,
+    /// connected to the mesh.
+    pub fn with_agent() -> (Self, AgentProc) {
+        let env = Self::start();
+        env.bootstrap("alice");
+        let token = env.create_workspace("alice", "dev");
+        let agent = env.start_agent(&token);
+        env.wait_agent_connected("alice", "dev");
+        (env, agent)
+    }
+
     /// Starts a coordinator on a free loopback port with an empty data dir.
     pub fn start() -> Self {
         let mut env = Self {

@@ -21,11 +21,7 @@ fn relay_bytes(env: &TestEnv, admin: &str) -> u64 {
 
 #[test]
 fn agents_learn_their_address_by_quic_address_discovery() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent();
     // The agent's net report probes QAD over QUIC, pinned to the coordinator's
     // self-signed certificate; a failed TLS check would leave the counter at zero.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -46,11 +42,7 @@ fn agents_learn_their_address_by_quic_address_discovery() {
 
 #[test]
 fn ping_goes_direct_and_relay_only_goes_through_the_relay() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent();
 
     let out = env
         .run("alice", &["ping", "dev", "-n", "3", "-i", "50ms"])
@@ -104,11 +96,7 @@ fn ping_goes_direct_and_relay_only_goes_through_the_relay() {
 
 #[test]
 fn relay_path_upgrades_to_direct() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent();
     let out = env
         .run(
             "alice",
@@ -126,11 +114,7 @@ fn relay_path_upgrades_to_direct() {
 
 #[test]
 fn speedtest_both_ways() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent();
     for dir in ["down", "up"] {
         let r = env
             .run(
@@ -231,11 +215,7 @@ fn agent_goes_away_when_it_stops() {
 
 #[test]
 fn established_sessions_survive_the_coordinator_going_down() {
-    let mut env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (mut env, _agent) = TestEnv::with_agent();
 
     // A ping session: kill the coordinator after the first pong; all pongs still come.
     let mut ping = env

@@ -77,11 +77,7 @@ fn coordinator_key(env: &TestEnv) -> SecretKey {
 
 #[test]
 fn agent_refuses_bad_tickets_with_a_reason() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent();
 
     let alice = SecretKey::generate();
     let mallory = SecretKey::generate();
@@ -132,11 +128,7 @@ fn agent_refuses_bad_tickets_with_a_reason() {
 
 #[test]
 fn relay_refuses_unknown_endpoints_and_admits_ticketed_ones() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent();
     let relay_url: iroh::RelayUrl = format!("{}/", env.url).parse().unwrap();
     let stranger = SecretKey::generate();
     let rt = tokio::runtime::Runtime::new().unwrap();

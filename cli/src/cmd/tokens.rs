@@ -68,22 +68,13 @@ pub async fn run(globals: &Globals, cmd: TokensCommand) -> anyhow::Result<()> {
         }
         TokensCommand::Ls { out } => {
             let tokens: Vec<TokenInfo> = client.get("/api/v1/tokens").await?;
-            match out.format {
-                Format::Json => output::json(&tokens),
-                Format::Table => output::table(
-                    &["NAME", "CREATED", "EXPIRES"],
-                    &tokens
-                        .iter()
-                        .map(|t| {
-                            vec![
-                                t.name.to_string(),
-                                t.created_at.to_string(),
-                                t.expires_at.to_string(),
-                            ]
-                        })
-                        .collect::<Vec<_>>(),
-                ),
-            }
+            output::list(out.format, &tokens, &["NAME", "CREATED", "EXPIRES"], |t| {
+                vec![
+                    t.name.to_string(),
+                    t.created_at.to_string(),
+                    t.expires_at.to_string(),
+                ]
+            })
         }
         TokensCommand::Rm { name } => {
             let name = Name::new(&name).context("bad token name")?;

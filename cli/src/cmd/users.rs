@@ -63,22 +63,13 @@ pub async fn run(globals: &Globals, cmd: UsersCommand) -> anyhow::Result<()> {
         }
         UsersCommand::Ls { out } => {
             let users: Vec<User> = client.get("/api/v1/users").await?;
-            match out.format {
-                Format::Json => output::json(&users),
-                Format::Table => output::table(
-                    &["USERNAME", "ADMIN", "CREATED"],
-                    &users
-                        .iter()
-                        .map(|u| {
-                            vec![
-                                u.username.to_string(),
-                                u.admin.to_string(),
-                                u.created_at.to_string(),
-                            ]
-                        })
-                        .collect::<Vec<_>>(),
-                ),
-            }
+            output::list(out.format, &users, &["USERNAME", "ADMIN", "CREATED"], |u| {
+                vec![
+                    u.username.to_string(),
+                    u.admin.to_string(),
+                    u.created_at.to_string(),
+                ]
+            })
         }
     }
 }
