@@ -51,26 +51,27 @@ for ns in mb-a mb-b; do
 done
 ip -n mb-a link set mb-va up
 ip -n mb-b link set mb-vb up
-wg genkey >"$work/a.key"
-wg genkey >"$work/b.key"
+(umask 077; wg genkey >"$work/a.key"; wg genkey >"$work/b.key")
 pub_a=$(wg pubkey <"$work/a.key")
 pub_b=$(wg pubkey <"$work/b.key")
+# Distinct interface names: both namespaces share /var/run/wireguard/<if>.sock.
 for side in a b; do
-  WG_SUDO=1 ip netns exec "mb-$side" "$BORINGTUN" -f -t 1 --disable-drop-privileges wg0 >"$work/bt-$side.log" 2>&1 &
+  WG_SUDO=1 ip netns exec "mb-$side" "$BORINGTUN" -f -t 1 --disable-drop-privileges \
+    --log "$work/bt-$side.log" "mbwg$side" >/dev/null 2>&1 &
   pids+=($!)
 done
 for _ in $(seq 50); do
-  ip -n mb-a link show wg0 >/dev/null 2>&1 && ip -n mb-b link show wg0 >/dev/null 2>&1 && break
+  ip -n mb-a link show mbwga >/dev/null 2>&1 && ip -n mb-b link show mbwgb >/dev/null 2>&1 && break
   sleep 0.1
 done
-ip netns exec mb-a wg set wg0 private-key "$work/a.key" listen-port 51820 \
+ip netns exec mb-a wg set mbwga private-key "$work/a.key" listen-port 51820 \
   peer "$pub_b" allowed-ips 10.202.0.2/32 endpoint 10.201.0.2:51820
-ip netns exec mb-b wg set wg0 private-key "$work/b.key" listen-port 51820 \
+ip netns exec mb-b wg set mbwgb private-key "$work/b.key" listen-port 51820 \
   peer "$pub_a" allowed-ips 10.202.0.1/32 endpoint 10.201.0.1:51820
-ip -n mb-a addr add 10.202.0.1/24 dev wg0
-ip -n mb-b addr add 10.202.0.2/24 dev wg0
-ip -n mb-a link set wg0 up
-ip -n mb-b link set wg0 up
+ip -n mb-a addr add 10.202.0.1/24 dev mbwga
+ip -n mb-b addr add 10.202.0.2/24 dev mbwgb
+ip -n mb-a link set mbwga up
+ip -n mb-b link set mbwgb up
 ip netns exec mb-b iperf3 -s -1 -B 10.202.0.2 -p 5302 >/dev/null 2>&1 &
 pids+=($!)
 sleep 0.5

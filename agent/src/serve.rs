@@ -111,10 +111,11 @@ async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), Str
     let duration = Duration::from_millis(req.duration_ms).min(MAX_SPEEDTEST);
     match req.direction {
         Direction::Down => {
-            let chunk = vec![0u8; CHUNK];
+            // One shared buffer handed to QUIC by reference count: no copy per write.
+            let chunk = bytes::Bytes::from(vec![0u8; CHUNK]);
             let deadline = tokio::time::Instant::now() + duration;
             while tokio::time::Instant::now() < deadline {
-                send.write_all(&chunk).await.map_err(|e| e.to_string())?;
+                send.write_chunk(chunk.clone()).await.map_err(|e| e.to_string())?;
             }
             send.finish().map_err(|e| e.to_string())?;
             // Wait until the client has read everything before the connection goes.
@@ -123,11 +124,11 @@ async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), Str
         }
         Direction::Up => {
             let start = tokio::time::Instant::now();
-            let mut buf = vec![0u8; CHUNK];
             let mut bytes = 0u64;
             loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => bytes += n as u64,
+                // Chunks come straight from QUIC's buffers, without a copy.
+                match recv.read_chunk(CHUNK).await {
+                    Ok(Some(c)) => bytes += c.len() as u64,
                     Ok(None) => break,
                     Err(e) => return Err(e.to_string()),
                 }
