@@ -100,7 +100,8 @@ async fn channel(
     request
         .headers_mut()
         .insert(http::header::AUTHORIZATION, auth);
-    let (mut ws, _) = match tokio_tungstenite::connect_async(request).await {
+    let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(request, None, true).await
+    {
         Ok(ok) => ok,
         Err(tungstenite::Error::Http(resp)) if resp.status() == http::StatusCode::UNAUTHORIZED => {
             let body = resp

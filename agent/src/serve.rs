@@ -115,7 +115,9 @@ async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), Str
             let chunk = bytes::Bytes::from(vec![0u8; CHUNK]);
             let deadline = tokio::time::Instant::now() + duration;
             while tokio::time::Instant::now() < deadline {
-                send.write_chunk(chunk.clone()).await.map_err(|e| e.to_string())?;
+                send.write_chunk(chunk.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             send.finish().map_err(|e| e.to_string())?;
             // Wait until the client has read everything before the connection goes.

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
+
 use crate::api::{self, AppState};
 use crate::registry::MeshRegistry;
 use crate::relay::RelayState;
@@ -196,7 +198,15 @@ impl Coordinator {
             qad: self.qad.clone(),
         };
         let app = api::router(state);
-        axum::serve(self.listener, app)
+        // Relayed packets and control messages are small writes that must leave at
+        // once: without TCP_NODELAY, Nagle's algorithm held them back and relayed
+        // throughput sat at ~43 MB/s with idle CPUs (BENCHMARKS.md).
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {e}");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(ServerError::Serve)
