@@ -109,6 +109,8 @@ pub struct TestEnv {
     addr: Option<String>,
     /// Likewise the UDP address of QUIC address discovery.
     qad_addr: Option<String>,
+    /// More `myco server` arguments, given on every start.
+    server_args: Vec<String>,
     pub url: String,
 }
 
@@ -126,11 +128,17 @@ impl TestEnv {
 
     /// Starts a coordinator on a free loopback port with an empty data dir.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`TestEnv::start`], with more `myco server` arguments.
+    pub fn start_with(server_args: &[&str]) -> Self {
         let mut env = Self {
             dir: tempfile::tempdir().unwrap(),
             server: None,
             addr: None,
             qad_addr: None,
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
             url: String::new(),
         };
         env.start_server();
@@ -159,6 +167,7 @@ impl TestEnv {
                 "--data-dir",
             ])
             .arg(self.data_dir())
+            .args(&self.server_args)
             .env_remove("MYCO_ACCESS_URL")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -40,6 +40,49 @@ fn agents_learn_their_address_by_quic_address_discovery() {
     assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
+fn wait_for_qad(env: &TestEnv) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while relay_stats(env, "alice")["qad_connections"]
+        .as_u64()
+        .unwrap()
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QAD probe reached the coordinator"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_operator_certificate_is_served_and_pinned() {
+    // Any valid pair will do as "the operator's": take one a first coordinator made.
+    let (first, _agent) = TestEnv::with_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("op.crt");
+    let key = dir.path().join("op.key");
+    std::fs::copy(first.data_dir().join("relay-tls.crt"), &cert).unwrap();
+    std::fs::copy(first.data_dir().join("relay-tls.key"), &key).unwrap();
+
+    let env = TestEnv::start_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let _agent2 = env.start_agent(&token);
+    env.wait_agent_connected("alice", "dev");
+    wait_for_qad(&env);
+    assert!(
+        !env.data_dir().join("relay-tls.crt").exists(),
+        "no self-signed certificate is made when the operator gives one"
+    );
+    env.run("alice", &["ping", "dev", "-n", "1"]).ok();
+}
+
 #[test]
 fn ping_goes_direct_and_relay_only_goes_through_the_relay() {
     let (env, _agent) = TestEnv::with_agent();
