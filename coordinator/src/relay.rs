@@ -102,7 +102,13 @@ pub async fn relay_handler(State(state): State<RelayState>, request: Request) ->
     let (mut parts, _body) = request.into_parts();
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
         Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
+        Err(rejection) => {
+            return crate::api::ApiError::bad_request(
+                "the relay speaks iroh's relay protocol over a WebSocket",
+                rejection.body_text(),
+            )
+            .into_response();
+        }
     };
     let auth_header = parts.headers.get(CLIENT_AUTH_HEADER).cloned();
     ws.protocols([ProtocolVersion::V2.to_str()])

@@ -125,6 +125,7 @@ fn raw_api_errors_are_json_with_the_right_status() {
     // Unknown routes and methods are JSON too.
     api.get("/api/v1/nope", Some(&bob)).error(404);
     api.get("/nope", None).error(404);
+    api.get("/relay", None).error(400);
     api.request("PUT", "/api/v1/workspaces", Some(&bob), None)
         .error(405);
 
