@@ -11,6 +11,19 @@ use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, h
 
 use crate::{AgentConfig, EndpointCell, SharedWelcome, Welcome};
 
+/// The agent's configuration plus its SSH host key.
+pub struct ChannelConfig {
+    pub agent: AgentConfig,
+    pub host_key: russh::keys::PrivateKey,
+}
+
+impl std::ops::Deref for ChannelConfig {
+    type Target = AgentConfig;
+    fn deref(&self) -> &AgentConfig {
+        &self.agent
+    }
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A channel that lived this long resets the backoff.
@@ -57,7 +70,7 @@ fn control_url(url: &str) -> Result<String, ControlError> {
 }
 
 pub async fn run(
-    config: AgentConfig,
+    config: ChannelConfig,
     key: SecretKey,
     welcome: SharedWelcome,
     endpoint: EndpointCell,
@@ -82,7 +95,7 @@ pub async fn run(
 }
 
 async fn channel(
-    config: &AgentConfig,
+    config: &ChannelConfig,
     url: &str,
     key: &SecretKey,
     shared: &SharedWelcome,
@@ -157,12 +170,23 @@ async fn channel(
             tokio::spawn(crate::serve::accept_loop(
                 ep.endpoint.clone(),
                 shared.clone(),
+                crate::ssh::config(config.host_key.clone()),
             ));
             let _ = endpoint.set(ep.clone());
             ep
         }
     };
 
+    let host_key = AgentMessage::HostKey {
+        openssh: config
+            .host_key
+            .public_key()
+            .to_openssh()
+            .unwrap_or_default(),
+    };
+    if let Err(e) = send(&mut ws, &host_key).await {
+        return ChannelEnd::Failed(e);
+    }
     let mut addrs = ep.endpoint.watch_addr();
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(heartbeat_interval_ms.max(1000)));

@@ -8,6 +8,7 @@
 
 mod control;
 mod serve;
+mod ssh;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ pub enum AgentError {
     /// The key file could not be used.
     #[error(transparent)]
     Identity(#[from] mesh::identity::IdentityError),
+    /// The SSH host key could not be loaded or created.
+    #[error("{0}")]
+    HostKey(String),
     /// The control channel failed in a way retrying cannot fix.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -61,11 +65,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
+    let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
     tracing::info!(endpoint = %key.public(), "agent identity");
     let welcome: SharedWelcome = Arc::default();
     let endpoint: EndpointCell = Arc::default();
     let result = tokio::select! {
-        r = control::run(config, key, welcome, endpoint.clone()) => r.map_err(AgentError::from),
+        r = control::run(control::ChannelConfig { agent: config, host_key }, key, welcome, endpoint.clone()) => r.map_err(AgentError::from),
         () = shutdown => Ok(()),
     };
     if let Some(ep) = endpoint.get() {

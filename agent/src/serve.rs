@@ -1,6 +1,7 @@
 //! The agent's mesh server: accepts connections, checks each one's ticket, and runs
 //! the protocol its ALPN names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use iroh::Endpoint;
@@ -20,9 +21,14 @@ const CHUNK: usize = 256 * 1024;
 /// The longest speedtest the agent will run.
 const MAX_SPEEDTEST: Duration = Duration::from_secs(120);
 
-pub async fn accept_loop(endpoint: Endpoint, welcome: SharedWelcome) {
+pub async fn accept_loop(
+    endpoint: Endpoint,
+    welcome: SharedWelcome,
+    ssh: Arc<russh::server::Config>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let welcome = welcome.clone();
+        let ssh = ssh.clone();
         let me = endpoint.id();
         tokio::spawn(async move {
             let conn = match incoming.await {
@@ -33,7 +39,7 @@ pub async fn accept_loop(endpoint: Endpoint, welcome: SharedWelcome) {
                 }
             };
             let span = tracing::info_span!("conn", peer = %conn.remote_id().fmt_short());
-            if let Err(e) = handle(conn, me, welcome).instrument(span).await {
+            if let Err(e) = handle(conn, me, welcome, ssh).instrument(span).await {
                 tracing::debug!("connection ended: {e}");
             }
         });
@@ -44,6 +50,7 @@ async fn handle(
     conn: Connection,
     me: iroh::EndpointId,
     welcome: SharedWelcome,
+    ssh: Arc<russh::server::Config>,
 ) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let hello: ClientHello = tokio::time::timeout(HELLO_TIMEOUT, frame::read(&mut recv))
@@ -79,6 +86,17 @@ async fn handle(
     match conn.alpn() {
         a if a == alpn::PING => echo(send, recv).await,
         a if a == alpn::SPEEDTEST => speedtest(send, recv).await,
+        a if a == alpn::SSH => {
+            let env = crate::ssh::SessionEnv::from_target(&known.agent);
+            let session = russh::server::run_stream(
+                ssh,
+                tokio::io::join(recv, send),
+                crate::ssh::SshSession::new(env),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            session.await.map_err(|e| e.to_string())
+        }
         other => Err(refuse(
             &conn,
             close::PROTOCOL,

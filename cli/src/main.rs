@@ -58,6 +58,10 @@ enum Command {
     Ping(cmd::ping::Args),
     /// Measure throughput to or from an agent over the mesh.
     Speedtest(cmd::speedtest::Args),
+    /// SSH to an agent; `--stdio` carries the SSH stream for OpenSSH's ProxyCommand.
+    Ssh(cmd::ssh::SshArgs),
+    /// Write a `Host myco.*` block into your SSH config and pin the agents' host keys.
+    ConfigSsh(cmd::ssh::ConfigSshArgs),
     /// Log in to a coordinator and save the session (creates the first user with --first-user).
     Login(cmd::login::LoginArgs),
     /// Revoke the saved session and delete it.
@@ -129,6 +133,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => cmd::agent::run(&globals, args).await,
         Command::Ping(args) => cmd::ping::run(&globals, args).await,
         Command::Speedtest(args) => cmd::speedtest::run(&globals, args).await,
+        Command::Ssh(args) => cmd::ssh::ssh(&globals, args).await,
+        Command::ConfigSsh(args) => cmd::ssh::config_ssh(&globals, args).await,
         Command::Login(args) => cmd::login::login(&globals, args).await,
         Command::Logout => cmd::login::logout(&globals).await,
         Command::Whoami(out) => cmd::login::whoami(&globals, out).await,

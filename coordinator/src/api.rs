@@ -326,6 +326,7 @@ fn workspace_view(w: &WorkspaceRecord, registry: &MeshRegistry) -> api::Workspac
                 apps: a.apps.clone(),
                 startup_script: a.startup_script.clone(),
                 shutdown_script: a.shutdown_script.clone(),
+                ssh_host_key: a.ssh_host_key.clone(),
                 connection: registry.live(&a.id).map(|live| api::AgentConnection {
                     connected_at: live.connected_at,
                     endpoint_id: live
@@ -768,6 +769,7 @@ async fn create_workspace(
             apps: a.apps,
             startup_script: a.startup_script,
             shutdown_script: a.shutdown_script,
+            ssh_host_key: None,
         });
         tokens.push(issued.record);
         shown.push(AgentToken {
@@ -892,6 +894,7 @@ async fn rotate_agent_token(
 /// The agent behind a request's agent token.
 pub struct AgentCaller {
     pub agent_id: String,
+    pub workspace_id: String,
     /// `owner/workspace.agent`
     pub target: String,
 }
@@ -949,6 +952,7 @@ impl FromRequestParts<AppState> for AgentCaller {
         Ok(AgentCaller {
             target: format!("{}/{}.{}", ws.owner, ws.name, agent.name),
             agent_id,
+            workspace_id: ws.id.clone(),
         })
     }
 }

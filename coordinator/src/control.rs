@@ -69,6 +69,22 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                         state.registry.agent_addr(&agent.agent_id, channel, addr);
                     }
                     Ok(AgentMessage::Heartbeat) => {}
+                    Ok(AgentMessage::HostKey { openssh }) => {
+                        let store = state.store.clone();
+                        let (ws, id) = (agent.workspace_id.clone(), agent.agent_id.clone());
+                        let saved = tokio::task::spawn_blocking(move || {
+                            store.set_agent_host_key(&ws, &id, &openssh)
+                        })
+                        .await;
+                        match saved {
+                            Ok(Ok(true)) => tracing::info!("agent SSH host key recorded"),
+                            Ok(Ok(false)) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!("cannot record the agent's SSH host key: {e}")
+                            }
+                            Err(e) => tracing::warn!("cannot record the agent's SSH host key: {e}"),
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!("bad control message: {e}");
                         break "protocol error";

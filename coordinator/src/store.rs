@@ -118,6 +118,9 @@ pub struct AgentRecord {
     pub apps: Vec<App>,
     pub startup_script: Option<Script>,
     pub shutdown_script: Option<Script>,
+    /// The SSH host key the agent last reported, OpenSSH format; pinned by clients.
+    #[serde(default)]
+    pub ssh_host_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -432,6 +435,37 @@ impl Store {
         Ok(existed)
     }
 
+    /// Records an agent's SSH host key. Returns whether it changed.
+    pub fn set_agent_host_key(
+        &self,
+        workspace_id: &str,
+        agent_id: &str,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let changed = {
+            let mut workspaces = txn.open_table(WORKSPACES)?;
+            let mut ws: WorkspaceRecord = match workspaces.get(workspace_id)? {
+                Some(v) => decode("workspaces", workspace_id, v.value())?,
+                None => return Err(StoreError::NotFound(format!("workspace {workspace_id}"))),
+            };
+            let agent = ws
+                .agents
+                .iter_mut()
+                .find(|a| a.id == agent_id)
+                .ok_or_else(|| StoreError::NotFound(format!("agent {agent_id}")))?;
+            if agent.ssh_host_key.as_deref() == Some(key) {
+                false
+            } else {
+                agent.ssh_host_key = Some(key.to_owned());
+                workspaces.insert(workspace_id, encode(&ws).as_slice())?;
+                true
+            }
+        };
+        txn.commit()?;
+        Ok(changed)
+    }
+
     /// Replaces an agent's token: the old one stops working in the same transaction
     /// that stores the new one.
     pub fn rotate_agent_token(
@@ -503,6 +537,7 @@ mod tests {
                 apps: vec![],
                 startup_script: None,
                 shutdown_script: None,
+                ssh_host_key: None,
             }],
         }
     }

@@ -6,9 +6,12 @@ pub const PING: &[u8] = b"myco/ping/1";
 /// Speedtest: ticket handshake, then bulk data one way for a fixed time.
 pub const SPEEDTEST: &[u8] = b"myco/speedtest/1";
 
+/// SSH: ticket handshake, then the SSH byte stream on the same QUIC stream.
+pub const SSH: &[u8] = b"myco/ssh/1";
+
 /// Every ALPN an agent accepts.
 pub fn agent_alpns() -> Vec<Vec<u8>> {
-    vec![PING.to_vec(), SPEEDTEST.to_vec()]
+    vec![PING.to_vec(), SPEEDTEST.to_vec(), SSH.to_vec()]
 }
 
 /// QUIC application close codes an agent uses when it refuses a connection; the

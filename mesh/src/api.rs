@@ -196,6 +196,9 @@ pub struct Agent {
     pub startup_script: Option<Script>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_script: Option<Script>,
+    /// The agent's SSH host key as it last reported it (`ssh-ed25519 AAAA...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_key: Option<String>,
     /// Present while the agent holds a control channel to the coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<AgentConnection>,

@@ -44,6 +44,8 @@ pub enum AgentMessage {
     Addr { addr: EndpointAddr },
     /// Still alive.
     Heartbeat,
+    /// The agent's SSH host key (`ssh-ed25519 AAAA...`), sent once per channel.
+    HostKey { openssh: String },
 }
 
 /// First frame a client sends on a mesh connection to an agent.

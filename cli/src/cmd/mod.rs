@@ -5,6 +5,7 @@ pub mod login;
 pub mod ping;
 pub mod server;
 pub mod speedtest;
+pub mod ssh;
 pub mod tokens;
 pub mod users;
 pub mod workspaces;

@@ -1,0 +1,267 @@
+//! The agent's SSH server (russh), served over a mesh stream after the ticket check:
+//! the mesh is the authentication boundary, so SSH itself asks for nothing.
+//!
+//! This slice runs commands (`exec`) and non-PTY shells through `$SHELL`, with the
+//! client's environment requests, stdin/stdout/stderr, EOF both ways and the exit
+//! status. PTYs, SFTP and forwarding come next (issue 4).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::{PrivateKey, ssh_key::LineEnding};
+use russh::server::{Auth, Handle, Msg, Session};
+use russh::{Channel, ChannelId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::ChildStdin;
+
+/// File name of the host key in the agent's data dir.
+pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+
+/// Loads the agent's SSH host key, or creates it (OpenSSH format, mode 0600).
+///
+/// # Errors
+/// The key file exists but cannot be read or parsed, or cannot be written.
+pub fn load_or_create_host_key(dir: &Path) -> Result<PrivateKey, String> {
+    let path = dir.join(HOST_KEY_FILE);
+    if path.exists() {
+        return PrivateKey::read_openssh_file(&path)
+            .map_err(|e| format!("cannot read SSH host key {}: {e}", path.display()));
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| format!("no randomness for an SSH host key: {e}"))?;
+    let key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| format!("cannot encode SSH host key: {e}"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot write SSH host key {}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .map_err(|e| format!("cannot write SSH host key {}: {e}", path.display()))?;
+    Ok(key)
+}
+
+/// The server configuration: our host key, no authentication beyond the ticket.
+pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
+    Arc::new(russh::server::Config {
+        keys: vec![host_key],
+        // Nothing is ever rejected (the ticket was checked), so no delay is needed.
+        auth_rejection_time: std::time::Duration::ZERO,
+        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Environment every session gets.
+#[derive(Debug, Clone)]
+pub struct SessionEnv {
+    pub workspace: String,
+    pub agent: String,
+}
+
+impl SessionEnv {
+    /// From `owner/workspace.agent`.
+    pub fn from_target(target: &str) -> Self {
+        let rest = target.split_once('/').map_or(target, |(_, r)| r);
+        let (workspace, agent) = rest.split_once('.').unwrap_or((rest, ""));
+        Self {
+            workspace: workspace.to_owned(),
+            agent: agent.to_owned(),
+        }
+    }
+}
+
+/// One SSH connection.
+pub struct SshSession {
+    base_env: SessionEnv,
+    /// Per channel: environment the client asked for, and the running child's stdin.
+    env: HashMap<ChannelId, Vec<(String, String)>>,
+    stdin: HashMap<ChannelId, ChildStdin>,
+}
+
+impl SshSession {
+    pub fn new(base_env: SessionEnv) -> Self {
+        Self {
+            base_env,
+            env: HashMap::new(),
+            stdin: HashMap::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        handle: Handle,
+    ) -> std::io::Result<()> {
+        let shell = std::env::var("SHELL")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "/bin/sh".into());
+        let mut cmd = tokio::process::Command::new(&shell);
+        match &command {
+            Some(c) => {
+                cmd.arg("-c").arg(c);
+            }
+            None => {
+                cmd.arg("-l");
+            }
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            cmd.current_dir(home);
+        }
+        cmd.envs(self.env.remove(&channel).unwrap_or_default())
+            .env("MYCO", "true")
+            .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
+            .env("MYCO_AGENT_NAME", &self.base_env.agent)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        if let Some(stdin) = child.stdin.take() {
+            self.stdin.insert(channel, stdin);
+        }
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        tokio::spawn(async move {
+            let out = pump(stdout, handle.clone(), channel, None);
+            let err = pump(stderr, handle.clone(), channel, Some(1));
+            let _ = tokio::join!(out, err);
+            let code = match child.wait().await {
+                Ok(status) => status
+                    .code()
+                    .or_else(|| {
+                        std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s)
+                    })
+                    .unwrap_or(255),
+                Err(_) => 255,
+            };
+            let _ = handle
+                .exit_status_request(channel, u32::try_from(code).unwrap_or(255))
+                .await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
+
+/// Copies a child's output into the channel (stdout, or extended data `ext`).
+async fn pump<R: AsyncRead + Unpin>(
+    out: Option<R>,
+    handle: Handle,
+    channel: ChannelId,
+    ext: Option<u32>,
+) {
+    let Some(mut out) = out else { return };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match out.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+        let sent = match ext {
+            None => handle.data(channel, data).await.is_ok(),
+            Some(code) => handle.extended_data(channel, code, data).await.is_ok(),
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+impl russh::server::Handler for SshSession {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.env
+            .entry(channel)
+            .or_default()
+            .push((name.to_owned(), value.to_owned()));
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        match self.spawn(channel, Some(command), session.handle()) {
+            Ok(()) => session.channel_success(channel),
+            Err(e) => {
+                tracing::warn!("cannot start command: {e}");
+                session.channel_failure(channel)
+            }
+        }
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.spawn(channel, None, session.handle()) {
+            Ok(()) => session.channel_success(channel),
+            Err(e) => {
+                tracing::warn!("cannot start shell: {e}");
+                session.channel_failure(channel)
+            }
+        }
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(stdin) = self.stdin.get_mut(&channel)
+            && stdin.write_all(data).await.is_err()
+        {
+            self.stdin.remove(&channel);
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Dropping the child's stdin is how EOF reaches it.
+        self.stdin.remove(&channel);
+        Ok(())
+    }
+}

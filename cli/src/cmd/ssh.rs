@@ -1,0 +1,258 @@
+//! `myco ssh --stdio` (an SSH byte stream for OpenSSH's ProxyCommand) and
+//! `myco config-ssh` (the managed `Host myco.*` block and pinned host keys).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use mesh::WorkspaceRef;
+use mesh::api::Workspace;
+
+use crate::Globals;
+use crate::client::Client;
+use crate::dial::{self, MeshArgs};
+
+/// Host aliases look like `myco.WS` or `myco.WS.AGENT`.
+const HOST_PREFIX: &str = "myco.";
+const BEGIN: &str = "# ------------START-MYCO-----------";
+const END: &str = "# ------------END-MYCO------------";
+
+#[derive(Debug, clap::Args)]
+pub struct SshArgs {
+    /// The agent: [OWNER/]WORKSPACE[.AGENT], or the host alias myco.WORKSPACE[.AGENT].
+    target: String,
+    /// Carry the SSH byte stream on stdin/stdout (for OpenSSH's ProxyCommand).
+    #[arg(long)]
+    stdio: bool,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigSshArgs {
+    /// The SSH config file to manage (default: ~/.ssh/config).
+    #[arg(long, value_name = "PATH")]
+    ssh_config_file: Option<PathBuf>,
+    /// Show what would change and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(short = 'y', long = "yes")]
+    yes: bool,
+}
+
+fn parse_target(text: &str) -> anyhow::Result<WorkspaceRef> {
+    let text = text.strip_prefix(HOST_PREFIX).unwrap_or(text);
+    text.parse().map_err(anyhow::Error::from)
+}
+
+pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
+    if !args.stdio {
+        bail!("only `myco ssh --stdio` exists yet; use `ssh myco.WS` after `myco config-ssh`");
+    }
+    let target = parse_target(&args.target)?;
+    let mut d = dial::dial(globals, &target, mesh::alpn::SSH, &args.mesh).await?;
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = tokio::io::stdout();
+    let upload = async {
+        tokio::io::copy(&mut stdin, &mut d.send).await?;
+        d.send.finish()?;
+        anyhow::Ok(())
+    };
+    let download = async {
+        tokio::io::copy(&mut d.recv, &mut stdout).await?;
+        tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
+        anyhow::Ok(())
+    };
+    // The session ends when the agent ends its side; stdin may stay open after that.
+    tokio::pin!(upload);
+    tokio::select! {
+        r = download => r.context("the SSH stream from the agent broke off")?,
+        r = &mut upload => {
+            r.context("the SSH stream to the agent broke off")?;
+            tokio::io::copy(&mut d.recv, &mut stdout).await.context("the SSH stream from the agent broke off")?;
+        }
+    }
+    d.conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.mesh.endpoint.close()).await;
+    Ok(())
+}
+
+fn default_ssh_config() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set; pass --ssh-config-file")?;
+    Ok(PathBuf::from(home).join(".ssh").join("config"))
+}
+
+/// Known-hosts lines for every agent with a reported host key.
+fn known_hosts(workspaces: &[Workspace]) -> String {
+    let mut out = String::new();
+    for ws in workspaces {
+        for agent in &ws.agents {
+            let Some(key) = &agent.ssh_host_key else {
+                continue;
+            };
+            let mut names = vec![format!("{HOST_PREFIX}{}.{}", ws.name, agent.name)];
+            if ws.agents.len() == 1 {
+                names.push(format!("{HOST_PREFIX}{}", ws.name));
+            }
+            out.push_str(&format!("{} {key}\n", names.join(",")));
+        }
+    }
+    out
+}
+
+fn quote(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+/// The managed block.
+fn block(myco: &Path, config_dir: &Path, known_hosts: &Path) -> String {
+    format!(
+        "{BEGIN}\n\
+         # Managed by `myco config-ssh`; edits here are replaced. Host keys are pinned.\n\
+         Host {HOST_PREFIX}*\n  \
+           ProxyCommand {} --config-dir {} ssh --stdio %h\n  \
+           UserKnownHostsFile {}\n  \
+           StrictHostKeyChecking yes\n  \
+           ConnectTimeout 0\n  \
+           LogLevel ERROR\n\
+         {END}\n",
+        quote(myco),
+        quote(config_dir),
+        quote(known_hosts),
+    )
+}
+
+/// `text` with the managed block replaced (or appended), the user's lines untouched.
+fn splice(text: &str, block: &str) -> String {
+    if let (Some(start), Some(end)) = (text.find(BEGIN), text.find(END))
+        && start < end
+    {
+        let after = end + END.len();
+        let after = text[after..]
+            .strip_prefix('\n')
+            .map_or(after, |_| after + 1);
+        return format!("{}{block}{}", &text[..start], &text[after..]);
+    }
+    let mut out = text.to_owned();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(block);
+    out
+}
+
+pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Result<()> {
+    let client = Client::authenticated(globals)?;
+    let workspaces: Vec<Workspace> = client.get("/api/v1/workspaces").await?;
+    let config_dir = std::path::absolute(crate::session::config_dir(globals)?)?;
+    let known_path = config_dir.join("known_hosts");
+    let myco = std::env::current_exe().context("cannot find the path of this myco binary")?;
+    let path = match args.ssh_config_file {
+        Some(p) => p,
+        None => default_ssh_config()?,
+    };
+    let old = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let new = splice(&old, &block(&myco, &config_dir, &known_path));
+    let hosts = known_hosts(&workspaces);
+    if args.dry_run {
+        if old == new {
+            println!("{} is up to date", path.display());
+        } else {
+            println!("would write this block to {}:", path.display());
+            print!("{}", block(&myco, &config_dir, &known_path));
+        }
+        println!(
+            "would pin {} host keys in {}",
+            hosts.lines().count(),
+            known_path.display()
+        );
+        return Ok(());
+    }
+    if old != new && !args.yes {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            bail!(
+                "refusing to change {} without confirmation; pass -y (or --dry-run to see the change)",
+                path.display()
+            );
+        }
+        let answer = super::prompt_line(&format!("Update {}? [y/N] ", path.display()), "-y")?;
+        if !answer.eq_ignore_ascii_case("y") {
+            bail!("not changed");
+        }
+    }
+    write_file(&known_path, &hosts, 0o600)?;
+    if old != new {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        write_file(&path, &new, 0o600)?;
+        println!("updated {}", path.display());
+    } else {
+        println!("{} is up to date", path.display());
+    }
+    println!(
+        "pinned {} host keys in {}; connect with `ssh {HOST_PREFIX}WORKSPACE`",
+        hosts.lines().count(),
+        known_path.display()
+    );
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("myco-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_keeps_user_lines_and_is_idempotent() {
+        let user = "Host work\n  User me\n";
+        let b = block(Path::new("/bin/myco"), Path::new("/c"), Path::new("/c/kh"));
+        let once = splice(user, &b);
+        assert!(once.starts_with(user));
+        assert_eq!(splice(&once, &b), once);
+        let changed = block(
+            Path::new("/usr/bin/myco"),
+            Path::new("/c"),
+            Path::new("/c/kh"),
+        );
+        let twice = splice(&once, &changed);
+        assert!(
+            twice.starts_with(user)
+                && twice.contains("/usr/bin/myco")
+                && !twice.contains("\"/bin/myco\"")
+        );
+        assert_eq!(twice.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn host_aliases_parse() {
+        let r = parse_target("myco.dev.main").unwrap();
+        assert_eq!(r.workspace.as_str(), "dev");
+        assert_eq!(r.agent.unwrap().as_str(), "main");
+        assert!(parse_target("myco.dev").unwrap().agent.is_none());
+    }
+}

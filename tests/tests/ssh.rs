@@ -1,0 +1,184 @@
+//! SSH over the mesh with the real OpenSSH client, through `myco config-ssh`.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use tests::TestEnv;
+
+/// `myco config-ssh` into a temp SSH config; returns its path.
+fn configure(env: &TestEnv, user: &str) -> std::path::PathBuf {
+    let cfg = env.config_dir(user).join("ssh_config");
+    env.run(
+        user,
+        &[
+            "config-ssh",
+            "--ssh-config-file",
+            cfg.to_str().unwrap(),
+            "-y",
+        ],
+    )
+    .ok();
+    cfg
+}
+
+fn ssh(cfg: &std::path::Path, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(cfg)
+        .args(["-o", "BatchMode=yes"])
+        .args(args)
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the OpenSSH client (ssh) must be installed: bash .ci/test installs it");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn exec_exit_code_env_and_bulk_through_real_ssh() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+
+    let out = ssh(
+        &cfg,
+        &[
+            "myco.dev",
+            "echo hi; echo oops >&2; echo $MYCO $MYCO_WORKSPACE_NAME $MYCO_AGENT_NAME; exit 3",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\ntrue dev main\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("oops"),
+        "{out:?}"
+    );
+
+    // The agent's name works as well as the workspace's.
+    let out = ssh(&cfg, &["myco.dev.main", "cat"], b"echo back");
+    assert_eq!(out.stdout, b"echo back", "{out:?}");
+
+    // 20 MB through sha256sum on the far side: same digest.
+    let data: Vec<u8> = (0..20_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let out = ssh(&cfg, &["myco.dev", "sha256sum"], &data);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), sha256_hex(&data));
+}
+
+#[test]
+fn a_changed_host_key_makes_ssh_refuse() {
+    let (env, agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    assert!(ssh(&cfg, &["myco.dev", "true"], b"").status.success());
+    let before =
+        env.run("alice", &["show", "dev", "-o", "json"]).ok().json()["agents"][0]["ssh_host_key"]
+            .clone();
+
+    // Another agent process with a fresh data dir has another host key.
+    drop(agent);
+    env.wait_agent_gone("alice", "dev");
+    let token = env
+        .run("alice", &["rotate-agent-token", "dev", "-o", "json"])
+        .ok()
+        .json()["agent_token"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _agent = env.start_agent(&token);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = env.run("alice", &["show", "dev", "-o", "json"]).ok().json();
+        if now["agents"][0]["ssh_host_key"] != before
+            && now["agents"][0]["connection"]["relay_url"].is_string()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new host key never reached the coordinator"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let out = ssh(&cfg, &["myco.dev", "echo should-not-run"], b"");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("should-not-run"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("verification failed"),
+        "{out:?}"
+    );
+
+    // Re-pinning from the coordinator's record lets it in again.
+    configure(&env, "alice");
+    assert!(ssh(&cfg, &["myco.dev", "true"], b"").status.success());
+}
+
+#[test]
+fn config_ssh_keeps_user_lines_and_others_are_refused() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    env.add_user("admin", "alice");
+    env.add_user("admin", "bob");
+    let token = env.create_workspace("alice", "dev");
+    let _agent = env.start_agent(&token);
+    env.wait_agent_connected("alice", "dev");
+
+    let cfg = env.config_dir("alice").join("ssh_config");
+    std::fs::write(&cfg, "Host work\n  User me\n").unwrap();
+    let dry = env
+        .run(
+            "alice",
+            &[
+                "config-ssh",
+                "--ssh-config-file",
+                cfg.to_str().unwrap(),
+                "--dry-run",
+            ],
+        )
+        .ok();
+    assert!(dry.stdout.contains("would write"), "{dry:?}");
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        "Host work\n  User me\n"
+    );
+    let line = env
+        .run(
+            "alice",
+            &["config-ssh", "--ssh-config-file", cfg.to_str().unwrap()],
+        )
+        .fails();
+    assert!(line.contains("pass -y"), "{line}");
+    configure(&env, "alice");
+    configure(&env, "alice");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.starts_with("Host work\n  User me\n"), "{text}");
+    assert_eq!(text.matches("Host myco.*").count(), 1, "{text}");
+
+    // Bob pins nothing of alice's and cannot reach her agent.
+    let bob_cfg = configure(&env, "bob");
+    assert_eq!(
+        std::fs::read_to_string(env.config_dir("bob").join("known_hosts")).unwrap(),
+        ""
+    );
+    let line = env.run("bob", &["ssh", "--stdio", "alice/dev"]).fails();
+    assert!(line.contains("workspace alice/dev not found"), "{line}");
+    let out = ssh(&bob_cfg, &["myco.dev", "true"], b"");
+    assert!(!out.status.success(), "{out:?}");
+}
