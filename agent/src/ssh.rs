@@ -3,7 +3,8 @@
 //!
 //! This slice runs commands (`exec`) and non-PTY shells through `$SHELL`, with the
 //! client's environment requests, stdin/stdout/stderr, EOF both ways and the exit
-//! status. PTYs, SFTP and forwarding come next (issue 4).
+//! status, and local forwarding (`direct-tcpip`, `ssh -L`). PTYs, SFTP, remote and
+//! agent forwarding come next (issue 4).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -194,6 +195,45 @@ impl russh::server::Handler for SshSession {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
+        Ok(())
+    }
+
+    /// `ssh -L`: the agent opens the TCP connection and pipes it through the channel.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(port) = u16::try_from(port_to_connect) else {
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        match tokio::net::TcpStream::connect((host_to_connect, port)).await {
+            Ok(mut tcp) => {
+                reply.accept().await;
+                let _ = tcp.set_nodelay(true);
+                let target = format!("{host_to_connect}:{port}");
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
+                        tracing::debug!(%target, "forwarded connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::info!(
+                    host = host_to_connect,
+                    port,
+                    "cannot open forwarded connection: {e}"
+                );
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
         Ok(())
     }
 

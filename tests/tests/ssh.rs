@@ -182,3 +182,79 @@ fn config_ssh_keeps_user_lines_and_others_are_refused() {
     let out = ssh(&bob_cfg, &["myco.dev", "true"], b"");
     assert!(!out.status.success(), "{out:?}");
 }
+
+/// A one-route HTTP server on loopback, standing in for a dev server in the workspace.
+fn http_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut conn, &mut buf);
+                let body = "hello from the workspace";
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn local_forwarding_carries_http() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let remote = http_server();
+    let local = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut tunnel = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-N",
+            "-L",
+        ])
+        .arg(format!("127.0.0.1:{local}:127.0.0.1:{remote}"))
+        .arg("myco.dev")
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let body = loop {
+        match client.get(format!("http://127.0.0.1:{local}/")).send() {
+            Ok(r) => break r.text().unwrap(),
+            Err(_) => {
+                assert!(tunnel.try_wait().unwrap().is_none(), "ssh -L exited");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the forward never opened"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(body, "hello from the workspace");
+    // A second request over a new forwarded connection.
+    let again = client
+        .get(format!("http://127.0.0.1:{local}/"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(again, "hello from the workspace");
+    tunnel.kill().unwrap();
+    tunnel.wait().unwrap();
+}
