@@ -1,10 +1,10 @@
 //! The agent's SSH server (russh), served over a mesh stream after the ticket check:
 //! the mesh is the authentication boundary, so SSH itself asks for nothing.
 //!
-//! This slice runs commands (`exec`) and non-PTY shells through `$SHELL`, with the
-//! client's environment requests, stdin/stdout/stderr, EOF both ways and the exit
-//! status, and local forwarding (`direct-tcpip`, `ssh -L`). PTYs, SFTP, remote and
-//! agent forwarding come next (issue 4).
+//! It runs commands (`exec`) and shells through `$SHELL`, on a terminal when the client
+//! asks for one (TERM, size, window changes), with the client's environment requests,
+//! stdin/stdout/stderr, EOF both ways and the exit status, and local forwarding
+//! (`direct-tcpip`, `ssh -L`). SFTP, remote and agent forwarding come next (issue 4).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -80,12 +80,30 @@ impl SessionEnv {
     }
 }
 
+/// A terminal the client asked for on a channel.
+#[derive(Debug, Clone)]
+struct PtyRequest {
+    term: String,
+    cols: u16,
+    rows: u16,
+}
+
+fn size(cols: u32, rows: u32) -> pty_process::Size {
+    pty_process::Size::new(
+        u16::try_from(rows).unwrap_or(u16::MAX).max(1),
+        u16::try_from(cols).unwrap_or(u16::MAX).max(1),
+    )
+}
+
 /// One SSH connection.
 pub struct SshSession {
     base_env: SessionEnv,
     /// Per channel: environment the client asked for, and the running child's stdin.
     env: HashMap<ChannelId, Vec<(String, String)>>,
     stdin: HashMap<ChannelId, ChildStdin>,
+    /// Per channel: a requested terminal, then the terminal's writing half.
+    pty_requests: HashMap<ChannelId, PtyRequest>,
+    ptys: HashMap<ChannelId, pty_process::OwnedWritePty>,
 }
 
 impl SshSession {
@@ -94,7 +112,48 @@ impl SshSession {
             base_env,
             env: HashMap::new(),
             stdin: HashMap::new(),
+            pty_requests: HashMap::new(),
+            ptys: HashMap::new(),
         }
+    }
+
+    /// Runs the command (or a login shell) on a new terminal.
+    fn spawn_pty(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        req: PtyRequest,
+        handle: Handle,
+    ) -> Result<(), String> {
+        let shell = login_shell();
+        let (pty, pts) = pty_process::open().map_err(|e| e.to_string())?;
+        pty.resize(pty_process::Size::new(req.rows, req.cols))
+            .map_err(|e| e.to_string())?;
+        let mut cmd = pty_process::Command::new(&shell);
+        cmd = match &command {
+            Some(c) => cmd.arg("-c").arg(c),
+            None => cmd.arg("-l"),
+        };
+        if let Some(home) = std::env::var_os("HOME") {
+            cmd = cmd.current_dir(home);
+        }
+        let mut child = cmd
+            .envs(self.env.remove(&channel).unwrap_or_default())
+            .env("TERM", &req.term)
+            .env("MYCO", "true")
+            .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
+            .env("MYCO_AGENT_NAME", &self.base_env.agent)
+            .kill_on_drop(true)
+            .spawn(pts)
+            .map_err(|e| e.to_string())?;
+        let (read, write) = pty.into_split();
+        self.ptys.insert(channel, write);
+        tokio::spawn(async move {
+            // The terminal reads EIO once the child and its descendants have gone.
+            pump(Some(read), handle.clone(), channel, None).await;
+            finish(&mut child, &handle, channel).await;
+        });
+        Ok(())
     }
 
     fn spawn(
@@ -102,11 +161,11 @@ impl SshSession {
         channel: ChannelId,
         command: Option<String>,
         handle: Handle,
-    ) -> std::io::Result<()> {
-        let shell = std::env::var("SHELL")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "/bin/sh".into());
+    ) -> Result<(), String> {
+        if let Some(req) = self.pty_requests.remove(&channel) {
+            return self.spawn_pty(channel, command, req, handle);
+        }
+        let shell = login_shell();
         let mut cmd = tokio::process::Command::new(&shell);
         match &command {
             Some(c) => {
@@ -127,7 +186,7 @@ impl SshSession {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         if let Some(stdin) = child.stdin.take() {
             self.stdin.insert(channel, stdin);
         }
@@ -137,23 +196,33 @@ impl SshSession {
             let out = pump(stdout, handle.clone(), channel, None);
             let err = pump(stderr, handle.clone(), channel, Some(1));
             let _ = tokio::join!(out, err);
-            let code = match child.wait().await {
-                Ok(status) => status
-                    .code()
-                    .or_else(|| {
-                        std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s)
-                    })
-                    .unwrap_or(255),
-                Err(_) => 255,
-            };
-            let _ = handle
-                .exit_status_request(channel, u32::try_from(code).unwrap_or(255))
-                .await;
-            let _ = handle.eof(channel).await;
-            let _ = handle.close(channel).await;
+            finish(&mut child, &handle, channel).await;
         });
         Ok(())
     }
+}
+
+fn login_shell() -> String {
+    std::env::var("SHELL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into())
+}
+
+/// Waits for the child, reports its exit status, and closes the channel.
+async fn finish(child: &mut tokio::process::Child, handle: &Handle, channel: ChannelId) {
+    let code = match child.wait().await {
+        Ok(status) => status
+            .code()
+            .or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s))
+            .unwrap_or(255),
+        Err(_) => 255,
+    };
+    let _ = handle
+        .exit_status_request(channel, u32::try_from(code).unwrap_or(255))
+        .await;
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
 }
 
 /// Copies a child's output into the channel (stdout, or extended data `ext`).
@@ -281,12 +350,58 @@ impl russh::server::Handler for SshSession {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.pty_requests.insert(
+            channel,
+            PtyRequest {
+                term: term.to_owned(),
+                cols: u16::try_from(col_width).unwrap_or(80).max(1),
+                rows: u16::try_from(row_height).unwrap_or(24).max(1),
+            },
+        );
+        session.channel_success(channel)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(pty) = self.ptys.get(&channel)
+            && let Err(e) = pty.resize(size(col_width, row_height))
+        {
+            tracing::debug!("cannot resize the terminal: {e}");
+        }
+        Ok(())
+    }
+
     async fn data(
         &mut self,
         channel: ChannelId,
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(pty) = self.ptys.get_mut(&channel) {
+            if pty.write_all(data).await.is_err() {
+                self.ptys.remove(&channel);
+            }
+            return Ok(());
+        }
         if let Some(stdin) = self.stdin.get_mut(&channel)
             && stdin.write_all(data).await.is_err()
         {

@@ -255,6 +255,75 @@ fn local_forwarding_carries_http() {
         .text()
         .unwrap();
     assert_eq!(again, "hello from the workspace");
-    tunnel.kill().unwrap();
+    // SIGTERM, as a user's ^C would: ssh then ends its ProxyCommand too.
+    Command::new("kill")
+        .args(["-TERM", &tunnel.id().to_string()])
+        .status()
+        .unwrap();
     tunnel.wait().unwrap();
+}
+
+/// Polls a tmux pane until `want` appears (bounded).
+fn wait_pane(session: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", session])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want:?} never appeared:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn interactive_pty_session_follows_resizes() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let session = format!("myco-test-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        let st = Command::new("tmux")
+            .args(args)
+            .status()
+            .expect("tmux must be installed: bash .ci/test installs it");
+        assert!(st.success(), "tmux {args:?}");
+    };
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &format!(
+            "MYCO_MESH_BIND=127.0.0.1:0 ssh -F {} myco.dev",
+            cfg.display()
+        ),
+    ]);
+    // Typed into the remote shell: only its execution prints "mark-42".
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "echo mark-$((6*7)); stty size",
+        "Enter",
+    ]);
+    wait_pane(&session, "mark-42");
+    wait_pane(&session, "40 120");
+    tmux(&["resize-window", "-t", &session, "-x", "100", "-y", "30"]);
+    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    wait_pane(&session, "30 100");
+    tmux(&["send-keys", "-t", &session, "exit", "Enter"]);
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", &session])
+        .status();
 }
