@@ -34,6 +34,20 @@ pub fn myco_bin() -> &'static Path {
     })
 }
 
+/// Polls `done` every 50 ms until it holds; fails the test after 30 s. For state that
+/// changes outside the test (an agent connecting), where no event can be awaited.
+#[track_caller]
+pub fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// What a finished `myco` command left behind.
 #[derive(Debug)]
 pub struct Output {

@@ -24,35 +24,18 @@ fn agents_learn_their_address_by_quic_address_discovery() {
     let (env, _agent) = TestEnv::with_agent();
     // The agent's net report probes QAD over QUIC, pinned to the coordinator's
     // self-signed certificate; a failed TLS check would leave the counter at zero.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while relay_stats(&env, "alice")["qad_connections"]
-        .as_u64()
-        .unwrap()
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no QAD probe reached the coordinator"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_qad(&env);
     let cert = std::fs::read_to_string(env.data_dir().join("relay-tls.crt")).unwrap();
     assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
 fn wait_for_qad(env: &TestEnv) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while relay_stats(env, "alice")["qad_connections"]
-        .as_u64()
-        .unwrap()
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no QAD probe reached the coordinator"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    tests::eventually("a QAD probe reaches the coordinator", || {
+        relay_stats(env, "alice")["qad_connections"]
+            .as_u64()
+            .unwrap()
+            > 0
+    });
 }
 
 #[test]
