@@ -3,8 +3,9 @@
 //!
 //! It runs commands (`exec`) and shells through `$SHELL`, on a terminal when the client
 //! asks for one (TERM, size, window changes), with the client's environment requests,
-//! stdin/stdout/stderr, EOF both ways and the exit status, and local forwarding
-//! (`direct-tcpip`, `ssh -L`). SFTP, remote and agent forwarding come next (issue 4).
+//! stdin/stdout/stderr, EOF both ways and the exit status, local forwarding
+//! (`direct-tcpip`, `ssh -L`) and remote forwarding (`tcpip-forward`, `ssh -R`). SFTP
+//! and agent forwarding come next (issue 4).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -104,6 +105,17 @@ pub struct SshSession {
     /// Per channel: a requested terminal, then the terminal's writing half.
     pty_requests: HashMap<ChannelId, PtyRequest>,
     ptys: HashMap<ChannelId, pty_process::OwnedWritePty>,
+    /// Remote forwards (`ssh -R`): (address, port) -> the listener's task.
+    forwards: HashMap<(String, u32), tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SshSession {
+    fn drop(&mut self) {
+        // A remote forward lives as long as the SSH connection that asked for it.
+        for (_, task) in self.forwards.drain() {
+            task.abort();
+        }
+    }
 }
 
 impl SshSession {
@@ -114,6 +126,7 @@ impl SshSession {
             stdin: HashMap::new(),
             pty_requests: HashMap::new(),
             ptys: HashMap::new(),
+            forwards: HashMap::new(),
         }
     }
 
@@ -304,6 +317,81 @@ impl russh::server::Handler for SshSession {
             }
         }
         Ok(())
+    }
+
+    /// `ssh -R`: listen in the workspace and send each connection back to the client.
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let bind_host = match address {
+            "" | "localhost" => "127.0.0.1",
+            "*" => "0.0.0.0",
+            other => other,
+        };
+        let Ok(wanted) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        let listener = match tokio::net::TcpListener::bind((bind_host, wanted)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(
+                    address,
+                    port = wanted,
+                    "cannot listen for a remote forward: {e}"
+                );
+                return Ok(false);
+            }
+        };
+        let bound = listener.local_addr().map(|a| a.port()).unwrap_or(wanted);
+        // Port 0 asks us to pick; the client learns which from the reply.
+        *port = u32::from(bound);
+        let handle = session.handle();
+        let connected_address = address.to_owned();
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, peer)) = listener.accept().await {
+                let handle = handle.clone();
+                let connected_address = connected_address.clone();
+                tokio::spawn(async move {
+                    let opened = handle
+                        .channel_open_forwarded_tcpip(
+                            connected_address,
+                            u32::from(bound),
+                            peer.ip().to_string(),
+                            u32::from(peer.port()),
+                        )
+                        .await;
+                    match opened {
+                        Ok(channel) => {
+                            let _ = tcp.set_nodelay(true);
+                            let mut stream = channel.into_stream();
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                        }
+                        Err(e) => tracing::debug!("client refused a forwarded connection: {e}"),
+                    }
+                });
+            }
+        });
+        self.forwards
+            .insert((address.to_owned(), u32::from(bound)), task);
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forwards.remove(&(address.to_owned(), port)) {
+            Some(task) => {
+                task.abort();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     async fn env_request(

@@ -205,27 +205,54 @@ fn http_server() -> u16 {
     port
 }
 
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 #[test]
 fn local_forwarding_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
     let cfg = configure(&env, "alice");
     let remote = http_server();
-    let local = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let local = free_port();
+    forward_and_fetch(
+        &cfg,
+        "-L",
+        &format!("127.0.0.1:{local}:127.0.0.1:{remote}"),
+        local,
+    );
+}
+
+#[test]
+fn remote_forwarding_carries_http() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // The server runs on the laptop; the workspace side connects to the forwarded port.
+    let laptop = http_server();
+    let in_workspace = free_port();
+    forward_and_fetch(
+        &cfg,
+        "-R",
+        &format!("127.0.0.1:{in_workspace}:127.0.0.1:{laptop}"),
+        in_workspace,
+    );
+}
+
+/// Holds `ssh -N FLAG SPEC myco.dev` open and fetches the HTTP server through `local`.
+fn forward_and_fetch(cfg: &std::path::Path, flag: &str, spec: &str, local: u16) {
     let mut tunnel = Command::new("ssh")
         .arg("-F")
-        .arg(&cfg)
+        .arg(cfg)
         .args([
             "-o",
             "BatchMode=yes",
             "-o",
             "ExitOnForwardFailure=yes",
             "-N",
-            "-L",
+            flag,
         ])
-        .arg(format!("127.0.0.1:{local}:127.0.0.1:{remote}"))
+        .arg(spec)
         .arg("myco.dev")
         .env("MYCO_MESH_BIND", "127.0.0.1:0")
         .stdin(Stdio::null())
