@@ -252,25 +252,21 @@ impl FromRequestParts<AppState> for Caller {
                 "the token is malformed, revoked or unknown; run `myco login URL` again",
             )
         };
-        let (id, secret) = auth::parse_token(&text).ok_or_else(invalid)?;
-        let (id, secret) = (id.to_owned(), secret.to_owned());
         let store = state.store.clone();
         let (token, user) = blocking(move || {
-            let token = store.token(&id)?;
-            let user = match &token {
-                Some(TokenRecord {
-                    kind: TokenKind::Session { user } | TokenKind::Api { user, .. },
-                    ..
-                }) => store.user(user.as_str())?,
-                _ => None,
+            let Some(token) = auth::find_token(&store, &text)? else {
+                return Ok((None, None));
             };
-            Ok((token, user))
+            let user = match &token.kind {
+                TokenKind::Session { user } | TokenKind::Api { user, .. } => {
+                    store.user(user.as_str())?
+                }
+                TokenKind::Agent { .. } => None,
+            };
+            Ok((Some(token), user))
         })
         .await?;
         let token = token.ok_or_else(invalid)?;
-        if !auth::secret_matches(&token, &secret) {
-            return Err(invalid());
-        }
         if let Some(exp) = token.expires_at
             && exp <= Timestamp::now()
         {
@@ -327,22 +323,16 @@ fn workspace_view(w: &WorkspaceRecord, registry: &MeshRegistry) -> api::Workspac
                 startup_script: a.startup_script.clone(),
                 shutdown_script: a.shutdown_script.clone(),
                 ssh_host_key: a.ssh_host_key.clone(),
-                connection: registry.live(&a.id).map(|live| api::AgentConnection {
-                    connected_at: live.connected_at,
-                    endpoint_id: live
-                        .addr
-                        .as_ref()
-                        .map(|x| x.id.to_string())
-                        .unwrap_or_default(),
-                    relay_url: live
-                        .addr
-                        .as_ref()
-                        .and_then(|x| x.relay_urls().next().map(|u| u.to_string())),
-                    direct_addrs: live
-                        .addr
-                        .as_ref()
-                        .map(|x| x.ip_addrs().map(|a| a.to_string()).collect())
-                        .unwrap_or_default(),
+                connection: registry.live(&a.id).map(|live| {
+                    let addr = live.addr.as_ref();
+                    api::AgentConnection {
+                        connected_at: live.connected_at,
+                        endpoint_id: addr.map(|x| x.id.to_string()).unwrap_or_default(),
+                        relay_url: addr.and_then(|x| x.relay_urls().next().map(|u| u.to_string())),
+                        direct_addrs: addr
+                            .map(|x| x.ip_addrs().map(|a| a.to_string()).collect())
+                            .unwrap_or_default(),
+                    }
                 }),
             })
             .collect(),
@@ -831,6 +821,19 @@ async fn find_workspace(
         .ok_or_else(not_found)
 }
 
+/// The agent called `name` in `ws`, or a 404 that names both.
+fn agent_named<'a>(ws: &'a WorkspaceRecord, name: &Name) -> ApiResult<&'a AgentRecord> {
+    ws.agents.iter().find(|a| &a.name == name).ok_or_else(|| {
+        ApiError::not_found(
+            format!(
+                "agent {name} not found in workspace {}/{}",
+                ws.owner, ws.name
+            ),
+            "see the agents with `myco show WS`",
+        )
+    })
+}
+
 async fn get_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -860,15 +863,7 @@ async fn rotate_agent_token(
 ) -> ApiResult<Json<RotatedAgentToken>> {
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
     let agent = path_name("agent name", &agent)?;
-    let rec = ws.agents.iter().find(|a| a.name == agent).ok_or_else(|| {
-        ApiError::not_found(
-            format!(
-                "agent {agent} not found in workspace {}/{}",
-                ws.owner, ws.name
-            ),
-            "see the agents with `myco show WS`",
-        )
-    })?;
+    let rec = agent_named(&ws, &agent)?;
     let issued = auth::issue_token(
         TokenKind::Agent {
             workspace_id: ws.id.clone(),
@@ -920,30 +915,25 @@ impl FromRequestParts<AppState> for AgentCaller {
                     "send Authorization: Bearer <agent token>",
                 )
             })?;
-        let (id, secret) = auth::parse_token(text.trim()).ok_or_else(invalid)?;
-        let (id, secret) = (id.to_owned(), secret.to_owned());
+        let text = text.to_owned();
         let store = state.store.clone();
         let found = blocking(move || {
-            let Some(token) = store.token(&id)? else {
+            let Some(token) = auth::find_token(&store, &text)? else {
                 return Ok(None);
             };
             let TokenKind::Agent {
                 workspace_id,
                 agent_id,
-            } = &token.kind
+            } = token.kind
             else {
                 return Ok(None);
             };
-            let ws = store.workspace_by_id(workspace_id)?;
-            Ok(Some((token.clone(), agent_id.clone(), ws)))
+            Ok(store
+                .workspace_by_id(&workspace_id)?
+                .map(|ws| (agent_id, ws)))
         })
         .await?;
-        let Some((token, agent_id, Some(ws))) = found else {
-            return Err(invalid());
-        };
-        if !auth::secret_matches(&token, &secret) {
-            return Err(invalid());
-        }
+        let (agent_id, ws) = found.ok_or_else(invalid)?;
         let agent = ws
             .agents
             .iter()
@@ -965,12 +955,7 @@ async fn connect(
 ) -> ApiResult<Json<ConnectInfo>> {
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
     let agent = match &req.agent {
-        Some(n) => ws.agents.iter().find(|a| &a.name == n).ok_or_else(|| {
-            ApiError::not_found(
-                format!("agent {n} not found in workspace {}/{}", ws.owner, ws.name),
-                "see the agents with `myco show WS`",
-            )
-        })?,
+        Some(n) => agent_named(&ws, n)?,
         None => match ws.agents.as_slice() {
             [one] => one,
             many => {

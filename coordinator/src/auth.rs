@@ -9,7 +9,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::store::{TokenKind, TokenRecord};
+use crate::store::{Store, StoreError, TokenKind, TokenRecord};
 use mesh::Timestamp;
 
 const TOKEN_PREFIX: &str = "myco_";
@@ -64,6 +64,16 @@ pub fn parse_token(text: &str) -> Option<(&str, &str)> {
     let (id, secret) = rest.split_once('_')?;
     let hex_of = |s: &str, n: usize| s.len() == n * 2 && s.bytes().all(|b| b.is_ascii_hexdigit());
     (hex_of(id, ID_BYTES) && hex_of(secret, SECRET_BYTES)).then_some((id, secret))
+}
+
+/// The stored token that `text` names, if it is shaped like ours and its secret
+/// matches. Its kind and expiry are for the caller to judge. Reads the store: call it
+/// off the async runtime.
+pub fn find_token(store: &Store, text: &str) -> Result<Option<TokenRecord>, StoreError> {
+    let Some((id, secret)) = parse_token(text.trim()) else {
+        return Ok(None);
+    };
+    Ok(store.token(id)?.filter(|t| secret_matches(t, secret)))
 }
 
 /// Whether `secret` is the one `record` was issued with (constant-time comparison).

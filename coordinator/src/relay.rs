@@ -61,14 +61,10 @@ impl RegistryAccess {
     /// before its control channel registers it (at start, or when both reconnect after
     /// a coordinator restart), so its token admits it on its own.
     async fn is_agent_token(&self, token: &str) -> bool {
-        let Some((id, secret)) = crate::auth::parse_token(token) else {
-            return false;
-        };
-        let (id, secret) = (id.to_owned(), secret.to_owned());
-        let store = self.store.clone();
+        let (store, token) = (self.store.clone(), token.to_owned());
         tokio::task::spawn_blocking(move || {
-            matches!(store.token(&id), Ok(Some(t))
-                if matches!(t.kind, TokenKind::Agent { .. }) && crate::auth::secret_matches(&t, &secret))
+            matches!(crate::auth::find_token(&store, &token),
+                Ok(Some(t)) if matches!(t.kind, TokenKind::Agent { .. }))
         })
         .await
         .unwrap_or(false)
