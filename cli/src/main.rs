@@ -4,6 +4,7 @@
 mod client;
 mod cmd;
 mod dial;
+mod dirs;
 mod output;
 mod session;
 

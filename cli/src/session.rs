@@ -1,7 +1,6 @@
 //! The saved login session: `session.json` in the config dir, mode 0600.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -20,16 +19,10 @@ pub struct SavedSession {
 
 /// The config dir: `--config-dir`, else `$XDG_CONFIG_HOME/myco`, else `~/.config/myco`.
 pub fn config_dir(globals: &Globals) -> anyhow::Result<PathBuf> {
-    if let Some(d) = &globals.config_dir {
-        return Ok(d.clone());
+    match &globals.config_dir {
+        Some(d) => Ok(d.clone()),
+        None => crate::dirs::xdg_dir("XDG_CONFIG_HOME", ".config", "myco", "--config-dir"),
     }
-    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(x).join("myco"));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|v| !v.is_empty())
-        .context("cannot find the config dir: HOME is not set; pass --config-dir")?;
-    Ok(PathBuf::from(home).join(".config").join("myco"))
 }
 
 pub fn load(dir: &Path) -> anyhow::Result<Option<SavedSession>> {
@@ -55,19 +48,10 @@ pub fn save(dir: &Path, session: &SavedSession) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create the config dir {}", dir.display()))?;
-    let path = dir.join(SESSION_FILE);
-    let tmp = dir.join(format!(".{SESSION_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(session)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    crate::dirs::write_private(
+        &dir.join(SESSION_FILE),
+        &serde_json::to_vec_pretty(session)?,
+    )
 }
 
 /// Deletes the session file. Returns whether there was one.

@@ -44,7 +44,7 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         )?;
     let data_dir = match args.data_dir {
         Some(d) => d,
-        None => default_data_dir()?,
+        None => crate::dirs::xdg_dir("XDG_DATA_HOME", ".local/share", "myco-agent", "--data-dir")?,
     };
     let config = agent::AgentConfig {
         url,
@@ -55,13 +55,4 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
     };
     agent::run(config, crate::cmd::server::shutdown_signal()).await?;
     Ok(())
-}
-
-fn default_data_dir() -> anyhow::Result<PathBuf> {
-    if let Some(x) = env_nonempty("XDG_DATA_HOME") {
-        return Ok(PathBuf::from(x).join("myco-agent"));
-    }
-    let home = env_nonempty("HOME")
-        .context("cannot find the data dir: HOME is not set; pass --data-dir")?;
-    Ok(PathBuf::from(home).join(".local/share/myco-agent"))
 }

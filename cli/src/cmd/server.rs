@@ -38,16 +38,6 @@ pub struct Args {
 /// iroh's customary QUIC address discovery port.
 const DEFAULT_QAD_PORT: u16 = 7842;
 
-fn default_data_dir() -> anyhow::Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(x).join("myco"));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|v| !v.is_empty())
-        .context("cannot find the data dir: HOME is not set; pass --data-dir")?;
-    Ok(PathBuf::from(home).join(".local/share/myco"))
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let access_url = match args.access_url {
         Some(u) => Some(crate::client::normalize_url(&u).context("bad --access-url")?),
@@ -55,7 +45,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let data_dir = match args.data_dir {
         Some(d) => d,
-        None => default_data_dir()?,
+        None => crate::dirs::xdg_dir("XDG_DATA_HOME", ".local/share", "myco", "--data-dir")?,
     };
     let data_dir = std::path::absolute(&data_dir)
         .with_context(|| format!("bad --data-dir {}", data_dir.display()))?;

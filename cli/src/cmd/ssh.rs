@@ -1,7 +1,6 @@
 //! `myco ssh --stdio` (an SSH byte stream for OpenSSH's ProxyCommand) and
 //! `myco config-ssh` (the managed `Host myco.*` block and pinned host keys).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -188,13 +187,13 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
             bail!("not changed");
         }
     }
-    write_file(&known_path, &hosts, 0o600)?;
+    crate::dirs::write_private(&known_path, hosts.as_bytes())?;
     if old != new {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        write_file(&path, &new, 0o600)?;
+        crate::dirs::write_private(&path, new.as_bytes())?;
         println!("updated {}", path.display());
     } else {
         println!("{} is up to date", path.display());
@@ -204,22 +203,6 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
         hosts.lines().count(),
         known_path.display()
     );
-    Ok(())
-}
-
-fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("myco-tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
