@@ -85,8 +85,7 @@ impl SessionEnv {
 #[derive(Debug, Clone)]
 struct PtyRequest {
     term: String,
-    cols: u16,
-    rows: u16,
+    size: pty_process::Size,
 }
 
 fn size(cols: u32, rows: u32) -> pty_process::Size {
@@ -130,33 +129,37 @@ impl SshSession {
         }
     }
 
-    /// Runs the command (or a login shell) on a new terminal.
-    fn spawn_pty(
-        &mut self,
-        channel: ChannelId,
-        command: Option<String>,
-        req: PtyRequest,
-        handle: Handle,
-    ) -> Result<(), String> {
-        let shell = login_shell();
-        let (pty, pts) = pty_process::open().map_err(|e| e.to_string())?;
-        pty.resize(pty_process::Size::new(req.rows, req.cols))
-            .map_err(|e| e.to_string())?;
-        let mut cmd = pty_process::Command::new(&shell);
-        cmd = match &command {
+    /// `$SHELL -c COMMAND` (or a login shell) in the home dir, with the client's
+    /// environment requests and the MYCO_* variables.
+    fn command(&mut self, channel: ChannelId, command: Option<&str>) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(login_shell());
+        match command {
             Some(c) => cmd.arg("-c").arg(c),
             None => cmd.arg("-l"),
         };
         if let Some(home) = std::env::var_os("HOME") {
-            cmd = cmd.current_dir(home);
+            cmd.current_dir(home);
         }
-        let mut child = cmd
-            .envs(self.env.remove(&channel).unwrap_or_default())
-            .env("TERM", &req.term)
+        cmd.envs(self.env.remove(&channel).unwrap_or_default())
             .env("MYCO", "true")
             .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
             .env("MYCO_AGENT_NAME", &self.base_env.agent)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs the command on a new terminal.
+    fn spawn_pty(
+        &mut self,
+        channel: ChannelId,
+        cmd: tokio::process::Command,
+        req: PtyRequest,
+        handle: Handle,
+    ) -> Result<(), String> {
+        let (pty, pts) = pty_process::open().map_err(|e| e.to_string())?;
+        pty.resize(req.size).map_err(|e| e.to_string())?;
+        let mut child = pty_process::Command::from(cmd)
+            .env("TERM", &req.term)
             .spawn(pts)
             .map_err(|e| e.to_string())?;
         let (read, write) = pty.into_split();
@@ -175,30 +178,13 @@ impl SshSession {
         command: Option<String>,
         handle: Handle,
     ) -> Result<(), String> {
+        let mut cmd = self.command(channel, command.as_deref());
         if let Some(req) = self.pty_requests.remove(&channel) {
-            return self.spawn_pty(channel, command, req, handle);
+            return self.spawn_pty(channel, cmd, req, handle);
         }
-        let shell = login_shell();
-        let mut cmd = tokio::process::Command::new(&shell);
-        match &command {
-            Some(c) => {
-                cmd.arg("-c").arg(c);
-            }
-            None => {
-                cmd.arg("-l");
-            }
-        }
-        if let Some(home) = std::env::var_os("HOME") {
-            cmd.current_dir(home);
-        }
-        cmd.envs(self.env.remove(&channel).unwrap_or_default())
-            .env("MYCO", "true")
-            .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
-            .env("MYCO_AGENT_NAME", &self.base_env.agent)
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         if let Some(stdin) = child.stdin.take() {
             self.stdin.insert(channel, stdin);
@@ -454,8 +440,7 @@ impl russh::server::Handler for SshSession {
             channel,
             PtyRequest {
                 term: term.to_owned(),
-                cols: u16::try_from(col_width).unwrap_or(80).max(1),
-                rows: u16::try_from(row_height).unwrap_or(24).max(1),
+                size: size(col_width, row_height),
             },
         );
         session.channel_success(channel)
