@@ -8,6 +8,7 @@
 
 mod control;
 mod serve;
+mod sftp;
 mod ssh;
 
 use std::net::SocketAddr;

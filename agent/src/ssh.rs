@@ -4,11 +4,12 @@
 //! It runs commands (`exec`) and shells through `$SHELL`, on a terminal when the client
 //! asks for one (TERM, size, window changes), with the client's environment requests,
 //! stdin/stdout/stderr, EOF both ways and the exit status, local forwarding
-//! (`direct-tcpip`, `ssh -L`) and remote forwarding (`tcpip-forward`, `ssh -R`). SFTP
-//! and agent forwarding come next (issue 4).
+//! (`direct-tcpip`, `ssh -L`), remote forwarding (`tcpip-forward`, `ssh -R`), agent
+//! forwarding (`ssh -A`: a socket in a private temp dir named by `SSH_AUTH_SOCK`),
+//! signals to the command, exit-signal, and the SFTP subsystem (`sftp`, `scp`).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -18,6 +19,9 @@ use russh::server::{Auth, Handle, Msg, Session};
 use russh::{Channel, ChannelId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
+
+/// File name of the forwarded agent's socket, inside its private temp dir.
+const AGENT_SOCKET: &str = "agent.sock";
 
 /// File name of the host key in the agent's data dir.
 pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
@@ -106,12 +110,22 @@ pub struct SshSession {
     ptys: HashMap<ChannelId, pty_process::OwnedWritePty>,
     /// Remote forwards (`ssh -R`): (address, port) -> the listener's task.
     forwards: HashMap<(String, u32), tokio::task::JoinHandle<()>>,
+    /// Session channels not yet running anything; a subsystem takes its channel.
+    channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Per channel: the running command's process id, for signals.
+    pids: HashMap<ChannelId, u32>,
+    /// Agent forwarding, once asked for: the socket's private dir and its listener.
+    agent: Option<(tempfile::TempDir, tokio::task::JoinHandle<()>)>,
 }
 
 impl Drop for SshSession {
     fn drop(&mut self) {
         // A remote forward lives as long as the SSH connection that asked for it.
         for (_, task) in self.forwards.drain() {
+            task.abort();
+        }
+        // So is the forwarded agent's socket (its dir goes with the TempDir).
+        if let Some((_, task)) = self.agent.take() {
             task.abort();
         }
     }
@@ -126,7 +140,44 @@ impl SshSession {
             pty_requests: HashMap::new(),
             ptys: HashMap::new(),
             forwards: HashMap::new(),
+            channels: HashMap::new(),
+            pids: HashMap::new(),
+            agent: None,
         }
+    }
+
+    /// The forwarded agent's socket, if the client asked for agent forwarding.
+    fn agent_socket(&self) -> Option<PathBuf> {
+        self.agent
+            .as_ref()
+            .map(|(dir, _)| dir.path().join(AGENT_SOCKET))
+    }
+
+    /// `ssh -A`: listen on a socket in a new private dir and carry each connection to
+    /// the client's agent over an `auth-agent@openssh.com` channel.
+    fn forward_agent(&mut self, handle: Handle) -> std::io::Result<()> {
+        if self.agent.is_some() {
+            return Ok(());
+        }
+        // TempDir is created 0700, so only this user reaches the socket.
+        let dir = tempfile::Builder::new().prefix("myco-ssh-").tempdir()?;
+        let listener = tokio::net::UnixListener::bind(dir.path().join(AGENT_SOCKET))?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut local, _)) = listener.accept().await {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    match handle.channel_open_agent().await {
+                        Ok(channel) => {
+                            let mut stream = channel.into_stream();
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut local).await;
+                        }
+                        Err(e) => tracing::debug!("client refused an agent channel: {e}"),
+                    }
+                });
+            }
+        });
+        self.agent = Some((dir, task));
+        Ok(())
     }
 
     /// `$SHELL -c COMMAND` (or a login shell) in the home dir, with the client's
@@ -139,6 +190,9 @@ impl SshSession {
         };
         if let Some(home) = std::env::var_os("HOME") {
             cmd.current_dir(home);
+        }
+        if let Some(sock) = self.agent_socket() {
+            cmd.env("SSH_AUTH_SOCK", sock);
         }
         cmd.envs(self.env.remove(&channel).unwrap_or_default())
             .env("MYCO", "true")
@@ -162,6 +216,9 @@ impl SshSession {
             .env("TERM", &req.term)
             .spawn(pts)
             .map_err(|e| e.to_string())?;
+        if let Some(pid) = child.id() {
+            self.pids.insert(channel, pid);
+        }
         let (read, write) = pty.into_split();
         self.ptys.insert(channel, write);
         tokio::spawn(async move {
@@ -178,6 +235,8 @@ impl SshSession {
         command: Option<String>,
         handle: Handle,
     ) -> Result<(), String> {
+        // The channel now runs a command; its data arrives through `Handler::data`.
+        self.channels.remove(&channel);
         let mut cmd = self.command(channel, command.as_deref());
         if let Some(req) = self.pty_requests.remove(&channel) {
             return self.spawn_pty(channel, cmd, req, handle);
@@ -186,6 +245,9 @@ impl SshSession {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        if let Some(pid) = child.id() {
+            self.pids.insert(channel, pid);
+        }
         if let Some(stdin) = child.stdin.take() {
             self.stdin.insert(channel, stdin);
         }
@@ -208,20 +270,80 @@ fn login_shell() -> String {
         .unwrap_or_else(|| "/bin/sh".into())
 }
 
-/// Waits for the child, reports its exit status, and closes the channel.
+/// Waits for the child, reports its exit status (or the signal that killed it), and
+/// closes the channel.
 async fn finish(child: &mut tokio::process::Child, handle: &Handle, channel: ChannelId) {
-    let code = match child.wait().await {
-        Ok(status) => status
-            .code()
-            .or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s))
-            .unwrap_or(255),
-        Err(_) => 255,
-    };
-    let _ = handle
-        .exit_status_request(channel, u32::try_from(code).unwrap_or(255))
-        .await;
+    use std::os::unix::process::ExitStatusExt;
+    match child.wait().await {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => {
+                let _ = handle
+                    .exit_status_request(channel, u32::try_from(code).unwrap_or(255))
+                    .await;
+            }
+            (None, Some(signal)) => {
+                let _ = handle
+                    .exit_signal_request(
+                        channel,
+                        sig_name(signal),
+                        status.core_dumped(),
+                        String::new(),
+                        String::new(),
+                    )
+                    .await;
+            }
+            (None, None) => {
+                let _ = handle.exit_status_request(channel, 255).await;
+            }
+        },
+        Err(e) => {
+            tracing::warn!("cannot wait for the command: {e}");
+            let _ = handle.exit_status_request(channel, 255).await;
+        }
+    }
     let _ = handle.eof(channel).await;
     let _ = handle.close(channel).await;
+}
+
+/// The SSH name of a signal number (RFC 4254 6.10), or `Custom` with its Linux name.
+fn sig_name(signal: i32) -> russh::Sig {
+    use nix::sys::signal::Signal;
+    match Signal::try_from(signal) {
+        Ok(Signal::SIGABRT) => russh::Sig::ABRT,
+        Ok(Signal::SIGALRM) => russh::Sig::ALRM,
+        Ok(Signal::SIGFPE) => russh::Sig::FPE,
+        Ok(Signal::SIGHUP) => russh::Sig::HUP,
+        Ok(Signal::SIGILL) => russh::Sig::ILL,
+        Ok(Signal::SIGINT) => russh::Sig::INT,
+        Ok(Signal::SIGKILL) => russh::Sig::KILL,
+        Ok(Signal::SIGPIPE) => russh::Sig::PIPE,
+        Ok(Signal::SIGQUIT) => russh::Sig::QUIT,
+        Ok(Signal::SIGSEGV) => russh::Sig::SEGV,
+        Ok(Signal::SIGTERM) => russh::Sig::TERM,
+        Ok(Signal::SIGUSR1) => russh::Sig::USR1,
+        Ok(other) => russh::Sig::Custom(other.as_str().trim_start_matches("SIG").to_owned()),
+        Err(_) => russh::Sig::Custom(signal.to_string()),
+    }
+}
+
+/// The signal an SSH signal name asks for.
+fn signal_of(sig: &russh::Sig) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    Some(match sig {
+        russh::Sig::ABRT => Signal::SIGABRT,
+        russh::Sig::ALRM => Signal::SIGALRM,
+        russh::Sig::FPE => Signal::SIGFPE,
+        russh::Sig::HUP => Signal::SIGHUP,
+        russh::Sig::ILL => Signal::SIGILL,
+        russh::Sig::INT => Signal::SIGINT,
+        russh::Sig::KILL => Signal::SIGKILL,
+        russh::Sig::PIPE => Signal::SIGPIPE,
+        russh::Sig::QUIT => Signal::SIGQUIT,
+        russh::Sig::SEGV => Signal::SIGSEGV,
+        russh::Sig::TERM => Signal::SIGTERM,
+        russh::Sig::USR1 => Signal::SIGUSR1,
+        russh::Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
+    })
 }
 
 /// Copies a child's output into the channel (stdout, or extended data `ext`).
@@ -258,11 +380,78 @@ impl russh::server::Handler for SshSession {
 
     async fn channel_open_session(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), channel);
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        self.pids.remove(&channel);
+        self.stdin.remove(&channel);
+        self.ptys.remove(&channel);
+        self.env.remove(&channel);
+        self.pty_requests.remove(&channel);
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match (name, self.channels.remove(&channel)) {
+            ("sftp", Some(ch)) => {
+                let home = std::env::var_os("HOME").map_or_else(|| "/".into(), PathBuf::from);
+                crate::sftp::serve(ch, session.handle(), home);
+                session.channel_success(channel)
+            }
+            (name, _) => {
+                tracing::info!(name, "refused an unknown subsystem");
+                session.channel_failure(channel)
+            }
+        }
+    }
+
+    /// russh answers the request with success or failure from the result.
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forward_agent(session.handle()) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!("cannot forward the SSH agent: {e}");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: russh::Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some(pid), Some(sig)) = (self.pids.get(&channel), signal_of(&signal)) else {
+            return Ok(());
+        };
+        let Ok(pid) = i32::try_from(*pid) else {
+            return Ok(());
+        };
+        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+            tracing::debug!(pid, "cannot signal the command: {e}");
+        }
         Ok(())
     }
 

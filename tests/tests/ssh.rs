@@ -354,3 +354,211 @@ fn interactive_pty_session_follows_resizes() {
         .args(["kill-session", "-t", &session])
         .status();
 }
+
+/// Runs an OpenSSH file tool (`scp`, `sftp`) with the managed config.
+fn file_tool(tool: &str, cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(tool)
+        .arg("-F")
+        .arg(cfg)
+        .args(["-o", "BatchMode=yes"])
+        .args(args)
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} must be installed (openssh-client): {e}"))
+}
+
+/// Test data that is not all one byte, so misplaced blocks change the digest.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 24) as u8)
+        .collect()
+}
+
+#[test]
+fn scp_both_ways_keeps_contents() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // The agent runs on this machine, so "remote" paths are local temp paths.
+    let work = tempfile::tempdir().unwrap();
+    let up = work.path().join("up.bin");
+    let remote = work.path().join("remote.bin");
+    let down = work.path().join("down.bin");
+    let data = pattern(9_000_000, 7);
+    std::fs::write(&up, &data).unwrap();
+
+    let out = file_tool(
+        "scp",
+        &cfg,
+        &[
+            up.to_str().unwrap(),
+            &format!("myco.dev:{}", remote.display()),
+        ],
+    );
+    assert!(out.status.success(), "scp upload: {out:?}");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&remote).unwrap()),
+        sha256_hex(&data)
+    );
+
+    let out = file_tool(
+        "scp",
+        &cfg,
+        &[
+            &format!("myco.dev:{}", remote.display()),
+            down.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "scp download: {out:?}");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&down).unwrap()),
+        sha256_hex(&data)
+    );
+
+    // A missing remote file is an error that names it, not an empty file.
+    let out = file_tool(
+        "scp",
+        &cfg,
+        &[
+            &format!("myco.dev:{}/nope", work.path().display()),
+            work.path().join("nope").to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn sftp_batch_mkdir_put_get_rename_rm() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let remote = work.path().join("remote");
+    let local = work.path().join("a.bin");
+    let back = work.path().join("back.bin");
+    let data = pattern(3_000_000, 11);
+    std::fs::write(&local, &data).unwrap();
+    let batch = work.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "mkdir {r}\ncd {r}\nput {l} a.bin\nrename a.bin b.bin\nls -l\nget b.bin {b}\nsymlink b.bin c.bin\nrm c.bin\nrm b.bin\ncd ..\nrmdir {r}\n",
+            r = remote.display(),
+            l = local.display(),
+            b = back.display()
+        ),
+    )
+    .unwrap();
+    let out = file_tool("sftp", &cfg, &["-b", batch.to_str().unwrap(), "myco.dev"]);
+    assert!(out.status.success(), "sftp -b: {out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("b.bin"), "{listing}");
+    assert!(
+        listing.contains("3000000"),
+        "ls -l shows the size: {listing}"
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(&back).unwrap()),
+        sha256_hex(&data)
+    );
+    assert!(!remote.exists(), "rmdir removed the remote dir");
+
+    // A failing command stops the batch with the server's reason.
+    std::fs::write(&batch, format!("rm {}/missing\n", work.path().display())).unwrap();
+    let out = file_tool("sftp", &cfg, &["-b", batch.to_str().unwrap(), "myco.dev"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn agent_forwarding_lists_the_local_agents_key() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("id_ed25519");
+    let st = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "forwarded-key-marker",
+            "-f",
+        ])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sock = work.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("ssh-agent must be installed (openssh-client)");
+    tests::eventually("ssh-agent listens", || sock.exists());
+    let st = Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-A", "myco.dev"])
+        .arg("echo sock=$SSH_AUTH_SOCK; ssh-add -l")
+        .env("SSH_AUTH_SOCK", &sock)
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("forwarded-key-marker"), "{text}");
+    assert!(
+        !text.contains(&format!("sock={}", sock.display())),
+        "{text}"
+    );
+
+    // Without -A there is no agent in the session.
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-a", "myco.dev"])
+        .arg("echo sock=${SSH_AUTH_SOCK:-none}")
+        .env("SSH_AUTH_SOCK", &sock)
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sock=none\n",
+        "{out:?}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[test]
+fn a_command_killed_by_a_signal_is_reported_as_such() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // The agent sends exit-signal, as sshd does; OpenSSH's client then has no exit
+    // status to pass on and exits 255 (`myco ssh` turns it into 128 + the signal).
+    let out = ssh(&cfg, &["myco.dev", "echo before; kill -TERM $$"], b"");
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "before\n");
+}
