@@ -7,6 +7,7 @@ mod dial;
 mod dirs;
 mod output;
 mod session;
+mod ssh_client;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -59,7 +60,8 @@ enum Command {
     Ping(cmd::ping::Args),
     /// Measure throughput to or from an agent over the mesh.
     Speedtest(cmd::speedtest::Args),
-    /// SSH to an agent; `--stdio` carries the SSH stream for OpenSSH's ProxyCommand.
+    /// Open a shell or run a command on an agent over SSH (`--stdio`: the raw SSH stream,
+    /// for OpenSSH's ProxyCommand).
     Ssh(cmd::ssh::SshArgs),
     /// Write a `Host myco.*` block into your SSH config and pin the agents' host keys.
     ConfigSsh(cmd::ssh::ConfigSshArgs),
@@ -87,6 +89,18 @@ enum Command {
     /// Replace an agent's token (the old one stops working) and print the new one.
     RotateAgentToken(cmd::workspaces::RotateArgs),
 }
+
+/// Ends `myco` with this exit code and no message (e.g. `myco ssh`'s remote command's).
+#[derive(Debug)]
+pub struct ExitWith(pub u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 /// Global options every command may need.
 #[derive(Debug, Clone)]
@@ -116,6 +130,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // A remote command's exit code, passed on without a message.
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |c| c.0))
+        }
         Err(e) => {
             eprintln!("myco: {e:#}");
             ExitCode::FAILURE

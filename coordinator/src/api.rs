@@ -1001,6 +1001,7 @@ async fn connect(
         relay_url: state.relay_url.clone(),
         relay_quic: Some(state.relay_quic.clone()),
         expires_at,
+        ssh_host_key: agent.ssh_host_key.clone(),
     }))
 }
 

@@ -78,6 +78,9 @@ pub struct ConnectInfo {
     #[serde(default)]
     pub relay_quic: Option<RelayQuic>,
     pub expires_at: crate::Timestamp,
+    /// The agent's SSH host key as it reported it (OpenSSH format), for clients to pin.
+    #[serde(default)]
+    pub ssh_host_key: Option<String>,
 }
 
 /// Body of `POST /api/v1/workspaces/{owner}/{name}/connect`.

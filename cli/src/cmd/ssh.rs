@@ -1,5 +1,6 @@
-//! `myco ssh --stdio` (an SSH byte stream for OpenSSH's ProxyCommand) and
-//! `myco config-ssh` (the managed `Host myco.*` block and pinned host keys).
+//! `myco ssh` (a shell or command on an agent, see `ssh_client`), `myco ssh --stdio`
+//! (an SSH byte stream for OpenSSH's ProxyCommand) and `myco config-ssh` (the managed
+//! `Host myco.*` block and pinned host keys).
 
 use std::path::{Path, PathBuf};
 
@@ -17,14 +18,56 @@ const BEGIN: &str = "# ------------START-MYCO-----------";
 const END: &str = "# ------------END-MYCO------------";
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  myco ssh dev                          a login shell on dev's agent
+  myco ssh dev -- make test             run a command; its exit code becomes myco's
+  myco ssh -A -R 8080:localhost:3000 dev
+                                        forward your ssh-agent, and the workspace's
+                                        port 8080 back to your localhost:3000
+  myco ssh -e RUST_LOG=debug dev.main -- cargo run
+
+The agent's host key is checked against the coordinator's record.")]
 pub struct SshArgs {
     /// The agent: [OWNER/]WORKSPACE[.AGENT], or the host alias myco.WORKSPACE[.AGENT].
     target: String,
+    /// The command to run instead of a login shell (put it after `--`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    command: Vec<String>,
     /// Carry the SSH byte stream on stdin/stdout (for OpenSSH's ProxyCommand).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["command", "forward_agent", "remote_forward", "env", "tty", "no_tty"])]
     stdio: bool,
+    /// Forward your SSH agent (SSH_AUTH_SOCK) into the session.
+    #[arg(short = 'A', long)]
+    forward_agent: bool,
+    /// Listen on the agent's [BIND:]PORT (loopback by default; 0 picks one) and carry
+    /// each connection back to HOST:HOSTPORT on this machine. Repeatable.
+    #[arg(short = 'R', long, value_name = "[BIND:]PORT:HOST:HOSTPORT")]
+    remote_forward: Vec<crate::ssh_client::RemoteForward>,
+    /// Set an environment variable in the session. Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Ask for a terminal even for a command or when stdin is not one.
+    #[arg(short = 't', long, conflicts_with = "no_tty")]
+    tty: bool,
+    /// Never ask for a terminal.
+    #[arg(short = 'T', long)]
+    no_tty: bool,
     #[command(flatten)]
     mesh: MeshArgs,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,11 +89,32 @@ fn parse_target(text: &str) -> anyhow::Result<WorkspaceRef> {
 }
 
 pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
-    if !args.stdio {
-        bail!("only `myco ssh --stdio` exists yet; use `ssh myco.WS` after `myco config-ssh`");
-    }
     let target = parse_target(&args.target)?;
     let mut d = dial::dial(globals, &target, mesh::alpn::SSH, &args.mesh).await?;
+    if !args.stdio {
+        let command = match args.command.as_slice() {
+            [] => None,
+            // One word is passed as is, so `-- 'a; b'` keeps its shell syntax.
+            [one] => Some(one.clone()),
+            words => Some(words.join(" ")),
+        };
+        let req = crate::ssh_client::Request {
+            command,
+            env: args.env,
+            forward_agent: args.forward_agent,
+            remote_forwards: args.remote_forward,
+            tty: match (args.tty, args.no_tty) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+        };
+        let code = crate::ssh_client::run(d, req).await?;
+        if code != 0 {
+            return Err(crate::ExitWith(code).into());
+        }
+        return Ok(());
+    }
     let mut stdin = tokio::io::stdin();
     let mut stdout = tokio::io::stdout();
     let upload = async {

@@ -1,0 +1,437 @@
+//! `myco ssh WS [-- CMD]`: an SSH client (russh) over a ticketed mesh stream, for
+//! users who do not want to go through OpenSSH. The agent's host key is checked against
+//! the coordinator's record, as `config-ssh` pins it for OpenSSH.
+//!
+//! A terminal gets raw mode, a PTY on the agent and resizes on SIGWINCH; without one,
+//! stdin is streamed until EOF and SIGINT/SIGTERM/SIGHUP are passed to the command.
+//! The remote exit status becomes ours (128 + N for a command killed by signal N).
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use russh::keys::{PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Sig};
+use tokio::io::AsyncWriteExt;
+
+use crate::dial::Dialed;
+
+/// The SSH client's settings: no Nagle (keystrokes go out at once).
+pub fn config() -> Arc<russh::client::Config> {
+    Arc::new(russh::client::Config {
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// `-R [BIND:]PORT:HOST:HOSTPORT`: the agent listens on BIND:PORT (loopback by
+/// default, 0 picks a port) and each connection comes back to HOST:HOSTPORT here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteForward {
+    pub bind: String,
+    pub port: u16,
+    pub host: String,
+    pub host_port: u16,
+}
+
+impl std::str::FromStr for RemoteForward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            format!(
+                "bad remote forward {s:?}: {why}; use [BIND:]PORT:HOST:HOSTPORT, e.g. 8080:localhost:3000"
+            )
+        };
+        let port = |p: &str, what: &str| {
+            p.parse::<u16>()
+                .map_err(|_| bad(&format!("{what} {p:?} is not a port number")))
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        let (bind, rest) = match parts.as_slice() {
+            [p, h, hp] => ("127.0.0.1", [*p, *h, *hp]),
+            [b, p, h, hp] => (*b, [*p, *h, *hp]),
+            _ => return Err(bad("expected 3 or 4 fields separated by ':'")),
+        };
+        let host_port = port(rest[2], "HOSTPORT")?;
+        if host_port == 0 {
+            return Err(bad("HOSTPORT 0 cannot be connected to"));
+        }
+        if rest[1].is_empty() {
+            return Err(bad("HOST is empty"));
+        }
+        Ok(Self {
+            bind: bind.to_owned(),
+            port: port(rest[0], "PORT")?,
+            host: rest[1].to_owned(),
+            host_port,
+        })
+    }
+}
+
+/// What the user asked for.
+pub struct Request {
+    pub command: Option<String>,
+    pub env: Vec<(String, String)>,
+    pub forward_agent: bool,
+    pub remote_forwards: Vec<RemoteForward>,
+    /// Some(true) forces a terminal, Some(false) forbids one; None: one if stdin is.
+    pub tty: Option<bool>,
+}
+
+/// The russh client's side of the connection.
+struct Client {
+    pinned: PublicKey,
+    /// Remote forwards by the port the agent listens on.
+    forwards: Arc<Mutex<HashMap<u32, (String, u16)>>>,
+    agent_socket: Option<PathBuf>,
+}
+
+impl russh::client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(key.public_key().key_data() == self.pinned.key_data())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<russh::client::Msg>,
+        _connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let target = self
+            .forwards
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&connected_port).cloned());
+        let Some((host, port)) = target else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+            Ok(mut tcp) => {
+                reply.accept().await;
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                });
+            }
+            Err(e) => {
+                eprintln!("myco: remote forward cannot connect to {host}:{port}: {e}");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<russh::client::Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let Some(path) = self.agent_socket.clone() else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(mut local) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut local).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot reach the local SSH agent at {}: {e}",
+                    path.display()
+                );
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The terminal in raw mode until dropped (then as it was).
+struct RawMode(nix::sys::termios::Termios);
+
+impl RawMode {
+    fn enable() -> anyhow::Result<Self> {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        let saved = termios::tcgetattr(&stdin).context("cannot read the terminal's settings")?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(&stdin, termios::SetArg::TCSADRAIN, &raw)
+            .context("cannot put the terminal in raw mode")?;
+        Ok(Self(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSADRAIN,
+            &self.0,
+        );
+    }
+}
+
+fn window_size() -> (u32, u32) {
+    terminal_size::terminal_size_of(std::io::stdout())
+        .or_else(|| terminal_size::terminal_size_of(std::io::stdin()))
+        .map_or((80, 24), |(w, h)| (u32::from(w.0), u32::from(h.0)))
+}
+
+/// Stdin on its own thread: tokio's stdin would keep the process alive at exit while
+/// a read is pending. `None` is end of input.
+fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.blocking_send(None);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The exit code for a command killed by `sig` (as a shell reports it).
+fn signal_exit_code(sig: &Sig) -> u8 {
+    let n = match sig {
+        Sig::HUP => 1,
+        Sig::INT => 2,
+        Sig::QUIT => 3,
+        Sig::ILL => 4,
+        Sig::ABRT => 6,
+        Sig::FPE => 8,
+        Sig::KILL => 9,
+        Sig::USR1 => 10,
+        Sig::SEGV => 11,
+        Sig::PIPE => 13,
+        Sig::ALRM => 14,
+        Sig::TERM => 15,
+        Sig::Custom(name) => format!("SIG{name}")
+            .parse::<nix::sys::signal::Signal>()
+            .map_or(127, |s| s as i32),
+    };
+    u8::try_from(128 + n).unwrap_or(255)
+}
+
+/// Runs the session; returns the remote command's exit code.
+pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
+    let agent = d.info.agent.clone();
+    let pinned = d.info.ssh_host_key.as_deref().with_context(|| {
+        format!("agent {agent} has not reported its SSH host key yet; try again in a moment")
+    })?;
+    let pinned = PublicKey::from_openssh(pinned)
+        .with_context(|| format!("the coordinator's host key for {agent} does not parse"))?;
+    let agent_socket = if req.forward_agent {
+        let sock = std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|s| !s.is_empty())
+            .context("-A needs a local SSH agent, but SSH_AUTH_SOCK is not set; start ssh-agent or drop -A")?;
+        Some(PathBuf::from(sock))
+    } else {
+        None
+    };
+    let forwards = Arc::new(Mutex::new(HashMap::new()));
+    let client = Client {
+        pinned,
+        forwards: forwards.clone(),
+        agent_socket,
+    };
+    let stream = tokio::io::join(d.recv, d.send);
+    let mut session = russh::client::connect_stream(config(), stream, client)
+        .await
+        .map_err(|e| match e {
+            russh::Error::UnknownKey => anyhow::anyhow!(
+                "agent {agent} presented a host key that differs from the coordinator's record; refusing to connect"
+            ),
+            other => anyhow::anyhow!("SSH handshake with agent {agent} failed: {other}"),
+        })?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "myco".into());
+    let auth = session
+        .authenticate_none(user)
+        .await
+        .context("SSH authentication failed")?;
+    if !auth.success() {
+        bail!("agent {agent} refused the SSH session");
+    }
+
+    for f in &req.remote_forwards {
+        let port = session
+            .tcpip_forward(f.bind.clone(), u32::from(f.port))
+            .await
+            .with_context(|| {
+                format!(
+                    "agent {agent} cannot listen on {}:{} for -R (in use, or not allowed)",
+                    f.bind, f.port
+                )
+            })?;
+        let port = if f.port == 0 { port } else { u32::from(f.port) };
+        if f.port == 0 {
+            eprintln!(
+                "Allocated port {port} on {agent} for the remote forward to {}:{}",
+                f.host, f.host_port
+            );
+        }
+        if let Ok(mut m) = forwards.lock() {
+            m.insert(port, (f.host.clone(), f.host_port));
+        }
+    }
+
+    let mut channel = session
+        .channel_open_session()
+        .await
+        .context("cannot open an SSH session channel")?;
+    for (k, v) in &req.env {
+        channel.set_env(false, k.as_str(), v.as_str()).await?;
+    }
+    if req.forward_agent {
+        channel.agent_forward(false).await?;
+    }
+    let stdin_tty = std::io::stdin().is_terminal();
+    let tty = req
+        .tty
+        .unwrap_or(stdin_tty && (req.command.is_none() || std::io::stdout().is_terminal()));
+    if tty {
+        let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into());
+        let (cols, rows) = window_size();
+        channel
+            .request_pty(false, &term, cols, rows, 0, 0, &[])
+            .await?;
+    }
+    match &req.command {
+        Some(c) => channel.exec(true, c.as_str()).await?,
+        None => channel.request_shell(true).await?,
+    }
+    let _raw = if tty && stdin_tty {
+        Some(RawMode::enable()?)
+    } else {
+        None
+    };
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut winch = signal(SignalKind::window_change())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut input = stdin_chunks();
+    let mut input_open = true;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut code = None;
+    loop {
+        tokio::select! {
+            chunk = input.recv(), if input_open => match chunk.flatten() {
+                Some(data) => channel.data_bytes(data).await?,
+                None => {
+                    input_open = false;
+                    // On a terminal, EOF is ^D typed into the remote shell instead.
+                    if !tty {
+                        channel.eof().await?;
+                    }
+                }
+            },
+            _ = winch.recv() => {
+                let (cols, rows) = window_size();
+                channel.window_change(cols, rows, 0, 0).await?;
+            }
+            _ = int.recv() => channel.signal(Sig::INT).await?,
+            _ = term.recv() => channel.signal(Sig::TERM).await?,
+            _ = hup.recv() => channel.signal(Sig::HUP).await?,
+            msg = channel.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    stdout.write_all(&data).await?;
+                    stdout.flush().await?;
+                }
+                Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    stderr.write_all(&data).await?;
+                    stderr.flush().await?;
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    code = Some(u8::try_from(exit_status).unwrap_or(255));
+                }
+                Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                    code = Some(signal_exit_code(&signal_name));
+                }
+                Some(ChannelMsg::Failure) => {
+                    bail!("agent {agent} could not start the {}", if req.command.is_some() { "command" } else { "shell" });
+                }
+                Some(_) => {}
+                None => break,
+            },
+        }
+    }
+    drop(_raw);
+    let _ = session
+        .disconnect(russh::Disconnect::ByApplication, "", "en")
+        .await;
+    d.conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.mesh.endpoint.close()).await;
+    match code {
+        Some(c) => Ok(c),
+        None => bail!("the connection to agent {agent} ended without an exit status"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_forward_specs() {
+        let f: RemoteForward = "8080:localhost:3000".parse().unwrap();
+        assert_eq!(
+            f,
+            RemoteForward {
+                bind: "127.0.0.1".into(),
+                port: 8080,
+                host: "localhost".into(),
+                host_port: 3000
+            }
+        );
+        let f: RemoteForward = "0.0.0.0:0:127.0.0.1:22".parse().unwrap();
+        assert_eq!((f.bind.as_str(), f.port), ("0.0.0.0", 0));
+        for bad in ["8080", "a:b:c", "1:h:0", "70000:h:1", "1::2", "1:2:3:4:5"] {
+            let e = bad.parse::<RemoteForward>().unwrap_err();
+            assert!(e.contains(bad) && e.contains("[BIND:]PORT"), "{e}");
+        }
+    }
+
+    #[test]
+    fn signals_become_shell_exit_codes() {
+        assert_eq!(signal_exit_code(&Sig::INT), 130);
+        assert_eq!(signal_exit_code(&Sig::TERM), 143);
+        assert_eq!(signal_exit_code(&Sig::Custom("USR2".into())), 140);
+    }
+}

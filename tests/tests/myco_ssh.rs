@@ -1,0 +1,297 @@
+//! `myco ssh WS [-- CMD]`: Myco's own SSH client over the mesh (no OpenSSH involved).
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use tests::{TestEnv, eventually};
+
+fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+#[test]
+fn command_exit_code_env_stdin_and_stderr() {
+    let (env, _agent) = TestEnv::with_agent();
+    let out = env.run(
+        "alice",
+        &[
+            "ssh",
+            "-e",
+            "GREETING=hello there",
+            "dev",
+            "--",
+            "echo $GREETING $MYCO_WORKSPACE_NAME; echo oops >&2; exit 3",
+        ],
+    );
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert_eq!(out.stdout, "hello there dev\n");
+    assert_eq!(out.stderr, "oops\n");
+
+    // Several words are one command line, as with ssh; the host alias form works.
+    let out = env.run("alice", &["ssh", "myco.dev.main", "echo", "a", "b"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "a b\n"),
+        "{out:?}"
+    );
+
+    // 20 MB of stdin reaches the command whole, and EOF ends it.
+    let data: Vec<u8> = (0..20_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut child = env
+        .cmd("alice", &["ssh", "dev", "--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&data).map(|_| data));
+    let out = child.wait_with_output().unwrap();
+    let data = writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), sha256_hex(&data));
+}
+
+#[test]
+fn signals_reach_the_command_and_its_signal_is_the_exit_code() {
+    let (env, _agent) = TestEnv::with_agent();
+    let work = tempfile::tempdir().unwrap();
+    let started = work.path().join("started");
+    // The command marks that it runs, then waits; our SIGINT must reach it.
+    let child = env
+        .cmd(
+            "alice",
+            &[
+                "ssh",
+                "dev",
+                "--",
+                &format!("touch {}; exec sleep 60", started.display()),
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the remote command started", || started.exists());
+    // sleep has replaced the shell once the file exists; give exec a moment.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "128 + SIGINT: {out:?}");
+}
+
+#[test]
+fn remote_forward_and_agent_forwarding() {
+    let (env, _agent) = TestEnv::with_agent();
+    // -R: the workspace's port comes back to a server on this side.
+    let laptop = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let laptop_port = laptop.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in laptop.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nlaptop",
+            );
+        }
+    });
+    let in_workspace = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut tunnel = env
+        .cmd(
+            "alice",
+            &[
+                "ssh",
+                "-R",
+                &format!("{in_workspace}:127.0.0.1:{laptop_port}"),
+                "dev",
+                "--",
+                "sleep 60",
+            ],
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let mut body = String::new();
+    eventually("the remote forward carries a request", || {
+        assert!(tunnel.try_wait().unwrap().is_none(), "myco ssh -R exited");
+        match client
+            .get(format!("http://127.0.0.1:{in_workspace}/"))
+            .send()
+        {
+            Ok(r) => {
+                body = r.text().unwrap();
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    assert_eq!(body, "laptop");
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+
+    // -A: the session's SSH_AUTH_SOCK reaches the local agent's key.
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("id_ed25519");
+    assert!(
+        Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "myco-forwarded",
+                "-f"
+            ])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let sock = work.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("ssh-agent listens", || sock.exists());
+    assert!(
+        Command::new("ssh-add")
+            .arg(&key)
+            .env("SSH_AUTH_SOCK", &sock)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = env
+        .cmd("alice", &["ssh", "-A", "dev", "--", "ssh-add -l"])
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("myco-forwarded"),
+        "{out:?}"
+    );
+    // -A without a local agent is a clear error.
+    let line = env
+        .run("alice", &["ssh", "-A", "dev", "--", "true"])
+        .fails();
+    assert!(line.contains("SSH_AUTH_SOCK"), "{line}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[test]
+fn bad_arguments_and_other_users_are_refused() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    env.add_user("admin", "alice");
+    env.add_user("admin", "bob");
+    let token = env.create_workspace("alice", "dev");
+    let _agent = env.start_agent(&token);
+    env.wait_agent_connected("alice", "dev");
+
+    let line = env.run("bob", &["ssh", "alice/dev", "--", "true"]).fails();
+    assert!(line.contains("workspace alice/dev not found"), "{line}");
+    let line = env.run("alice", &["ssh", "-R", "80:x", "dev"]).fails();
+    assert!(line.contains("[BIND:]PORT:HOST:HOSTPORT"), "{line}");
+    let line = env.run("alice", &["ssh", "-e", "NOEQUALS", "dev"]).fails();
+    assert!(line.contains("KEY=VALUE"), "{line}");
+    let line = env
+        .run("alice", &["ssh", "--stdio", "dev", "--", "true"])
+        .fails();
+    assert!(line.contains("--stdio"), "{line}");
+}
+
+/// Polls a tmux pane until `want` appears (bounded).
+fn wait_pane(session: &str, want: &str) -> String {
+    let mut text = String::new();
+    eventually(&format!("{want:?} appears in the terminal"), || {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", session])
+            .output()
+            .unwrap();
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains(want)
+    });
+    text
+}
+
+#[test]
+fn interactive_shell_in_raw_mode_follows_resizes() {
+    let (env, _agent) = TestEnv::with_agent();
+    let session = format!("myco-ssh-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        let st = Command::new("tmux").args(args).status().unwrap();
+        assert!(st.success(), "tmux {args:?}");
+    };
+    let cmd = env.cmd("alice", &["ssh", "dev"]);
+    let envs: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v?.to_str()?)))
+        .collect();
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &format!(
+            "env {} {} ssh dev",
+            envs.join(" "),
+            tests::myco_bin().display()
+        ),
+    ]);
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "echo mark-$((6*7)); stty size",
+        "Enter",
+    ]);
+    wait_pane(&session, "mark-42");
+    wait_pane(&session, "40 120");
+    tmux(&["resize-window", "-t", &session, "-x", "100", "-y", "30"]);
+    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    wait_pane(&session, "30 100");
+    // ^C goes to the remote shell (raw mode), which survives it.
+    tmux(&["send-keys", "-t", &session, "sleep 30", "Enter"]);
+    wait_pane(&session, "sleep 30");
+    tmux(&["send-keys", "-t", &session, "C-c"]);
+    tmux(&["send-keys", "-t", &session, "echo after-$((1+1))", "Enter"]);
+    wait_pane(&session, "after-2");
+    tmux(&["send-keys", "-t", &session, "exit 7", "Enter"]);
+    eventually("the session ends", || {
+        !Command::new("tmux")
+            .args(["has-session", "-t", &session])
+            .status()
+            .unwrap()
+            .success()
+    });
+}
