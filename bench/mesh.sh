@@ -78,19 +78,8 @@ sleep 0.5
 wgbt=$(ip netns exec mb-a iperf3 -c 10.202.0.2 -p 5302 -t "$T" -J | mbps)
 
 # 3. Myco: a coordinator, a user, a workspace and its agent, all on loopback.
-export MYCO_CONFIG_DIR="$work/cfg" MYCO_MESH_BIND=127.0.0.1:0 MYCO_PORTMAPPER=false
-"$MYCO" server --http-address 127.0.0.1:0 --data-dir "$work/data" >"$work/server.out" 2>"$work/server.err" &
-pids+=($!)
-for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
-url=$(sed -n 's/^myco coordinator listening on //p' "$work/server.out")
-echo "bench-password" | "$MYCO" login "$url" --first-user --username bench --password-stdin >/dev/null
-token=$("$MYCO" create bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["agent_tokens"][0]["token"])')
-"$MYCO" agent --url "$url" --token "$token" --data-dir "$work/agent" 2>"$work/agent.err" &
-pids+=($!)
-for _ in $(seq 200); do
-  "$MYCO" show bench -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") else 1)' && break
-  sleep 0.05
-done
+source bench/lib.sh
+start_myco
 
 st() { "$MYCO" speedtest bench -t "${T}s" -o json "$@" | python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["mbits_per_sec"]/8))'; }
 direct_down=$(st --direction down)
@@ -114,7 +103,6 @@ EOF
 read -r fp_direct_wall fp_direct_in <<<"$(first_pong)"
 read -r fp_relay_wall fp_relay_in <<<"$(first_pong --relay-only)"
 
-ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 cat <<EOF
 throughput, ${T}s each, MB/s (1 MB = 10^6 bytes)
   raw TCP loopback (iperf3)               $tcp

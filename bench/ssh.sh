@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# SSH side by side with OpenSSH's own sshd on loopback, measured in the same run:
+#   (a) cold whole-process `myco ssh bench -- true` vs `ssh -p PORT 127.0.0.1 true`
+#   (b) 1 GiB through the session each way (up: into `cat >/dev/null`; down: out of
+#       `head -c 1GiB /dev/zero`), plus OpenSSH's client to our agent via config-ssh
+#   (c) warm keystroke echo round trip through a remote PTY
+#
+#   bash bench/ssh.sh [RUNS]     (RUNS cold logins per side, default 20)
+#
+# Needs: openssh-server and openssh-client (Debian), python3, and a release build of
+# myco (`cargo build --release --bin myco`, or set $MYCO). sshd runs unprivileged
+# features only, from its own config on a high port, for this run; all on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${1:-20}
+MYCO=${MYCO:-target/release/myco}
+SSHD=${SSHD:-/usr/sbin/sshd}
+for tool in ssh ssh-keygen python3 "$SSHD" "$MYCO"; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "$tool" ] || { echo "bench/ssh.sh: missing $tool" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+source bench/lib.sh
+
+# OpenSSH: its own sshd with a throwaway host key and one authorized client key.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$work/client_key"
+cp "$work/client_key.pub" "$work/authorized_keys"
+cat >"$work/sshd_config" <<CFG
+Port $port
+ListenAddress 127.0.0.1
+HostKey $work/host_key
+AuthorizedKeysFile $work/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $work/sshd.pid
+Subsystem sftp internal-sftp
+CFG
+mkdir -p /run/sshd
+"$SSHD" -D -e -f "$work/sshd_config" 2>"$work/sshd.log" &
+pids+=($!)
+ossh=(ssh -F /dev/null -p "$port" -i "$work/client_key" -o IdentitiesOnly=yes -o BatchMode=yes
+  -o UserKnownHostsFile="$work/known_hosts" -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR
+  "$(id -un)@127.0.0.1")
+for _ in $(seq 100); do "${ossh[@]}" true 2>/dev/null && break; sleep 0.05; done
+
+start_myco
+"$MYCO" config-ssh --ssh-config-file "$work/ssh_config" -y >/dev/null
+viamyco=(ssh -F "$work/ssh_config" -o BatchMode=yes myco.bench)
+mssh=("$MYCO" ssh bench --)
+
+# (a) Cold logins, interleaved so both sides see the same machine noise.
+read -r cold_myco cold_ossh cold_via <<<"$(python3 - "$RUNS" <<PY
+import statistics, subprocess, sys, time
+runs = int(sys.argv[1])
+sides = {"myco": [$(printf '"%s",' "${mssh[@]}") "true"],
+         "ossh": [$(printf '"%s",' "${ossh[@]}") "true"],
+         "via":  [$(printf '"%s",' "${viamyco[@]}") "true"]}
+times = {k: [] for k in sides}
+for _ in range(runs):
+    for k, cmd in sides.items():
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+        times[k].append((time.perf_counter() - t) * 1000)
+print(" ".join("%.1f" % statistics.median(times[k]) for k in ("myco", "ossh", "via")))
+PY
+)"
+
+# (b) 1 GiB each way; MB/s with 1 MB = 10^6 bytes.
+GIB=1073741824
+timed() { python3 -c 'import subprocess,sys,time; t=time.perf_counter(); subprocess.run(sys.argv[1], shell=True, check=True); print("%.0f" % (1073741824/1e6/(time.perf_counter()-t)))' "$1"; }
+q() { printf '%q ' "$@"; }
+up_myco=$(timed "head -c $GIB /dev/zero | $(q "${mssh[@]}") 'cat >/dev/null'")
+up_ossh=$(timed "head -c $GIB /dev/zero | $(q "${ossh[@]}") 'cat >/dev/null'")
+up_via=$(timed "head -c $GIB /dev/zero | $(q "${viamyco[@]}") 'cat >/dev/null'")
+down_myco=$(timed "$(q "${mssh[@]}") 'head -c $GIB /dev/zero' >/dev/null")
+down_ossh=$(timed "$(q "${ossh[@]}") 'head -c $GIB /dev/zero' >/dev/null")
+down_via=$(timed "$(q "${viamyco[@]}") 'head -c $GIB /dev/zero' >/dev/null")
+
+# (c) Keystroke echo through a remote PTY, median and p90 of 300.
+read -r ks_myco ks_myco90 <<<"$(python3 bench/keystroke.py 300 "$MYCO" ssh -t bench -- 'echo READY; cat')"
+read -r ks_ossh ks_ossh90 <<<"$(python3 bench/keystroke.py 300 "${ossh[@]}" -tt 'echo READY; cat')"
+
+cat <<OUT
+(a) cold login + \`true\`, whole process, median of $RUNS (ms)
+  OpenSSH ssh -> sshd                     $cold_ossh
+  myco ssh -> agent                       $cold_myco   = $(ratio "$cold_myco" "$cold_ossh") x OpenSSH
+  OpenSSH ssh -> agent (config-ssh)       $cold_via   = $(ratio "$cold_via" "$cold_ossh") x OpenSSH
+(b) 1 GiB through the session, MB/s        up / down
+  OpenSSH ssh -> sshd                     $up_ossh / $down_ossh
+  myco ssh -> agent                       $up_myco / $down_myco   = $(ratio "$up_myco" "$up_ossh") / $(ratio "$down_myco" "$down_ossh") x OpenSSH
+  OpenSSH ssh -> agent (config-ssh)       $up_via / $down_via   = $(ratio "$up_via" "$up_ossh") / $(ratio "$down_via" "$down_ossh") x OpenSSH
+(c) keystroke echo through a PTY, ms      median / p90
+  OpenSSH ssh -> sshd                     $ks_ossh / $ks_ossh90
+  myco ssh -> agent                       $ks_myco / $ks_myco90   = $(ratio "$ks_myco" "$ks_ossh") x OpenSSH
+OUT
