@@ -7,6 +7,7 @@
 //! checked against a ticket, whatever network path it came by.
 
 mod control;
+mod forward;
 mod serve;
 mod sftp;
 mod ssh;

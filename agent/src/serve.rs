@@ -1,5 +1,5 @@
 //! The agent's mesh server: accepts connections, checks each one's ticket, and runs
-//! the protocol its ALPN names.
+//! the protocol its ALPN names (port forwarding lives in `forward`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +97,7 @@ async fn handle(
             .map_err(|e| e.to_string())?;
             session.await.map_err(|e| e.to_string())
         }
+        a if a == alpn::FORWARD => crate::forward::serve(conn.clone(), send, recv).await,
         other => Err(refuse(
             &conn,
             close::PROTOCOL,

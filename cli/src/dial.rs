@@ -10,11 +10,24 @@ use anyhow::{Context, bail};
 use iroh::endpoint::{Connection, ConnectionError, PathEvent, RecvStream, SendStream};
 use mesh::control::{AgentHello, ClientHello, ConnectInfo, ConnectRequest};
 use mesh::endpoint::{EndpointOptions, MeshEndpoint};
-use mesh::{WorkspaceRef, frame};
+use mesh::{WorkspaceRef, WorkspaceRefError, frame};
 use n0_future::StreamExt;
 
 use crate::Globals;
 use crate::client::Client;
+
+/// Host aliases written by `config-ssh` look like `myco.WS[.AGENT]`.
+/// SSH host aliases look like `myco.WS` or `myco.WS.AGENT`.
+pub const HOST_PREFIX: &str = "myco.";
+
+/// Parses a command's target, `[OWNER/]WS[.AGENT]`, or the SSH host alias
+/// `myco.WS[.AGENT]` a user may have in mind after `config-ssh`.
+///
+/// # Errors
+/// [`WorkspaceRefError`] when the text is neither.
+pub fn parse_target(text: &str) -> Result<WorkspaceRef, WorkspaceRefError> {
+    text.strip_prefix(HOST_PREFIX).unwrap_or(text).parse()
+}
 
 /// How the user asked to reach the mesh.
 #[derive(Debug, Clone, clap::Args)]
@@ -209,4 +222,18 @@ pub async fn dial(
         hello,
         paths,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_aliases_parse() {
+        let r = parse_target("myco.dev.main").unwrap();
+        assert_eq!(r.workspace.as_str(), "dev");
+        assert_eq!(r.agent.unwrap().as_str(), "main");
+        assert!(parse_target("myco.dev").unwrap().agent.is_none());
+        assert!(parse_target("alice/dev").unwrap().owner.is_some());
+    }
 }

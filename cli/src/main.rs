@@ -60,6 +60,8 @@ enum Command {
     Ping(cmd::ping::Args),
     /// Measure throughput to or from an agent over the mesh.
     Speedtest(cmd::speedtest::Args),
+    /// Forward local TCP and UDP ports to ports in a workspace over the mesh.
+    PortForward(cmd::port_forward::Args),
     /// Open a shell or run a command on an agent over SSH (`--stdio`: the raw SSH stream,
     /// for OpenSSH's ProxyCommand).
     Ssh(cmd::ssh::SshArgs),
@@ -152,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => cmd::agent::run(&globals, args).await,
         Command::Ping(args) => cmd::ping::run(&globals, args).await,
         Command::Speedtest(args) => cmd::speedtest::run(&globals, args).await,
+        Command::PortForward(args) => cmd::port_forward::run(&globals, args).await,
         Command::Ssh(args) => cmd::ssh::ssh(&globals, args).await,
         Command::ConfigSsh(args) => cmd::ssh::config_ssh(&globals, args).await,
         Command::Login(args) => cmd::login::login(&globals, args).await,

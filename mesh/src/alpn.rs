@@ -9,9 +9,19 @@ pub const SPEEDTEST: &[u8] = b"myco/speedtest/1";
 /// SSH: ticket handshake, then the SSH byte stream on the same QUIC stream.
 pub const SSH: &[u8] = b"myco/ssh/1";
 
+/// Port forwarding: ticket handshake on the first stream, which then stays open as the
+/// session's anchor; each forwarded TCP connection or UDP source is a new stream
+/// opened by the client with a [`crate::control::ForwardRequest`].
+pub const FORWARD: &[u8] = b"myco/forward/1";
+
 /// Every ALPN an agent accepts.
 pub fn agent_alpns() -> Vec<Vec<u8>> {
-    vec![PING.to_vec(), SPEEDTEST.to_vec(), SSH.to_vec()]
+    vec![
+        PING.to_vec(),
+        SPEEDTEST.to_vec(),
+        SSH.to_vec(),
+        FORWARD.to_vec(),
+    ]
 }
 
 /// QUIC application close codes an agent uses when it refuses a connection; the

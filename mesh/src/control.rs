@@ -116,3 +116,42 @@ pub struct SpeedtestResult {
     pub bytes: u64,
     pub elapsed_ms: u64,
 }
+
+/// What a port-forwarding stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardProtocol {
+    /// Raw bytes both ways after the reply: one stream per TCP connection.
+    Tcp,
+    /// Datagrams both ways, each a `u16` big-endian length and the payload
+    /// ([`crate::frame::write_datagram`]): one stream per local UDP source.
+    Udp,
+}
+
+impl std::fmt::Display for ForwardProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForwardProtocol::Tcp => "tcp",
+            ForwardProtocol::Udp => "udp",
+        })
+    }
+}
+
+/// First frame of every stream after the first on a [`crate::alpn::FORWARD`]
+/// connection: where the agent should connect (or send datagrams) for this stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    pub protocol: ForwardProtocol,
+    /// Host as the agent resolves it; clients send `127.0.0.1`.
+    pub host: String,
+    pub port: u16,
+}
+
+/// The agent's answer to a [`ForwardRequest`], sent once it has connected (TCP) or
+/// bound its socket (UDP). With an error the agent finishes the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardReply {
+    /// Why the agent could not forward, as a sentence for the user.
+    #[serde(default)]
+    pub error: Option<String>,
+}

@@ -1,11 +1,12 @@
 //! What the agent, the CLI and the coordinator share: validated names, timestamps, the
 //! wire types of the HTTP API and of the agent's control channel, node identities,
-//! signed connection tickets, ALPN names, the framing of mesh streams, and the one
-//! place iroh endpoints are built.
+//! signed connection tickets, ALPN names, the framing of mesh streams, the one
+//! place iroh endpoints are built, and the splice of forwarded TCP connections.
 //!
 //! Architecture Invariant: message types and ticket checks here are plain data and
 //! pure functions (time is passed in); only `identity` (a key file), `frame` (generic
-//! stream framing) and `endpoint` (binding an iroh endpoint) touch I/O.
+//! stream framing), `endpoint` (binding an iroh endpoint) and `splice` (forwarding's
+//! byte pump, used by agent and client alike) touch I/O.
 
 pub mod alpn;
 pub mod api;
@@ -14,6 +15,7 @@ pub mod endpoint;
 pub mod frame;
 pub mod identity;
 pub mod name;
+pub mod splice;
 pub mod ticket;
 pub mod time;
 

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod login;
 pub mod ping;
+pub mod port_forward;
 pub mod server;
 pub mod speedtest;
 pub mod ssh;

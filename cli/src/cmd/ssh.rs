@@ -10,10 +10,8 @@ use mesh::api::Workspace;
 
 use crate::Globals;
 use crate::client::Client;
-use crate::dial::{self, MeshArgs};
+use crate::dial::{self, HOST_PREFIX, MeshArgs};
 
-/// Host aliases look like `myco.WS` or `myco.WS.AGENT`.
-const HOST_PREFIX: &str = "myco.";
 const BEGIN: &str = "# ------------START-MYCO-----------";
 const END: &str = "# ------------END-MYCO------------";
 
@@ -30,7 +28,8 @@ Examples:
 The agent's host key is checked against the coordinator's record.")]
 pub struct SshArgs {
     /// The agent: [OWNER/]WORKSPACE[.AGENT], or the host alias myco.WORKSPACE[.AGENT].
-    target: String,
+    #[arg(value_parser = dial::parse_target, value_name = "WORKSPACE")]
+    target: WorkspaceRef,
     /// The command to run instead of a login shell (put it after `--`).
     #[arg(
         trailing_var_arg = true,
@@ -83,14 +82,8 @@ pub struct ConfigSshArgs {
     yes: bool,
 }
 
-fn parse_target(text: &str) -> anyhow::Result<WorkspaceRef> {
-    let text = text.strip_prefix(HOST_PREFIX).unwrap_or(text);
-    text.parse().map_err(anyhow::Error::from)
-}
-
 pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
-    let target = parse_target(&args.target)?;
-    let mut d = dial::dial(globals, &target, mesh::alpn::SSH, &args.mesh).await?;
+    let mut d = dial::dial(globals, &args.target, mesh::alpn::SSH, &args.mesh).await?;
     if !args.stdio {
         let command = match args.command.as_slice() {
             [] => None,
@@ -293,13 +286,5 @@ mod tests {
                 && !twice.contains("\"/bin/myco\"")
         );
         assert_eq!(twice.matches(BEGIN).count(), 1);
-    }
-
-    #[test]
-    fn host_aliases_parse() {
-        let r = parse_target("myco.dev.main").unwrap();
-        assert_eq!(r.workspace.as_str(), "dev");
-        assert_eq!(r.agent.unwrap().as_str(), "main");
-        assert!(parse_target("myco.dev").unwrap().agent.is_none());
     }
 }

@@ -1,0 +1,227 @@
+//! Port forwarding (`myco/forward/1`): after the ticket handshake the client keeps its
+//! first stream open as the session's anchor and opens one more stream per forwarded
+//! TCP connection or UDP source. Each starts with a [`ForwardRequest`]; the agent
+//! connects (or binds a UDP socket) in the workspace, answers a [`ForwardReply`], and
+//! relays until either side ends.
+//!
+//! The agent connects wherever it is asked, as for SSH's `direct-tcpip`: the ticket
+//! already proved the user owns this workspace, and the workspace's network is theirs.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
+use mesh::control::{ForwardProtocol, ForwardReply, ForwardRequest};
+use mesh::{frame, splice};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+/// How long a new stream has to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to the target may take before the client is told it failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A UDP session with no datagram either way for this long ends. The client expires
+/// its sessions after the same time; whichever side ends first finishes the stream.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Streams a client may have open at once: each is a TCP connection or a UDP source,
+/// and a browser opens dozens (noq's default is 100).
+const MAX_STREAMS: u32 = 4096;
+
+/// Serves one forwarding connection until the client ends its anchor stream or the
+/// connection goes.
+pub(crate) async fn serve(
+    conn: Connection,
+    anchor_send: SendStream,
+    mut anchor: RecvStream,
+) -> Result<(), String> {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_STREAMS));
+    // The client sends nothing more on the anchor; its end is the end of the session.
+    let anchor_ended = async { while let Ok(Some(_)) = anchor.read_chunk(1024).await {} };
+    tokio::pin!(anchor_ended);
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => {
+                let (send, recv) = accepted.map_err(|e| e.to_string())?;
+                tokio::spawn(stream(send, recv).in_current_span());
+            }
+            () = &mut anchor_ended => {
+                drop(anchor_send);
+                conn.close(0u32.into(), b"done");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One forwarded TCP connection or UDP session.
+async fn stream(send: SendStream, mut recv: RecvStream) {
+    let req: ForwardRequest =
+        match tokio::time::timeout(REQUEST_TIMEOUT, frame::read(&mut recv)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!("bad forward request: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("no forward request in time");
+                return;
+            }
+        };
+    let span = tracing::debug_span!(
+        "forward",
+        protocol = %req.protocol,
+        target = %format!("{}:{}", req.host, req.port)
+    );
+    async move {
+        let result = match req.protocol {
+            ForwardProtocol::Tcp => tcp(&req, send, recv).await,
+            ForwardProtocol::Udp => udp(&req, send, recv).await,
+        };
+        match result {
+            Ok(()) => tracing::debug!("forward ended"),
+            Err(e) => tracing::debug!("forward ended: {e}"),
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Tells the client why this stream cannot be forwarded, and ends it.
+async fn refuse(send: &mut SendStream, why: String) -> Result<(), String> {
+    tracing::debug!(why, "forward refused");
+    frame::write(send, &ForwardReply { error: Some(why) })
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+async fn accept(send: &mut SendStream) -> Result<(), String> {
+    frame::write(send, &ForwardReply { error: None })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Connects to `host:port` and relays bytes until both sides have ended.
+async fn tcp(req: &ForwardRequest, mut send: SendStream, recv: RecvStream) -> Result<(), String> {
+    let target = format!("{}:{}", req.host, req.port);
+    let tcp = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((req.host.as_str(), req.port)),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return refuse(
+                &mut send,
+                format!("nothing listens on {target} in the workspace (connection refused)"),
+            )
+            .await;
+        }
+        Ok(Err(e)) => {
+            return refuse(
+                &mut send,
+                format!("cannot connect to {target} from the workspace: {e}"),
+            )
+            .await;
+        }
+        Err(_) => {
+            return refuse(
+                &mut send,
+                format!(
+                    "{target} did not answer within {}s in the workspace",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+            .await;
+        }
+    };
+    // Interactive protocols (terminals, dev-server websockets) want each write sent now.
+    let _ = tcp.set_nodelay(true);
+    accept(&mut send).await?;
+    splice::tcp(tcp, send, recv)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Binds a UDP socket connected to `host:port` and relays datagrams until the client
+/// ends the stream or the session has been idle for [`UDP_IDLE`].
+async fn udp(
+    req: &ForwardRequest,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), String> {
+    let (send, recv) = (&mut send, &mut recv);
+    let target = format!("{}:{}", req.host, req.port);
+    let addr = match tokio::net::lookup_host((req.host.as_str(), req.port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+    {
+        Some(a) => a,
+        None => return refuse(send, format!("cannot resolve {target} in the workspace")).await,
+    };
+    let local: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // One socket per client source, so the target sees each source as its own peer.
+    let socket = match UdpSocket::bind(local).await {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(
+                send,
+                format!("cannot open a UDP socket in the workspace: {e}"),
+            )
+            .await;
+        }
+    };
+    if let Err(e) = socket.connect(addr).await {
+        return refuse(
+            send,
+            format!("cannot send to {target} from the workspace: {e}"),
+        )
+        .await;
+    }
+    accept(send).await?;
+    let activity = Notify::new();
+    let to_target = async {
+        while let Some(d) = frame::read_datagram(recv)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            match socket.send(&d).await {
+                Ok(_) => {}
+                // An earlier datagram met a closed port; UDP servers come and go.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            activity.notify_one();
+        }
+        Ok(())
+    };
+    let from_target = async {
+        let mut buf = vec![0u8; frame::MAX_DATAGRAM];
+        loop {
+            match socket.recv(&mut buf).await {
+                Ok(n) => {
+                    frame::write_datagram(send, &buf[..n])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    activity.notify_one();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err::<(), _>(e.to_string()),
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = to_target => r,
+        r = from_target => r,
+        () = splice::until_idle(&activity, UDP_IDLE) => Ok(()),
+    };
+    let _ = send.finish();
+    result
+}
