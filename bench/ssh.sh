@@ -5,7 +5,8 @@
 #       `head -c 1GiB /dev/zero`), plus OpenSSH's client to our agent via config-ssh
 #   (c) warm keystroke echo round trip through a remote PTY
 #
-#   bash bench/ssh.sh [RUNS]     (RUNS cold logins per side, default 20)
+#   bash bench/ssh.sh [RUNS]     (RUNS cold logins per side, default 20;
+#                                 BULK_ROUNDS=N bulk rounds per side, default 3)
 #
 # Needs: openssh-server and openssh-client (Debian), python3, and a release build of
 # myco (`cargo build --release --bin myco`, or set $MYCO). sshd runs unprivileged
@@ -77,16 +78,27 @@ print(" ".join("%.1f" % statistics.median(times[k]) for k in ("myco", "ossh", "v
 PY
 )"
 
-# (b) 1 GiB each way; MB/s with 1 MB = 10^6 bytes.
+# (b) 1 GiB each way, BULK_ROUNDS rounds interleaved, median; MB/s (1 MB = 10^6 bytes).
 GIB=1073741824
-timed() { python3 -c 'import subprocess,sys,time; t=time.perf_counter(); subprocess.run(sys.argv[1], shell=True, check=True); print("%.0f" % (1073741824/1e6/(time.perf_counter()-t)))' "$1"; }
 q() { printf '%q ' "$@"; }
-up_myco=$(timed "head -c $GIB /dev/zero | $(q "${mssh[@]}") 'cat >/dev/null'")
-up_ossh=$(timed "head -c $GIB /dev/zero | $(q "${ossh[@]}") 'cat >/dev/null'")
-up_via=$(timed "head -c $GIB /dev/zero | $(q "${viamyco[@]}") 'cat >/dev/null'")
-down_myco=$(timed "$(q "${mssh[@]}") 'head -c $GIB /dev/zero' >/dev/null")
-down_ossh=$(timed "$(q "${ossh[@]}") 'head -c $GIB /dev/zero' >/dev/null")
-down_via=$(timed "$(q "${viamyco[@]}") 'head -c $GIB /dev/zero' >/dev/null")
+read -r up_myco up_ossh up_via down_myco down_ossh down_via <<<"$(python3 - "${BULK_ROUNDS:-3}" \
+  "head -c $GIB /dev/zero | $(q "${mssh[@]}") 'cat >/dev/null'" \
+  "head -c $GIB /dev/zero | $(q "${ossh[@]}") 'cat >/dev/null'" \
+  "head -c $GIB /dev/zero | $(q "${viamyco[@]}") 'cat >/dev/null'" \
+  "$(q "${mssh[@]}") 'head -c $GIB /dev/zero' >/dev/null" \
+  "$(q "${ossh[@]}") 'head -c $GIB /dev/zero' >/dev/null" \
+  "$(q "${viamyco[@]}") 'head -c $GIB /dev/zero' >/dev/null" <<'PY'
+import statistics, subprocess, sys, time
+rounds, cmds = int(sys.argv[1]), sys.argv[2:]
+rates = [[] for _ in cmds]
+for _ in range(rounds):
+    for i, cmd in enumerate(cmds):
+        t = time.perf_counter()
+        subprocess.run(cmd, shell=True, check=True)
+        rates[i].append(1073741824 / 1e6 / (time.perf_counter() - t))
+print(" ".join("%.0f" % statistics.median(r) for r in rates))
+PY
+)"
 
 # (c) Keystroke echo through a remote PTY, median and p90 of 300.
 read -r ks_myco ks_myco90 <<<"$(python3 bench/keystroke.py 300 "$MYCO" ssh -t bench -- 'echo READY; cat')"
@@ -97,7 +109,7 @@ cat <<OUT
   OpenSSH ssh -> sshd                     $cold_ossh
   myco ssh -> agent                       $cold_myco   = $(ratio "$cold_myco" "$cold_ossh") x OpenSSH
   OpenSSH ssh -> agent (config-ssh)       $cold_via   = $(ratio "$cold_via" "$cold_ossh") x OpenSSH
-(b) 1 GiB through the session, MB/s        up / down
+(b) 1 GiB through the session, MB/s, median of ${BULK_ROUNDS:-3}   up / down
   OpenSSH ssh -> sshd                     $up_ossh / $down_ossh
   myco ssh -> agent                       $up_myco / $down_myco   = $(ratio "$up_myco" "$up_ossh") / $(ratio "$down_myco" "$down_ossh") x OpenSSH
   OpenSSH ssh -> agent (config-ssh)       $up_via / $down_via   = $(ratio "$up_via" "$up_ossh") / $(ratio "$down_via" "$down_ossh") x OpenSSH

@@ -54,7 +54,10 @@ pub fn load_or_create_host_key(dir: &Path) -> Result<PrivateKey, String> {
     Ok(key)
 }
 
-/// The server configuration: our host key, no authentication beyond the ticket.
+/// The server configuration: our host key, no authentication beyond the ticket, and
+/// the bulk settings measured in bench/ssh.sh (BENCHMARKS.md): a large window so a
+/// round trip never stalls a transfer, and AES-GCM first (AES-NI does it in hardware,
+/// cheaper than ChaCha20-Poly1305, which OpenSSH's client still picks first for itself).
 pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
         keys: vec![host_key],
@@ -62,6 +65,10 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
         auth_rejection_time: std::time::Duration::ZERO,
         auth_rejection_time_initial: Some(std::time::Duration::ZERO),
         nodelay: true,
+        window_size: mesh::ssh::WINDOW,
+        maximum_packet_size: mesh::ssh::MAX_PACKET,
+        channel_buffer_size: mesh::ssh::CHANNEL_BUFFER,
+        preferred: mesh::ssh::server_preferred(),
         ..Default::default()
     })
 }
@@ -354,7 +361,7 @@ async fn pump<R: AsyncRead + Unpin>(
     ext: Option<u32>,
 ) {
     let Some(mut out) = out else { return };
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; mesh::ssh::READ_CHUNK];
     loop {
         let n = match out.read(&mut buf).await {
             Ok(0) | Err(_) => return,

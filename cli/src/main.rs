@@ -8,6 +8,7 @@ mod dirs;
 mod output;
 mod session;
 mod ssh_client;
+mod stdio;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

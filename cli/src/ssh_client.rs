@@ -7,21 +7,27 @@
 //! The remote exit status becomes ours (128 + N for a command killed by signal N).
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use russh::keys::{PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Sig};
-use tokio::io::AsyncWriteExt;
 
 use crate::dial::Dialed;
+use crate::stdio::{Output, Stream};
 
-/// The SSH client's settings: no Nagle (keystrokes go out at once).
+/// The SSH client's settings: the same bulk settings as the agent's server
+/// (`mesh::ssh`), no SSH-level cipher inside the mesh, and no Nagle (keystrokes go out
+/// at once).
 pub fn config() -> Arc<russh::client::Config> {
     Arc::new(russh::client::Config {
         nodelay: true,
+        window_size: mesh::ssh::WINDOW,
+        maximum_packet_size: mesh::ssh::MAX_PACKET,
+        channel_buffer_size: mesh::ssh::CHANNEL_BUFFER,
+        preferred: mesh::ssh::client_preferred(),
         ..Default::default()
     })
 }
@@ -201,30 +207,6 @@ fn window_size() -> (u32, u32) {
         .map_or((80, 24), |(w, h)| (u32::from(w.0), u32::from(h.0)))
 }
 
-/// Stdin on its own thread: tokio's stdin would keep the process alive at exit while
-/// a read is pending. `None` is end of input.
-fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.blocking_send(None);
-                    return;
-                }
-                Ok(n) => {
-                    if tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    rx
-}
-
 /// The exit code for a command killed by `sig` (as a shell reports it).
 fn signal_exit_code(sig: &Sig) -> u8 {
     let n = match sig {
@@ -345,10 +327,9 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut input = stdin_chunks();
+    let mut input = crate::stdio::stdin_chunks();
     let mut input_open = true;
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
+    let output = Output::new();
     let mut code = None;
     loop {
         tokio::select! {
@@ -370,13 +351,9 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
             _ = term.recv() => channel.signal(Sig::TERM).await?,
             _ = hup.recv() => channel.signal(Sig::HUP).await?,
             msg = channel.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    stdout.write_all(&data).await?;
-                    stdout.flush().await?;
-                }
+                Some(ChannelMsg::Data { data }) => output.write(Stream::Stdout, data).await?,
                 Some(ChannelMsg::ExtendedData { data, .. }) => {
-                    stderr.write_all(&data).await?;
-                    stderr.flush().await?;
+                    output.write(Stream::Stderr, data).await?;
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     code = Some(u8::try_from(exit_status).unwrap_or(255));
@@ -392,6 +369,7 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
             },
         }
     }
+    output.finish().await?;
     drop(_raw);
     let _ = session
         .disconnect(russh::Disconnect::ByApplication, "", "en")

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod identity;
 pub mod name;
 pub mod splice;
+pub mod ssh;
 pub mod ticket;
 pub mod time;
 

@@ -8,10 +8,16 @@ use anyhow::{Context, bail};
 use mesh::WorkspaceRef;
 use mesh::api::Workspace;
 
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+
 use crate::Globals;
 use crate::client::Client;
 use crate::dial::{self, HOST_PREFIX, MeshArgs};
+use crate::stdio::{Output, Stream};
 
+/// Bytes gathered from the agent before one write to stdout.
+const CHUNK: usize = 256 * 1024;
 const BEGIN: &str = "# ------------START-MYCO-----------";
 const END: &str = "# ------------END-MYCO------------";
 
@@ -108,27 +114,46 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut stdin = tokio::io::stdin();
-    let mut stdout = tokio::io::stdout();
-    let upload = async {
-        tokio::io::copy(&mut stdin, &mut d.send).await?;
-        d.send.finish()?;
-        anyhow::Ok(())
-    };
-    let download = async {
-        tokio::io::copy(&mut d.recv, &mut stdout).await?;
-        tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
-        anyhow::Ok(())
-    };
-    // The session ends when the agent ends its side; stdin may stay open after that.
-    tokio::pin!(upload);
-    tokio::select! {
-        r = download => r.context("the SSH stream from the agent broke off")?,
-        r = &mut upload => {
-            r.context("the SSH stream to the agent broke off")?;
-            tokio::io::copy(&mut d.recv, &mut stdout).await.context("the SSH stream from the agent broke off")?;
+    // Bytes are moved in large chunks: OpenSSH's writes are at most 32 KiB and QUIC
+    // hands out about a packet per read, so both sides are gathered before a write.
+    let mut input = crate::stdio::stdin_chunks();
+    let output = Output::new();
+    {
+        let upload = async {
+            while let Some(Some(chunk)) = input.recv().await {
+                d.send.write_chunk(chunk).await?;
+            }
+            d.send.finish()?;
+            anyhow::Ok(())
+        };
+        let download = async {
+            let mut buf = BytesMut::new();
+            loop {
+                buf.reserve(CHUNK);
+                match d.recv.read_buf(&mut buf).await? {
+                    0 => break,
+                    _ => output.write(Stream::Stdout, buf.split().freeze()).await?,
+                }
+            }
+            anyhow::Ok(())
+        };
+        // The session ends when the agent ends its side; stdin may stay open after that.
+        tokio::pin!(upload, download);
+        let mut uploading = true;
+        loop {
+            tokio::select! {
+                r = &mut download => {
+                    r.context("the SSH stream from the agent broke off")?;
+                    break;
+                }
+                r = &mut upload, if uploading => {
+                    r.context("the SSH stream to the agent broke off")?;
+                    uploading = false;
+                }
+            }
         }
     }
+    output.finish().await?;
     d.conn.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.mesh.endpoint.close()).await;
     Ok(())

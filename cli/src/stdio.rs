@@ -1,0 +1,101 @@
+//! The process's stdin and stdout/stderr on threads of their own, with plain blocking
+//! I/O. tokio's stdio hops to the blocking pool for every read and write (a measurable
+//! cost in bulk transfers), and a pending tokio stdin read keeps the process alive at
+//! exit.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// Bytes read from stdin at a time.
+const CHUNK: usize = 256 * 1024;
+
+/// Chunks of stdin as they arrive; `None` is end of input (or a read error).
+pub fn stdin_chunks() -> mpsc::Receiver<Option<Bytes>> {
+    let (tx, rx) = mpsc::channel(8);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.blocking_send(None);
+                    return;
+                }
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Some(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Which output a chunk goes to.
+#[derive(Debug, Clone, Copy)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Stdout and stderr written in order by one thread.
+pub struct Output {
+    tx: Option<mpsc::Sender<(Stream, Bytes)>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Output {
+    pub fn new() -> Self {
+        let (tx, mut rx) = mpsc::channel::<(Stream, Bytes)>(8);
+        let thread = std::thread::spawn(move || {
+            let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+            while let Some((stream, data)) = rx.blocking_recv() {
+                let w: &mut dyn Write = match stream {
+                    Stream::Stdout => &mut out,
+                    Stream::Stderr => &mut err,
+                };
+                w.write_all(&data)?;
+                w.flush()?;
+            }
+            Ok(())
+        });
+        Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues `data`; fails once the writer has stopped (e.g. stdout was closed).
+    pub async fn write(&self, stream: Stream, data: Bytes) -> std::io::Result<()> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send((stream, data)).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the output is closed",
+            ))
+        }
+    }
+
+    /// Waits until everything queued is written.
+    pub async fn finish(mut self) -> std::io::Result<()> {
+        self.tx = None;
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(r)) => r,
+            _ => Err(std::io::Error::other("the output thread failed")),
+        }
+    }
+}
