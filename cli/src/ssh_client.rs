@@ -329,7 +329,11 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut input = crate::stdio::stdin_chunks();
     let mut input_open = true;
-    let output = Output::new();
+    let output = if tty {
+        Output::direct()
+    } else {
+        Output::threaded()
+    };
     let mut code = None;
     loop {
         tokio::select! {

@@ -44,14 +44,25 @@ pub enum Stream {
     Stderr,
 }
 
-/// Stdout and stderr written in order by one thread.
+/// Stdout and stderr written in order, by a thread of their own (bulk data: the
+/// runtime never waits for a slow reader) or directly (a terminal: keystroke echoes
+/// skip a thread hop; a terminal takes small writes at once).
 pub struct Output {
     tx: Option<mpsc::Sender<(Stream, Bytes)>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Output {
-    pub fn new() -> Self {
+    /// Writes from the caller's thread.
+    pub fn direct() -> Self {
+        Self {
+            tx: None,
+            thread: None,
+        }
+    }
+
+    /// Writes from a thread of its own.
+    pub fn threaded() -> Self {
         let (tx, mut rx) = mpsc::channel::<(Stream, Bytes)>(8);
         let thread = std::thread::spawn(move || {
             let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
@@ -71,8 +82,16 @@ impl Output {
         }
     }
 
-    /// Queues `data`; fails once the writer has stopped (e.g. stdout was closed).
+    /// Writes or queues `data`; fails once the writer has stopped (e.g. stdout closed).
     pub async fn write(&self, stream: Stream, data: Bytes) -> std::io::Result<()> {
+        if self.thread.is_none() {
+            let mut w: Box<dyn Write> = match stream {
+                Stream::Stdout => Box::new(std::io::stdout().lock()),
+                Stream::Stderr => Box::new(std::io::stderr().lock()),
+            };
+            w.write_all(&data)?;
+            return w.flush();
+        }
         let sent = match &self.tx {
             Some(tx) => tx.send((stream, data)).await.is_ok(),
             None => false,
