@@ -100,9 +100,23 @@ print(" ".join("%.0f" % statistics.median(r) for r in rates))
 PY
 )"
 
-# (c) Keystroke echo through a remote PTY, median and p90 of 300.
-read -r ks_myco ks_myco90 <<<"$(python3 bench/keystroke.py 300 "$MYCO" ssh -t bench -- 'echo READY; cat')"
-read -r ks_ossh ks_ossh90 <<<"$(python3 bench/keystroke.py 300 "${ossh[@]}" -tt 'echo READY; cat')"
+# (c) Keystroke echo through a remote PTY: 3 interleaved rounds of 200 keystrokes per
+# side; the median of the rounds' medians and of their p90s.
+ks_rounds() {
+  local m=() o=()
+  for _ in 1 2 3; do
+    m+=("$(python3 bench/keystroke.py 200 "$MYCO" ssh -t bench -- 'echo READY; cat')")
+    o+=("$(python3 bench/keystroke.py 200 "${ossh[@]}" -tt 'echo READY; cat')")
+  done
+  python3 - "${m[@]}" "${o[@]}" <<'PY'
+import statistics, sys
+runs = [tuple(map(float, a.split())) for a in sys.argv[1:]]
+med = lambda rs, i: statistics.median(r[i] for r in rs)
+m, o = runs[:3], runs[3:]
+print("%.3f %.3f %.3f %.3f" % (med(m, 0), med(m, 1), med(o, 0), med(o, 1)))
+PY
+}
+read -r ks_myco ks_myco90 ks_ossh ks_ossh90 <<<"$(ks_rounds)"
 
 cat <<OUT
 (a) cold login + \`true\`, whole process, median of $RUNS (ms)
@@ -113,7 +127,7 @@ cat <<OUT
   OpenSSH ssh -> sshd                     $up_ossh / $down_ossh
   myco ssh -> agent                       $up_myco / $down_myco   = $(ratio "$up_myco" "$up_ossh") / $(ratio "$down_myco" "$down_ossh") x OpenSSH
   OpenSSH ssh -> agent (config-ssh)       $up_via / $down_via   = $(ratio "$up_via" "$up_ossh") / $(ratio "$down_via" "$down_ossh") x OpenSSH
-(c) keystroke echo through a PTY, ms      median / p90
+(c) keystroke echo through a PTY, ms (3 x 200)   median / p90
   OpenSSH ssh -> sshd                     $ks_ossh / $ks_ossh90
   myco ssh -> agent                       $ks_myco / $ks_myco90   = $(ratio "$ks_myco" "$ks_ossh") x OpenSSH
 OUT

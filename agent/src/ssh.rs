@@ -361,13 +361,18 @@ async fn pump<R: AsyncRead + Unpin>(
     ext: Option<u32>,
 ) {
     let Some(mut out) = out else { return };
-    let mut buf = vec![0u8; mesh::ssh::READ_CHUNK];
+    // Reads land in a large shared buffer whose filled part is handed on without a
+    // copy; a new buffer is taken only when little room is left.
+    let mut buf = bytes::BytesMut::new();
     loop {
-        let n = match out.read(&mut buf).await {
+        if buf.capacity() < 16 * 1024 {
+            buf.reserve(mesh::ssh::READ_CHUNK);
+        }
+        match out.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+            Ok(_) => {}
+        }
+        let data = buf.split().freeze();
         let sent = match ext {
             None => handle.data(channel, data).await.is_ok(),
             Some(code) => handle.extended_data(channel, code, data).await.is_ok(),

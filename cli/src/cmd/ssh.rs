@@ -195,6 +195,7 @@ fn block(myco: &Path, config_dir: &Path, known_hosts: &Path) -> String {
            ProxyCommand {} --config-dir {} ssh --stdio %h\n  \
            UserKnownHostsFile {}\n  \
            StrictHostKeyChecking yes\n  \
+           Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n  \
            ConnectTimeout 0\n  \
            LogLevel ERROR\n\
          {END}\n",
