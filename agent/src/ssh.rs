@@ -19,6 +19,7 @@ use russh::server::{Auth, Handle, Msg, Session};
 use russh::{Channel, ChannelId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
+use tokio::sync::mpsc;
 
 /// File name of the forwarded agent's socket, inside its private temp dir.
 const AGENT_SOCKET: &str = "agent.sock";
@@ -106,21 +107,63 @@ fn size(cols: u32, rows: u32) -> pty_process::Size {
     )
 }
 
+/// Client data queued per channel for the command's stdin or terminal: about 256 MiB
+/// of 64 KiB packets. The session loop hands data over without waiting for the
+/// command (a command that stops reading while its output waits on a full client
+/// window would otherwise stall the loop, and with it the window adjust that frees it).
+const INPUT_QUEUE: usize = 4096;
+/// How long a terminal's output is drained after its shell exits, when background
+/// jobs keep the terminal open.
+const PTY_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long `ssh -L` waits for the workspace's TCP connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Variables of the agent's own environment no session inherits: credentials of the
+/// agent, and an SSH agent that was not forwarded.
+const PRIVATE_ENV: &[&str] = &[
+    "MYCO_AGENT_TOKEN",
+    "MYCO_AGENT_URL",
+    "MYCO_TOKEN",
+    "SSH_AUTH_SOCK",
+];
+
+/// What the session loop passes to a running command's input task.
+enum Input {
+    Data(bytes::Bytes),
+    Resize(pty_process::Size),
+    Eof,
+}
+
+/// A channel running a command.
+struct Running {
+    input: mpsc::Sender<Input>,
+    /// The command's process group (its pid), for signals.
+    pgid: Option<i32>,
+    /// The tasks feeding and reading the command; aborting them drops (kills) it.
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// One SSH connection.
 pub struct SshSession {
     base_env: SessionEnv,
-    /// Per channel: environment the client asked for, and the running child's stdin.
+    /// Per channel: environment the client asked for.
     env: HashMap<ChannelId, Vec<(String, String)>>,
-    stdin: HashMap<ChannelId, ChildStdin>,
-    /// Per channel: a requested terminal, then the terminal's writing half.
+    /// Per channel: a requested terminal.
     pty_requests: HashMap<ChannelId, PtyRequest>,
-    ptys: HashMap<ChannelId, pty_process::OwnedWritePty>,
+    /// Per channel: the running command. Dropped with the channel or the connection,
+    /// which ends the command.
+    running: HashMap<ChannelId, Running>,
     /// Remote forwards (`ssh -R`): (address, port) -> the listener's task.
     forwards: HashMap<(String, u32), tokio::task::JoinHandle<()>>,
     /// Session channels not yet running anything; a subsystem takes its channel.
     channels: HashMap<ChannelId, Channel<Msg>>,
-    /// Per channel: the running command's process id, for signals.
-    pids: HashMap<ChannelId, u32>,
     /// Agent forwarding, once asked for: the socket's private dir and its listener.
     agent: Option<(tempfile::TempDir, tokio::task::JoinHandle<()>)>,
 }
@@ -143,12 +186,10 @@ impl SshSession {
         Self {
             base_env,
             env: HashMap::new(),
-            stdin: HashMap::new(),
             pty_requests: HashMap::new(),
-            ptys: HashMap::new(),
+            running: HashMap::new(),
             forwards: HashMap::new(),
             channels: HashMap::new(),
-            pids: HashMap::new(),
             agent: None,
         }
     }
@@ -198,6 +239,9 @@ impl SshSession {
         if let Some(home) = std::env::var_os("HOME") {
             cmd.current_dir(home);
         }
+        for name in PRIVATE_ENV {
+            cmd.env_remove(name);
+        }
         if let Some(sock) = self.agent_socket() {
             cmd.env("SSH_AUTH_SOCK", sock);
         }
@@ -209,7 +253,8 @@ impl SshSession {
         cmd
     }
 
-    /// Runs the command on a new terminal.
+    /// Runs the command on a new terminal. The session ends when the shell exits
+    /// (after a short drain, so background jobs holding the terminal do not keep it).
     fn spawn_pty(
         &mut self,
         channel: ChannelId,
@@ -223,16 +268,48 @@ impl SshSession {
             .env("TERM", &req.term)
             .spawn(pts)
             .map_err(|e| e.to_string())?;
-        if let Some(pid) = child.id() {
-            self.pids.insert(channel, pid);
-        }
-        let (read, write) = pty.into_split();
-        self.ptys.insert(channel, write);
-        tokio::spawn(async move {
-            // The terminal reads EIO once the child and its descendants have gone.
-            pump(Some(read), handle.clone(), channel, None).await;
-            finish(&mut child, &handle, channel).await;
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        let (read, mut write) = pty.into_split();
+        let (tx, mut rx) = mpsc::channel(INPUT_QUEUE);
+        let feeder = tokio::spawn(async move {
+            while let Some(input) = rx.recv().await {
+                match input {
+                    Input::Data(d) => {
+                        if write.write_all(&d).await.is_err() {
+                            return;
+                        }
+                    }
+                    Input::Resize(size) => {
+                        if let Err(e) = write.resize(size) {
+                            tracing::debug!("cannot resize the terminal: {e}");
+                        }
+                    }
+                    // A terminal has no end of input; ^D is data.
+                    Input::Eof => {}
+                }
+            }
         });
+        let reader = tokio::spawn(async move {
+            // The terminal reads EIO once the shell and everything it started are gone.
+            let out = pump(Some(read), handle.clone(), channel, None);
+            tokio::pin!(out);
+            let status = tokio::select! {
+                () = &mut out => child.wait().await,
+                status = child.wait() => {
+                    let _ = tokio::time::timeout(PTY_DRAIN, &mut out).await;
+                    status
+                }
+            };
+            report(status, &handle, channel).await;
+        });
+        self.running.insert(
+            channel,
+            Running {
+                input: tx,
+                pgid,
+                tasks: [feeder.abort_handle(), reader.abort_handle()],
+            },
+        );
         Ok(())
     }
 
@@ -248,25 +325,60 @@ impl SshSession {
         if let Some(req) = self.pty_requests.remove(&channel) {
             return self.spawn_pty(channel, cmd, req, handle);
         }
+        // Its own process group, so a signal reaches the whole pipeline, as with sshd.
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .process_group(0);
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
-        if let Some(pid) = child.id() {
-            self.pids.insert(channel, pid);
-        }
-        if let Some(stdin) = child.stdin.take() {
-            self.stdin.insert(channel, stdin);
-        }
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        tokio::spawn(async move {
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let feeder = tokio::spawn(feed(stdin, rx));
+        let reader = tokio::spawn(async move {
             let out = pump(stdout, handle.clone(), channel, None);
             let err = pump(stderr, handle.clone(), channel, Some(1));
             let _ = tokio::join!(out, err);
-            finish(&mut child, &handle, channel).await;
+            report(child.wait().await, &handle, channel).await;
         });
+        self.running.insert(
+            channel,
+            Running {
+                input: tx,
+                pgid,
+                tasks: [feeder.abort_handle(), reader.abort_handle()],
+            },
+        );
         Ok(())
+    }
+
+    /// Hands client input to the channel's command without waiting for it to be read.
+    async fn input(&mut self, channel: ChannelId, input: Input) {
+        if let Some(r) = self.running.get(&channel)
+            && r.input.send(input).await.is_err()
+        {
+            // The command stopped reading its input; the rest is dropped.
+            tracing::debug!("input for a finished command dropped");
+        }
+    }
+}
+
+/// Writes client data into a command's stdin until the client's EOF (or the command
+/// closes its stdin); dropping stdin is how EOF reaches the command.
+async fn feed(stdin: Option<ChildStdin>, mut rx: mpsc::Receiver<Input>) {
+    let Some(mut stdin) = stdin else { return };
+    while let Some(input) = rx.recv().await {
+        match input {
+            Input::Data(d) => {
+                if stdin.write_all(&d).await.is_err() {
+                    return;
+                }
+            }
+            Input::Eof => return,
+            Input::Resize(_) => {}
+        }
     }
 }
 
@@ -277,11 +389,15 @@ fn login_shell() -> String {
         .unwrap_or_else(|| "/bin/sh".into())
 }
 
-/// Waits for the child, reports its exit status (or the signal that killed it), and
-/// closes the channel.
-async fn finish(child: &mut tokio::process::Child, handle: &Handle, channel: ChannelId) {
+/// Reports the command's exit status (or the signal that killed it) and closes the
+/// channel.
+async fn report(
+    status: std::io::Result<std::process::ExitStatus>,
+    handle: &Handle,
+    channel: ChannelId,
+) {
     use std::os::unix::process::ExitStatusExt;
-    match child.wait().await {
+    match status {
         Ok(status) => match (status.code(), status.signal()) {
             (Some(code), _) => {
                 let _ = handle
@@ -407,9 +523,8 @@ impl russh::server::Handler for SshSession {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
-        self.pids.remove(&channel);
-        self.stdin.remove(&channel);
-        self.ptys.remove(&channel);
+        // Ends the command if it still runs (the client went away first).
+        self.running.remove(&channel);
         self.env.remove(&channel);
         self.pty_requests.remove(&channel);
         Ok(())
@@ -455,14 +570,13 @@ impl russh::server::Handler for SshSession {
         signal: russh::Sig,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some(pid), Some(sig)) = (self.pids.get(&channel), signal_of(&signal)) else {
+        let pgid = self.running.get(&channel).and_then(|r| r.pgid);
+        let (Some(pgid), Some(sig)) = (pgid, signal_of(&signal)) else {
             return Ok(());
         };
-        let Ok(pid) = i32::try_from(*pid) else {
-            return Ok(());
-        };
-        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
-            tracing::debug!(pid, "cannot signal the command: {e}");
+        // The command's whole process group: `a | b` or `cd x && make` all get it.
+        if let Err(e) = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig) {
+            tracing::debug!(pgid, "cannot signal the command: {e}");
         }
         Ok(())
     }
@@ -482,27 +596,32 @@ impl russh::server::Handler for SshSession {
             reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        match tokio::net::TcpStream::connect((host_to_connect, port)).await {
-            Ok(mut tcp) => {
-                reply.accept().await;
-                let _ = tcp.set_nodelay(true);
-                let target = format!("{host_to_connect}:{port}");
-                tokio::spawn(async move {
+        // Connected outside the session loop: a host that never answers must not
+        // stall the connection's other channels.
+        let target = format!("{host_to_connect}:{port}");
+        let host = host_to_connect.to_owned();
+        tokio::spawn(async move {
+            let connected = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect((host, port)),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            match connected {
+                Ok(mut tcp) => {
+                    reply.accept().await;
+                    let _ = tcp.set_nodelay(true);
                     let mut stream = channel.into_stream();
                     if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
                         tracing::debug!(%target, "forwarded connection ended: {e}");
                     }
-                });
+                }
+                Err(e) => {
+                    tracing::info!(%target, "cannot open forwarded connection: {e}");
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                }
             }
-            Err(e) => {
-                tracing::info!(
-                    host = host_to_connect,
-                    port,
-                    "cannot open forwarded connection: {e}"
-                );
-                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
-            }
-        }
+        });
         Ok(())
     }
 
@@ -656,11 +775,8 @@ impl russh::server::Handler for SshSession {
         _pix_height: u32,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(pty) = self.ptys.get(&channel)
-            && let Err(e) = pty.resize(size(col_width, row_height))
-        {
-            tracing::debug!("cannot resize the terminal: {e}");
-        }
+        self.input(channel, Input::Resize(size(col_width, row_height)))
+            .await;
         Ok(())
     }
 
@@ -670,17 +786,8 @@ impl russh::server::Handler for SshSession {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(pty) = self.ptys.get_mut(&channel) {
-            if pty.write_all(data).await.is_err() {
-                self.ptys.remove(&channel);
-            }
-            return Ok(());
-        }
-        if let Some(stdin) = self.stdin.get_mut(&channel)
-            && stdin.write_all(data).await.is_err()
-        {
-            self.stdin.remove(&channel);
-        }
+        self.input(channel, Input::Data(bytes::Bytes::copy_from_slice(data)))
+            .await;
         Ok(())
     }
 
@@ -689,8 +796,7 @@ impl russh::server::Handler for SshSession {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Dropping the child's stdin is how EOF reaches it.
-        self.stdin.remove(&channel);
+        self.input(channel, Input::Eof).await;
         Ok(())
     }
 }

@@ -277,11 +277,10 @@ impl TestEnv {
         let data = self.dir.path().join(format!("agent-{n}"));
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{n}.log"))).unwrap();
         let child = self
-            .cmd(
-                "agent",
-                &["agent", "--url", &self.url, "--token", token, "--data-dir"],
-            )
+            .cmd("agent", &["agent", "--url", &self.url, "--data-dir"])
             .arg(&data)
+            // The environment, not an argument: sessions must not see it (tests/ssh.rs).
+            .env("MYCO_AGENT_TOKEN", token)
             .env("RUST_LOG", "info,iroh=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

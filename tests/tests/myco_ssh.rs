@@ -73,7 +73,8 @@ fn signals_reach_the_command_and_its_signal_is_the_exit_code() {
                 "ssh",
                 "dev",
                 "--",
-                &format!("touch {}; exec sleep 60", started.display()),
+                // A pipeline: the signal must reach the whole process group.
+                &format!("touch {}; sleep 60 | cat", started.display()),
             ],
         )
         .stdin(Stdio::null())
@@ -82,7 +83,7 @@ fn signals_reach_the_command_and_its_signal_is_the_exit_code() {
         .spawn()
         .unwrap();
     eventually("the remote command started", || started.exists());
-    // sleep has replaced the shell once the file exists; give exec a moment.
+    // The pipeline starts right after the file appears; let it.
     std::thread::sleep(std::time::Duration::from_millis(200));
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -286,7 +287,8 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
     tmux(&["send-keys", "-t", &session, "C-c"]);
     tmux(&["send-keys", "-t", &session, "echo after-$((1+1))", "Enter"]);
     wait_pane(&session, "after-2");
-    tmux(&["send-keys", "-t", &session, "exit 7", "Enter"]);
+    // A background job holding the terminal does not keep the session open.
+    tmux(&["send-keys", "-t", &session, "sleep 300 & exit 7", "Enter"]);
     eventually("the session ends", || {
         !Command::new("tmux")
             .args(["has-session", "-t", &session])

@@ -69,6 +69,10 @@ fn exec_exit_code_env_and_bulk_through_real_ssh() {
         "{out:?}"
     );
 
+    // Sessions do not inherit the agent's credentials.
+    let out = ssh(&cfg, &["myco.dev", "echo ${MYCO_AGENT_TOKEN:-unset}"], b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "unset\n", "{out:?}");
+
     // The agent's name works as well as the workspace's.
     let out = ssh(&cfg, &["myco.dev.main", "cat"], b"echo back");
     assert_eq!(out.stdout, b"echo back", "{out:?}");
@@ -561,4 +565,36 @@ fn a_command_killed_by_a_signal_is_reported_as_such() {
     let out = ssh(&cfg, &["myco.dev", "echo before; kill -TERM $$"], b"");
     assert_eq!(out.status.code(), Some(255), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "before\n");
+}
+
+#[test]
+fn a_slow_reader_does_not_deadlock_a_session() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // 20 MB through `cat` and back while the local reader waits: the client's window
+    // fills, `cat` stops reading, and the agent must still take the window adjust
+    // that arrives once the reader starts.
+    let data = pattern(20_000_000, 3);
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "myco.dev", "cat"])
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&data).unwrap();
+        data
+    });
+    // Not a timing assertion: only a pause that lets every buffer on the way fill.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut child.stdout.take().unwrap(), &mut back).unwrap();
+    let data = writer.join().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echoed bytes differ");
 }
