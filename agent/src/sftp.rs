@@ -179,35 +179,50 @@ fn attrs(meta: &fs::Metadata) -> FileAttributes {
     }
 }
 
-/// Applies the attributes a client set (`setstat`, `fsetstat`, `mkdir`, `open`).
-fn apply(path: &Path, file: Option<&fs::File>, a: &FileAttributes) -> io::Result<()> {
+/// What `setstat` (a path) or `fsetstat` (an open file) changes.
+enum Target<'a> {
+    Path(&'a Path),
+    File(&'a fs::File),
+}
+
+/// Applies the attributes a client set, in OpenSSH's order (size, mode, times, owner),
+/// without opening the file: that would fail on mode 000 and block on a FIFO.
+fn apply(target: Target<'_>, a: &FileAttributes) -> io::Result<()> {
+    use nix::sys::time::TimeSpec;
     if let Some(size) = a.size {
-        match file {
-            Some(f) => f.set_len(size)?,
-            None => OpenOptions::new().write(true).open(path)?.set_len(size)?,
+        let len = i64::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match target {
+            Target::File(f) => f.set_len(size)?,
+            Target::Path(p) => nix::unistd::truncate(p, len)?,
         }
     }
     if let Some(mode) = a.permissions {
         let perms = fs::Permissions::from_mode(mode & 0o7777);
-        match file {
-            Some(f) => f.set_permissions(perms)?,
-            None => fs::set_permissions(path, perms)?,
+        match target {
+            Target::File(f) => f.set_permissions(perms)?,
+            Target::Path(p) => fs::set_permissions(p, perms)?,
+        }
+    }
+    if let (Some(atime), Some(mtime)) = (a.atime, a.mtime) {
+        match target {
+            Target::File(f) => f.set_times(
+                fs::FileTimes::new()
+                    .set_accessed(UNIX_EPOCH + Duration::from_secs(atime.into()))
+                    .set_modified(UNIX_EPOCH + Duration::from_secs(mtime.into())),
+            )?,
+            Target::Path(p) => nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                p,
+                &TimeSpec::new(atime.into(), 0),
+                &TimeSpec::new(mtime.into(), 0),
+                nix::sys::stat::UtimensatFlags::FollowSymlink,
+            )?,
         }
     }
     if a.uid.is_some() || a.gid.is_some() {
-        std::os::unix::fs::chown(path, a.uid, a.gid)?;
-    }
-    if let (Some(atime), Some(mtime)) = (a.atime, a.mtime) {
-        let times = fs::FileTimes::new()
-            .set_accessed(UNIX_EPOCH + Duration::from_secs(atime.into()))
-            .set_modified(UNIX_EPOCH + Duration::from_secs(mtime.into()));
-        match file {
-            Some(f) => f.set_times(times)?,
-            None => fs::File::options()
-                .write(true)
-                .open(path)
-                .or_else(|_| fs::File::open(path))?
-                .set_times(times)?,
+        match target {
+            Target::File(f) => std::os::unix::fs::fchown(f, a.uid, a.gid)?,
+            Target::Path(p) => std::os::unix::fs::chown(p, a.uid, a.gid)?,
         }
     }
     Ok(())
@@ -374,7 +389,7 @@ impl russh_sftp::server::Handler for Sftp {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         let path = self.path(&path);
-        blocking(move || apply(&path, None, &attrs)).await?;
+        blocking(move || apply(Target::Path(&path), &attrs)).await?;
         Ok(ok(id))
     }
 
@@ -385,15 +400,7 @@ impl russh_sftp::server::Handler for Sftp {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         let file = self.file(&handle)?;
-        // chown needs a path; /proc/self/fd names the open file.
-        blocking(move || {
-            let path = PathBuf::from(format!("/proc/self/fd/{}", {
-                use std::os::fd::AsRawFd;
-                file.as_raw_fd()
-            }));
-            apply(&path, Some(&file), &attrs)
-        })
-        .await?;
+        blocking(move || apply(Target::File(&file), &attrs)).await?;
         Ok(ok(id))
     }
 
@@ -467,7 +474,18 @@ impl russh_sftp::server::Handler for Sftp {
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let path = self.path(&path);
-        let real = blocking(move || fs::canonicalize(path)).await?;
+        // Like OpenSSH's, a path whose last part does not exist yet resolves (clients
+        // normalize an upload's target before creating it).
+        let real = blocking(move || match fs::canonicalize(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                    return Err(e);
+                };
+                Ok(fs::canonicalize(parent)?.join(name))
+            }
+            other => other,
+        })
+        .await?;
         Ok(Name {
             id,
             files: vec![File::dummy(real.to_string_lossy())],
