@@ -126,20 +126,28 @@ impl russh::client::Handler for Client {
                 .await;
             return Ok(());
         };
-        match tokio::net::TcpStream::connect((host.as_str(), port)).await {
-            Ok(mut tcp) => {
-                reply.accept().await;
-                let _ = tcp.set_nodelay(true);
-                tokio::spawn(async move {
+        // Connected outside the session loop, so a slow target stalls nothing else.
+        tokio::spawn(async move {
+            let connected = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            match connected {
+                Ok(mut tcp) => {
+                    reply.accept().await;
+                    let _ = tcp.set_nodelay(true);
                     let mut stream = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
-                });
+                }
+                Err(e) => {
+                    // \r: the terminal may be in raw mode.
+                    eprint!("myco: remote forward cannot connect to {host}:{port}: {e}\r\n");
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                }
             }
-            Err(e) => {
-                eprintln!("myco: remote forward cannot connect to {host}:{port}: {e}");
-                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
-            }
-        }
+        });
         Ok(())
     }
 
@@ -291,15 +299,19 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
         }
     }
 
+    let broke = || format!("the SSH session with agent {agent} broke off; run `myco ssh` again");
     let mut channel = session
         .channel_open_session()
         .await
         .context("cannot open an SSH session channel")?;
     for (k, v) in &req.env {
-        channel.set_env(false, k.as_str(), v.as_str()).await?;
+        channel
+            .set_env(false, k.as_str(), v.as_str())
+            .await
+            .with_context(broke)?;
     }
     if req.forward_agent {
-        channel.agent_forward(false).await?;
+        channel.agent_forward(false).await.with_context(broke)?;
     }
     let stdin_tty = std::io::stdin().is_terminal();
     let tty = req
@@ -310,11 +322,12 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
         let (cols, rows) = window_size();
         channel
             .request_pty(false, &term, cols, rows, 0, 0, &[])
-            .await?;
+            .await
+            .with_context(broke)?;
     }
     match &req.command {
-        Some(c) => channel.exec(true, c.as_str()).await?,
-        None => channel.request_shell(true).await?,
+        Some(c) => channel.exec(true, c.as_str()).await.with_context(broke)?,
+        None => channel.request_shell(true).await.with_context(broke)?,
     }
     let _raw = if tty && stdin_tty {
         Some(RawMode::enable()?)
@@ -329,31 +342,46 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut input = crate::stdio::stdin_chunks();
     let mut input_open = true;
-    let output = if tty {
+    // A terminal's output is written at once (no thread hop per keystroke echo); a
+    // pipe or file may block, and gets a thread of its own.
+    let mut output = if tty && std::io::stdout().is_terminal() {
         Output::direct()
     } else {
         Output::threaded()
     };
+    // SIGINT/SIGTERM/SIGHUP go to the remote command; a second one ends `myco ssh`
+    // here, for a command that ignores them or a link that hangs.
+    let mut signals = 0;
     let mut code = None;
     loop {
         tokio::select! {
             chunk = input.recv(), if input_open => match chunk.flatten() {
-                Some(data) => channel.data_bytes(data).await?,
+                Some(data) => channel.data_bytes(data).await.with_context(broke)?,
                 None => {
                     input_open = false;
                     // On a terminal, EOF is ^D typed into the remote shell instead.
                     if !tty {
-                        channel.eof().await?;
+                        channel.eof().await.with_context(broke)?;
                     }
                 }
             },
             _ = winch.recv() => {
                 let (cols, rows) = window_size();
-                channel.window_change(cols, rows, 0, 0).await?;
+                channel.window_change(cols, rows, 0, 0).await.with_context(broke)?;
             }
-            _ = int.recv() => channel.signal(Sig::INT).await?,
-            _ = term.recv() => channel.signal(Sig::TERM).await?,
-            _ = hup.recv() => channel.signal(Sig::HUP).await?,
+            sig = async {
+                tokio::select! {
+                    _ = int.recv() => Sig::INT,
+                    _ = term.recv() => Sig::TERM,
+                    _ = hup.recv() => Sig::HUP,
+                }
+            } => {
+                signals += 1;
+                if signals > 1 {
+                    return Ok(signal_exit_code(&sig));
+                }
+                channel.signal(sig).await.with_context(broke)?;
+            }
             msg = channel.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => output.write(Stream::Stdout, data).await?,
                 Some(ChannelMsg::ExtendedData { data, .. }) => {

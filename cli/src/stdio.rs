@@ -82,8 +82,9 @@ impl Output {
         }
     }
 
-    /// Writes or queues `data`; fails once the writer has stopped (e.g. stdout closed).
-    pub async fn write(&self, stream: Stream, data: Bytes) -> std::io::Result<()> {
+    /// Writes or queues `data`. Once the writer has stopped, fails with the error that
+    /// stopped it (a full disk is not a closed pipe).
+    pub async fn write(&mut self, stream: Stream, data: Bytes) -> std::io::Result<()> {
         if self.thread.is_none() {
             let mut w: Box<dyn Write> = match stream {
                 Stream::Stdout => Box::new(std::io::stdout().lock()),
@@ -97,12 +98,16 @@ impl Output {
             None => false,
         };
         if sent {
-            Ok(())
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "the output is closed",
-            ))
+            return Ok(());
+        }
+        let thread = self.thread.take();
+        self.tx = None;
+        match thread {
+            Some(t) => match tokio::task::spawn_blocking(move || t.join()).await {
+                Ok(Ok(Err(e))) => Err(e),
+                _ => Err(std::io::Error::other("the output thread stopped")),
+            },
+            None => Err(std::io::Error::other("the output thread stopped")),
         }
     }
 

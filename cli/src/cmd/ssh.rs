@@ -117,7 +117,7 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
     // Bytes are moved in large chunks: OpenSSH's writes are at most 32 KiB and QUIC
     // hands out about a packet per read, so both sides are gathered before a write.
     let mut input = crate::stdio::stdin_chunks();
-    let output = Output::threaded();
+    let mut output = Output::threaded();
     {
         let upload = async {
             while let Some(Some(chunk)) = input.recv().await {
