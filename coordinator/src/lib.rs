@@ -10,6 +10,7 @@ mod qad;
 mod registry;
 mod relay;
 mod server;
+pub mod status;
 pub mod store;
 
 pub use server::{Coordinator, ServerConfig, ServerError};
