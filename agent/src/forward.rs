@@ -13,14 +13,12 @@ use std::time::Duration;
 use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
 use mesh::control::{ForwardProtocol, ForwardReply, ForwardRequest};
 use mesh::{frame, splice};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
 /// How long a new stream has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long connecting to the target may take before the client is told it failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A UDP session with no datagram either way for this long ends. The client expires
 /// its sessions after the same time; whichever side ends first finishes the stream.
 const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -105,21 +103,16 @@ async fn accept(send: &mut SendStream) -> Result<(), String> {
 /// Connects to `host:port` and relays bytes until both sides have ended.
 async fn tcp(req: &ForwardRequest, mut send: SendStream, recv: RecvStream) -> Result<(), String> {
     let target = format!("{}:{}", req.host, req.port);
-    let tcp = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((req.host.as_str(), req.port)),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+    let tcp = match splice::connect(&req.host, req.port).await {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             return refuse(
                 &mut send,
                 format!("nothing listens on {target} in the workspace (connection refused)"),
             )
             .await;
         }
-        Ok(Err(e)) => {
+        Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
             return refuse(
                 &mut send,
                 format!("cannot connect to {target} from the workspace: {e}"),
@@ -131,14 +124,12 @@ async fn tcp(req: &ForwardRequest, mut send: SendStream, recv: RecvStream) -> Re
                 &mut send,
                 format!(
                     "{target} did not answer within {}s in the workspace",
-                    CONNECT_TIMEOUT.as_secs()
+                    splice::CONNECT_TIMEOUT.as_secs()
                 ),
             )
             .await;
         }
     };
-    // Interactive protocols (terminals, dev-server websockets) want each write sent now.
-    let _ = tcp.set_nodelay(true);
     accept(&mut send).await?;
     splice::tcp(tcp, send, recv)
         .await

@@ -115,8 +115,6 @@ const INPUT_QUEUE: usize = 4096;
 /// How long a terminal's output is drained after its shell exits, when background
 /// jobs keep the terminal open.
 const PTY_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
-/// How long `ssh -L` waits for the workspace's TCP connection.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Variables of the agent's own environment no session inherits: credentials of the
 /// agent, and an SSH agent that was not forwarded.
 const PRIVATE_ENV: &[&str] = &[
@@ -601,16 +599,9 @@ impl russh::server::Handler for SshSession {
         let target = format!("{host_to_connect}:{port}");
         let host = host_to_connect.to_owned();
         tokio::spawn(async move {
-            let connected = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tokio::net::TcpStream::connect((host, port)),
-            )
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            match connected {
+            match mesh::splice::connect(&host, port).await {
                 Ok(mut tcp) => {
                     reply.accept().await;
-                    let _ = tcp.set_nodelay(true);
                     let mut stream = channel.into_stream();
                     if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
                         tracing::debug!(%target, "forwarded connection ended: {e}");

@@ -128,16 +128,9 @@ impl russh::client::Handler for Client {
         };
         // Connected outside the session loop, so a slow target stalls nothing else.
         tokio::spawn(async move {
-            let connected = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                tokio::net::TcpStream::connect((host.as_str(), port)),
-            )
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            match connected {
+            match mesh::splice::connect(&host, port).await {
                 Ok(mut tcp) => {
                     reply.accept().await;
-                    let _ = tcp.set_nodelay(true);
                     let mut stream = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
                 }

@@ -16,6 +16,22 @@ const MIN_ROOM: usize = 16 * 1024;
 /// and writes (64 KiB gave ~20% less throughput than this on loopback).
 const CHUNK: usize = 256 * 1024;
 
+/// How long a forwarded connection's target may take to answer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to a forwarding target (`ssh -L`, `ssh -R`) within [`CONNECT_TIMEOUT`],
+/// with Nagle off: interactive protocols want each write sent now.
+///
+/// # Errors
+/// The connect's own error, or `TimedOut` when the target did not answer in time.
+pub async fn connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
 /// Stream error code (reset or stop) meaning "the TCP connection on this side failed":
 /// the peer then drops its TCP side instead of ending it cleanly.
 pub const TCP_FAILED: u32 = 1;
