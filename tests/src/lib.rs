@@ -48,6 +48,41 @@ pub fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Hex SHA-256 of `data` as `sha256sum` prints it (digest, two spaces, `-`, newline),
+/// to compare with the same tool run on the workspace's side.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls tmux pane `session` until `want` appears (bounded); returns the pane's text.
+pub fn wait_pane(session: &str, want: &str) -> String {
+    let mut text = String::new();
+    eventually(&format!("{want:?} appears in the terminal"), || {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", session])
+            .output()
+            .expect("tmux must be installed: bash .ci/test installs it");
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains(want)
+    });
+    text
+}
+
 /// What a finished `myco` command left behind.
 #[derive(Debug)]
 pub struct Output {
@@ -134,6 +169,19 @@ impl TestEnv {
     pub fn with_agent() -> (Self, AgentProc) {
         let env = Self::start();
         env.bootstrap("alice");
+        let token = env.create_workspace("alice", "dev");
+        let agent = env.start_agent(&token);
+        env.wait_agent_connected("alice", "dev");
+        (env, agent)
+    }
+
+    /// An admin, users `alice` and `bob`, alice's workspace `dev` and its connected
+    /// agent: the setup of every "another user is refused" test.
+    pub fn alice_and_bob() -> (Self, AgentProc) {
+        let env = Self::start();
+        env.bootstrap("admin");
+        env.add_user("admin", "alice");
+        env.add_user("admin", "bob");
         let token = env.create_workspace("alice", "dev");
         let agent = env.start_agent(&token);
         env.wait_agent_connected("alice", "dev");

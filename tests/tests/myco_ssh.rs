@@ -4,17 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use tests::{TestEnv, eventually};
-
-fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
-}
+use tests::{TestEnv, eventually, sha256_hex, wait_pane};
 
 #[test]
 fn command_exit_code_env_stdin_and_stderr() {
@@ -207,13 +197,7 @@ fn remote_forward_and_agent_forwarding() {
 
 #[test]
 fn bad_arguments_and_other_users_are_refused() {
-    let env = TestEnv::start();
-    env.bootstrap("admin");
-    env.add_user("admin", "alice");
-    env.add_user("admin", "bob");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::alice_and_bob();
 
     let line = env.run("bob", &["ssh", "alice/dev", "--", "true"]).fails();
     assert!(line.contains("workspace alice/dev not found"), "{line}");
@@ -225,20 +209,6 @@ fn bad_arguments_and_other_users_are_refused() {
         .run("alice", &["ssh", "--stdio", "dev", "--", "true"])
         .fails();
     assert!(line.contains("--stdio"), "{line}");
-}
-
-/// Polls a tmux pane until `want` appears (bounded).
-fn wait_pane(session: &str, want: &str) -> String {
-    let mut text = String::new();
-    eventually(&format!("{want:?} appears in the terminal"), || {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", session])
-            .output()
-            .unwrap();
-        text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains(want)
-    });
-    text
 }
 
 #[test]

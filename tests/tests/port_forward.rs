@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tests::TestEnv;
+use tests::{TestEnv, free_tcp_port};
 
 /// A running `myco port-forward`; killed when dropped.
 struct Forward {
@@ -81,14 +81,6 @@ impl Drop for Forward {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn free_udp_port() -> u16 {
@@ -398,13 +390,7 @@ fn bad_specs_and_busy_ports_fail_in_one_line() {
 
 #[test]
 fn other_users_are_refused() {
-    let env = TestEnv::start();
-    env.bootstrap("admin");
-    env.add_user("admin", "alice");
-    env.add_user("admin", "bob");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::alice_and_bob();
 
     let port = free_tcp_port().to_string();
     let line = env

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use tests::TestEnv;
+use tests::{TestEnv, free_tcp_port, sha256_hex, wait_pane};
 
 /// `myco config-ssh` into a temp SSH config; returns its path.
 fn configure(env: &TestEnv, user: &str) -> std::path::PathBuf {
@@ -36,17 +36,6 @@ fn ssh(cfg: &std::path::Path, args: &[&str], stdin: &[u8]) -> std::process::Outp
         .expect("the OpenSSH client (ssh) must be installed: bash .ci/test installs it");
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -136,13 +125,7 @@ fn a_changed_host_key_makes_ssh_refuse() {
 
 #[test]
 fn config_ssh_keeps_user_lines_and_others_are_refused() {
-    let env = TestEnv::start();
-    env.bootstrap("admin");
-    env.add_user("admin", "alice");
-    env.add_user("admin", "bob");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent(&token);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::alice_and_bob();
 
     let cfg = env.config_dir("alice").join("ssh_config");
     std::fs::write(&cfg, "Host work\n  User me\n").unwrap();
@@ -209,17 +192,12 @@ fn http_server() -> u16 {
     port
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[test]
 fn local_forwarding_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
     let cfg = configure(&env, "alice");
     let remote = http_server();
-    let local = free_port();
+    let local = free_tcp_port();
     forward_and_fetch(
         &cfg,
         "-L",
@@ -234,7 +212,7 @@ fn remote_forwarding_carries_http() {
     let cfg = configure(&env, "alice");
     // The server runs on the laptop; the workspace side connects to the forwarded port.
     let laptop = http_server();
-    let in_workspace = free_port();
+    let in_workspace = free_tcp_port();
     forward_and_fetch(
         &cfg,
         "-R",
@@ -292,26 +270,6 @@ fn forward_and_fetch(cfg: &std::path::Path, flag: &str, spec: &str, local: u16) 
         .status()
         .unwrap();
     tunnel.wait().unwrap();
-}
-
-/// Polls a tmux pane until `want` appears (bounded).
-fn wait_pane(session: &str, want: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", session])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains(want) {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{want:?} never appeared:\n{text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 #[test]
