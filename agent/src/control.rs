@@ -138,6 +138,7 @@ async fn channel(
         agent,
         heartbeat_interval_ms,
         relay_quic,
+        manifest: _,
     }) = serde_json::from_str::<CoordinatorMessage>(&first)
     else {
         return ChannelEnd::Failed("the first message was not a welcome".into());

@@ -759,6 +759,7 @@ async fn create_workspace(
             apps: a.apps,
             startup_script: a.startup_script,
             shutdown_script: a.shutdown_script,
+            metadata: a.metadata,
             ssh_host_key: None,
         });
         tokens.push(issued.record);
@@ -892,6 +893,8 @@ pub struct AgentCaller {
     pub workspace_id: String,
     /// `owner/workspace.agent`
     pub target: String,
+    /// What the agent should run and check, from its workspace's spec.
+    pub manifest: mesh::control::Manifest,
 }
 
 impl FromRequestParts<AppState> for AgentCaller {
@@ -941,6 +944,12 @@ impl FromRequestParts<AppState> for AgentCaller {
             .ok_or_else(invalid)?;
         Ok(AgentCaller {
             target: format!("{}/{}.{}", ws.owner, ws.name, agent.name),
+            manifest: mesh::control::Manifest {
+                apps: agent.apps.clone(),
+                startup_script: agent.startup_script.clone(),
+                shutdown_script: agent.shutdown_script.clone(),
+                metadata: agent.metadata.clone(),
+            },
             agent_id,
             workspace_id: ws.id.clone(),
         })

@@ -49,6 +49,7 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
         agent: agent.target.clone(),
         heartbeat_interval_ms: u64::try_from(HEARTBEAT_INTERVAL.as_millis()).unwrap_or(15_000),
         relay_quic: Some(state.relay_quic.clone()),
+        manifest: agent.manifest.clone(),
     };
     let sent = match serde_json::to_string(&welcome) {
         Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
@@ -84,6 +85,17 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                             }
                             Err(e) => tracing::warn!("cannot record the agent's SSH host key: {e}"),
                         }
+                    }
+                    Ok(
+                        m @ (AgentMessage::Lifecycle { .. }
+                        | AgentMessage::AppHealth { .. }
+                        | AgentMessage::Stats { .. }
+                        | AgentMessage::Metadata { .. }
+                        | AgentMessage::Logs { .. }),
+                    ) => {
+                        // Recorded by the agent-state slice of issue 5; accepted so
+                        // newer agents keep their channel.
+                        tracing::trace!(?m, "agent report");
                     }
                     Err(e) => {
                         tracing::warn!("bad control message: {e}");

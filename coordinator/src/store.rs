@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use mesh::api::{App, Script};
+use mesh::api::{App, MetadataSpec, Script};
 use mesh::{Name, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -118,6 +118,8 @@ pub struct AgentRecord {
     pub apps: Vec<App>,
     pub startup_script: Option<Script>,
     pub shutdown_script: Option<Script>,
+    #[serde(default)]
+    pub metadata: Vec<MetadataSpec>,
     /// The SSH host key the agent last reported, OpenSSH format; pinned by clients.
     #[serde(default)]
     pub ssh_host_key: Option<String>,
@@ -537,6 +539,7 @@ mod tests {
                 apps: vec![],
                 startup_script: None,
                 shutdown_script: None,
+                metadata: vec![],
                 ssh_host_key: None,
             }],
         }

@@ -164,6 +164,32 @@ fn default_script_timeout() -> u64 {
     300
 }
 
+/// A metadata item: a script the agent runs every `interval` seconds, whose output
+/// (capped at [`METADATA_VALUE_MAX`] bytes) `myco show` displays under `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataSpec {
+    pub key: Name,
+    /// Shown instead of the key when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Run with `$SHELL -c`.
+    pub script: String,
+    /// Seconds between runs.
+    #[serde(default = "default_interval")]
+    pub interval: u64,
+    /// Seconds before a run is killed and reported as timed out.
+    #[serde(default = "default_metadata_timeout")]
+    pub timeout: u64,
+}
+
+fn default_metadata_timeout() -> u64 {
+    5
+}
+
+/// Longest metadata value kept, in bytes; longer output is cut at a character boundary.
+pub const METADATA_VALUE_MAX: usize = 4096;
+
 /// One agent of a workspace to create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +201,169 @@ pub struct AgentSpec {
     pub startup_script: Option<Script>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_script: Option<Script>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<MetadataSpec>,
+}
+
+/// Where an agent is in its life, driven by its startup and shutdown scripts
+/// (Coder's states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleState {
+    /// Known to the coordinator, never reported by the agent.
+    #[default]
+    Created,
+    /// The startup script runs.
+    Starting,
+    /// The startup script outran its timeout (and was killed).
+    StartTimeout,
+    /// The startup script exited non-zero.
+    StartError,
+    /// Started (no startup script, or it exited 0).
+    Ready,
+    /// The shutdown script runs.
+    ShuttingDown,
+    ShutdownTimeout,
+    ShutdownError,
+    /// Shut down.
+    Off,
+}
+
+impl LifecycleState {
+    pub const ALL: [LifecycleState; 9] = [
+        Self::Created,
+        Self::Starting,
+        Self::StartTimeout,
+        Self::StartError,
+        Self::Ready,
+        Self::ShuttingDown,
+        Self::ShutdownTimeout,
+        Self::ShutdownError,
+        Self::Off,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::StartTimeout => "start_timeout",
+            Self::StartError => "start_error",
+            Self::Ready => "ready",
+            Self::ShuttingDown => "shutting_down",
+            Self::ShutdownTimeout => "shutdown_timeout",
+            Self::ShutdownError => "shutdown_error",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for LifecycleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An app's health as its agent's checks see it (Coder's states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppHealth {
+    /// The app has no health check.
+    #[default]
+    Disabled,
+    /// Checked, but neither a success nor `threshold` failures yet.
+    Initializing,
+    /// The last check succeeded (any HTTP response below 500).
+    Healthy,
+    /// `threshold` consecutive checks failed.
+    Unhealthy,
+}
+
+impl AppHealth {
+    pub const ALL: [AppHealth; 4] = [
+        Self::Disabled,
+        Self::Initializing,
+        Self::Healthy,
+        Self::Unhealthy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Initializing => "initializing",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl std::fmt::Display for AppHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an agent reports about its mesh traffic and sessions, sent every stats
+/// interval; counters are totals since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStats {
+    /// Bytes received and sent on mesh connections from clients.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Mesh connections from clients open now.
+    pub connection_count: u64,
+    /// Of those, how many run over a direct path and how many through the relay.
+    #[serde(default)]
+    pub connections_direct: u64,
+    #[serde(default)]
+    pub connections_relayed: u64,
+    /// Median round trip of the open connections, milliseconds; 0 without any.
+    pub connection_median_latency_ms: f64,
+    /// Open sessions by kind.
+    pub session_count_ssh: u64,
+    pub session_count_vscode: u64,
+    pub session_count_jetbrains: u64,
+    pub session_count_port_forward: u64,
+    /// Round trip to each relay the agent knows.
+    #[serde(default)]
+    pub relay_latencies: Vec<RelayLatency>,
+}
+
+/// An agent's round trip to one relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayLatency {
+    pub relay_url: String,
+    pub latency_ms: f64,
+    /// The agent's home relay.
+    pub preferred: bool,
+}
+
+/// The last result of one metadata item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataValue {
+    pub key: Name,
+    /// The script's output, trimmed and capped at [`METADATA_VALUE_MAX`] bytes.
+    pub value: String,
+    /// Why the last run failed (non-zero exit, timeout), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub collected_at: Timestamp,
+}
+
+/// Which script a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogSource {
+    Startup,
+    Shutdown,
+}
+
+/// One line of a startup or shutdown script's output (stdout and stderr interleaved
+/// as they came).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub at: Timestamp,
+    pub source: LogSource,
+    pub text: String,
 }
 
 /// `POST /api/v1/workspaces`, and the shape of `myco create --from FILE`.

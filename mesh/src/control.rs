@@ -5,6 +5,12 @@
 use iroh::{EndpointAddr, EndpointId, PublicKey, RelayUrl};
 use serde::{Deserialize, Serialize};
 
+use crate::Name;
+use crate::Timestamp;
+use crate::api::{
+    AgentStats, App, AppHealth, LifecycleState, LogLine, MetadataSpec, MetadataValue, Script,
+};
+
 /// Path of the control channel's WebSocket.
 pub const CONTROL_PATH: &str = "/api/v1/agent/control";
 
@@ -25,7 +31,30 @@ pub enum CoordinatorMessage {
         /// Where the coordinator answers QUIC address discovery, if it does.
         #[serde(default)]
         relay_quic: Option<RelayQuic>,
+        /// What the agent should run and check.
+        #[serde(default)]
+        manifest: Manifest,
     },
+}
+
+/// The agent's part of its workspace's spec: apps to check, scripts, metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(default)]
+    pub apps: Vec<App>,
+    #[serde(default)]
+    pub startup_script: Option<Script>,
+    #[serde(default)]
+    pub shutdown_script: Option<Script>,
+    #[serde(default)]
+    pub metadata: Vec<MetadataSpec>,
+}
+
+/// One app's new health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppHealthChange {
+    pub slug: Name,
+    pub health: AppHealth,
 }
 
 /// The coordinator's QUIC address discovery port and the certificate to pin for it.
@@ -46,6 +75,20 @@ pub enum AgentMessage {
     Heartbeat,
     /// The agent's SSH host key (`ssh-ed25519 AAAA...`), sent once per channel.
     HostKey { openssh: String },
+    /// The agent's lifecycle changed (and once on every new channel).
+    Lifecycle {
+        state: LifecycleState,
+        changed_at: Timestamp,
+    },
+    /// Apps whose health changed since the last report, batched (all apps once on
+    /// every new channel).
+    AppHealth { changes: Vec<AppHealthChange> },
+    /// Traffic and session counters, every stats interval.
+    Stats { stats: AgentStats },
+    /// New results of metadata items, batched.
+    Metadata { items: Vec<MetadataValue> },
+    /// Startup and shutdown script output, in order, batched.
+    Logs { lines: Vec<LogLine> },
 }
 
 /// First frame a client sends on a mesh connection to an agent.
@@ -77,7 +120,7 @@ pub struct ConnectInfo {
     /// Its QUIC address discovery, if served.
     #[serde(default)]
     pub relay_quic: Option<RelayQuic>,
-    pub expires_at: crate::Timestamp,
+    pub expires_at: Timestamp,
     /// The agent's SSH host key as it reported it (OpenSSH format), for clients to pin.
     #[serde(default)]
     pub ssh_host_key: Option<String>,

@@ -108,6 +108,7 @@ fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
             apps: Vec::new(),
             startup_script: None,
             shutdown_script: None,
+            metadata: Vec::new(),
         });
     }
     if agents.is_empty() {
@@ -116,6 +117,7 @@ fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
             apps: Vec::new(),
             startup_script: None,
             shutdown_script: None,
+            metadata: Vec::new(),
         });
     }
     for spec in &args.apps {
