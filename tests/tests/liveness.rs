@@ -2,6 +2,7 @@
 //! turns `disconnected` after the inactive timeout (two missed heartbeats) and
 //! `connected` again when it thaws; a killed one is `disconnected` at once (its control
 //! channel ended), and `connected` again when it comes back.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 use std::process::Command;
 

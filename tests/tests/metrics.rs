@@ -2,6 +2,7 @@
 //! coordinator's `--prometheus-address` and its HTTP API returns the connected agent's
 //! series. `promtool check metrics` accepts the classic text output, and on the API
 //! listener `/metrics` is for admins only.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
