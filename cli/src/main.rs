@@ -93,6 +93,9 @@ enum Command {
     Delete(cmd::workspaces::DeleteArgs),
     /// Replace an agent's token (the old one stops working) and print the new one.
     RotateAgentToken(cmd::workspaces::RotateArgs),
+    /// Load-test a coordinator with simulated agents and check what /metrics says.
+    #[command(subcommand)]
+    Scaletest(cmd::scaletest::ScaletestCommand),
 }
 
 /// Ends `myco` with this exit code and no message (e.g. `myco ssh`'s remote command's).
@@ -179,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs(args) => cmd::workspaces::logs(&globals, args).await,
         Command::Delete(args) => cmd::workspaces::delete(&globals, args).await,
         Command::RotateAgentToken(args) => cmd::workspaces::rotate(&globals, args).await,
+        Command::Scaletest(c) => cmd::scaletest::run(&globals, c).await,
     }
 }
 

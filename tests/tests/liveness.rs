@@ -68,3 +68,44 @@ fn an_agent_that_never_connects_times_out() {
     let agent = env.wait_agent_status("alice", "dev", "timeout");
     assert!(agent["first_connected_at"].is_null(), "{agent:#}");
 }
+
+#[test]
+fn scaletest_finds_no_false_verdicts() {
+    let env = TestEnv::start_with(&["--heartbeat-interval", "1s"]);
+    env.bootstrap("alice");
+    let out = env
+        .run(
+            "alice",
+            &[
+                "scaletest",
+                "agents",
+                "--count",
+                "150",
+                "--apps",
+                "2",
+                "--duration",
+                "8s",
+                "--scrape-interval",
+                "1s",
+            ],
+        )
+        .ok();
+    let summary = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("summary:"))
+        .unwrap_or_else(|| panic!("{out:#?}"));
+    assert!(
+        summary.contains(" 0 false disconnects, 0 false connects, 0 missing"),
+        "{out:#?}"
+    );
+    // Both kinds of verdict were reached: agents judged connected, and the 15 that
+    // hung up halfway judged gone.
+    assert!(out.stderr.contains("15 agents hang up"), "{out:#?}");
+    let ls = env.run("alice", &["ls", "-o", "json"]).ok().json();
+    assert_eq!(
+        ls,
+        serde_json::json!([]),
+        "the scaletest deletes its workspaces"
+    );
+}
