@@ -398,7 +398,10 @@ fn workspace_view(w: &WorkspaceRecord, cx: &ViewContext<'_>) -> api::Workspace {
                         .map(|app| {
                             let reported =
                                 reports.and_then(|r| r.apps_health.get(&app.slug)).copied();
-                            (app.slug.clone(), crate::status::app_health(app, reported))
+                            (
+                                app.slug.clone(),
+                                crate::status::app_health(app.healthcheck.is_some(), reported),
+                            )
                         })
                         .collect(),
                     stats: reports.and_then(|r| r.stats.clone()),

@@ -37,10 +37,16 @@ pub async fn control_handler(
                 .into_response();
         }
     };
-    ws.on_upgrade(move |socket| {
-        let span = tracing::info_span!("control", agent = %agent.target);
-        run_channel(socket, state, agent).instrument(span)
-    })
+    // Control messages are small: 4 KiB buffers instead of tungstenite's 128 KiB keep
+    // 10k channels in tens of MiB, and written messages go out at once. The largest
+    // message is a batch of script log lines.
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(4 * 1024 * 1024)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("control", agent = %agent.target);
+            run_channel(socket, state, agent).instrument(span)
+        })
 }
 
 async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller) {

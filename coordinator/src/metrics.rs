@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::ApiError;
 use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
-use crate::store::{AgentStateBatch, Snapshot, Store};
+use crate::store::{AgentStateBatch, ScrapeSnapshot, Store};
 
 /// Labels of one HTTP request count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -179,8 +179,8 @@ impl CoordinatorMetrics {
         let _one_at_a_time = self.0.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         let now = Timestamp::now();
-        let snapshot = store.snapshot(None)?;
-        let view = AgentsView::judge(&snapshot, policy, now);
+        let snapshot = store.scrape_snapshot()?;
+        let view = AgentsView::judge(snapshot, policy, now);
         self.0
             .collection_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -317,35 +317,45 @@ pub struct AgentsView {
 }
 
 impl AgentsView {
-    pub fn judge(snap: &Snapshot, policy: &StatusPolicy, now: Timestamp) -> Self {
-        let mut agents = Vec::new();
-        for ws in &snap.workspaces {
-            for a in &ws.agents {
-                let conn = snap.connections.get(&a.id).copied().unwrap_or_default();
+    pub fn judge(snap: ScrapeSnapshot, policy: &StatusPolicy, now: Timestamp) -> Self {
+        let ScrapeSnapshot {
+            workspaces,
+            connections,
+            mut reports,
+        } = snap;
+        let mut agents = Vec::with_capacity(connections.len());
+        for ws in workspaces {
+            for a in ws.agents {
+                let conn = connections.get(&a.id).copied().unwrap_or_default();
                 let times = ConnectionTimes::from_stored(a.created_at, &conn);
                 let status = agent_status(&times, policy, now);
-                let reports = snap.reports.get(&a.id);
+                let reports = reports.remove(&a.id);
                 let apps = a
                     .apps
-                    .iter()
+                    .into_iter()
                     .map(|app| {
-                        let reported = reports.and_then(|r| r.apps_health.get(&app.slug)).copied();
-                        (
-                            app.slug.to_string(),
-                            crate::status::app_health(app, reported),
-                        )
+                        let reported = reports
+                            .as_ref()
+                            .and_then(|r| r.apps_health.get(&app.slug))
+                            .copied();
+                        let health = crate::status::app_health(app.healthcheck.is_some(), reported);
+                        (app.slug, health)
                     })
                     .collect();
                 agents.push(AgentRow {
-                    username: ws.owner.to_string(),
-                    workspace_name: ws.name.to_string(),
-                    agent_name: a.name.to_string(),
+                    username: ws.owner.clone(),
+                    workspace_name: ws.name.clone(),
+                    agent_name: a.name,
                     status,
-                    lifecycle_state: reports.map(|r| r.lifecycle_state).unwrap_or_default(),
+                    lifecycle_state: reports
+                        .as_ref()
+                        .map(|r| r.lifecycle_state)
+                        .unwrap_or_default(),
                     apps,
-                    stats: (status == AgentStatus::Connected)
-                        .then(|| reports.and_then(|r| r.stats.clone()))
-                        .flatten(),
+                    // A gone agent's last numbers are not current.
+                    stats: reports
+                        .and_then(|r| r.stats)
+                        .filter(|_| status == AgentStatus::Connected),
                 });
             }
         }

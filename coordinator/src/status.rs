@@ -34,8 +34,8 @@ impl ConnectionTimes {
 
 /// An app's health: as its agent last reported it, else `initializing` for an app
 /// with a health check and `disabled` for one without.
-pub fn app_health(app: &mesh::api::App, reported: Option<AppHealth>) -> AppHealth {
-    reported.unwrap_or(if app.healthcheck.is_some() {
+pub fn app_health(has_check: bool, reported: Option<AppHealth>) -> AppHealth {
+    reported.unwrap_or(if has_check {
         AppHealth::Initializing
     } else {
         AppHealth::Disabled
