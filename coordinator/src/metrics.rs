@@ -6,6 +6,13 @@
 //! (three range scans, no query per agent) and judges every agent against that one
 //! `now`; how long the reading takes cannot change a verdict (Coder's seed bug,
 //! DESIGN.md). Scrapes are serialized, so two scrapes never interleave their views.
+//!
+//! The per-agent families (10k agents give ~130k series) are written here directly in
+//! the text syntax both formats share for gauges, each agent's labels rendered once per
+//! scrape; prometheus-client's generic encoder took ~150 ms for them at 10k agents,
+//! most of it re-checking every label value byte for escapes (BENCHMARKS.md). The
+//! coordinator's own metrics, the relay's and the histograms go through
+//! prometheus-client's registry, appended after (its OpenMetrics `# EOF` stays last).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -14,12 +21,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mesh::Timestamp;
-use mesh::api::{AgentStats, AgentStatus, AppHealth, LifecycleState};
+use mesh::api::{AgentStats, AgentStatus};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
-};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,7 +32,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::ApiError;
 use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
-use crate::store::{AgentStateBatch, ScrapeSnapshot, Store};
+use crate::store::{AgentStateBatch, ScrapeAgent, ScrapeCache, Store};
 
 /// Labels of one HTTP request count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -60,9 +64,9 @@ struct Inner {
     flush_seconds: Histogram,
     collection_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
-    /// The view of the scrape being encoded; only set while `scrape` is held.
-    agents: Arc<Mutex<Option<AgentsView>>>,
-    scrape: Mutex<()>,
+    /// Decoded records of the last scrape; held for the whole scrape, so scrapes are
+    /// serialized.
+    scrape: Mutex<ScrapeCache>,
 }
 
 /// Where the relay's and QAD's own counters come from.
@@ -122,8 +126,6 @@ impl CoordinatorMetrics {
             "HTTP requests answered, by method, route and status code",
             http_requests.clone(),
         );
-        let agents = Arc::new(Mutex::new(None));
-        registry.register_collector(Box::new(AgentsCollector(agents.clone())));
         registry.register_collector(Box::new(RelayCollector(relay)));
         Self(Arc::new(Inner {
             registry,
@@ -135,8 +137,7 @@ impl CoordinatorMetrics {
             flush_seconds,
             collection_seconds,
             http_requests,
-            agents,
-            scrape: Mutex::new(()),
+            scrape: Mutex::new(ScrapeCache::default()),
         }))
     }
 
@@ -176,16 +177,22 @@ impl CoordinatorMetrics {
         policy: &StatusPolicy,
         format: Format,
     ) -> Result<String, crate::store::StoreError> {
-        let _one_at_a_time = self.0.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.0.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         let now = Timestamp::now();
-        let snapshot = store.scrape_snapshot()?;
-        let view = AgentsView::judge(snapshot, policy, now);
+        let agents = store.scrape(&mut cache)?;
+        let statuses: Vec<AgentStatus> = agents
+            .iter()
+            .map(|a| {
+                let times = ConnectionTimes::from_stored(a.agent().created_at, &a.connection);
+                agent_status(&times, policy, now)
+            })
+            .collect();
         self.0
             .collection_seconds
             .observe(started.elapsed().as_secs_f64());
-        *self.0.agents.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
-        let mut out = String::new();
+        let mut out = String::with_capacity(agents.len() * 1600 + 16 * 1024);
+        encode_agents(&agents, &statuses, &mut out);
         let encoded = match format {
             Format::OpenMetrics => {
                 prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
@@ -194,7 +201,6 @@ impl CoordinatorMetrics {
                 prometheus_client::encoding::prometheus_text::encode(&mut out, &self.0.registry)
             }
         };
-        *self.0.agents.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // Writing into a String cannot fail; a failing encoder would be a bug in ours.
         if let Err(e) = encoded {
             tracing::error!("encoding metrics failed: {e}");
@@ -295,221 +301,209 @@ pub async fn count_requests(
     resp
 }
 
-/// One agent as a scrape sees it.
-#[derive(Debug, Clone)]
-pub struct AgentRow {
-    pub username: String,
-    pub workspace_name: String,
-    pub agent_name: String,
-    pub status: AgentStatus,
-    pub lifecycle_state: LifecycleState,
-    /// Every app: its health as last reported (disabled before any report of an app
-    /// without a check, initializing for one with a check).
-    pub apps: Vec<(String, AppHealth)>,
-    /// Only for connected agents: a gone agent's last numbers are not current.
-    pub stats: Option<AgentStats>,
-}
-
-/// Every agent judged against one `now`.
-#[derive(Debug, Clone, Default)]
-pub struct AgentsView {
-    pub agents: Vec<AgentRow>,
-}
-
-impl AgentsView {
-    pub fn judge(snap: ScrapeSnapshot, policy: &StatusPolicy, now: Timestamp) -> Self {
-        let ScrapeSnapshot {
-            workspaces,
-            connections,
-            mut reports,
-        } = snap;
-        let mut agents = Vec::with_capacity(connections.len());
-        for ws in workspaces {
-            for a in ws.agents {
-                let conn = connections.get(&a.id).copied().unwrap_or_default();
-                let times = ConnectionTimes::from_stored(a.created_at, &conn);
-                let status = agent_status(&times, policy, now);
-                let reports = reports.remove(&a.id);
-                let apps = a
-                    .apps
-                    .into_iter()
-                    .map(|app| {
-                        let reported = reports
-                            .as_ref()
-                            .and_then(|r| r.apps_health.get(&app.slug))
-                            .copied();
-                        let health = crate::status::app_health(app.healthcheck.is_some(), reported);
-                        (app.slug, health)
-                    })
-                    .collect();
-                agents.push(AgentRow {
-                    username: ws.owner.clone(),
-                    workspace_name: ws.name.clone(),
-                    agent_name: a.name,
-                    status,
-                    lifecycle_state: reports
-                        .as_ref()
-                        .map(|r| r.lifecycle_state)
-                        .unwrap_or_default(),
-                    apps,
-                    // A gone agent's last numbers are not current.
-                    stats: reports
-                        .and_then(|r| r.stats)
-                        .filter(|_| status == AgentStatus::Connected),
-                });
+/// Writes `s` as a label value: `\\`, `"` and newlines escaped.
+fn push_label_value(out: &mut String, s: &str) {
+    if s.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        for c in s.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
             }
         }
-        Self { agents }
+    } else {
+        out.push_str(s);
     }
 }
 
-/// Label pairs in the order given.
-struct Labels<'a>(&'a [(&'a str, &'a str)]);
-
-impl EncodeLabelSet for Labels<'_> {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        self.0.encode(encoder)
-    }
+/// `# HELP` and `# TYPE` of a gauge family (prometheus-client's help style).
+fn gauge_family(out: &mut String, name: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = write!(out, "# HELP {name} {help}.\n# TYPE {name} gauge\n");
 }
 
-#[derive(Debug)]
-struct AgentsCollector(Arc<Mutex<Option<AgentsView>>>);
-
-impl Collector for AgentsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(view) = guard.as_ref() else {
-            return Ok(());
-        };
-
-        // Connected agents per workspace, every workspace listed (0 when none is up).
-        let mut up: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
-        for a in &view.agents {
-            *up.entry((&a.username, &a.workspace_name)).or_default() +=
-                u64::from(a.status == AgentStatus::Connected);
+/// One sample: `name{labels,extra} value`.
+fn sample(out: &mut String, name: &str, labels: &str, extra: &[(&str, &str)], value: f64) {
+    use std::fmt::Write;
+    out.push_str(name);
+    out.push('{');
+    out.push_str(labels);
+    for (k, v) in extra {
+        if !out.ends_with('{') {
+            out.push(',');
         }
-        let mut m = encoder.encode_descriptor(
-            "agents_up",
-            "Connected agents per workspace",
-            None,
-            MetricType::Gauge,
-        )?;
-        for ((user, ws), n) in &up {
-            m.encode_family(&Labels(&[("username", user), ("workspace_name", ws)]))?
-                .encode_gauge(n)?;
-        }
+        out.push_str(k);
+        out.push_str("=\"");
+        push_label_value(out, v);
+        out.push('"');
+    }
+    out.push_str("} ");
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        let _ = write!(out, "{}", value as i64);
+    } else {
+        let _ = write!(out, "{value}");
+    }
+    out.push('\n');
+}
 
-        let mut m = encoder.encode_descriptor(
-            "agents_connections",
-            "Agents by status and lifecycle state (1 per agent)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for a in &view.agents {
-            m.encode_family(&Labels(&[
-                ("agent_name", &a.agent_name),
-                ("username", &a.username),
-                ("workspace_name", &a.workspace_name),
-                ("status", a.status.as_str()),
-                ("lifecycle_state", a.lifecycle_state.as_str()),
-            ]))?
-            .encode_gauge(&1u64)?;
-        }
+type Stat = fn(&AgentStats) -> f64;
 
-        let mut m = encoder.encode_descriptor(
-            "agents_apps",
-            "Agents' apps by health (1 per app)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for a in &view.agents {
-            for (app, health) in &a.apps {
-                m.encode_family(&Labels(&[
-                    ("agent_name", &a.agent_name),
-                    ("username", &a.username),
-                    ("workspace_name", &a.workspace_name),
-                    ("app_name", app),
-                    ("health", health.as_str()),
-                ]))?
-                .encode_gauge(&1u64)?;
+/// The per-agent `myco_agentstats_*` families.
+const AGENT_STATS: [(&str, &str, Stat); 8] = [
+    (
+        "myco_agentstats_rx_bytes",
+        "Bytes the agent received on mesh connections since it started",
+        |s| s.rx_bytes as f64,
+    ),
+    (
+        "myco_agentstats_tx_bytes",
+        "Bytes the agent sent on mesh connections since it started",
+        |s| s.tx_bytes as f64,
+    ),
+    (
+        "myco_agentstats_connection_count",
+        "Mesh connections open on the agent",
+        |s| s.connection_count as f64,
+    ),
+    (
+        "myco_agentstats_connection_median_latency_seconds",
+        "Median round trip of the agent's mesh connections",
+        |s| s.connection_median_latency_ms / 1000.0,
+    ),
+    (
+        "myco_agentstats_session_count_ssh",
+        "Open SSH sessions",
+        |s| s.session_count_ssh as f64,
+    ),
+    (
+        "myco_agentstats_session_count_vscode",
+        "Open VS Code Remote-SSH sessions",
+        |s| s.session_count_vscode as f64,
+    ),
+    (
+        "myco_agentstats_session_count_jetbrains",
+        "Open JetBrains Gateway sessions",
+        |s| s.session_count_jetbrains as f64,
+    ),
+    (
+        "myco_agentstats_session_count_port_forward",
+        "Open port-forwarding connections",
+        |s| s.session_count_port_forward as f64,
+    ),
+];
+
+/// Writes every per-agent family for `agents`, judged as `statuses`.
+fn encode_agents(agents: &[ScrapeAgent], statuses: &[AgentStatus], out: &mut String) {
+    // Each agent's own labels, rendered once.
+    let labels: Vec<String> = agents
+        .iter()
+        .map(|a| {
+            let mut l = String::with_capacity(96);
+            l.push_str("agent_name=\"");
+            push_label_value(&mut l, &a.agent().name);
+            l.push_str("\",username=\"");
+            push_label_value(&mut l, &a.workspace.owner);
+            l.push_str("\",workspace_name=\"");
+            push_label_value(&mut l, &a.workspace.name);
+            l.push('"');
+            l
+        })
+        .collect();
+    // A gone agent's last numbers are not current.
+    let stats = |i: usize| {
+        (statuses[i] == AgentStatus::Connected)
+            .then(|| agents[i].reports.as_ref().and_then(|r| r.stats.as_ref()))
+            .flatten()
+    };
+
+    let mut up: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for (a, s) in agents.iter().zip(statuses) {
+        *up.entry((&a.workspace.owner, &a.workspace.name))
+            .or_default() += u64::from(*s == AgentStatus::Connected);
+    }
+    gauge_family(out, "myco_agents_up", "Connected agents per workspace");
+    for ((user, ws), n) in &up {
+        sample(
+            out,
+            "myco_agents_up",
+            "",
+            &[("username", user), ("workspace_name", ws)],
+            *n as f64,
+        );
+    }
+
+    gauge_family(
+        out,
+        "myco_agents_connections",
+        "Agents by status and lifecycle state (1 per agent)",
+    );
+    for (i, a) in agents.iter().enumerate() {
+        let lifecycle = a
+            .reports
+            .as_ref()
+            .map(|r| r.lifecycle_state)
+            .unwrap_or_default();
+        sample(
+            out,
+            "myco_agents_connections",
+            &labels[i],
+            &[
+                ("status", statuses[i].as_str()),
+                ("lifecycle_state", lifecycle.as_str()),
+            ],
+            1.0,
+        );
+    }
+
+    gauge_family(
+        out,
+        "myco_agents_apps",
+        "Agents' apps by health (1 per app)",
+    );
+    for (i, a) in agents.iter().enumerate() {
+        for app in &a.agent().apps {
+            let reported = a
+                .reports
+                .as_ref()
+                .and_then(|r| r.apps_health.get(&app.slug))
+                .copied();
+            let health = crate::status::app_health(app.healthcheck.is_some(), reported);
+            sample(
+                out,
+                "myco_agents_apps",
+                &labels[i],
+                &[("app_name", &app.slug), ("health", health.as_str())],
+                1.0,
+            );
+        }
+    }
+
+    gauge_family(
+        out,
+        "myco_agents_connection_latencies_seconds",
+        "Connected agents' round trip to each relay",
+    );
+    for (i, l) in labels.iter().enumerate() {
+        for r in stats(i).iter().flat_map(|s| &s.relay_latencies) {
+            let preferred = if r.preferred { "true" } else { "false" };
+            sample(
+                out,
+                "myco_agents_connection_latencies_seconds",
+                l,
+                &[("relay", &r.relay_url), ("preferred", preferred)],
+                r.latency_ms / 1000.0,
+            );
+        }
+    }
+
+    for (name, help, get) in AGENT_STATS {
+        gauge_family(out, name, help);
+        for (i, l) in labels.iter().enumerate() {
+            if let Some(s) = stats(i) {
+                sample(out, name, l, &[], get(s));
             }
         }
-
-        let mut m = encoder.encode_descriptor(
-            "agents_connection_latencies_seconds",
-            "Connected agents' round trip to each relay",
-            None,
-            MetricType::Gauge,
-        )?;
-        for a in &view.agents {
-            for r in a.stats.iter().flat_map(|s| &s.relay_latencies) {
-                let preferred = if r.preferred { "true" } else { "false" };
-                m.encode_family(&Labels(&[
-                    ("agent_name", &a.agent_name),
-                    ("username", &a.username),
-                    ("workspace_name", &a.workspace_name),
-                    ("relay", &r.relay_url),
-                    ("preferred", preferred),
-                ]))?
-                .encode_gauge(&(r.latency_ms / 1000.0))?;
-            }
-        }
-
-        type Stat = fn(&AgentStats) -> f64;
-        let stats: [(&str, &str, Stat); 8] = [
-            (
-                "agentstats_rx_bytes",
-                "Bytes the agent received on mesh connections since it started",
-                |s| s.rx_bytes as f64,
-            ),
-            (
-                "agentstats_tx_bytes",
-                "Bytes the agent sent on mesh connections since it started",
-                |s| s.tx_bytes as f64,
-            ),
-            (
-                "agentstats_connection_count",
-                "Mesh connections open on the agent",
-                |s| s.connection_count as f64,
-            ),
-            (
-                "agentstats_connection_median_latency_seconds",
-                "Median round trip of the agent's mesh connections",
-                |s| s.connection_median_latency_ms / 1000.0,
-            ),
-            ("agentstats_session_count_ssh", "Open SSH sessions", |s| {
-                s.session_count_ssh as f64
-            }),
-            (
-                "agentstats_session_count_vscode",
-                "Open VS Code Remote-SSH sessions",
-                |s| s.session_count_vscode as f64,
-            ),
-            (
-                "agentstats_session_count_jetbrains",
-                "Open JetBrains Gateway sessions",
-                |s| s.session_count_jetbrains as f64,
-            ),
-            (
-                "agentstats_session_count_port_forward",
-                "Open port-forwarding connections",
-                |s| s.session_count_port_forward as f64,
-            ),
-        ];
-        for (name, help, get) in stats {
-            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for a in &view.agents {
-                if let Some(s) = &a.stats {
-                    m.encode_family(&Labels(&[
-                        ("agent_name", &a.agent_name),
-                        ("username", &a.username),
-                        ("workspace_name", &a.workspace_name),
-                    ]))?
-                    .encode_gauge(&get(s))?;
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -624,9 +618,7 @@ mod tests {
     fn dummy_metrics() -> CoordinatorMetrics {
         // The relay collector needs a QAD server; scrapes in these tests only look at
         // the agent families, so a registry without it is built by hand.
-        let mut registry = Registry::with_prefix("myco");
-        let agents = Arc::new(Mutex::new(None));
-        registry.register_collector(Box::new(AgentsCollector(agents.clone())));
+        let registry = Registry::with_prefix("myco");
         CoordinatorMetrics(Arc::new(Inner {
             registry,
             heartbeats: Counter::default(),
@@ -637,8 +629,7 @@ mod tests {
             flush_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             collection_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             http_requests: Family::default(),
-            agents,
-            scrape: Mutex::new(()),
+            scrape: Mutex::new(ScrapeCache::default()),
         }))
     }
 
@@ -676,6 +667,24 @@ mod tests {
         assert!(
             out.contains("myco_agents_up{username=\"alice\",workspace_name=\"ws0\"} 1"),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn samples_escape_label_values_and_print_integers_plainly() {
+        let mut out = String::new();
+        gauge_family(&mut out, "m", "Help");
+        sample(
+            &mut out,
+            "m",
+            "a=\"x\"",
+            &[("relay", "http://h/\"q\"\\\n")],
+            1.0,
+        );
+        sample(&mut out, "m", "", &[("k", "v")], 0.25);
+        assert_eq!(
+            out,
+            "# HELP m Help.\n# TYPE m gauge\nm{a=\"x\",relay=\"http://h/\\\"q\\\"\\\\\\n\"} 1\nm{k=\"v\"} 0.25\n"
         );
     }
 

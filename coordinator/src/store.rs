@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh::api::{
@@ -261,12 +262,51 @@ pub struct ReportsSummary {
     pub stats: Option<AgentStats>,
 }
 
-/// Every workspace and agent state a scrape judges, read in one transaction.
+/// One agent of a scrape: where it is in its workspace, and its state.
+#[derive(Debug, Clone)]
+pub struct ScrapeAgent {
+    pub workspace: Arc<WorkspaceSummary>,
+    /// Index into `workspace.agents`.
+    pub index: usize,
+    pub connection: StoredConnection,
+    pub reports: Option<Arc<ReportsSummary>>,
+}
+
+impl ScrapeAgent {
+    pub fn agent(&self) -> &AgentSummary {
+        &self.workspace.agents[self.index]
+    }
+}
+
+/// Decoded records of the last scrape with the bytes they were decoded from: a
+/// record whose bytes did not change is not decoded again. Only a cache: every
+/// scrape still reads every row of one read transaction.
 #[derive(Debug, Default)]
-pub struct ScrapeSnapshot {
-    pub workspaces: Vec<WorkspaceSummary>,
-    pub connections: HashMap<String, StoredConnection>,
-    pub reports: HashMap<String, ReportsSummary>,
+pub struct ScrapeCache {
+    workspaces: HashMap<String, (Box<[u8]>, Arc<WorkspaceSummary>)>,
+    reports: HashMap<String, (Box<[u8]>, Arc<ReportsSummary>)>,
+}
+
+/// Takes `key`'s decoded record from `old` if its bytes are `bytes`, else decodes;
+/// either way files it in `new`.
+fn cached<T: DeserializeOwned>(
+    old: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
+    new: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<Arc<T>, StoreError> {
+    let (k, entry) = match old.remove_entry(key) {
+        Some((k, (b, v))) if *b == *bytes => (k, (b, v)),
+        Some((k, _)) => (k, (bytes.into(), Arc::new(decode(table, key, bytes)?))),
+        None => (
+            key.to_owned(),
+            (bytes.into(), Arc::new(decode(table, key, bytes)?)),
+        ),
+    };
+    let value = entry.1.clone();
+    new.insert(k, entry);
+    Ok(value)
 }
 
 /// The coordinator's database.
@@ -697,32 +737,73 @@ impl Store {
         Ok((c, r))
     }
 
-    /// Everything a `/metrics` scrape judges, from one read transaction: three range
-    /// scans, no query per agent, decoding only what the scrape shows.
-    pub fn scrape_snapshot(&self) -> Result<ScrapeSnapshot, StoreError> {
+    /// Every agent a `/metrics` scrape judges, from one read transaction: three range
+    /// scans (workspaces, connection times, reports), no query per agent. Agents come
+    /// sorted by id, which is the order of the agent tables, so their rows are joined
+    /// in one pass each. Records whose bytes did not change since the last scrape come
+    /// from `cache` instead of being decoded again.
+    pub fn scrape(&self, cache: &mut ScrapeCache) -> Result<Vec<ScrapeAgent>, StoreError> {
         let txn = self.db.begin_read()?;
-        let mut snap = ScrapeSnapshot::default();
+        let mut agents = Vec::new();
+        let mut fresh = ScrapeCache::default();
         for row in txn.open_table(WORKSPACES)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            snap.workspaces
-                .push(decode("workspaces", k.value(), v.value())?);
+            let ws = cached(
+                &mut cache.workspaces,
+                &mut fresh.workspaces,
+                "workspaces",
+                k.value(),
+                v.value(),
+            )?;
+            for index in 0..ws.agents.len() {
+                agents.push(ScrapeAgent {
+                    workspace: ws.clone(),
+                    index,
+                    connection: StoredConnection::default(),
+                    reports: None,
+                });
+            }
         }
+        agents.sort_unstable_by(|a, b| a.agent().id.cmp(&b.agent().id));
+
+        // Merge joins: both sides ascend by agent id; rows of deleted agents are skipped.
+        let mut at = 0;
         for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            snap.connections
-                .insert(k.value().to_owned(), StoredConnection::from_row(v.value()));
+            let id = k.value();
+            while at < agents.len() && agents[at].agent().id.as_str() < id {
+                at += 1;
+            }
+            if let Some(a) = agents.get_mut(at)
+                && a.agent().id == id
+            {
+                a.connection = StoredConnection::from_row(v.value());
+            }
         }
+        let mut at = 0;
         for row in txn.open_table(AGENT_REPORTS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            snap.reports.insert(
-                k.value().to_owned(),
-                decode("agent_reports", k.value(), v.value())?,
-            );
+            let id = k.value();
+            while at < agents.len() && agents[at].agent().id.as_str() < id {
+                at += 1;
+            }
+            if let Some(a) = agents.get_mut(at)
+                && a.agent().id == id
+            {
+                a.reports = Some(cached(
+                    &mut cache.reports,
+                    &mut fresh.reports,
+                    "agent_reports",
+                    id,
+                    v.value(),
+                )?);
+            }
         }
-        Ok(snap)
+        *cache = fresh;
+        Ok(agents)
     }
 
     /// One agent's connection times and reports, as the ledger starts from when the
