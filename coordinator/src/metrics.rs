@@ -188,11 +188,17 @@ impl CoordinatorMetrics {
                 agent_status(&times, policy, now)
             })
             .collect();
-        self.0
-            .collection_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let collected = started.elapsed();
+        self.0.collection_seconds.observe(collected.as_secs_f64());
         let mut out = String::with_capacity(agents.len() * 1600 + 16 * 1024);
         encode_agents(&agents, &statuses, &mut out);
+        tracing::debug!(
+            agents = agents.len(),
+            ?collected,
+            encoded = ?started.elapsed() - collected,
+            bytes = out.len(),
+            "scrape"
+        );
         let encoded = match format {
             Format::OpenMetrics => {
                 prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
@@ -362,7 +368,7 @@ const AGENT_STATS: [(&str, &str, Stat); 8] = [
         |s| s.tx_bytes as f64,
     ),
     (
-        "myco_agentstats_connection_count",
+        "myco_agentstats_connections",
         "Mesh connections open on the agent",
         |s| s.connection_count as f64,
     ),
