@@ -117,7 +117,7 @@ impl CoordinatorMetrics {
         let collection_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "agents_collection_seconds",
-            "Duration of reading and judging all agents for one scrape",
+            "Duration of reading, judging and encoding all agents for one scrape",
             collection_seconds.clone(),
         );
         let http_requests = Family::<HttpLabels, Counter>::default();
@@ -189,9 +189,11 @@ impl CoordinatorMetrics {
             })
             .collect();
         let collected = started.elapsed();
-        self.0.collection_seconds.observe(collected.as_secs_f64());
         let mut out = String::with_capacity(agents.len() * 1600 + 16 * 1024);
         encode_agents(&agents, &statuses, &mut out);
+        self.0
+            .collection_seconds
+            .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             agents = agents.len(),
             ?collected,

@@ -59,6 +59,10 @@ pub struct AgentsArgs {
     /// Keep the scaletest's workspaces instead of deleting them at the end.
     #[arg(long)]
     keep: bool,
+    /// Also create this many agents that never connect, so scrapes judge a store
+    /// larger than one machine's open files allow live channels for.
+    #[arg(long, default_value_t = 0)]
+    extra_agents: usize,
 }
 
 /// Agents per workspace (the coordinator's limit).
@@ -105,11 +109,23 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let run_id = format!("{:06x}", u32::from_le_bytes(random4()) & 0xff_ffff);
-    let sims = create_workspaces(&client, &run_id, &args).await?;
+    let sims = create_workspaces(&client, &run_id, args.count, args.apps).await?;
+    let extra = if args.extra_agents > 0 {
+        create_workspaces(
+            &client,
+            &format!("{run_id}-x"),
+            args.extra_agents,
+            args.apps,
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
     eprintln!(
-        "created {} agents in {} workspaces in {:.1?}",
-        sims.len(),
-        sims.len().div_ceil(AGENTS_PER_WORKSPACE),
+        "created {} agents ({} of them never connect) in {} workspaces in {:.1?}",
+        sims.len() + extra.len(),
+        extra.len(),
+        sims.len().div_ceil(AGENTS_PER_WORKSPACE) + extra.len().div_ceil(AGENTS_PER_WORKSPACE),
         started.elapsed()
     );
 
@@ -193,7 +209,19 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
         };
         let took = began.elapsed();
         let shown = parse_connections(&text);
-        let verdict = judge(&sims, &shown, since_start);
+        let mut verdict = judge(&sims, &shown, since_start);
+        // Agents that never connected must never be shown connected.
+        for s in &extra {
+            match shown.get(&(s.workspace.clone(), s.name.clone())) {
+                None => verdict.missing += 1,
+                Some(status) => {
+                    verdict.judged += 1;
+                    if status == "connected" {
+                        verdict.false_connects += 1;
+                    }
+                }
+            }
+        }
         println!(
             "scrape {scrape_no}: {took:.1?}, {} agents shown, {} judged: {} false disconnects, {} false connects, {} missing",
             shown.len(),
@@ -210,7 +238,11 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
     tasks.shutdown().await;
     report.print();
     if !args.keep {
-        let mut names: Vec<&str> = sims.iter().map(|s| s.workspace.as_str()).collect();
+        let mut names: Vec<&str> = sims
+            .iter()
+            .chain(&extra)
+            .map(|s| s.workspace.as_str())
+            .collect();
         names.dedup();
         for ws in names {
             client
@@ -277,18 +309,19 @@ fn source_addrs(url: &str) -> anyhow::Result<Vec<IpAddr>> {
 async fn create_workspaces(
     client: &Client,
     run_id: &str,
-    args: &AgentsArgs,
+    count: usize,
+    apps: usize,
 ) -> anyhow::Result<Vec<SimAgent>> {
-    let mut sims = Vec::with_capacity(args.count);
-    let workspaces = args.count.div_ceil(AGENTS_PER_WORKSPACE);
+    let mut sims = Vec::with_capacity(count);
+    let workspaces = count.div_ceil(AGENTS_PER_WORKSPACE);
     for w in 0..workspaces {
-        let n = AGENTS_PER_WORKSPACE.min(args.count - w * AGENTS_PER_WORKSPACE);
+        let n = AGENTS_PER_WORKSPACE.min(count - w * AGENTS_PER_WORKSPACE);
         let name = format!("st-{run_id}-{w}");
         let agents = (0..n)
             .map(|a| {
                 Ok(AgentSpec {
                     name: Name::new(&format!("a{a}"))?,
-                    apps: (0..args.apps)
+                    apps: (0..apps)
                         .map(|k| {
                             Ok(App {
                                 slug: Name::new(&format!("app{k}"))?,
