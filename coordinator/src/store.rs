@@ -583,7 +583,13 @@ impl Store {
 
     /// Workspaces of `owner`, or all when `None`, ordered by owner then name.
     pub fn workspaces(&self, owner: Option<&Name>) -> Result<Vec<WorkspaceRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        Self::workspaces_in(&self.db.begin_read()?, owner)
+    }
+
+    fn workspaces_in(
+        txn: &redb::ReadTransaction,
+        owner: Option<&Name>,
+    ) -> Result<Vec<WorkspaceRecord>, StoreError> {
         let names = txn.open_table(WORKSPACE_NAMES)?;
         let workspaces = txn.open_table(WORKSPACES)?;
         let prefix = owner.map(|o| format!("{o}/"));
@@ -675,8 +681,8 @@ impl Store {
     /// Workspaces of `owner` (all when `None`) with their agents' connection times and
     /// reports, from one read transaction: three range scans, no query per agent.
     pub fn snapshot(&self, owner: Option<&Name>) -> Result<Snapshot, StoreError> {
-        let workspaces = self.workspaces(owner)?;
         let txn = self.db.begin_read()?;
+        let workspaces = Self::workspaces_in(&txn, owner)?;
         let mut snap = Snapshot {
             workspaces,
             ..Snapshot::default()
