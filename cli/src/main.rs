@@ -125,13 +125,15 @@ fn main() -> ExitCode {
     };
     let server = matches!(cli.command, Command::Server(_) | Command::Agent(_));
     init_tracing(cli.log_format, server);
-    // Only the coordinator, which serves thousands of agents, gets a worker per core.
-    // Everything else runs on one thread, so a mesh round trip crosses no worker
-    // threads: a `myco ping` RTT fell from ~0.3 to ~0.2 ms on loopback, and the agent's
-    // SSH bulk and keystroke figures improved too (BENCHMARKS.md). The agent's blocking
-    // work (SFTP file I/O) and its commands run outside that thread.
-    let coordinator = matches!(cli.command, Command::Server(_));
-    let mut builder = if coordinator {
+    // Only the coordinator, which serves thousands of agents, and the scaletest, which
+    // simulates them (its scrapes must not be timed behind their heartbeats), get a
+    // worker per core. Everything else runs on one thread, so a mesh round trip
+    // crosses no worker threads: a `myco ping` RTT fell from ~0.3 to ~0.2 ms on
+    // loopback, and the agent's SSH bulk and keystroke figures improved too
+    // (BENCHMARKS.md). The agent's blocking work (SFTP file I/O) and its commands run
+    // outside that thread.
+    let many_peers = matches!(cli.command, Command::Server(_) | Command::Scaletest(_));
+    let mut builder = if many_peers {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()

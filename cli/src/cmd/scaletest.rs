@@ -84,8 +84,10 @@ struct SimAgent {
     workspace: String,
     name: String,
     token: String,
-    /// Set to make the agent hang up; the agent sets `closed_at` when it has.
+    /// Set (and `wake` notified) to make the agent hang up; the agent sets
+    /// `closed_at` when it has.
     hang_up: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
     /// Milliseconds since the test's start when its welcome arrived; 0 before.
     opened_at: Arc<AtomicU64>,
     /// Milliseconds since the test's start when its channel closed; 0 while open.
@@ -144,6 +146,7 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
             token: sim.token.clone(),
             apps: args.apps,
             hang_up: sim.hang_up.clone(),
+            wake: sim.wake.clone(),
             opened_at: sim.opened_at.clone(),
             closed_at: sim.closed_at.clone(),
             t0,
@@ -187,6 +190,7 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
             let n = (sims.len() as f64 * args.hang_up).round() as usize;
             for s in sims.iter().take(n) {
                 s.hang_up.store(true, Ordering::Relaxed);
+                s.wake.notify_one();
             }
             hung_up = true;
             eprintln!("{n} agents hang up");
@@ -234,6 +238,7 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
     }
     for s in &sims {
         s.hang_up.store(true, Ordering::Relaxed);
+        s.wake.notify_one();
     }
     tasks.shutdown().await;
     report.print();
@@ -354,6 +359,7 @@ async fn create_workspaces(
                 name: t.agent.to_string(),
                 token: t.token,
                 hang_up: Arc::default(),
+                wake: Arc::default(),
                 opened_at: Arc::default(),
                 closed_at: Arc::default(),
             });
@@ -368,6 +374,7 @@ struct AgentTask {
     token: String,
     apps: usize,
     hang_up: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
     opened_at: Arc<AtomicU64>,
     closed_at: Arc<AtomicU64>,
     t0: Instant,
@@ -452,7 +459,6 @@ async fn agent_channel(
     // Spread heartbeats over the interval instead of sending them in lockstep.
     let offset = interval.mul_f64(f64::from(u32::from_le_bytes(random4())) / f64::from(u32::MAX));
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
-    let mut check = tokio::time::interval(Duration::from_millis(200));
     let mut beats = 0u64;
     loop {
         tokio::select! {
@@ -464,11 +470,9 @@ async fn agent_channel(
                     ws.send(send(&AgentMessage::Stats { stats })?).await?;
                 }
             }
-            _ = check.tick() => {
-                if ctx.hang_up.load(Ordering::Relaxed) {
-                    let _ = ws.close(None).await;
-                    return Ok(());
-                }
+            () = ctx.wake.notified() => {
+                let _ = ws.close(None).await;
+                return Ok(());
             }
             msg = ws.next() => match msg {
                 None | Some(Ok(Message::Close(_))) => bail!("the coordinator closed the channel"),
@@ -607,6 +611,7 @@ mod tests {
             name: "a".into(),
             token: String::new(),
             hang_up: Arc::new(AtomicBool::new(closed_ms != 0)),
+            wake: Arc::default(),
             opened_at: Arc::new(AtomicU64::new(500)),
             closed_at: Arc::new(AtomicU64::new(closed_ms)),
         };
