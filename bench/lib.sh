@@ -1,5 +1,15 @@
-# Shared by the benchmarks (sourced, not run). Needs $MYCO (a release build of myco),
-# $work (a temp dir the caller removes) and the caller's pids array.
+# Shared by the benchmarks (sourced, not run). Needs $MYCO (a release build of myco).
+
+# A temp dir in $work and a pids array; on exit the processes are killed and the dir
+# removed (after the caller's own `extra_cleanup`, if it defines one).
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if declare -F extra_cleanup >/dev/null; then extra_cleanup; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 # Starts a coordinator on loopback, its first user "bench", workspace "bench" and its
 # agent; sets $url. Everything lives in $work.

@@ -20,15 +20,11 @@ for tool in iperf3 wg python3 "$BORINGTUN" "$MYCO"; do
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench/mesh.sh: run as root (network namespaces)" >&2; exit 1; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+extra_cleanup() {
   ip netns del mb-a 2>/dev/null || true
   ip netns del mb-b 2>/dev/null || true
-  rm -rf "$work"
 }
-trap cleanup EXIT
+source bench/lib.sh
 
 mbps() { python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/8e6))'; }
 
@@ -78,7 +74,6 @@ sleep 0.5
 wgbt=$(ip netns exec mb-a iperf3 -c 10.202.0.2 -p 5302 -t "$T" -J | mbps)
 
 # 3. Myco: a coordinator, a user, a workspace and its agent, all on loopback.
-source bench/lib.sh
 start_myco
 
 st() { "$MYCO" speedtest bench -t "${T}s" -o json "$@" | python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["mbits_per_sec"]/8))'; }

@@ -30,13 +30,6 @@ ulimit -n $((COUNT + 4096)) 2>/dev/null || {
 }
 source bench/lib.sh
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 export MYCO_CONFIG_DIR="$work/cfg"
 "$MYCO" server --http-address 127.0.0.1:0 --data-dir "$work/data" --heartbeat-interval "$HEARTBEAT" \

@@ -21,13 +21,6 @@ for tool in ssh ssh-keygen python3 "$SSHD" "$MYCO"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "$tool" ] || { echo "bench/ssh.sh: missing $tool" >&2; exit 1; }
 done
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 source bench/lib.sh
 
 # OpenSSH: its own sshd with a throwaway host key and one authorized client key.

@@ -51,7 +51,7 @@ pub async fn control_handler(
 
 async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller) {
     let id = agent.agent_id.clone();
-    let stored = if state.ledger.holds(&id) {
+    let stored = if state.ledger.has_channel(&id) {
         None
     } else {
         let (store, id) = (state.store.clone(), id.clone());

@@ -36,6 +36,18 @@ struct Entry {
 }
 
 impl Entry {
+    fn new(conn: StoredConnection, reports: AgentReports) -> Self {
+        Self {
+            conn,
+            reports,
+            channels: 0,
+            conn_dirty: false,
+            reports_dirty: false,
+            logs: Vec::new(),
+            dropped_logs: 0,
+        }
+    }
+
     fn idle(&self) -> bool {
         self.channels == 0 && !self.conn_dirty && !self.reports_dirty && self.logs.is_empty()
     }
@@ -57,15 +69,18 @@ impl AgentLedger {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the ledger holds `agent_id` now; if not, the caller loads its stored
-    /// state and passes it to [`AgentLedger::connected`].
-    pub fn holds(&self, agent_id: &str) -> bool {
-        self.lock().agents.contains_key(agent_id)
+    /// Whether `agent_id` has a control channel open now, so the ledger's copy of its
+    /// state is complete; if not, the caller loads its stored state and passes it to
+    /// [`AgentLedger::connected`].
+    pub fn has_channel(&self, agent_id: &str) -> bool {
+        self.lock()
+            .agents
+            .get(agent_id)
+            .is_some_and(|e| e.channels > 0)
     }
 
     /// A control channel of `agent_id` opened at `now`. `stored` is the agent's state
-    /// from the store, used only if the ledger does not hold the agent already (its
-    /// own copy is newer).
+    /// from the store; what the ledger holds and has not flushed yet is newer and wins.
     pub fn connected(
         &self,
         agent_id: &str,
@@ -73,18 +88,24 @@ impl AgentLedger {
         now: Timestamp,
     ) {
         let mut inner = self.lock();
-        let e = inner.agents.entry(agent_id.to_owned()).or_insert_with(|| {
-            let (conn, reports) = stored.unwrap_or_default();
-            Entry {
-                conn,
-                reports,
-                channels: 0,
-                conn_dirty: false,
-                reports_dirty: false,
-                logs: Vec::new(),
-                dropped_logs: 0,
+        let e = match inner.agents.entry(agent_id.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let e = o.into_mut();
+                if let Some((conn, reports)) = stored {
+                    if !e.conn_dirty {
+                        e.conn = conn;
+                    }
+                    if !e.reports_dirty {
+                        e.reports = reports;
+                    }
+                }
+                e
             }
-        });
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let (conn, reports) = stored.unwrap_or_default();
+                v.insert(Entry::new(conn, reports))
+            }
+        };
         e.channels += 1;
         e.conn.first_connected_at.get_or_insert(now);
         e.conn.last_connected_at = Some(now);
@@ -211,29 +232,22 @@ impl AgentLedger {
     /// State that changed since wins over the batch's copy.
     pub fn restore(&self, batch: AgentStateBatch) {
         let mut inner = self.lock();
+        // An agent forgotten since (no channel, nothing else to write) gets an entry
+        // holding only what is to be retried; a reconnect fills in the rest from the
+        // store (`connected` keeps dirty parts, takes the others from the store).
         for (id, conn) in batch.connections {
-            let e = inner.agents.entry(id.clone()).or_insert_with(|| Entry {
-                conn,
-                reports: AgentReports::default(),
-                channels: 0,
-                conn_dirty: false,
-                reports_dirty: false,
-                logs: Vec::new(),
-                dropped_logs: 0,
-            });
+            let e = inner
+                .agents
+                .entry(id.clone())
+                .or_insert_with(|| Entry::new(conn, AgentReports::default()));
             e.conn_dirty = true;
             inner.dirty.insert(id);
         }
         for (id, reports) in batch.reports {
-            let e = inner.agents.entry(id.clone()).or_insert_with(|| Entry {
-                conn: StoredConnection::default(),
-                reports,
-                channels: 0,
-                conn_dirty: false,
-                reports_dirty: false,
-                logs: Vec::new(),
-                dropped_logs: 0,
-            });
+            let e = inner
+                .agents
+                .entry(id.clone())
+                .or_insert_with(|| Entry::new(StoredConnection::default(), reports));
             e.reports_dirty = true;
             inner.dirty.insert(id);
         }
@@ -359,7 +373,36 @@ mod tests {
         l.disconnected("a", false, t(160));
         let c = l.take_batch().connections[0].1;
         assert_eq!(c.disconnected_at, None);
-        assert!(l.holds("a"), "still one channel open");
+        assert!(l.has_channel("a"), "still one channel open");
+    }
+
+    #[test]
+    fn a_reconnect_before_the_flush_keeps_unflushed_changes_and_takes_the_rest_from_the_store() {
+        let l = AgentLedger::default();
+        l.connected("a", None, t(100));
+        l.take_batch();
+        l.disconnected("a", true, t(200));
+        let stored = StoredConnection {
+            first_connected_at: Some(t(100)),
+            last_connected_at: Some(t(100)),
+            disconnected_at: None,
+        };
+        let reports = AgentReports {
+            lifecycle_state: LifecycleState::Ready,
+            ..AgentReports::default()
+        };
+        l.connected("a", Some((stored, reports)), t(300));
+        let b = l.take_batch();
+        let c = b.connections[0].1;
+        assert_eq!(
+            c.disconnected_at,
+            Some(t(200)),
+            "the unflushed disconnect is kept"
+        );
+        assert_eq!(c.last_connected_at, Some(t(300)));
+        l.stats("a", AgentStats::default());
+        let r = &l.take_batch().reports[0].1;
+        assert_eq!(r.lifecycle_state, LifecycleState::Ready, "from the store");
     }
 
     #[test]

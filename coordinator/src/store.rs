@@ -287,6 +287,19 @@ pub struct ScrapeCache {
     reports: HashMap<String, (Box<[u8]>, Arc<ReportsSummary>)>,
 }
 
+/// The agent with `id` in `agents` (sorted by id), moving `cursor` forward past
+/// smaller ids: one step of a merge join with a table read in key order.
+fn seek<'a>(
+    agents: &'a mut [ScrapeAgent],
+    cursor: &mut usize,
+    id: &str,
+) -> Option<&'a mut ScrapeAgent> {
+    while *cursor < agents.len() && agents[*cursor].agent().id.as_str() < id {
+        *cursor += 1;
+    }
+    agents.get_mut(*cursor).filter(|a| a.agent().id == id)
+}
+
 /// Takes `key`'s decoded record from `old` if its bytes are `bytes`, else decodes;
 /// either way files it in `new`.
 fn cached<T: DeserializeOwned>(
@@ -774,31 +787,20 @@ impl Store {
         agents.sort_unstable_by(|a, b| a.agent().id.cmp(&b.agent().id));
 
         // Merge joins: both sides ascend by agent id; rows of deleted agents are skipped.
-        let mut at = 0;
+        let mut cursor = 0;
         for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            let id = k.value();
-            while at < agents.len() && agents[at].agent().id.as_str() < id {
-                at += 1;
-            }
-            if let Some(a) = agents.get_mut(at)
-                && a.agent().id == id
-            {
+            if let Some(a) = seek(&mut agents, &mut cursor, k.value()) {
                 a.connection = StoredConnection::from_row(v.value());
             }
         }
-        let mut at = 0;
+        let mut cursor = 0;
         for row in txn.open_table(AGENT_REPORTS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
             let id = k.value();
-            while at < agents.len() && agents[at].agent().id.as_str() < id {
-                at += 1;
-            }
-            if let Some(a) = agents.get_mut(at)
-                && a.agent().id == id
-            {
+            if let Some(a) = seek(&mut agents, &mut cursor, id) {
                 a.reports = Some(cached(
                     &mut cache.reports,
                     &mut fresh.reports,
