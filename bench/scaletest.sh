@@ -55,8 +55,14 @@ PY
 )
 
 cpu_seconds() { awk '{print ($14 + $15) / 100}' "/proc/$server/stat"; }
-heartbeats() {
-  curl -s -H "Authorization: Bearer $token" "$url/metrics" | awk '/^myco_coordinator_heartbeats_total /{print $2}'
+# One scrape's counters: heartbeats, and the sum and count of the coordinator's own
+# scrape times (these scrapes count in them too, like the scaletest's).
+counters() {
+  curl -s -H "Authorization: Bearer $token" "$url/metrics" | awk '
+    /^myco_coordinator_heartbeats_total /{h=$2}
+    /^myco_agents_collection_seconds_sum /{s=$2}
+    /^myco_agents_collection_seconds_count /{c=$2}
+    END{print h, s, c}'
 }
 
 "$MYCO" scaletest agents --count "$COUNT" --extra-agents "$EXTRA" --apps 4 --duration "$DURATION" --scrape-interval 5s \
@@ -68,14 +74,14 @@ until grep -q "agents connected" "$work/scaletest.err" 2>/dev/null; do
   kill -0 "$st" 2>/dev/null || { cat "$work/scaletest.err" >&2; exit 1; }
   sleep 0.5
 done
-cpu0=$(cpu_seconds); hb0=$(heartbeats); t0=$(date +%s.%N)
+cpu0=$(cpu_seconds); read -r hb0 sum0 n0 < <(counters); t0=$(date +%s.%N)
 rc=0
 wait "$st" || rc=$?
-t1=$(date +%s.%N); cpu1=$(cpu_seconds); hb1=$(heartbeats)
+t1=$(date +%s.%N); cpu1=$(cpu_seconds); read -r hb1 sum1 n1 < <(counters)
 peak_rss=$(awk '/VmHWM/{print $2/1024}' "/proc/$server/status")
-# The coordinator's own view of each scrape (read, judge, encode; no transfer).
-collection=$(curl -s -H "Authorization: Bearer $token" "$url/metrics" |
-  awk '/^myco_agents_collection_seconds_sum /{s=$2} /^myco_agents_collection_seconds_count /{c=$2} END{printf "%.1f", s/c*1000}')
+# The coordinator's own time per scrape while the agents ran (read, judge, encode; no
+# transfer), the empty-store baseline scrapes excluded.
+collection=$(python3 -c "print('%.1f' % (($sum1 - $sum0) / ($n1 - $n0) * 1000))")
 
 cat "$work/scaletest.err"
 summary=$(grep '^summary:' "$work/scaletest.out")
