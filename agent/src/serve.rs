@@ -12,7 +12,7 @@ use mesh::{Timestamp, frame, ticket};
 
 use tracing::Instrument;
 
-use crate::SharedWelcome;
+use crate::WelcomeRx;
 
 /// How long a client has to present its ticket.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,11 +21,7 @@ const CHUNK: usize = 256 * 1024;
 /// The longest speedtest the agent will run.
 const MAX_SPEEDTEST: Duration = Duration::from_secs(120);
 
-pub async fn accept_loop(
-    endpoint: Endpoint,
-    welcome: SharedWelcome,
-    ssh: Arc<russh::server::Config>,
-) {
+pub async fn accept_loop(endpoint: Endpoint, welcome: WelcomeRx, ssh: Arc<russh::server::Config>) {
     while let Some(incoming) = endpoint.accept().await {
         let welcome = welcome.clone();
         let ssh = ssh.clone();
@@ -49,7 +45,7 @@ pub async fn accept_loop(
 async fn handle(
     conn: Connection,
     me: iroh::EndpointId,
-    welcome: SharedWelcome,
+    welcome: WelcomeRx,
     ssh: Arc<russh::server::Config>,
 ) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
@@ -57,7 +53,7 @@ async fn handle(
         .await
         .map_err(|_| refuse(&conn, close::PROTOCOL, "no ticket presented in time"))?
         .map_err(|e| refuse(&conn, close::PROTOCOL, &format!("bad hello: {e}")))?;
-    let known = welcome.read().ok().and_then(|w| w.clone());
+    let known = welcome.borrow().clone();
     let Some(known) = known else {
         return Err(refuse(
             &conn,

@@ -116,8 +116,8 @@ const INPUT_QUEUE: usize = 4096;
 /// jobs keep the terminal open.
 const PTY_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 /// Variables of the agent's own environment no session inherits: credentials of the
-/// agent, and an SSH agent that was not forwarded.
-const PRIVATE_ENV: &[&str] = &[
+/// agent, and an SSH agent that was not forwarded. Workspace scripts drop them too.
+pub(crate) const PRIVATE_ENV: &[&str] = &[
     "MYCO_AGENT_TOKEN",
     "MYCO_AGENT_URL",
     "MYCO_TOKEN",
@@ -380,7 +380,7 @@ async fn feed(stdin: Option<ChildStdin>, mut rx: mpsc::Receiver<Input>) {
     }
 }
 
-fn login_shell() -> String {
+pub(crate) fn login_shell() -> String {
     std::env::var("SHELL")
         .ok()
         .filter(|s| !s.is_empty())
