@@ -1,17 +1,19 @@
 //! The workspace agent (`myco agent`): holds one control channel to the coordinator,
 //! publishes its mesh address as it changes, serves the mesh protocols to clients
 //! that present a ticket signed by that coordinator, runs the workspace's startup and
-//! shutdown scripts, and reports its lifecycle and their output on the control
-//! channel.
+//! shutdown scripts, checks the workspace's apps, and reports all that on the
+//! control channel.
 //!
 //! Entry point: [`run`]. Architecture Invariant: the agent trusts the coordinator only
 //! through the key it announced on the control channel; every mesh connection is
 //! checked against a ticket, whatever network path it came by.
 
+mod app_health;
 mod control;
 mod forward;
 mod lifecycle;
 mod reports;
+mod schedule;
 mod script;
 mod serve;
 mod sftp;
@@ -103,11 +105,15 @@ pub async fn run(
         reports.clone(),
     );
     tokio::pin!(control);
-    // Ends (killing the script it runs) when dropped, as the agent stops.
+    // Each ends (killing the scripts it runs) when dropped, as the agent stops.
     let startup = AbortOnDrop(tokio::spawn(lifecycle::startup(
         welcome.clone(),
         reports.clone(),
     )));
+    let _checks = [AbortOnDrop(tokio::spawn(app_health::run(
+        welcome.clone(),
+        reports.clone(),
+    )))];
     tokio::pin!(shutdown);
     let stopped = tokio::select! {
         r = &mut control => Some(r.map_err(AgentError::from)),

@@ -1,19 +1,19 @@
-//! What the agent tells the coordinator beyond its address and heartbeats: its
-//! lifecycle and its scripts' output.
+//! What the agent tells the coordinator beyond its address and heartbeats: lifecycle,
+//! script logs and app health.
 //!
 //! Reporters push into one [`ReportQueue`], a pure state machine with time passed in;
 //! the control channel's task polls it for the messages to send ([`ReportQueue::poll_transmit`],
 //! [`ReportQueue::poll_timeout`]). Lifecycle changes and log lines keep their order
-//! and wait, bounded, while no channel is up; the current lifecycle is sent again on
-//! every new channel.
+//! and wait, bounded, while no channel is up; app health is kept as current state,
+//! sent as batched changes, and all sent again on every new channel.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use mesh::Timestamp;
-use mesh::api::LogLine;
-use mesh::control::AgentMessage;
+use mesh::api::{AppHealth, LogLine};
+use mesh::control::{AgentMessage, AppHealthChange};
+use mesh::{Name, Timestamp};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -29,6 +29,8 @@ const LOG_BATCH_BYTES: usize = 1024 * 1024;
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(250);
 /// Unsent log lines kept while the coordinator is unreachable; older ones are dropped.
 const LOG_BUFFER_LINES: usize = 10_000;
+/// How long an app health change waits for others to share its message.
+const STATE_BATCH_DELAY: Duration = Duration::from_millis(500);
 
 /// Lifecycle changes and log lines, kept in the order they happened.
 #[derive(Debug)]
@@ -48,6 +50,9 @@ pub(crate) struct ReportQueue {
     /// Log lines dropped from the front of `events` since the last log message.
     dropped_lines: u64,
     logs_due: Option<Instant>,
+    apps: BTreeMap<Name, AppHealth>,
+    apps_changed: BTreeSet<Name>,
+    apps_due: Option<Instant>,
 }
 
 impl ReportQueue {
@@ -59,6 +64,9 @@ impl ReportQueue {
             queued_lifecycles: 0,
             dropped_lines: 0,
             logs_due: None,
+            apps: BTreeMap::new(),
+            apps_changed: BTreeSet::new(),
+            apps_due: None,
         }
     }
 
@@ -93,8 +101,41 @@ impl ReportQueue {
         }
     }
 
-    /// A control channel just came up: the current lifecycle goes once more; unsent
-    /// log lines go now.
+    /// The apps of a (new) manifest with their health: apps no longer listed are
+    /// forgotten, new or changed ones reported.
+    pub(crate) fn set_apps(
+        &mut self,
+        apps: impl IntoIterator<Item = (Name, AppHealth)>,
+        now: Instant,
+    ) {
+        let apps: BTreeMap<_, _> = apps.into_iter().collect();
+        self.apps_changed.retain(|slug| apps.contains_key(slug));
+        for (slug, health) in &apps {
+            if self.apps.get(slug) != Some(health) {
+                self.apps_changed.insert(slug.clone());
+            }
+        }
+        self.apps = apps;
+        if !self.apps_changed.is_empty() {
+            self.apps_due.get_or_insert(now + STATE_BATCH_DELAY);
+        }
+    }
+
+    /// An app's health as its checks now see it; only changes are reported.
+    pub(crate) fn app_health(&mut self, slug: &Name, health: AppHealth, now: Instant) {
+        let Some(current) = self.apps.get_mut(slug) else {
+            // Not in the current manifest: a check of an app since removed.
+            return;
+        };
+        if *current != health {
+            *current = health;
+            self.apps_changed.insert(slug.clone());
+            self.apps_due.get_or_insert(now + STATE_BATCH_DELAY);
+        }
+    }
+
+    /// A control channel just came up: the current lifecycle and every app's health go
+    /// once more; unsent log lines go now.
     pub(crate) fn channel_opened(&mut self, now: Instant) {
         if self.queued_lifecycles == 0 {
             // It happened before everything still queued, since everything before it
@@ -105,6 +146,8 @@ impl ReportQueue {
         if self.queued_lines > 0 {
             self.logs_due = Some(now);
         }
+        self.apps_changed = self.apps.keys().cloned().collect();
+        self.apps_due = (!self.apps_changed.is_empty()).then_some(now);
     }
 
     /// The next message to send now, if any. Call until `None`, then wait until
@@ -122,6 +165,19 @@ impl ReportQueue {
             }
             Some(Event::Log(_)) if self.logs_ready(now) => return Some(self.take_logs()),
             _ => {}
+        }
+        if self.apps_due.is_some_and(|due| due <= now) {
+            self.apps_due = None;
+            let changes: Vec<_> = std::mem::take(&mut self.apps_changed)
+                .into_iter()
+                .filter_map(|slug| {
+                    let health = *self.apps.get(&slug)?;
+                    Some(AppHealthChange { slug, health })
+                })
+                .collect();
+            if !changes.is_empty() {
+                return Some(AgentMessage::AppHealth { changes });
+            }
         }
         None
     }
@@ -171,15 +227,16 @@ impl ReportQueue {
 
     /// When [`Self::poll_transmit`] will next have something without new reports.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        if self.queued_lines > 0 {
+        let logs = if self.queued_lines > 0 {
             self.logs_due
         } else {
             None
-        }
+        };
+        [logs, self.apps_due].into_iter().flatten().min()
     }
 
     /// Puts back a message the channel failed to send, so lifecycle changes and log
-    /// lines are not lost.
+    /// lines are not lost. App health needs nothing: a new channel sends it all.
     pub(crate) fn requeue(&mut self, msg: AgentMessage, now: Instant) {
         match msg {
             AgentMessage::Lifecycle { state, changed_at } => {
@@ -268,6 +325,14 @@ impl Reports {
         }
     }
 
+    pub(crate) fn set_apps(&self, apps: impl IntoIterator<Item = (Name, AppHealth)>) {
+        self.push(|q, now| q.set_apps(apps, now));
+    }
+
+    pub(crate) fn app_health(&self, slug: &Name, health: AppHealth) {
+        self.push(|q, now| q.app_health(slug, health, now));
+    }
+
     /// For the control channel: see [`ReportQueue::channel_opened`].
     pub(crate) fn channel_opened(&self) {
         self.queue().channel_opened(Instant::now());
@@ -318,6 +383,10 @@ mod tests {
     use crate::script::ScriptOutcome;
     use mesh::api::LogSource;
 
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
     fn line(text: &str) -> LogLine {
         LogLine {
             at: Timestamp::from_unix_millis(1),
@@ -339,6 +408,14 @@ mod tests {
                     lines
                         .iter()
                         .map(|l| l.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                AgentMessage::AppHealth { changes } => format!(
+                    "apps {}",
+                    changes
+                        .iter()
+                        .map(|c| format!("{}={}", c.slug, c.health))
                         .collect::<Vec<_>>()
                         .join(",")
                 ),
@@ -492,6 +569,49 @@ mod tests {
         assert_eq!(
             summary(&drain(&mut q, t0)),
             ["logs a,b", "lifecycle starting"]
+        );
+    }
+
+    #[test]
+    fn app_health_changes_are_batched_and_all_sent_on_a_new_channel() {
+        let (mut q, t0) = queue();
+        q.channel_opened(t0);
+        drain(&mut q, t0);
+        q.set_apps(
+            [
+                (name("web"), AppHealth::Initializing),
+                (name("docs"), AppHealth::Disabled),
+            ],
+            t0,
+        );
+        assert_eq!(q.poll_timeout(), Some(t0 + STATE_BATCH_DELAY));
+        assert!(drain(&mut q, t0).is_empty());
+        let t1 = t0 + STATE_BATCH_DELAY;
+        assert_eq!(
+            summary(&drain(&mut q, t1)),
+            ["apps docs=disabled,web=initializing"]
+        );
+        // Unchanged health is not sent again; changes within the window share a message.
+        q.app_health(&name("web"), AppHealth::Initializing, t1);
+        assert_eq!(q.poll_timeout(), None);
+        q.app_health(&name("web"), AppHealth::Unhealthy, t1);
+        q.app_health(
+            &name("web"),
+            AppHealth::Healthy,
+            t1 + Duration::from_millis(400),
+        );
+        assert!(drain(&mut q, t1 + Duration::from_millis(499)).is_empty());
+        assert_eq!(
+            summary(&drain(&mut q, t1 + STATE_BATCH_DELAY)),
+            ["apps web=healthy"]
+        );
+        // An app the manifest no longer has is not reported.
+        q.app_health(&name("gone"), AppHealth::Healthy, t1);
+        assert_eq!(q.poll_timeout(), None);
+        q.channel_opened(t1);
+        assert_eq!(
+            summary(&drain(&mut q, t1)),
+            ["lifecycle created", "apps docs=disabled,web=healthy"]
         );
     }
 

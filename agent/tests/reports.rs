@@ -1,13 +1,14 @@
 //! The agent against a fake coordinator on loopback: what it reports on the control
-//! channel (lifecycle and script output), in which order,
+//! channel (lifecycle, script output, app health), in which order,
 //! and again on a new channel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use mesh::Name;
-use mesh::api::{App, HealthCheck, MetadataSpec, Script};
+use mesh::api::{App, AppHealth, HealthCheck, MetadataSpec, Script};
 use mesh::control::{AgentMessage, CoordinatorMessage, Manifest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// hanging it.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// An HTTP server answering 200 to everything, where the manifest's apps are.
+/// An HTTP server answering 200 to everything: the app's health check.
 async fn http_ok() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -142,6 +143,7 @@ impl FakeCoordinator {
 struct Seen {
     /// Lifecycle changes and log lines in the order they came.
     events: Vec<String>,
+    apps: BTreeMap<String, AppHealth>,
 }
 
 impl Seen {
@@ -183,9 +185,13 @@ impl Channel {
                     AgentMessage::Logs { lines } => {
                         seen.events.extend(lines.into_iter().map(|l| l.text));
                     }
+                    AgentMessage::AppHealth { changes } => {
+                        for c in changes {
+                            seen.apps.insert(c.slug.to_string(), c.health);
+                        }
+                    }
                     AgentMessage::Stats { .. }
                     | AgentMessage::Metadata { .. }
-                    | AgentMessage::AppHealth { .. }
                     | AgentMessage::Addr { .. }
                     | AgentMessage::Heartbeat
                     | AgentMessage::HostKey { .. } => {}
@@ -199,7 +205,7 @@ impl Channel {
 }
 
 #[tokio::test]
-async fn startup_failure_and_shutdown_are_reported() {
+async fn startup_failure_health_and_shutdown_are_reported() {
     let http = http_ok().await;
     let coordinator = FakeCoordinator::start(
         http,
@@ -216,9 +222,10 @@ async fn startup_failure_and_shutdown_are_reported() {
         let _ = stopped.await;
     }));
     let mut ch = coordinator.accept().await;
-    ch.until("the startup script failed", |s| {
-        s.has("lifecycle start_error")
-    })
+    ch.until(
+        "the startup script failed and everything was reported",
+        |s| s.has("lifecycle start_error") && s.apps.get("web") == Some(&AppHealth::Healthy),
+    )
     .await;
     let seen = &ch.seen;
     // The script's output comes before the state it led to.
@@ -232,6 +239,7 @@ async fn startup_failure_and_shutdown_are_reported() {
         let at = seen.position(line);
         assert!(starting < at && at < failed, "{:#?}", seen.events);
     }
+    assert_eq!(seen.apps.get("docs"), Some(&AppHealth::Disabled));
 
     // SIGTERM: the shutdown script runs while the channel stays up, and its outcome
     // is sent before the agent exits.
@@ -259,13 +267,20 @@ async fn a_new_channel_gets_the_current_state_again() {
         std::future::pending(),
     ));
     let mut ch = coordinator.accept().await;
-    ch.until("ready", |s| s.has("lifecycle ready")).await;
+    ch.until("ready and healthy", |s| {
+        s.has("lifecycle ready") && s.apps.get("web") == Some(&AppHealth::Healthy)
+    })
+    .await;
     // The coordinator restarts: the agent reconnects and says it all again, though
     // nothing changed.
     drop(ch);
     let mut ch = coordinator.accept().await;
-    ch.until("the state came again", |s| s.has("lifecycle ready"))
-        .await;
+    ch.until("the state came again", |s| {
+        s.has("lifecycle ready") && s.apps.len() == 2
+    })
+    .await;
+    assert_eq!(ch.seen.apps.get("web"), Some(&AppHealth::Healthy));
+    assert_eq!(ch.seen.apps.get("docs"), Some(&AppHealth::Disabled));
     // Only the current state: the startup transitions are not replayed.
     assert!(!ch.seen.has("lifecycle starting"), "{:#?}", ch.seen.events);
     agent.abort();
