@@ -1,8 +1,8 @@
 //! The workspace agent (`myco agent`): holds one control channel to the coordinator,
 //! publishes its mesh address as it changes, serves the mesh protocols to clients
 //! that present a ticket signed by that coordinator, runs the workspace's startup and
-//! shutdown scripts, checks the workspace's apps, and reports all that on the
-//! control channel.
+//! shutdown scripts, checks the workspace's apps, runs its metadata scripts, and
+//! reports all that on the control channel.
 //!
 //! Entry point: [`run`]. Architecture Invariant: the agent trusts the coordinator only
 //! through the key it announced on the control channel; every mesh connection is
@@ -12,6 +12,7 @@ mod app_health;
 mod control;
 mod forward;
 mod lifecycle;
+mod metadata;
 mod reports;
 mod schedule;
 mod script;
@@ -110,10 +111,16 @@ pub async fn run(
         welcome.clone(),
         reports.clone(),
     )));
-    let _checks = [AbortOnDrop(tokio::spawn(app_health::run(
-        welcome.clone(),
-        reports.clone(),
-    )))];
+    let _checks = [
+        AbortOnDrop(tokio::spawn(app_health::run(
+            welcome.clone(),
+            reports.clone(),
+        ))),
+        AbortOnDrop(tokio::spawn(metadata::run(
+            welcome.clone(),
+            reports.clone(),
+        ))),
+    ];
     tokio::pin!(shutdown);
     let stopped = tokio::select! {
         r = &mut control => Some(r.map_err(AgentError::from)),

@@ -1,17 +1,17 @@
 //! What the agent tells the coordinator beyond its address and heartbeats: lifecycle,
-//! script logs and app health.
+//! script logs, app health and metadata.
 //!
 //! Reporters push into one [`ReportQueue`], a pure state machine with time passed in;
 //! the control channel's task polls it for the messages to send ([`ReportQueue::poll_transmit`],
 //! [`ReportQueue::poll_timeout`]). Lifecycle changes and log lines keep their order
-//! and wait, bounded, while no channel is up; app health is kept as current state,
-//! sent as batched changes, and all sent again on every new channel.
+//! and wait, bounded, while no channel is up; app health and metadata are kept as
+//! current state, sent as batched changes, and all sent again on every new channel.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use mesh::api::{AppHealth, LogLine};
+use mesh::api::{AppHealth, LogLine, MetadataValue};
 use mesh::control::{AgentMessage, AppHealthChange};
 use mesh::{Name, Timestamp};
 use tokio::sync::Notify;
@@ -29,7 +29,7 @@ const LOG_BATCH_BYTES: usize = 1024 * 1024;
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(250);
 /// Unsent log lines kept while the coordinator is unreachable; older ones are dropped.
 const LOG_BUFFER_LINES: usize = 10_000;
-/// How long an app health change waits for others to share its message.
+/// How long an app health or metadata change waits for others to share its message.
 const STATE_BATCH_DELAY: Duration = Duration::from_millis(500);
 
 /// Lifecycle changes and log lines, kept in the order they happened.
@@ -53,6 +53,9 @@ pub(crate) struct ReportQueue {
     apps: BTreeMap<Name, AppHealth>,
     apps_changed: BTreeSet<Name>,
     apps_due: Option<Instant>,
+    metadata: BTreeMap<Name, MetadataValue>,
+    metadata_changed: BTreeSet<Name>,
+    metadata_due: Option<Instant>,
 }
 
 impl ReportQueue {
@@ -67,6 +70,9 @@ impl ReportQueue {
             apps: BTreeMap::new(),
             apps_changed: BTreeSet::new(),
             apps_due: None,
+            metadata: BTreeMap::new(),
+            metadata_changed: BTreeSet::new(),
+            metadata_due: None,
         }
     }
 
@@ -134,8 +140,28 @@ impl ReportQueue {
         }
     }
 
-    /// A control channel just came up: the current lifecycle and every app's health go
-    /// once more; unsent log lines go now.
+    /// Forgets metadata items no longer in the manifest.
+    pub(crate) fn retain_metadata(&mut self, keys: &BTreeSet<Name>) {
+        self.metadata.retain(|k, _| keys.contains(k));
+        self.metadata_changed.retain(|k| keys.contains(k));
+    }
+
+    /// A metadata item's latest result; only a new value or error is reported.
+    pub(crate) fn metadata(&mut self, value: MetadataValue, now: Instant) {
+        if let Some(old) = self.metadata.get_mut(&value.key)
+            && old.value == value.value
+            && old.error == value.error
+        {
+            old.collected_at = value.collected_at;
+            return;
+        }
+        self.metadata_changed.insert(value.key.clone());
+        self.metadata.insert(value.key.clone(), value);
+        self.metadata_due.get_or_insert(now + STATE_BATCH_DELAY);
+    }
+
+    /// A control channel just came up: the current lifecycle, every app's health and
+    /// every metadata value go once more; unsent log lines go now.
     pub(crate) fn channel_opened(&mut self, now: Instant) {
         if self.queued_lifecycles == 0 {
             // It happened before everything still queued, since everything before it
@@ -148,6 +174,8 @@ impl ReportQueue {
         }
         self.apps_changed = self.apps.keys().cloned().collect();
         self.apps_due = (!self.apps_changed.is_empty()).then_some(now);
+        self.metadata_changed = self.metadata.keys().cloned().collect();
+        self.metadata_due = (!self.metadata_changed.is_empty()).then_some(now);
     }
 
     /// The next message to send now, if any. Call until `None`, then wait until
@@ -177,6 +205,16 @@ impl ReportQueue {
                 .collect();
             if !changes.is_empty() {
                 return Some(AgentMessage::AppHealth { changes });
+            }
+        }
+        if self.metadata_due.is_some_and(|due| due <= now) {
+            self.metadata_due = None;
+            let items: Vec<_> = std::mem::take(&mut self.metadata_changed)
+                .into_iter()
+                .filter_map(|key| self.metadata.get(&key).cloned())
+                .collect();
+            if !items.is_empty() {
+                return Some(AgentMessage::Metadata { items });
             }
         }
         None
@@ -232,11 +270,15 @@ impl ReportQueue {
         } else {
             None
         };
-        [logs, self.apps_due].into_iter().flatten().min()
+        [logs, self.apps_due, self.metadata_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Puts back a message the channel failed to send, so lifecycle changes and log
-    /// lines are not lost. App health needs nothing: a new channel sends it all.
+    /// lines are not lost. App health and metadata need nothing: a new channel sends
+    /// them all.
     pub(crate) fn requeue(&mut self, msg: AgentMessage, now: Instant) {
         match msg {
             AgentMessage::Lifecycle { state, changed_at } => {
@@ -333,6 +375,14 @@ impl Reports {
         self.push(|q, now| q.app_health(slug, health, now));
     }
 
+    pub(crate) fn retain_metadata(&self, keys: &BTreeSet<Name>) {
+        self.push(|q, _| q.retain_metadata(keys));
+    }
+
+    pub(crate) fn metadata(&self, value: MetadataValue) {
+        self.push(|q, now| q.metadata(value, now));
+    }
+
     /// For the control channel: see [`ReportQueue::channel_opened`].
     pub(crate) fn channel_opened(&self) {
         self.queue().channel_opened(Instant::now());
@@ -416,6 +466,14 @@ mod tests {
                     changes
                         .iter()
                         .map(|c| format!("{}={}", c.slug, c.health))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                AgentMessage::Metadata { items } => format!(
+                    "metadata {}",
+                    items
+                        .iter()
+                        .map(|i| format!("{}={}", i.key, i.value))
                         .collect::<Vec<_>>()
                         .join(",")
                 ),
@@ -612,6 +670,45 @@ mod tests {
         assert_eq!(
             summary(&drain(&mut q, t1)),
             ["lifecycle created", "apps docs=disabled,web=healthy"]
+        );
+    }
+
+    fn value(key: &str, v: &str, at: u64) -> MetadataValue {
+        MetadataValue {
+            key: name(key),
+            value: v.into(),
+            error: None,
+            collected_at: Timestamp::from_unix_millis(at),
+        }
+    }
+
+    #[test]
+    fn metadata_sends_changed_values_and_everything_on_a_new_channel() {
+        let (mut q, t0) = queue();
+        q.channel_opened(t0);
+        drain(&mut q, t0);
+        q.metadata(value("load", "0.1", 1), t0);
+        q.metadata(value("disk", "50%", 1), t0);
+        let t1 = t0 + STATE_BATCH_DELAY;
+        assert_eq!(summary(&drain(&mut q, t1)), ["metadata disk=50%,load=0.1"]);
+        q.metadata(value("load", "0.1", 2), t1);
+        assert_eq!(q.poll_timeout(), None);
+        q.metadata(
+            MetadataValue {
+                error: Some("exit status 1".into()),
+                ..value("load", "0.1", 3)
+            },
+            t1,
+        );
+        assert_eq!(
+            summary(&drain(&mut q, t1 + STATE_BATCH_DELAY)),
+            ["metadata load=0.1"]
+        );
+        q.retain_metadata(&BTreeSet::from([name("disk")]));
+        q.channel_opened(t1);
+        assert_eq!(
+            summary(&drain(&mut q, t1)),
+            ["lifecycle created", "metadata disk=50%"]
         );
     }
 

@@ -1,5 +1,5 @@
 //! The agent against a fake coordinator on loopback: what it reports on the control
-//! channel (lifecycle, script output, app health), in which order,
+//! channel (lifecycle, script output, app health, metadata), in which order,
 //! and again on a new channel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -144,6 +144,7 @@ struct Seen {
     /// Lifecycle changes and log lines in the order they came.
     events: Vec<String>,
     apps: BTreeMap<String, AppHealth>,
+    metadata: BTreeMap<String, String>,
 }
 
 impl Seen {
@@ -190,8 +191,12 @@ impl Channel {
                             seen.apps.insert(c.slug.to_string(), c.health);
                         }
                     }
+                    AgentMessage::Metadata { items } => {
+                        for i in items {
+                            seen.metadata.insert(i.key.to_string(), i.value);
+                        }
+                    }
                     AgentMessage::Stats { .. }
-                    | AgentMessage::Metadata { .. }
                     | AgentMessage::Addr { .. }
                     | AgentMessage::Heartbeat
                     | AgentMessage::HostKey { .. } => {}
@@ -205,7 +210,7 @@ impl Channel {
 }
 
 #[tokio::test]
-async fn startup_failure_health_and_shutdown_are_reported() {
+async fn startup_failure_health_metadata_and_shutdown_are_reported() {
     let http = http_ok().await;
     let coordinator = FakeCoordinator::start(
         http,
@@ -224,7 +229,11 @@ async fn startup_failure_health_and_shutdown_are_reported() {
     let mut ch = coordinator.accept().await;
     ch.until(
         "the startup script failed and everything was reported",
-        |s| s.has("lifecycle start_error") && s.apps.get("web") == Some(&AppHealth::Healthy),
+        |s| {
+            s.has("lifecycle start_error")
+                && s.apps.get("web") == Some(&AppHealth::Healthy)
+                && s.metadata.get("answer").map(String::as_str) == Some("42")
+        },
     )
     .await;
     let seen = &ch.seen;
@@ -267,8 +276,10 @@ async fn a_new_channel_gets_the_current_state_again() {
         std::future::pending(),
     ));
     let mut ch = coordinator.accept().await;
-    ch.until("ready and healthy", |s| {
-        s.has("lifecycle ready") && s.apps.get("web") == Some(&AppHealth::Healthy)
+    ch.until("ready, healthy, with metadata", |s| {
+        s.has("lifecycle ready")
+            && s.apps.get("web") == Some(&AppHealth::Healthy)
+            && s.metadata.contains_key("answer")
     })
     .await;
     // The coordinator restarts: the agent reconnects and says it all again, though
@@ -276,7 +287,9 @@ async fn a_new_channel_gets_the_current_state_again() {
     drop(ch);
     let mut ch = coordinator.accept().await;
     ch.until("the state came again", |s| {
-        s.has("lifecycle ready") && s.apps.len() == 2
+        s.has("lifecycle ready")
+            && s.apps.len() == 2
+            && s.metadata.get("answer").map(String::as_str) == Some("42")
     })
     .await;
     assert_eq!(ch.seen.apps.get("web"), Some(&AppHealth::Healthy));
