@@ -12,6 +12,7 @@ use mesh::endpoint::EndpointOptions;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, http};
 
 use crate::reports::Reports;
+use crate::stats::MeshActivity;
 use crate::{AgentConfig, EndpointCell, Welcome};
 
 type WelcomeTx = tokio::sync::watch::Sender<Option<Welcome>>;
@@ -80,6 +81,7 @@ pub async fn run(
     welcome: WelcomeTx,
     endpoint: EndpointCell,
     reports: Reports,
+    activity: Arc<MeshActivity>,
 ) -> Result<(), ControlError> {
     let url = control_url(&config.url)?;
     let mut backoff = BACKOFF_MIN;
@@ -89,6 +91,7 @@ pub async fn run(
             welcome: &welcome,
             endpoint: &endpoint,
             reports: &reports,
+            activity: &activity,
         };
         match channel(&config, &url, &key, shared).await {
             ChannelEnd::Fatal(e) => return Err(e),
@@ -111,6 +114,7 @@ struct Shared<'a> {
     welcome: &'a WelcomeTx,
     endpoint: &'a EndpointCell,
     reports: &'a Reports,
+    activity: &'a Arc<MeshActivity>,
 }
 
 async fn channel(
@@ -121,6 +125,7 @@ async fn channel(
         welcome,
         endpoint,
         reports,
+        activity,
     }: Shared<'_>,
 ) -> ChannelEnd {
     let mut request = match url.into_client_request() {
@@ -169,6 +174,8 @@ async fn channel(
     welcome.send_replace(Some(Welcome {
         coordinator_key,
         agent,
+        relay_url: relay_url.clone(),
+        heartbeat_interval: Duration::from_millis(heartbeat_interval_ms.max(1000)),
         manifest: Arc::new(manifest),
     }));
     let ep = match endpoint.get() {
@@ -193,6 +200,7 @@ async fn channel(
                 ep.endpoint.clone(),
                 welcome.subscribe(),
                 crate::ssh::config(config.host_key.clone()),
+                activity.clone(),
             ));
             let _ = endpoint.set(ep.clone());
             ep

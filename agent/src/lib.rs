@@ -2,7 +2,7 @@
 //! publishes its mesh address as it changes, serves the mesh protocols to clients
 //! that present a ticket signed by that coordinator, runs the workspace's startup and
 //! shutdown scripts, checks the workspace's apps, runs its metadata scripts, and
-//! reports all that on the control channel.
+//! reports all that, with traffic and session stats, on the control channel.
 //!
 //! Entry point: [`run`]. Architecture Invariant: the agent trusts the coordinator only
 //! through the key it announced on the control channel; every mesh connection is
@@ -17,8 +17,10 @@ mod reports;
 mod schedule;
 mod script;
 mod serve;
+mod sessions;
 mod sftp;
 mod ssh;
+mod stats;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +53,9 @@ pub struct AgentConfig {
 pub(crate) struct Welcome {
     pub coordinator_key: iroh::PublicKey,
     pub agent: String,
+    pub relay_url: iroh::RelayUrl,
+    /// Also the stats interval.
+    pub heartbeat_interval: Duration,
     pub manifest: Arc<Manifest>,
 }
 
@@ -95,6 +100,7 @@ pub async fn run(
     let (welcome_tx, welcome) = watch::channel(None);
     let endpoint: EndpointCell = Arc::default();
     let reports = reports::Reports::default();
+    let activity = Arc::new(stats::MeshActivity::default());
     let control = control::run(
         control::ChannelConfig {
             agent: config,
@@ -104,6 +110,7 @@ pub async fn run(
         welcome_tx,
         endpoint.clone(),
         reports.clone(),
+        activity.clone(),
     );
     tokio::pin!(control);
     // Each ends (killing the scripts it runs) when dropped, as the agent stops.
@@ -118,6 +125,12 @@ pub async fn run(
         ))),
         AbortOnDrop(tokio::spawn(metadata::run(
             welcome.clone(),
+            reports.clone(),
+        ))),
+        AbortOnDrop(tokio::spawn(stats::run(
+            welcome.clone(),
+            endpoint.clone(),
+            activity,
             reports.clone(),
         ))),
     ];

@@ -1,5 +1,5 @@
 //! What the agent tells the coordinator beyond its address and heartbeats: lifecycle,
-//! script logs, app health and metadata.
+//! script logs, app health, metadata and stats.
 //!
 //! Reporters push into one [`ReportQueue`], a pure state machine with time passed in;
 //! the control channel's task polls it for the messages to send ([`ReportQueue::poll_transmit`],
@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use mesh::api::{AppHealth, LogLine, MetadataValue};
+use mesh::api::{AgentStats, AppHealth, LogLine, MetadataValue};
 use mesh::control::{AgentMessage, AppHealthChange};
 use mesh::{Name, Timestamp};
 use tokio::sync::Notify;
@@ -56,6 +56,7 @@ pub(crate) struct ReportQueue {
     metadata: BTreeMap<Name, MetadataValue>,
     metadata_changed: BTreeSet<Name>,
     metadata_due: Option<Instant>,
+    stats: Option<AgentStats>,
 }
 
 impl ReportQueue {
@@ -73,6 +74,7 @@ impl ReportQueue {
             metadata: BTreeMap::new(),
             metadata_changed: BTreeSet::new(),
             metadata_due: None,
+            stats: None,
         }
     }
 
@@ -160,6 +162,12 @@ impl ReportQueue {
         self.metadata_due.get_or_insert(now + STATE_BATCH_DELAY);
     }
 
+    /// The latest stats, sent as soon as the channel allows; older unsent ones are
+    /// replaced.
+    pub(crate) fn stats(&mut self, stats: AgentStats) {
+        self.stats = Some(stats);
+    }
+
     /// A control channel just came up: the current lifecycle, every app's health and
     /// every metadata value go once more; unsent log lines go now.
     pub(crate) fn channel_opened(&mut self, now: Instant) {
@@ -217,7 +225,7 @@ impl ReportQueue {
                 return Some(AgentMessage::Metadata { items });
             }
         }
-        None
+        self.stats.take().map(|stats| AgentMessage::Stats { stats })
     }
 
     fn logs_ready(&self, now: Instant) -> bool {
@@ -278,7 +286,7 @@ impl ReportQueue {
 
     /// Puts back a message the channel failed to send, so lifecycle changes and log
     /// lines are not lost. App health and metadata need nothing: a new channel sends
-    /// them all.
+    /// them all; stats are sent afresh every interval.
     pub(crate) fn requeue(&mut self, msg: AgentMessage, now: Instant) {
         match msg {
             AgentMessage::Lifecycle { state, changed_at } => {
@@ -383,6 +391,10 @@ impl Reports {
         self.push(|q, now| q.metadata(value, now));
     }
 
+    pub(crate) fn stats(&self, stats: AgentStats) {
+        self.push(|q, _| q.stats(stats));
+    }
+
     /// For the control channel: see [`ReportQueue::channel_opened`].
     pub(crate) fn channel_opened(&self) {
         self.queue().channel_opened(Instant::now());
@@ -477,6 +489,7 @@ mod tests {
                         .collect::<Vec<_>>()
                         .join(",")
                 ),
+                AgentMessage::Stats { .. } => "stats".into(),
                 other => format!("{other:?}"),
             })
             .collect()
@@ -710,6 +723,21 @@ mod tests {
             summary(&drain(&mut q, t1)),
             ["lifecycle created", "metadata disk=50%"]
         );
+    }
+
+    #[test]
+    fn only_the_latest_stats_are_sent() {
+        let (mut q, t0) = queue();
+        q.stats(AgentStats {
+            rx_bytes: 1,
+            ..Default::default()
+        });
+        q.stats(AgentStats {
+            rx_bytes: 2,
+            ..Default::default()
+        });
+        let msgs = drain(&mut q, t0);
+        assert!(matches!(&msgs[..], [AgentMessage::Stats { stats }] if stats.rx_bytes == 2));
     }
 
     #[tokio::test(start_paused = true)]

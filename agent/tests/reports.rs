@@ -1,5 +1,5 @@
 //! The agent against a fake coordinator on loopback: what it reports on the control
-//! channel (lifecycle, script output, app health, metadata), in which order,
+//! channel (lifecycle, script output, app health, metadata, stats), in which order,
 //! and again on a new channel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -19,7 +19,8 @@ use tokio_tungstenite::tungstenite::Message;
 /// hanging it.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// An HTTP server answering 200 to everything: the app's health check.
+/// An HTTP server answering 200 to everything: the app's health check and the
+/// relay's `/ping`.
 async fn http_ok() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -99,7 +100,7 @@ impl FakeCoordinator {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let welcome = CoordinatorMessage::Welcome {
             coordinator_key: iroh::SecretKey::from_bytes(&[7; 32]).public(),
-            // Nothing speaks the relay protocol there.
+            // Nothing speaks the relay protocol there, but it answers `/ping`.
             relay_url: format!("http://{http}/").parse().unwrap(),
             agent: "alice/dev.main".into(),
             heartbeat_interval_ms: 1000,
@@ -145,6 +146,7 @@ struct Seen {
     events: Vec<String>,
     apps: BTreeMap<String, AppHealth>,
     metadata: BTreeMap<String, String>,
+    stats: Vec<mesh::api::AgentStats>,
 }
 
 impl Seen {
@@ -196,8 +198,8 @@ impl Channel {
                             seen.metadata.insert(i.key.to_string(), i.value);
                         }
                     }
-                    AgentMessage::Stats { .. }
-                    | AgentMessage::Addr { .. }
+                    AgentMessage::Stats { stats } => seen.stats.push(stats),
+                    AgentMessage::Addr { .. }
                     | AgentMessage::Heartbeat
                     | AgentMessage::HostKey { .. } => {}
                 }
@@ -210,7 +212,7 @@ impl Channel {
 }
 
 #[tokio::test]
-async fn startup_failure_health_metadata_and_shutdown_are_reported() {
+async fn startup_failure_health_metadata_stats_and_shutdown_are_reported() {
     let http = http_ok().await;
     let coordinator = FakeCoordinator::start(
         http,
@@ -233,6 +235,7 @@ async fn startup_failure_health_metadata_and_shutdown_are_reported() {
             s.has("lifecycle start_error")
                 && s.apps.get("web") == Some(&AppHealth::Healthy)
                 && s.metadata.get("answer").map(String::as_str) == Some("42")
+                && !s.stats.is_empty()
         },
     )
     .await;
@@ -249,6 +252,13 @@ async fn startup_failure_health_metadata_and_shutdown_are_reported() {
         assert!(starting < at && at < failed, "{:#?}", seen.events);
     }
     assert_eq!(seen.apps.get("docs"), Some(&AppHealth::Disabled));
+    let stats = &seen.stats[0];
+    assert_eq!(stats.connection_count, 0);
+    assert_eq!(stats.relay_latencies.len(), 1, "{stats:?}");
+    assert_eq!(
+        stats.relay_latencies[0].relay_url,
+        format!("http://{http}/")
+    );
 
     // SIGTERM: the shutdown script runs while the channel stays up, and its outcome
     // is sent before the agent exits.
