@@ -71,6 +71,11 @@ impl Client {
         &self.base
     }
 
+    /// The API token requests carry, for the rare call that is not JSON (`/metrics`).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     async fn send(
         &self,
         method: Method,

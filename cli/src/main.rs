@@ -85,12 +85,17 @@ enum Command {
     /// List workspaces.
     #[command(visible_alias = "list")]
     Ls(cmd::workspaces::ListArgs),
-    /// Show one workspace with its agents and apps.
+    /// Show one workspace with its agents: status, lifecycle, apps' health, metadata.
     Show(cmd::workspaces::ShowArgs),
+    /// Print an agent's startup and shutdown script output.
+    Logs(cmd::workspaces::LogsArgs),
     /// Delete a workspace and revoke its agents' tokens.
     Delete(cmd::workspaces::DeleteArgs),
     /// Replace an agent's token (the old one stops working) and print the new one.
     RotateAgentToken(cmd::workspaces::RotateArgs),
+    /// Load-test a coordinator with simulated agents and check what /metrics says.
+    #[command(subcommand)]
+    Scaletest(cmd::scaletest::ScaletestCommand),
 }
 
 /// Ends `myco` with this exit code and no message (e.g. `myco ssh`'s remote command's).
@@ -174,8 +179,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Create(args) => cmd::workspaces::create(&globals, args).await,
         Command::Ls(args) => cmd::workspaces::list(&globals, args).await,
         Command::Show(args) => cmd::workspaces::show(&globals, args).await,
+        Command::Logs(args) => cmd::workspaces::logs(&globals, args).await,
         Command::Delete(args) => cmd::workspaces::delete(&globals, args).await,
         Command::RotateAgentToken(args) => cmd::workspaces::rotate(&globals, args).await,
+        Command::Scaletest(c) => cmd::scaletest::run(&globals, c).await,
     }
 }
 

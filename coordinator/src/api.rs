@@ -26,10 +26,14 @@ use mesh::{Name, Timestamp};
 use serde::Deserialize;
 
 use crate::auth;
+use crate::ledger::AgentLedger;
+use crate::metrics::CoordinatorMetrics;
 use crate::registry::MeshRegistry;
 use crate::relay::{self, RelayState};
+use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
 use crate::store::{
-    AgentRecord, Store, StoreError, TokenKind, TokenRecord, UserRecord, WorkspaceRecord,
+    AgentRecord, AgentReports, Store, StoreError, StoredConnection, TokenKind, TokenRecord,
+    UserRecord, WorkspaceRecord,
 };
 
 /// Request bodies larger than this are refused with 413.
@@ -58,12 +62,21 @@ pub struct AppState {
     /// QUIC address discovery: what peers are told, and the server for its counters.
     pub relay_quic: mesh::control::RelayQuic,
     pub qad: Arc<crate::qad::QadServer>,
+    /// Heartbeats and agent reports, group-committed to the store.
+    pub ledger: AgentLedger,
+    pub metrics: CoordinatorMetrics,
+    /// How often agents heartbeat, and the status rules that follow from it.
+    pub heartbeat_interval: Duration,
+    pub policy: StatusPolicy,
 }
 
 /// How long a connection ticket is valid. A connection made in time lives on after.
 const TICKET_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
 pub fn router(state: AppState) -> Router {
+    // Counts requests by their matched route, so it wraps routes, not the router.
+    let counted =
+        axum::middleware::from_fn_with_state(state.metrics.clone(), crate::metrics::count_requests);
     let api = Router::new()
         .route("/buildinfo", get(buildinfo))
         .route(
@@ -86,20 +99,62 @@ pub fn router(state: AppState) -> Router {
             post(rotate_agent_token),
         )
         .route("/workspaces/{owner}/{name}/connect", post(connect))
+        .route(
+            "/workspaces/{owner}/{name}/agents/{agent}/logs",
+            get(agent_logs),
+        )
         .route("/agent/control", get(crate::control::control_handler))
-        .route("/debug/relay", get(relay_stats));
+        .route("/debug/relay", get(relay_stats))
+        .route_layer(counted.clone());
     let relay_routes = Router::new()
         .route(iroh_relay::http::RELAY_PATH, get(relay::relay_handler))
         .route(iroh_relay::http::RELAY_PROBE_PATH, get(relay::ping_handler))
-        .with_state(state.relay.clone());
+        .with_state(state.relay.clone())
+        .route_layer(counted.clone());
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route_layer(counted.clone())
         .nest("/api/v1", api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
         .merge(relay_routes)
+}
+
+/// `GET /metrics` on the API listener: admins only, since it names every user's
+/// workspaces (a `--prometheus-address` listener serves it without a token).
+async fn metrics(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let ms = crate::metrics::MetricsState {
+        metrics: state.metrics.clone(),
+        store: state.store.clone(),
+        policy: state.policy,
+    };
+    Ok(crate::metrics::scrape_response(ms, &headers).await)
+}
+
+/// How many log lines `GET .../logs` returns at most.
+const LOG_LINES_SHOWN: usize = 10_000;
+
+/// `GET /api/v1/workspaces/{owner}/{name}/agents/{agent}/logs`: the agent's startup
+/// and shutdown script output, oldest first.
+async fn agent_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name, agent)): Path<(String, String, String)>,
+) -> ApiResult<Json<Vec<api::LogLine>>> {
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let agent = path_name("agent name", &agent)?;
+    let id = agent_named(&ws, &agent)?.id.clone();
+    let store = state.store.clone();
+    let lines = blocking(move || Ok(store.agent_logs(&id, LOG_LINES_SHOWN)?)).await?;
+    Ok(Json(lines))
 }
 
 /// An API failure, answered as JSON `{"message", "detail"}`.
@@ -133,7 +188,7 @@ impl ApiError {
     fn conflict(message: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, message, detail)
     }
-    fn internal(message: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message, detail)
     }
 }
@@ -306,7 +361,18 @@ fn user_view(u: &UserRecord) -> api::User {
     }
 }
 
-fn workspace_view(w: &WorkspaceRecord, registry: &MeshRegistry) -> api::Workspace {
+/// What a workspace listing judges agents with: their stored state, the live
+/// registry, the status policy and one `now` for all of them.
+pub(crate) struct ViewContext<'a> {
+    pub connections: &'a std::collections::HashMap<String, StoredConnection>,
+    pub reports: &'a std::collections::HashMap<String, AgentReports>,
+    pub registry: &'a MeshRegistry,
+    pub policy: &'a StatusPolicy,
+    pub now: Timestamp,
+}
+
+fn workspace_view(w: &WorkspaceRecord, cx: &ViewContext<'_>) -> api::Workspace {
+    let registry = cx.registry;
     api::Workspace {
         id: w.id.clone(),
         owner: w.owner.clone(),
@@ -315,25 +381,53 @@ fn workspace_view(w: &WorkspaceRecord, registry: &MeshRegistry) -> api::Workspac
         agents: w
             .agents
             .iter()
-            .map(|a| api::Agent {
-                id: a.id.clone(),
-                name: a.name.clone(),
-                created_at: a.created_at,
-                apps: a.apps.clone(),
-                startup_script: a.startup_script.clone(),
-                shutdown_script: a.shutdown_script.clone(),
-                ssh_host_key: a.ssh_host_key.clone(),
-                connection: registry.live(&a.id).map(|live| {
-                    let addr = live.addr.as_ref();
-                    api::AgentConnection {
-                        connected_at: live.connected_at,
-                        endpoint_id: addr.map(|x| x.id.to_string()).unwrap_or_default(),
-                        relay_url: addr.and_then(|x| x.relay_urls().next().map(|u| u.to_string())),
-                        direct_addrs: addr
-                            .map(|x| x.ip_addrs().map(|a| a.to_string()).collect())
-                            .unwrap_or_default(),
-                    }
-                }),
+            .map(|a| {
+                let conn = cx.connections.get(&a.id).copied().unwrap_or_default();
+                let reports = cx.reports.get(&a.id);
+                let times = ConnectionTimes::from_stored(a.created_at, &conn);
+                api::Agent {
+                    status: agent_status(&times, cx.policy, cx.now),
+                    lifecycle_state: reports.map(|r| r.lifecycle_state).unwrap_or_default(),
+                    lifecycle_changed_at: reports.and_then(|r| r.lifecycle_changed_at),
+                    first_connected_at: conn.first_connected_at,
+                    last_connected_at: conn.last_connected_at,
+                    disconnected_at: conn.disconnected_at,
+                    apps_health: a
+                        .apps
+                        .iter()
+                        .map(|app| {
+                            let reported =
+                                reports.and_then(|r| r.apps_health.get(&app.slug)).copied();
+                            (
+                                app.slug.clone(),
+                                crate::status::app_health(app.healthcheck.is_some(), reported),
+                            )
+                        })
+                        .collect(),
+                    stats: reports.and_then(|r| r.stats.clone()),
+                    metadata: reports
+                        .map(|r| r.metadata.values().cloned().collect())
+                        .unwrap_or_default(),
+                    id: a.id.clone(),
+                    name: a.name.clone(),
+                    created_at: a.created_at,
+                    apps: a.apps.clone(),
+                    startup_script: a.startup_script.clone(),
+                    shutdown_script: a.shutdown_script.clone(),
+                    ssh_host_key: a.ssh_host_key.clone(),
+                    connection: registry.live(&a.id).map(|live| {
+                        let addr = live.addr.as_ref();
+                        api::AgentConnection {
+                            connected_at: live.connected_at,
+                            endpoint_id: addr.map(|x| x.id.to_string()).unwrap_or_default(),
+                            relay_url: addr
+                                .and_then(|x| x.relay_urls().next().map(|u| u.to_string())),
+                            direct_addrs: addr
+                                .map(|x| x.ip_addrs().map(|a| a.to_string()).collect())
+                                .unwrap_or_default(),
+                        }
+                    }),
+                }
             })
             .collect(),
     }
@@ -634,10 +728,19 @@ async fn list_workspaces(
     }
     let owner = (!query.all).then(|| caller.user.username.clone());
     let store = state.store.clone();
-    let list = blocking(move || Ok(store.workspaces(owner.as_ref())?)).await?;
+    let now = Timestamp::now();
+    let snap = blocking(move || Ok(store.snapshot(owner.as_ref())?)).await?;
+    let cx = ViewContext {
+        connections: &snap.connections,
+        reports: &snap.reports,
+        registry: &state.registry,
+        policy: &state.policy,
+        now,
+    };
     Ok(Json(
-        list.iter()
-            .map(|w| workspace_view(w, &state.registry))
+        snap.workspaces
+            .iter()
+            .map(|w| workspace_view(w, &cx))
             .collect(),
     ))
 }
@@ -785,7 +888,16 @@ async fn create_workspace(
     Ok((
         StatusCode::CREATED,
         Json(CreatedWorkspace {
-            workspace: workspace_view(&ws, &state.registry),
+            workspace: workspace_view(
+                &ws,
+                &ViewContext {
+                    connections: &Default::default(),
+                    reports: &Default::default(),
+                    registry: &state.registry,
+                    policy: &state.policy,
+                    now,
+                },
+            ),
             agent_tokens: shown,
             access_url: state.access_url.clone(),
         }),
@@ -840,8 +952,19 @@ async fn get_workspace(
     caller: Caller,
     Path((owner, name)): Path<(String, String)>,
 ) -> ApiResult<Json<api::Workspace>> {
+    let now = Timestamp::now();
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
-    Ok(Json(workspace_view(&ws, &state.registry)))
+    let store = state.store.clone();
+    let ids: Vec<String> = ws.agents.iter().map(|a| a.id.clone()).collect();
+    let (connections, reports) = blocking(move || Ok(store.agents_state(&ids)?)).await?;
+    let cx = ViewContext {
+        connections: &connections,
+        reports: &reports,
+        registry: &state.registry,
+        policy: &state.policy,
+        now,
+    };
+    Ok(Json(workspace_view(&ws, &cx)))
 }
 
 async fn delete_workspace(

@@ -6,6 +6,8 @@
 mod api;
 mod auth;
 mod control;
+pub mod ledger;
+pub mod metrics;
 mod qad;
 mod registry;
 mod relay;
@@ -13,4 +15,5 @@ mod server;
 pub mod status;
 pub mod store;
 
+pub use control::HEARTBEAT_INTERVAL;
 pub use server::{Coordinator, ServerConfig, ServerError};

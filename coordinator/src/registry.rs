@@ -28,6 +28,19 @@ struct Inner {
     agents: HashMap<String, LiveAgent>,
     /// client endpoint id -> admitted to the relay until
     clients: HashMap<EndpointId, Timestamp>,
+    /// live agent endpoint id -> agent id: the relay's admission check per
+    /// connection is one lookup, not a scan of every agent.
+    endpoints: HashMap<EndpointId, String>,
+}
+
+impl Inner {
+    fn forget_endpoint(&mut self, agent_id: &str) {
+        if let Some(old) = self.agents.get(agent_id).and_then(|a| a.addr.as_ref())
+            && self.endpoints.get(&old.id).is_some_and(|a| a == agent_id)
+        {
+            self.endpoints.remove(&old.id);
+        }
+    }
 }
 
 /// Shared, cheap to clone.
@@ -45,6 +58,7 @@ impl MeshRegistry {
         let mut inner = self.lock();
         inner.next_channel += 1;
         let channel = inner.next_channel;
+        inner.forget_endpoint(agent_id);
         inner.agents.insert(
             agent_id.to_owned(),
             LiveAgent {
@@ -59,23 +73,32 @@ impl MeshRegistry {
     /// Records the address an agent published on `channel`.
     pub fn agent_addr(&self, agent_id: &str, channel: u64, addr: EndpointAddr) {
         let mut inner = self.lock();
-        if let Some(a) = inner.agents.get_mut(agent_id)
-            && a.channel == channel
-        {
-            a.addr = Some(addr);
-        }
-    }
-
-    /// Forgets the agent if `channel` is still its current control channel.
-    pub fn agent_disconnected(&self, agent_id: &str, channel: u64) {
-        let mut inner = self.lock();
         if inner
             .agents
             .get(agent_id)
             .is_some_and(|a| a.channel == channel)
         {
+            inner.forget_endpoint(agent_id);
+            inner.endpoints.insert(addr.id, agent_id.to_owned());
+            if let Some(a) = inner.agents.get_mut(agent_id) {
+                a.addr = Some(addr);
+            }
+        }
+    }
+
+    /// Forgets the agent if `channel` is still its current control channel; returns
+    /// whether it was.
+    pub fn agent_disconnected(&self, agent_id: &str, channel: u64) -> bool {
+        let mut inner = self.lock();
+        let current = inner
+            .agents
+            .get(agent_id)
+            .is_some_and(|a| a.channel == channel);
+        if current {
+            inner.forget_endpoint(agent_id);
             inner.agents.remove(agent_id);
         }
+        current
     }
 
     pub fn live(&self, agent_id: &str) -> Option<LiveAgent> {
@@ -94,11 +117,7 @@ impl MeshRegistry {
     /// holding an unexpired ticket.
     pub fn relay_allowed(&self, id: EndpointId, now: Timestamp) -> bool {
         let inner = self.lock();
-        inner.clients.get(&id).is_some_and(|t| *t > now)
-            || inner
-                .agents
-                .values()
-                .any(|a| a.addr.as_ref().is_some_and(|addr| addr.id == id))
+        inner.clients.get(&id).is_some_and(|t| *t > now) || inner.endpoints.contains_key(&id)
     }
 }
 

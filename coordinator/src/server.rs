@@ -8,8 +8,11 @@ use std::sync::Arc;
 use axum::serve::ListenerExt;
 
 use crate::api::{self, AppState};
+use crate::ledger::AgentLedger;
+use crate::metrics::{CoordinatorMetrics, MetricsState, RelaySources};
 use crate::registry::MeshRegistry;
 use crate::relay::RelayState;
+use crate::status::StatusPolicy;
 use crate::store::{Store, StoreError};
 
 /// The store's file name inside the data dir.
@@ -31,6 +34,13 @@ pub struct ServerConfig {
     /// The operator's TLS certificate and key (PEM) for QAD; self-signed when absent.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// How often agents heartbeat; they count as disconnected after two missed.
+    pub heartbeat_interval: std::time::Duration,
+    /// How long a new agent may take to connect before its status is `timeout`;
+    /// `None`: it stays `connecting`.
+    pub agent_connection_timeout: Option<std::time::Duration>,
+    /// A listener of its own for `/metrics`, without authentication.
+    pub prometheus_address: Option<SocketAddr>,
 }
 
 /// Why the coordinator could not start or stopped with an error.
@@ -62,6 +72,16 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics listener could not be bound.
+    #[error("cannot listen on {addr}: {source}; pick another --prometheus-address")]
+    BindPrometheus {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setting is out of range.
+    #[error("{0}")]
+    Config(String),
     /// Serving failed.
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
@@ -75,7 +95,10 @@ pub struct Coordinator {
     signing_key: Arc<iroh::SecretKey>,
     relay_url: iroh::RelayUrl,
     listener: tokio::net::TcpListener,
+    prometheus: Option<tokio::net::TcpListener>,
     local_addr: SocketAddr,
+    heartbeat_interval: std::time::Duration,
+    agent_connection_timeout: Option<std::time::Duration>,
     access_url: String,
     store_path: PathBuf,
 }
@@ -96,6 +119,12 @@ impl Coordinator {
     /// See [`ServerError`]: the data dir, the store (in use by another server, or
     /// unreadable) or the address.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        if config.heartbeat_interval < std::time::Duration::from_secs(1) {
+            return Err(ServerError::Config(format!(
+                "--heartbeat-interval {:?} is too short; use at least 1s",
+                config.heartbeat_interval
+            )));
+        }
         create_private_dir(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -113,6 +142,14 @@ impl Coordinator {
                 source,
             })?;
         let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let prometheus = match config.prometheus_address {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::BindPrometheus { addr, source })?,
+            ),
+            None => None,
+        };
         let access_url = config
             .access_url
             .map(|u| u.trim_end_matches('/').to_owned())
@@ -146,7 +183,10 @@ impl Coordinator {
             signing_key: Arc::new(signing_key),
             relay_url,
             listener,
+            prometheus,
             local_addr,
+            heartbeat_interval: config.heartbeat_interval,
+            agent_connection_timeout: config.agent_connection_timeout,
             access_url,
             store_path,
         })
@@ -163,6 +203,11 @@ impl Coordinator {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the separate metrics listener is bound, if one was asked for.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn access_url(&self) -> &str {
@@ -187,16 +232,61 @@ impl Coordinator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let registry = MeshRegistry::default();
+        let relay = RelayState::new(registry.clone(), self.store.clone());
+        let metrics = CoordinatorMetrics::new(RelaySources {
+            relay: relay.metrics.clone(),
+            qad: self.qad.clone(),
+        });
+        let policy =
+            StatusPolicy::for_heartbeat(self.heartbeat_interval, self.agent_connection_timeout);
+        let ledger = AgentLedger::default();
         let state = AppState {
             store: self.store.clone(),
             access_url: self.access_url.clone(),
-            relay: RelayState::new(registry.clone(), self.store.clone()),
+            relay,
             registry,
             signing_key: self.signing_key.clone(),
             relay_url: self.relay_url.clone(),
             relay_quic: self.relay_quic.clone(),
             qad: self.qad.clone(),
+            ledger: ledger.clone(),
+            metrics: metrics.clone(),
+            heartbeat_interval: self.heartbeat_interval,
+            policy,
         };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let flusher = tokio::spawn(crate::ledger::run_flusher(
+            ledger,
+            self.store.clone(),
+            metrics.clone(),
+            stopped(),
+        ));
+        if let Some(listener) = self.prometheus {
+            let app = crate::metrics::router(MetricsState {
+                metrics: metrics.clone(),
+                store: self.store.clone(),
+                policy,
+            });
+            let stop = stopped();
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!("the metrics listener failed: {e}");
+                }
+            });
+        }
         let app = api::router(state);
         // Relayed packets and control messages are small writes that must leave at
         // once: without TCP_NODELAY, Nagle's algorithm held them back and relayed
@@ -206,10 +296,14 @@ impl Coordinator {
                 tracing::debug!("cannot set TCP_NODELAY: {e}");
             }
         });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped())
             .await
-            .map_err(ServerError::Serve)
+            .map_err(ServerError::Serve);
+        // The flusher commits once more after the stop, so nothing acknowledged to
+        // agents in the last interval is lost.
+        let _ = flusher.await;
+        served
     }
 }
 

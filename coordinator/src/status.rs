@@ -7,30 +7,8 @@ use std::time::Duration;
 
 use mesh::Timestamp;
 
-/// What the coordinator says about an agent's connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AgentStatus {
-    /// Never connected, still within the connection timeout (or none is set).
-    Connecting,
-    /// Connected, and heard from within the inactive timeout.
-    Connected,
-    /// Its control channel ended, or it has been silent longer than the inactive timeout.
-    Disconnected,
-    /// Never connected within the connection timeout.
-    Timeout,
-}
-
-impl AgentStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Connecting => "connecting",
-            Self::Connected => "connected",
-            Self::Disconnected => "disconnected",
-            Self::Timeout => "timeout",
-        }
-    }
-}
+pub use mesh::api::AgentStatus;
+use mesh::api::AppHealth;
 
 /// The stored times the status is derived from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +19,27 @@ pub struct ConnectionTimes {
     pub last_connected_at: Option<Timestamp>,
     /// Written when a control channel ends.
     pub disconnected_at: Option<Timestamp>,
+}
+
+impl ConnectionTimes {
+    pub fn from_stored(created_at: Timestamp, c: &crate::store::StoredConnection) -> Self {
+        Self {
+            created_at,
+            first_connected_at: c.first_connected_at,
+            last_connected_at: c.last_connected_at,
+            disconnected_at: c.disconnected_at,
+        }
+    }
+}
+
+/// An app's health: as its agent last reported it, else `initializing` for an app
+/// with a health check and `disabled` for one without.
+pub fn app_health(has_check: bool, reported: Option<AppHealth>) -> AppHealth {
+    reported.unwrap_or(if has_check {
+        AppHealth::Initializing
+    } else {
+        AppHealth::Disabled
+    })
 }
 
 /// The timeouts the status is judged by.

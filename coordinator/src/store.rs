@@ -7,10 +7,21 @@
 //! Records are JSON in redb tables keyed by id, with name-index tables beside them.
 //! Agents live inside their workspace record, so a single pass over `workspaces`
 //! yields every agent and app (no query per agent).
+//!
+//! What agents report (connection times, lifecycle, app health, stats, metadata, script
+//! logs) lives in tables of its own keyed by agent id, written in batches by the
+//! ledger's group commit ([`Store::write_agent_state`]), so heartbeats never rewrite
+//! workspace records. [`Store::snapshot`] reads workspaces and all of that in one read
+//! transaction.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use mesh::api::{App, MetadataSpec, Script};
+use mesh::api::{
+    AgentStats, App, AppHealth, LifecycleState, LogLine, MetadataSpec, MetadataValue, Script,
+};
 use mesh::{Name, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -25,6 +36,17 @@ const TOKEN_NAMES: TableDefinition<&str, &str> = TableDefinition::new("token_nam
 const WORKSPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("workspaces");
 /// `owner/name` of a workspace -> workspace id
 const WORKSPACE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("workspace_names");
+/// agent id -> (first connected, last connected, disconnected) in Unix milliseconds,
+/// 0 for never: fixed width, rewritten by every flushed heartbeat.
+const AGENT_CONNECTIONS: TableDefinition<&str, (u64, u64, u64)> =
+    TableDefinition::new("agent_connections");
+/// agent id -> [`AgentReports`]
+const AGENT_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_reports");
+/// (agent id, sequence number) -> [`LogLine`]
+const AGENT_LOGS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("agent_logs");
+
+/// Script log lines kept per agent; older ones are dropped as new ones arrive.
+pub const MAX_LOG_LINES: u64 = 10_000;
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -134,9 +156,164 @@ pub struct WorkspaceRecord {
     pub agents: Vec<AgentRecord>,
 }
 
+/// When an agent's control channels came and went; what its status is judged from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredConnection {
+    pub first_connected_at: Option<Timestamp>,
+    /// Refreshed by every heartbeat.
+    pub last_connected_at: Option<Timestamp>,
+    /// Written when a control channel ends.
+    pub disconnected_at: Option<Timestamp>,
+}
+
+impl StoredConnection {
+    fn to_row(self) -> (u64, u64, u64) {
+        let ms = |t: Option<Timestamp>| t.map_or(0, Timestamp::unix_millis);
+        (
+            ms(self.first_connected_at),
+            ms(self.last_connected_at),
+            ms(self.disconnected_at),
+        )
+    }
+
+    fn from_row((first, last, gone): (u64, u64, u64)) -> Self {
+        let t = |ms: u64| (ms != 0).then(|| Timestamp::from_unix_millis(ms));
+        Self {
+            first_connected_at: t(first),
+            last_connected_at: t(last),
+            disconnected_at: t(gone),
+        }
+    }
+}
+
+/// What an agent last reported besides its heartbeats.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentReports {
+    #[serde(default)]
+    pub lifecycle_state: LifecycleState,
+    #[serde(default)]
+    pub lifecycle_changed_at: Option<Timestamp>,
+    #[serde(default)]
+    pub apps_health: BTreeMap<Name, AppHealth>,
+    #[serde(default)]
+    pub stats: Option<AgentStats>,
+    /// By key.
+    #[serde(default)]
+    pub metadata: BTreeMap<Name, MetadataValue>,
+}
+
+/// One group commit of agent state: whatever changed since the last one.
+#[derive(Debug, Default)]
+pub struct AgentStateBatch {
+    pub connections: Vec<(String, StoredConnection)>,
+    pub reports: Vec<(String, AgentReports)>,
+    /// New log lines per agent, oldest first.
+    pub logs: Vec<(String, Vec<LogLine>)>,
+}
+
+impl AgentStateBatch {
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty() && self.reports.is_empty() && self.logs.is_empty()
+    }
+}
+
+/// Workspaces and their agents' state, read in one transaction.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub workspaces: Vec<WorkspaceRecord>,
+    /// By agent id; agents that never connected have no entry.
+    pub connections: HashMap<String, StoredConnection>,
+    /// By agent id; agents that never reported have no entry.
+    pub reports: HashMap<String, AgentReports>,
+}
+
+/// What a scrape needs of a workspace: names, agents and app slugs, decoded without
+/// the fields it does not (tokens, URLs, scripts), which it skips unallocated.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkspaceSummary {
+    pub owner: String,
+    pub name: String,
+    pub agents: Vec<AgentSummary>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentSummary {
+    pub id: String,
+    pub name: String,
+    pub created_at: Timestamp,
+    pub apps: Vec<AppSummary>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AppSummary {
+    pub slug: String,
+    #[serde(default)]
+    pub healthcheck: Option<serde::de::IgnoredAny>,
+}
+
+/// What a scrape needs of an agent's reports (not its metadata).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ReportsSummary {
+    #[serde(default)]
+    pub lifecycle_state: LifecycleState,
+    #[serde(default)]
+    pub apps_health: HashMap<String, AppHealth>,
+    #[serde(default)]
+    pub stats: Option<AgentStats>,
+}
+
+/// One agent of a scrape: where it is in its workspace, and its state.
+#[derive(Debug, Clone)]
+pub struct ScrapeAgent {
+    pub workspace: Arc<WorkspaceSummary>,
+    /// Index into `workspace.agents`.
+    pub index: usize,
+    pub connection: StoredConnection,
+    pub reports: Option<Arc<ReportsSummary>>,
+}
+
+impl ScrapeAgent {
+    pub fn agent(&self) -> &AgentSummary {
+        &self.workspace.agents[self.index]
+    }
+}
+
+/// Decoded records of the last scrape with the bytes they were decoded from: a
+/// record whose bytes did not change is not decoded again. Only a cache: every
+/// scrape still reads every row of one read transaction.
+#[derive(Debug, Default)]
+pub struct ScrapeCache {
+    workspaces: HashMap<String, (Box<[u8]>, Arc<WorkspaceSummary>)>,
+    reports: HashMap<String, (Box<[u8]>, Arc<ReportsSummary>)>,
+}
+
+/// Takes `key`'s decoded record from `old` if its bytes are `bytes`, else decodes;
+/// either way files it in `new`.
+fn cached<T: DeserializeOwned>(
+    old: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
+    new: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<Arc<T>, StoreError> {
+    let (k, entry) = match old.remove_entry(key) {
+        Some((k, (b, v))) if *b == *bytes => (k, (b, v)),
+        Some((k, _)) => (k, (bytes.into(), Arc::new(decode(table, key, bytes)?))),
+        None => (
+            key.to_owned(),
+            (bytes.into(), Arc::new(decode(table, key, bytes)?)),
+        ),
+    };
+    let value = entry.1.clone();
+    new.insert(k, entry);
+    Ok(value)
+}
+
 /// The coordinator's database.
 pub struct Store {
     db: Database,
+    /// Test hook: every record a snapshot reads takes this long, as on a slow disk.
+    read_delay: Option<Duration>,
 }
 
 impl std::fmt::Debug for Store {
@@ -185,8 +362,26 @@ impl Store {
         txn.open_table(TOKEN_NAMES)?;
         txn.open_table(WORKSPACES)?;
         txn.open_table(WORKSPACE_NAMES)?;
+        txn.open_table(AGENT_CONNECTIONS)?;
+        txn.open_table(AGENT_REPORTS)?;
+        txn.open_table(AGENT_LOGS)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            read_delay: None,
+        })
+    }
+
+    /// Makes every record a snapshot reads take `delay` (tests of slow stores).
+    #[cfg(test)]
+    pub fn slow_reads(&mut self, delay: Duration) {
+        self.read_delay = Some(delay);
+    }
+
+    fn read_delay(&self) {
+        if let Some(d) = self.read_delay {
+            std::thread::sleep(d);
+        }
     }
 
     pub fn has_users(&self) -> Result<bool, StoreError> {
@@ -428,8 +623,17 @@ impl Store {
                 .map(|v| decode::<WorkspaceRecord>("workspaces", &id, v.value()))
                 .transpose()?;
             let mut tokens = txn.open_table(TOKENS)?;
+            let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
+            let mut reports = txn.open_table(AGENT_REPORTS)?;
+            let mut logs = txn.open_table(AGENT_LOGS)?;
             for agent in ws.iter().flat_map(|w| &w.agents) {
                 tokens.remove(agent.token_id.as_str())?;
+                connections.remove(agent.id.as_str())?;
+                reports.remove(agent.id.as_str())?;
+                logs.retain_in(
+                    (agent.id.as_str(), 0)..=(agent.id.as_str(), u64::MAX),
+                    |_, _| false,
+                )?;
             }
             true
         };
@@ -466,6 +670,213 @@ impl Store {
         };
         txn.commit()?;
         Ok(changed)
+    }
+
+    /// Workspaces of `owner` (all when `None`) with their agents' connection times and
+    /// reports, from one read transaction: three range scans, no query per agent.
+    pub fn snapshot(&self, owner: Option<&Name>) -> Result<Snapshot, StoreError> {
+        let workspaces = self.workspaces(owner)?;
+        let txn = self.db.begin_read()?;
+        let mut snap = Snapshot {
+            workspaces,
+            ..Snapshot::default()
+        };
+        let wanted: Option<std::collections::HashSet<&str>> = owner.map(|_| {
+            snap.workspaces
+                .iter()
+                .flat_map(|w| w.agents.iter().map(|a| a.id.as_str()))
+                .collect()
+        });
+        let keep = |id: &str| wanted.as_ref().is_none_or(|w| w.contains(id));
+        for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
+            let (k, v) = row?;
+            self.read_delay();
+            if keep(k.value()) {
+                snap.connections
+                    .insert(k.value().to_owned(), StoredConnection::from_row(v.value()));
+            }
+        }
+        for row in txn.open_table(AGENT_REPORTS)?.iter()? {
+            let (k, v) = row?;
+            self.read_delay();
+            if keep(k.value()) {
+                snap.reports.insert(
+                    k.value().to_owned(),
+                    decode("agent_reports", k.value(), v.value())?,
+                );
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Connection times and reports of some agents (one workspace's), in one read
+    /// transaction.
+    #[allow(clippy::type_complexity)]
+    pub fn agents_state(
+        &self,
+        agent_ids: &[String],
+    ) -> Result<
+        (
+            HashMap<String, StoredConnection>,
+            HashMap<String, AgentReports>,
+        ),
+        StoreError,
+    > {
+        let txn = self.db.begin_read()?;
+        let connections = txn.open_table(AGENT_CONNECTIONS)?;
+        let reports = txn.open_table(AGENT_REPORTS)?;
+        let (mut c, mut r) = (HashMap::new(), HashMap::new());
+        for id in agent_ids {
+            if let Some(v) = connections.get(id.as_str())? {
+                c.insert(id.clone(), StoredConnection::from_row(v.value()));
+            }
+            if let Some(v) = reports.get(id.as_str())? {
+                r.insert(id.clone(), decode("agent_reports", id, v.value())?);
+            }
+        }
+        Ok((c, r))
+    }
+
+    /// Every agent a `/metrics` scrape judges, from one read transaction: three range
+    /// scans (workspaces, connection times, reports), no query per agent. Agents come
+    /// sorted by id, which is the order of the agent tables, so their rows are joined
+    /// in one pass each. Records whose bytes did not change since the last scrape come
+    /// from `cache` instead of being decoded again.
+    pub fn scrape(&self, cache: &mut ScrapeCache) -> Result<Vec<ScrapeAgent>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut agents = Vec::new();
+        let mut fresh = ScrapeCache::default();
+        for row in txn.open_table(WORKSPACES)?.iter()? {
+            let (k, v) = row?;
+            self.read_delay();
+            let ws = cached(
+                &mut cache.workspaces,
+                &mut fresh.workspaces,
+                "workspaces",
+                k.value(),
+                v.value(),
+            )?;
+            for index in 0..ws.agents.len() {
+                agents.push(ScrapeAgent {
+                    workspace: ws.clone(),
+                    index,
+                    connection: StoredConnection::default(),
+                    reports: None,
+                });
+            }
+        }
+        agents.sort_unstable_by(|a, b| a.agent().id.cmp(&b.agent().id));
+
+        // Merge joins: both sides ascend by agent id; rows of deleted agents are skipped.
+        let mut at = 0;
+        for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
+            let (k, v) = row?;
+            self.read_delay();
+            let id = k.value();
+            while at < agents.len() && agents[at].agent().id.as_str() < id {
+                at += 1;
+            }
+            if let Some(a) = agents.get_mut(at)
+                && a.agent().id == id
+            {
+                a.connection = StoredConnection::from_row(v.value());
+            }
+        }
+        let mut at = 0;
+        for row in txn.open_table(AGENT_REPORTS)?.iter()? {
+            let (k, v) = row?;
+            self.read_delay();
+            let id = k.value();
+            while at < agents.len() && agents[at].agent().id.as_str() < id {
+                at += 1;
+            }
+            if let Some(a) = agents.get_mut(at)
+                && a.agent().id == id
+            {
+                a.reports = Some(cached(
+                    &mut cache.reports,
+                    &mut fresh.reports,
+                    "agent_reports",
+                    id,
+                    v.value(),
+                )?);
+            }
+        }
+        *cache = fresh;
+        Ok(agents)
+    }
+
+    /// One agent's connection times and reports, as the ledger starts from when the
+    /// agent connects.
+    pub fn agent_state(
+        &self,
+        agent_id: &str,
+    ) -> Result<(StoredConnection, AgentReports), StoreError> {
+        let txn = self.db.begin_read()?;
+        let conn = txn
+            .open_table(AGENT_CONNECTIONS)?
+            .get(agent_id)?
+            .map(|v| StoredConnection::from_row(v.value()))
+            .unwrap_or_default();
+        let reports = txn
+            .open_table(AGENT_REPORTS)?
+            .get(agent_id)?
+            .map(|v| decode("agent_reports", agent_id, v.value()))
+            .transpose()?
+            .unwrap_or_default();
+        Ok((conn, reports))
+    }
+
+    /// Writes one group commit of agent state in one transaction. Log lines get the
+    /// next sequence numbers of their agent; beyond [`MAX_LOG_LINES`] the oldest go.
+    pub fn write_agent_state(&self, batch: &AgentStateBatch) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
+            for (id, c) in &batch.connections {
+                connections.insert(id.as_str(), c.to_row())?;
+            }
+            let mut reports = txn.open_table(AGENT_REPORTS)?;
+            for (id, r) in &batch.reports {
+                reports.insert(id.as_str(), encode(r).as_slice())?;
+            }
+            let mut logs = txn.open_table(AGENT_LOGS)?;
+            for (id, lines) in &batch.logs {
+                let range = (id.as_str(), 0)..=(id.as_str(), u64::MAX);
+                let (first, next) = {
+                    let mut rows = logs.range(range.clone())?;
+                    let first = rows.next().transpose()?.map(|(k, _)| k.value().1);
+                    let last = rows.next_back().transpose()?.map(|(k, _)| k.value().1);
+                    (first, last.or(first).map_or(0, |l| l + 1))
+                };
+                for (i, line) in (next..).zip(lines) {
+                    logs.insert((id.as_str(), i), encode(line).as_slice())?;
+                }
+                let end = next + lines.len() as u64;
+                let keep_from = end.saturating_sub(MAX_LOG_LINES);
+                if first.unwrap_or(next) < keep_from {
+                    logs.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// An agent's script log lines, oldest first; at most the last `limit`.
+    pub fn agent_logs(&self, agent_id: &str, limit: usize) -> Result<Vec<LogLine>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let logs = txn.open_table(AGENT_LOGS)?;
+        let mut out = Vec::new();
+        for row in logs.range((agent_id, 0)..=(agent_id, u64::MAX))?.rev() {
+            if out.len() == limit {
+                break;
+            }
+            let (k, v) = row?;
+            out.push(decode("agent_logs", &k.value().1.to_string(), v.value())?);
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Replaces an agent's token: the old one stops working in the same transaction

@@ -375,7 +375,7 @@ pub struct CreateWorkspace {
 }
 
 /// An agent as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Agent {
     pub id: String,
     pub name: Name,
@@ -391,6 +391,67 @@ pub struct Agent {
     /// Present while the agent holds a control channel to the coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<AgentConnection>,
+    /// `connecting`, `connected`, `disconnected` or `timeout`, judged at the listing's
+    /// one `now`.
+    pub status: AgentStatus,
+    #[serde(default)]
+    pub lifecycle_state: LifecycleState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle_changed_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_connected_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_connected_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnected_at: Option<Timestamp>,
+    /// Each app's health by slug, as the agent last reported it.
+    #[serde(default)]
+    pub apps_health: std::collections::BTreeMap<Name, AppHealth>,
+    /// The agent's last stats report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<AgentStats>,
+    /// The last result of each metadata item.
+    #[serde(default)]
+    pub metadata: Vec<MetadataValue>,
+}
+
+/// What the coordinator says about an agent's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Never connected, still within the connection timeout (or none is set).
+    #[default]
+    Connecting,
+    /// Connected, and heard from within the inactive timeout.
+    Connected,
+    /// Its control channel ended, or it has been silent longer than the inactive timeout.
+    Disconnected,
+    /// Never connected within the connection timeout.
+    Timeout,
+}
+
+impl AgentStatus {
+    pub const ALL: [AgentStatus; 4] = [
+        Self::Connecting,
+        Self::Connected,
+        Self::Disconnected,
+        Self::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Disconnected => "disconnected",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A connected agent's place on the mesh.
@@ -419,7 +480,7 @@ pub struct RelayStats {
     pub qad_connections: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Workspace {
     pub id: String,
     pub owner: Name,

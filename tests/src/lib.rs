@@ -362,6 +362,24 @@ impl TestEnv {
         }
     }
 
+    /// Waits (bounded) until the workspace's first agent shows `status`
+    /// (`connected`, `disconnected`, ...); returns that agent's JSON.
+    pub fn wait_agent_status(&self, user: &str, ws: &str, status: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
+            let agent = shown["agents"][0].clone();
+            if agent["status"] == status {
+                return agent;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent never became {status}: {shown:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits (bounded) until the workspace shows no connected agent.
     pub fn wait_agent_gone(&self, user: &str, ws: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -42,10 +42,18 @@ fn create_list_show_delete() {
     env.run("alice", &["create", "second"]).ok();
     let ls = env.run("alice", &["ls"]).ok();
     assert!(ls.stdout.starts_with("WORKSPACE"), "{ls:#?}");
+    // One row per agent: a new agent has never connected.
+    let rows: Vec<&str> = ls
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("alice/dev"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{ls:#?}");
     assert!(
-        ls.stdout.contains("alice/dev") && ls.stdout.contains("main,gpu"),
+        rows[0].contains(" main ") && rows[0].contains("connecting") && rows[0].contains("created"),
         "{ls:#?}"
     );
+    assert!(rows[1].contains(" gpu "), "{ls:#?}");
     let ls = env.run("alice", &["ls", "-o", "json"]).ok().json();
     assert_eq!(ls.as_array().unwrap().len(), 2);
 
@@ -54,9 +62,13 @@ fn create_list_show_delete() {
     assert_eq!(ws["agents"][1]["name"], "gpu");
     let shown = env.run("alice", &["show", "alice/dev"]).ok();
     assert!(
-        shown.stdout.contains("app web  http://localhost:8080"),
+        shown
+            .stdout
+            .contains("app web  http://localhost:8080  disabled"),
         "{shown:#?}"
     );
+    assert!(shown.stdout.contains("status: connecting"), "{shown:#?}");
+    assert!(shown.stdout.contains("lifecycle: created"), "{shown:#?}");
     // Agent tokens are shown once at creation and never again.
     assert!(!shown.stdout.contains("myco_"), "{shown:#?}");
 

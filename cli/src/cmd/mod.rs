@@ -4,6 +4,7 @@ pub mod agent;
 pub mod login;
 pub mod ping;
 pub mod port_forward;
+pub mod scaletest;
 pub mod server;
 pub mod speedtest;
 pub mod ssh;

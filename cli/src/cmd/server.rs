@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use coordinator::{Coordinator, ServerConfig};
@@ -33,6 +34,21 @@ pub struct Args {
     /// TLS private key (PEM) for --tls-cert.
     #[arg(long, env = "MYCO_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+
+    /// How often agents heartbeat; an agent unheard for two intervals is shown
+    /// disconnected (at least 1s).
+    #[arg(long, env = "MYCO_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+
+    /// How long a new agent may take to connect before its status is `timeout`
+    /// (0 waits forever).
+    #[arg(long, env = "MYCO_AGENT_CONNECTION_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    agent_connection_timeout: Duration,
+
+    /// Also serve /metrics, without authentication, on this address (on the API
+    /// listener /metrics needs an admin token).
+    #[arg(long, env = "MYCO_PROMETHEUS_ADDRESS")]
+    prometheus_address: Option<SocketAddr>,
 }
 
 /// iroh's customary QUIC address discovery port.
@@ -65,6 +81,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         relay_quic_address,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        heartbeat_interval: args.heartbeat_interval,
+        agent_connection_timeout: (!args.agent_connection_timeout.is_zero())
+            .then_some(args.agent_connection_timeout),
+        prometheus_address: args.prometheus_address,
     })
     .await?;
     let url = coordinator.access_url().to_owned();
@@ -79,6 +99,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         coordinator.relay_quic_addr()
     );
     println!("store: {}", coordinator.store_path().display());
+    if let Some(addr) = coordinator.prometheus_addr() {
+        println!("metrics on http://{addr}/metrics");
+    }
     if !coordinator.has_users()? {
         println!("no users yet; create the first (admin) user with:");
         println!("    myco login {url} --first-user");

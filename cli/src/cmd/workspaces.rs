@@ -1,10 +1,13 @@
-//! `myco create|ls|show|delete|rotate-agent-token`: workspaces and their agents.
+//! `myco create|ls|show|logs|delete|rotate-agent-token`: workspaces and their agents.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use mesh::api::{AgentSpec, App, CreateWorkspace, CreatedWorkspace, RotatedAgentToken, Workspace};
+use mesh::api::{
+    Agent, AgentSpec, AgentStats, App, AppHealth, CreateWorkspace, CreatedWorkspace, LogLine,
+    RotatedAgentToken, Workspace,
+};
 use mesh::{Name, WorkspaceRef};
 use serde::Deserialize;
 
@@ -45,6 +48,14 @@ pub struct ListArgs {
 pub struct ShowArgs {
     /// The workspace: [OWNER/]WORKSPACE.
     workspace: WorkspaceRef,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    /// The agent: [OWNER/]WORKSPACE[.AGENT] (AGENT may be left out when there is one).
+    agent: WorkspaceRef,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -203,21 +214,71 @@ pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {
                 eprintln!("no workspaces yet; create one with `myco create NAME`");
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = list
-                .iter()
-                .map(|w| {
-                    let agents: Vec<&str> = w.agents.iter().map(|a| a.name.as_str()).collect();
-                    let apps: usize = w.agents.iter().map(|a| a.apps.len()).sum();
-                    vec![
+            let mut rows = Vec::new();
+            for w in &list {
+                for a in &w.agents {
+                    rows.push(vec![
                         format!("{}/{}", w.owner, w.name),
-                        agents.join(","),
-                        apps.to_string(),
+                        a.name.to_string(),
+                        a.status.to_string(),
+                        a.lifecycle_state.to_string(),
+                        apps_summary(a),
+                        connection_kind(a.stats.as_ref()),
                         w.created_at.to_string(),
-                    ]
-                })
-                .collect();
-            output::table(&["WORKSPACE", "AGENTS", "APPS", "CREATED"], &rows)
+                    ]);
+                }
+            }
+            output::table(
+                &[
+                    "WORKSPACE",
+                    "AGENT",
+                    "STATUS",
+                    "LIFECYCLE",
+                    "APPS",
+                    "CONNECTIONS",
+                    "CREATED",
+                ],
+                &rows,
+            )
         }
+    }
+}
+
+/// `2/3 healthy`, `1 unhealthy`, `-` without apps: how many checked apps are healthy,
+/// and whether any is not.
+fn apps_summary(a: &Agent) -> String {
+    if a.apps.is_empty() {
+        return "-".into();
+    }
+    let count = |h: AppHealth| a.apps_health.values().filter(|x| **x == h).count();
+    let checked = a
+        .apps_health
+        .values()
+        .filter(|h| **h != AppHealth::Disabled)
+        .count();
+    if checked == 0 {
+        return format!("{} unchecked", a.apps.len());
+    }
+    let mut s = format!("{}/{checked} healthy", count(AppHealth::Healthy));
+    for h in [AppHealth::Unhealthy, AppHealth::Initializing] {
+        if count(h) > 0 {
+            s.push_str(&format!(", {} {h}", count(h)));
+        }
+    }
+    s
+}
+
+/// How the agent's open mesh connections run: `2 direct`, `1 relayed`, `none`.
+fn connection_kind(stats: Option<&AgentStats>) -> String {
+    let Some(s) = stats else {
+        return "-".into();
+    };
+    match (s.connections_direct, s.connections_relayed) {
+        (0, 0) if s.connection_count == 0 => "none".into(),
+        (0, 0) => format!("{} open", s.connection_count),
+        (d, 0) => format!("{d} direct"),
+        (0, r) => format!("{r} relayed"),
+        (d, r) => format!("{d} direct, {r} relayed"),
     }
 }
 
@@ -235,6 +296,31 @@ pub async fn show(globals: &Globals, args: ShowArgs) -> anyhow::Result<()> {
     for a in &ws.agents {
         println!();
         println!("agent {}", a.name);
+        let since = match (a.status, a.last_connected_at, a.disconnected_at) {
+            (mesh::api::AgentStatus::Connected, Some(t), _) => format!(" (last heard {t})"),
+            (mesh::api::AgentStatus::Disconnected, _, Some(t)) => format!(" (since {t})"),
+            (mesh::api::AgentStatus::Disconnected, Some(t), None) => {
+                format!(" (last heard {t})")
+            }
+            _ => String::new(),
+        };
+        println!("  status: {}{since}", a.status);
+        let changed = a
+            .lifecycle_changed_at
+            .map(|t| format!(" (since {t})"))
+            .unwrap_or_default();
+        println!("  lifecycle: {}{changed}", a.lifecycle_state);
+        if let Some(s) = &a.stats {
+            println!(
+                "  connections: {}, median latency {:.1} ms; sessions: {} ssh, {} vscode, {} jetbrains, {} port-forward",
+                connection_kind(Some(s)),
+                s.connection_median_latency_ms,
+                s.session_count_ssh,
+                s.session_count_vscode,
+                s.session_count_jetbrains,
+                s.session_count_port_forward,
+            );
+        }
         if a.apps.is_empty() {
             println!("  apps: none");
         }
@@ -249,7 +335,8 @@ pub async fn show(globals: &Globals, args: ShowArgs) -> anyhow::Result<()> {
                     )
                 })
                 .unwrap_or_default();
-            println!("  app {}  {}{hc}", app.slug, app.url);
+            let health = a.apps_health.get(&app.slug).copied().unwrap_or_default();
+            println!("  app {}  {}  {health}{hc}", app.slug, app.url);
         }
         for (kind, s) in [
             ("startup", &a.startup_script),
@@ -259,6 +346,58 @@ pub async fn show(globals: &Globals, args: ShowArgs) -> anyhow::Result<()> {
                 let first = s.run.lines().next().unwrap_or_default();
                 println!("  {kind} script (timeout {}s): {first}", s.timeout);
             }
+        }
+        for m in &a.metadata {
+            let value = m.value.lines().next().unwrap_or_default();
+            match &m.error {
+                Some(e) => println!("  {}: {value} (error: {e})", m.key),
+                None => println!("  {}: {value}", m.key),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The agent a `WS[.AGENT]` names: the given one, or the workspace's only agent.
+async fn agent_of(client: &Client, r: &WorkspaceRef) -> anyhow::Result<Name> {
+    if let Some(a) = &r.agent {
+        return Ok(a.clone());
+    }
+    let ws: Workspace = client.get(&ws_path(r)).await?;
+    match ws.agents.as_slice() {
+        [one] => Ok(one.name.clone()),
+        _ => bail!(
+            "workspace {r} has {} agents; name one as WORKSPACE.AGENT",
+            ws.agents.len()
+        ),
+    }
+}
+
+pub async fn logs(globals: &Globals, args: LogsArgs) -> anyhow::Result<()> {
+    let client = Client::authenticated(globals)?;
+    let r = &args.agent;
+    let agent = agent_of(&client, r).await?;
+    let lines: Vec<LogLine> = client
+        .get(&format!("{}/agents/{agent}/logs", ws_path(r)))
+        .await?;
+    if args.out.format == Format::Json {
+        return output::json(&lines);
+    }
+    if lines.is_empty() {
+        eprintln!("agent {agent} of {r} has no script output (yet)");
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for l in &lines {
+        let source = match l.source {
+            mesh::api::LogSource::Startup => "startup",
+            mesh::api::LogSource::Shutdown => "shutdown",
+        };
+        if let Err(e) = writeln!(out, "{} {source:<8} {}", l.at, l.text) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(e.into());
         }
     }
     Ok(())
@@ -292,19 +431,7 @@ pub async fn delete(globals: &Globals, args: DeleteArgs) -> anyhow::Result<()> {
 pub async fn rotate(globals: &Globals, args: RotateArgs) -> anyhow::Result<()> {
     let client = Client::authenticated(globals)?;
     let r = &args.agent;
-    let agent = match &r.agent {
-        Some(a) => a.clone(),
-        None => {
-            let ws: Workspace = client.get(&ws_path(r)).await?;
-            match ws.agents.as_slice() {
-                [one] => one.name.clone(),
-                _ => bail!(
-                    "workspace {r} has {} agents; name one as WORKSPACE.AGENT",
-                    ws.agents.len()
-                ),
-            }
-        }
-    };
+    let agent = agent_of(&client, r).await?;
     let rotated: RotatedAgentToken = client
         .post(
             &format!("{}/agents/{agent}/token", ws_path(r)),
