@@ -107,7 +107,15 @@ impl MeshActivity {
                 t.rx = stats.udp_rx.bytes;
                 t.tx = stats.udp_tx.bytes;
                 let paths = conn.paths();
-                if let Some(path) = paths.iter().find(|p| p.is_selected()) {
+                // iroh 1.4 can leave a connection with no path marked selected (seen
+                // here on loopback, with a direct and a relay path open); it sends
+                // over a direct path whenever it holds one, so that one is taken.
+                let path = paths
+                    .iter()
+                    .find(|p| p.is_selected())
+                    .or_else(|| paths.iter().find(|p| p.is_ip()))
+                    .or_else(|| paths.iter().next());
+                if let Some(path) = path {
                     if path.is_relay() {
                         snap.relayed += 1;
                     } else {
