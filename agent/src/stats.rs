@@ -107,9 +107,11 @@ impl MeshActivity {
                 t.rx = stats.udp_rx.bytes;
                 t.tx = stats.udp_tx.bytes;
                 let paths = conn.paths();
-                // iroh 1.4 can leave a connection with no path marked selected (seen
-                // here on loopback, with a direct and a relay path open); it sends
-                // over a direct path whenever it holds one, so that one is taken.
+                // A connection can have no path marked selected: iroh keeps path state
+                // per remote endpoint id, and of three connections from processes
+                // sharing one client key (concurrent `myco` commands of one user do,
+                // today) only one was marked. iroh sends over a direct path whenever
+                // it holds one, so that one is taken.
                 let path = paths
                     .iter()
                     .find(|p| p.is_selected())
