@@ -1,6 +1,8 @@
 //! The control channel: connect, take the coordinator's welcome, publish our address
-//! on every change, heartbeat, and reconnect with exponential backoff and jitter.
+//! on every change, heartbeat, send what the reporters queued ([`crate::reports`]),
+//! and reconnect with exponential backoff and jitter.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -9,7 +11,11 @@ use mesh::control::{AgentMessage, CONTROL_PATH, CoordinatorMessage};
 use mesh::endpoint::EndpointOptions;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, http};
 
-use crate::{AgentConfig, EndpointCell, SharedWelcome, Welcome};
+use crate::reports::Reports;
+use crate::stats::MeshActivity;
+use crate::{AgentConfig, EndpointCell, Welcome};
+
+type WelcomeTx = tokio::sync::watch::Sender<Option<Welcome>>;
 
 /// The agent's configuration plus its SSH host key.
 pub struct ChannelConfig {
@@ -72,14 +78,22 @@ fn control_url(url: &str) -> Result<String, ControlError> {
 pub async fn run(
     config: ChannelConfig,
     key: SecretKey,
-    welcome: SharedWelcome,
+    welcome: WelcomeTx,
     endpoint: EndpointCell,
+    reports: Reports,
+    activity: Arc<MeshActivity>,
 ) -> Result<(), ControlError> {
     let url = control_url(&config.url)?;
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = tokio::time::Instant::now();
-        match channel(&config, &url, &key, &welcome, &endpoint).await {
+        let shared = Shared {
+            welcome: &welcome,
+            endpoint: &endpoint,
+            reports: &reports,
+            activity: &activity,
+        };
+        match channel(&config, &url, &key, shared).await {
             ChannelEnd::Fatal(e) => return Err(e),
             end => tracing::warn!("control channel: {end}"),
         }
@@ -94,12 +108,25 @@ pub async fn run(
     }
 }
 
+/// What a channel shares with the rest of the agent.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    welcome: &'a WelcomeTx,
+    endpoint: &'a EndpointCell,
+    reports: &'a Reports,
+    activity: &'a Arc<MeshActivity>,
+}
+
 async fn channel(
     config: &ChannelConfig,
     url: &str,
     key: &SecretKey,
-    shared: &SharedWelcome,
-    endpoint: &EndpointCell,
+    Shared {
+        welcome,
+        endpoint,
+        reports,
+        activity,
+    }: Shared<'_>,
 ) -> ChannelEnd {
     let mut request = match url.into_client_request() {
         Ok(r) => r,
@@ -138,18 +165,19 @@ async fn channel(
         agent,
         heartbeat_interval_ms,
         relay_quic,
-        manifest: _,
+        manifest,
     }) = serde_json::from_str::<CoordinatorMessage>(&first)
     else {
         return ChannelEnd::Failed("the first message was not a welcome".into());
     };
     tracing::info!(%agent, relay = %relay_url, "control channel up");
-    if let Ok(mut w) = shared.write() {
-        *w = Some(Welcome {
-            coordinator_key,
-            agent,
-        });
-    }
+    welcome.send_replace(Some(Welcome {
+        coordinator_key,
+        agent,
+        relay_url: relay_url.clone(),
+        heartbeat_interval: Duration::from_millis(heartbeat_interval_ms.max(1000)),
+        manifest: Arc::new(manifest),
+    }));
     let ep = match endpoint.get() {
         Some(ep) => ep.clone(),
         None => {
@@ -170,8 +198,9 @@ async fn channel(
             };
             tokio::spawn(crate::serve::accept_loop(
                 ep.endpoint.clone(),
-                shared.clone(),
+                welcome.subscribe(),
                 crate::ssh::config(config.host_key.clone()),
+                activity.clone(),
             ));
             let _ = endpoint.set(ep.clone());
             ep
@@ -188,6 +217,7 @@ async fn channel(
     if let Err(e) = send(&mut ws, &host_key).await {
         return ChannelEnd::Failed(e);
     }
+    reports.channel_opened();
     let mut addrs = ep.endpoint.watch_addr();
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(heartbeat_interval_ms.max(1000)));
@@ -203,7 +233,17 @@ async fn channel(
             tracing::debug!(addrs = ?addr.addrs, "published address");
             last_sent = Some(addr);
         }
+        while let Some(msg) = reports.poll_transmit() {
+            if let Err(e) = send(&mut ws, &msg).await {
+                reports.requeue(msg);
+                return ChannelEnd::Failed(e);
+            }
+        }
+        reports.sent();
+        let batch_due = reports.poll_timeout();
         tokio::select! {
+            () = reports.pushed() => {}
+            () = crate::sleep_until(batch_due) => {}
             changed = addrs.updated() => {
                 if changed.is_err() {
                     return ChannelEnd::Fatal(ControlError::BadUrl("the mesh endpoint closed".into()));

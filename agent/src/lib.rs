@@ -1,20 +1,34 @@
 //! The workspace agent (`myco agent`): holds one control channel to the coordinator,
-//! publishes its mesh address as it changes, and serves the mesh protocols to clients
-//! that present a ticket signed by that coordinator.
+//! publishes its mesh address as it changes, serves the mesh protocols to clients
+//! that present a ticket signed by that coordinator, runs the workspace's startup and
+//! shutdown scripts, checks the workspace's apps, runs its metadata scripts, and
+//! reports all that, with traffic and session stats, on the control channel.
 //!
 //! Entry point: [`run`]. Architecture Invariant: the agent trusts the coordinator only
 //! through the key it announced on the control channel; every mesh connection is
 //! checked against a ticket, whatever network path it came by.
 
+mod app_health;
 mod control;
 mod forward;
+mod lifecycle;
+mod metadata;
+mod reports;
+mod schedule;
+mod script;
 mod serve;
+mod sessions;
 mod sftp;
 mod ssh;
+mod stats;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::control::Manifest;
+use tokio::sync::watch;
 
 pub use control::ControlError;
 
@@ -33,14 +47,20 @@ pub struct AgentConfig {
     pub portmapper: bool,
 }
 
-/// What the coordinator told us on the control channel, shared with the mesh server.
+/// What the coordinator told us on the last control channel, shared with the mesh
+/// server and the tasks that run what the manifest asks for.
 #[derive(Debug, Clone)]
 pub(crate) struct Welcome {
     pub coordinator_key: iroh::PublicKey,
     pub agent: String,
+    pub relay_url: iroh::RelayUrl,
+    /// Also the stats interval.
+    pub heartbeat_interval: Duration,
+    pub manifest: Arc<Manifest>,
 }
 
-pub(crate) type SharedWelcome = Arc<RwLock<Option<Welcome>>>;
+/// Holds `None` until the first welcome; closed when the control channel gives up.
+pub(crate) type WelcomeRx = watch::Receiver<Option<Welcome>>;
 /// The mesh endpoint, built on the first welcome and kept across reconnects.
 pub(crate) type EndpointCell = Arc<tokio::sync::OnceCell<mesh::endpoint::MeshEndpoint>>;
 
@@ -58,7 +78,15 @@ pub enum AgentError {
     Control(#[from] ControlError),
 }
 
+/// How long the last lifecycle changes and script output may take to reach the
+/// coordinator once the shutdown script is done.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` resolves or the coordinator refuses its token.
+///
+/// When `shutdown` resolves the agent runs the shutdown script (bounded by its
+/// timeout) while the control channel and the mesh stay up, reports the outcome, then
+/// stops.
 ///
 /// # Errors
 /// [`AgentError`]: an unusable key file, or a token the coordinator refuses.
@@ -69,11 +97,65 @@ pub async fn run(
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
     let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
     tracing::info!(endpoint = %key.public(), "agent identity");
-    let welcome: SharedWelcome = Arc::default();
+    let (welcome_tx, welcome) = watch::channel(None);
     let endpoint: EndpointCell = Arc::default();
-    let result = tokio::select! {
-        r = control::run(control::ChannelConfig { agent: config, host_key }, key, welcome, endpoint.clone()) => r.map_err(AgentError::from),
-        () = shutdown => Ok(()),
+    let reports = reports::Reports::default();
+    let activity = Arc::new(stats::MeshActivity::default());
+    let control = control::run(
+        control::ChannelConfig {
+            agent: config,
+            host_key,
+        },
+        key,
+        welcome_tx,
+        endpoint.clone(),
+        reports.clone(),
+        activity.clone(),
+    );
+    tokio::pin!(control);
+    // Each ends (killing the scripts it runs) when dropped, as the agent stops.
+    let startup = AbortOnDrop(tokio::spawn(lifecycle::startup(
+        welcome.clone(),
+        reports.clone(),
+    )));
+    let _checks = [
+        AbortOnDrop(tokio::spawn(app_health::run(
+            welcome.clone(),
+            reports.clone(),
+        ))),
+        AbortOnDrop(tokio::spawn(metadata::run(
+            welcome.clone(),
+            reports.clone(),
+        ))),
+        AbortOnDrop(tokio::spawn(stats::run(
+            welcome.clone(),
+            endpoint.clone(),
+            activity,
+            reports.clone(),
+        ))),
+    ];
+    tokio::pin!(shutdown);
+    let stopped = tokio::select! {
+        r = &mut control => Some(r.map_err(AgentError::from)),
+        () = &mut shutdown => None,
+    };
+    let result = match stopped {
+        Some(result) => result,
+        None => {
+            drop(startup);
+            // The control channel keeps running (and reconnecting) meanwhile, so the
+            // coordinator hears how the shutdown went.
+            let finish = async {
+                lifecycle::shutdown(&welcome, &reports).await;
+                if welcome.borrow().is_some() {
+                    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, reports.drained()).await;
+                }
+            };
+            tokio::select! {
+                r = &mut control => r.map_err(AgentError::from),
+                () = finish => Ok(()),
+            }
+        }
     };
     if let Some(ep) = endpoint.get() {
         // Tell connected clients we are going instead of letting them time out;
@@ -82,6 +164,23 @@ pub async fn run(
     }
     tracing::info!("agent stopped");
     result
+}
+
+/// Aborts a task when dropped: the agent's background work ends with [`run`].
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A random fraction in `[0, 1)`, for backoff jitter.

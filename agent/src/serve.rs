@@ -12,7 +12,9 @@ use mesh::{Timestamp, frame, ticket};
 
 use tracing::Instrument;
 
-use crate::SharedWelcome;
+use crate::WelcomeRx;
+use crate::sessions::SessionKind;
+use crate::stats::MeshActivity;
 
 /// How long a client has to present its ticket.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,12 +25,14 @@ const MAX_SPEEDTEST: Duration = Duration::from_secs(120);
 
 pub async fn accept_loop(
     endpoint: Endpoint,
-    welcome: SharedWelcome,
+    welcome: WelcomeRx,
     ssh: Arc<russh::server::Config>,
+    activity: Arc<MeshActivity>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let welcome = welcome.clone();
         let ssh = ssh.clone();
+        let activity = activity.clone();
         let me = endpoint.id();
         tokio::spawn(async move {
             let conn = match incoming.await {
@@ -39,7 +43,10 @@ pub async fn accept_loop(
                 }
             };
             let span = tracing::info_span!("conn", peer = %conn.remote_id().fmt_short());
-            if let Err(e) = handle(conn, me, welcome, ssh).instrument(span).await {
+            if let Err(e) = handle(conn, me, welcome, ssh, activity)
+                .instrument(span)
+                .await
+            {
                 tracing::debug!("connection ended: {e}");
             }
         });
@@ -49,15 +56,16 @@ pub async fn accept_loop(
 async fn handle(
     conn: Connection,
     me: iroh::EndpointId,
-    welcome: SharedWelcome,
+    welcome: WelcomeRx,
     ssh: Arc<russh::server::Config>,
+    activity: Arc<MeshActivity>,
 ) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let hello: ClientHello = tokio::time::timeout(HELLO_TIMEOUT, frame::read(&mut recv))
         .await
         .map_err(|_| refuse(&conn, close::PROTOCOL, "no ticket presented in time"))?
         .map_err(|e| refuse(&conn, close::PROTOCOL, &format!("bad hello: {e}")))?;
-    let known = welcome.read().ok().and_then(|w| w.clone());
+    let known = welcome.borrow().clone();
     let Some(known) = known else {
         return Err(refuse(
             &conn,
@@ -74,6 +82,8 @@ async fn handle(
     )
     .map_err(|e| refuse(&conn, close::TICKET_REFUSED, &e.to_string()))?;
     tracing::info!(user = %claims.user, alpn = %String::from_utf8_lossy(conn.alpn()), "connection accepted");
+    // Only connections with a valid ticket count in the stats.
+    activity.track(&conn);
     frame::write(
         &mut send,
         &AgentHello {
@@ -91,13 +101,16 @@ async fn handle(
             let session = russh::server::run_stream(
                 ssh,
                 tokio::io::join(recv, send),
-                crate::ssh::SshSession::new(env),
+                crate::ssh::SshSession::new(env, activity.sessions.clone()),
             )
             .await
             .map_err(|e| e.to_string())?;
             session.await.map_err(|e| e.to_string())
         }
-        a if a == alpn::FORWARD => crate::forward::serve(conn.clone(), send, recv).await,
+        a if a == alpn::FORWARD => {
+            let _session = activity.sessions.open(SessionKind::PortForward);
+            crate::forward::serve(conn.clone(), send, recv).await
+        }
         other => Err(refuse(
             &conn,
             close::PROTOCOL,

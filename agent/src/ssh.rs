@@ -21,6 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
+use crate::sessions::{self, SessionCounts, SessionGuard, SessionKind};
+
 /// File name of the forwarded agent's socket, inside its private temp dir.
 const AGENT_SOCKET: &str = "agent.sock";
 
@@ -116,8 +118,8 @@ const INPUT_QUEUE: usize = 4096;
 /// jobs keep the terminal open.
 const PTY_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 /// Variables of the agent's own environment no session inherits: credentials of the
-/// agent, and an SSH agent that was not forwarded.
-const PRIVATE_ENV: &[&str] = &[
+/// agent, and an SSH agent that was not forwarded. Workspace scripts drop them too.
+pub(crate) const PRIVATE_ENV: &[&str] = &[
     "MYCO_AGENT_TOKEN",
     "MYCO_AGENT_URL",
     "MYCO_TOKEN",
@@ -136,6 +138,10 @@ struct Running {
     input: mpsc::Sender<Input>,
     /// The command's process group (its pid), for signals.
     pgid: Option<i32>,
+    /// Counted in the stats while it runs.
+    session: SessionGuard,
+    /// How much more client input to look at for the session's kind.
+    sniff_left: usize,
     /// The tasks feeding and reading the command; aborting them drops (kills) it.
     tasks: [tokio::task::AbortHandle; 2],
 }
@@ -151,6 +157,7 @@ impl Drop for Running {
 /// One SSH connection.
 pub struct SshSession {
     base_env: SessionEnv,
+    sessions: Arc<SessionCounts>,
     /// Per channel: environment the client asked for.
     env: HashMap<ChannelId, Vec<(String, String)>>,
     /// Per channel: a requested terminal.
@@ -180,9 +187,10 @@ impl Drop for SshSession {
 }
 
 impl SshSession {
-    pub fn new(base_env: SessionEnv) -> Self {
+    pub fn new(base_env: SessionEnv, sessions: Arc<SessionCounts>) -> Self {
         Self {
             base_env,
+            sessions,
             env: HashMap::new(),
             pty_requests: HashMap::new(),
             running: HashMap::new(),
@@ -227,7 +235,8 @@ impl SshSession {
     }
 
     /// `$SHELL -c COMMAND` (or a login shell) in the home dir, with the client's
-    /// environment requests and the MYCO_* variables.
+    /// environment requests (but the session kind, which is ours) and the MYCO_*
+    /// variables.
     fn command(&mut self, channel: ChannelId, command: Option<&str>) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(login_shell());
         match command {
@@ -243,11 +252,15 @@ impl SshSession {
         if let Some(sock) = self.agent_socket() {
             cmd.env("SSH_AUTH_SOCK", sock);
         }
-        cmd.envs(self.env.remove(&channel).unwrap_or_default())
-            .env("MYCO", "true")
-            .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
-            .env("MYCO_AGENT_NAME", &self.base_env.agent)
-            .kill_on_drop(true);
+        let env = self.env.remove(&channel).unwrap_or_default();
+        cmd.envs(
+            env.into_iter()
+                .filter(|(name, _)| name != sessions::SESSION_TYPE_ENV),
+        )
+        .env("MYCO", "true")
+        .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
+        .env("MYCO_AGENT_NAME", &self.base_env.agent)
+        .kill_on_drop(true);
         cmd
     }
 
@@ -259,6 +272,7 @@ impl SshSession {
         cmd: tokio::process::Command,
         req: PtyRequest,
         handle: Handle,
+        session: SessionGuard,
     ) -> Result<(), String> {
         let (pty, pts) = pty_process::open().map_err(|e| e.to_string())?;
         pty.resize(req.size).map_err(|e| e.to_string())?;
@@ -305,6 +319,9 @@ impl SshSession {
             Running {
                 input: tx,
                 pgid,
+                session,
+                // What is typed on a terminal is a person's, not a tool's script.
+                sniff_left: 0,
                 tasks: [feeder.abort_handle(), reader.abort_handle()],
             },
         );
@@ -319,9 +336,14 @@ impl SshSession {
     ) -> Result<(), String> {
         // The channel now runs a command; its data arrives through `Handler::data`.
         self.channels.remove(&channel);
+        let kind = sessions::classify(
+            command.as_deref(),
+            self.env.get(&channel).map_or(&[], Vec::as_slice),
+        );
+        let session = self.sessions.open(kind);
         let mut cmd = self.command(channel, command.as_deref());
         if let Some(req) = self.pty_requests.remove(&channel) {
-            return self.spawn_pty(channel, cmd, req, handle);
+            return self.spawn_pty(channel, cmd, req, handle, session);
         }
         // Its own process group, so a signal reaches the whole pipeline, as with sshd.
         cmd.stdin(Stdio::piped())
@@ -341,15 +363,38 @@ impl SshSession {
             let _ = tokio::join!(out, err);
             report(child.wait().await, &handle, channel).await;
         });
+        let sniff_left = match session.kind() {
+            SessionKind::Ssh => sessions::SNIFF_BYTES,
+            _ => 0,
+        };
         self.running.insert(
             channel,
             Running {
                 input: tx,
                 pgid,
+                session,
+                sniff_left,
                 tasks: [feeder.abort_handle(), reader.abort_handle()],
             },
         );
         Ok(())
+    }
+
+    /// VS Code's Remote-SSH runs a bare shell and writes its script to it: the first
+    /// input of a session without a terminal may tell what drives it.
+    fn sniff_input(&mut self, channel: ChannelId, data: &[u8]) {
+        let Some(r) = self.running.get_mut(&channel) else {
+            return;
+        };
+        if r.sniff_left == 0 {
+            return;
+        }
+        let n = data.len().min(r.sniff_left);
+        r.sniff_left -= n;
+        if let Some(kind) = sessions::sniff(&String::from_utf8_lossy(&data[..n])) {
+            r.session.set_kind(kind);
+            r.sniff_left = 0;
+        }
     }
 
     /// Hands client input to the channel's command without waiting for it to be read.
@@ -380,7 +425,7 @@ async fn feed(stdin: Option<ChildStdin>, mut rx: mpsc::Receiver<Input>) {
     }
 }
 
-fn login_shell() -> String {
+pub(crate) fn login_shell() -> String {
     std::env::var("SHELL")
         .ok()
         .filter(|s| !s.is_empty())
@@ -777,6 +822,7 @@ impl russh::server::Handler for SshSession {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.sniff_input(channel, data);
         self.input(channel, Input::Data(bytes::Bytes::copy_from_slice(data)))
             .await;
         Ok(())

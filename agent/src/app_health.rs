@@ -1,0 +1,342 @@
+//! App health checks (Coder's rules): every app with a `healthcheck` is fetched every
+//! `interval` seconds; any HTTP response below 500 is a success; one success makes it
+//! healthy, `threshold` consecutive failures unhealthy, and before either it is
+//! initializing. Apps without a health check are disabled.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mesh::Name;
+use mesh::api::{App, AppHealth};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::WelcomeRx;
+use crate::reports::Reports;
+use crate::schedule::PeriodicSchedule;
+
+/// Longest wait for an answer; shorter when the interval is.
+const CHECK_TIMEOUT_MAX: Duration = Duration::from_secs(10);
+
+/// One app's health from its checks' results: a pure state machine.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthTracker {
+    threshold: u32,
+    failures: u32,
+    health: AppHealth,
+}
+
+impl HealthTracker {
+    pub(crate) fn new(threshold: u32) -> Self {
+        Self {
+            // A threshold of 0 would make an app unhealthy before any failure.
+            threshold: threshold.max(1),
+            failures: 0,
+            health: AppHealth::Initializing,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn health(&self) -> AppHealth {
+        self.health
+    }
+
+    /// Records a check's result; returns the new health if it changed.
+    pub(crate) fn record(&mut self, success: bool) -> Option<AppHealth> {
+        let next = if success {
+            self.failures = 0;
+            AppHealth::Healthy
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            if self.failures >= self.threshold {
+                AppHealth::Unhealthy
+            } else {
+                // Below the threshold a failure changes nothing: healthy stays healthy.
+                self.health
+            }
+        };
+        (next != self.health).then(|| {
+            self.health = next;
+            next
+        })
+    }
+}
+
+/// How one app is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Check {
+    pub slug: Name,
+    pub url: String,
+    pub interval: Duration,
+    pub threshold: u32,
+}
+
+impl Check {
+    /// The check an app's spec asks for, if any.
+    pub(crate) fn of(app: &App) -> Option<Self> {
+        let hc = app.healthcheck.as_ref()?;
+        Some(Self {
+            slug: app.slug.clone(),
+            url: hc.url.clone(),
+            // An interval of 0 would check in a busy loop.
+            interval: Duration::from_secs(hc.interval.max(1)),
+            threshold: hc.threshold,
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.interval.min(CHECK_TIMEOUT_MAX)
+    }
+}
+
+/// Checks a set of apps, each on its own schedule, one request per app at a time.
+pub(crate) struct AppHealthChecker {
+    client: reqwest::Client,
+    checks: HashMap<Name, (Check, HealthTracker)>,
+    schedule: PeriodicSchedule<Name>,
+}
+
+impl AppHealthChecker {
+    /// # Errors
+    /// The HTTP client cannot be built (no TLS backend or resolver).
+    pub(crate) fn new(checks: Vec<Check>) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            // The app is in the workspace: no proxy from the environment in between.
+            .no_proxy()
+            // A redirect is an answer below 500 already; following it would check
+            // something else.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the health check client: {e}"))?;
+        let schedule = PeriodicSchedule::new(
+            checks.iter().map(|c| (c.slug.clone(), c.interval)),
+            Instant::now(),
+        );
+        let checks = checks
+            .into_iter()
+            .map(|c| {
+                let tracker = HealthTracker::new(c.threshold);
+                (c.slug.clone(), (c, tracker))
+            })
+            .collect();
+        Ok(Self {
+            client,
+            checks,
+            schedule,
+        })
+    }
+
+    /// Checks until dropped, calling `changed` with every app whose health changes.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the requests in flight.
+    pub(crate) async fn run(mut self, mut changed: impl FnMut(&Name, AppHealth)) {
+        let mut probes = JoinSet::new();
+        loop {
+            for slug in self.schedule.take_due(Instant::now()) {
+                let Some((check, _)) = self.checks.get(&slug) else {
+                    continue;
+                };
+                let request = self.client.get(&check.url).timeout(check.timeout());
+                probes.spawn(async move {
+                    let result = match request.send().await {
+                        Ok(resp) if resp.status().as_u16() < 500 => Ok(()),
+                        Ok(resp) => Err(format!("answered {}", resp.status())),
+                        Err(e) => Err(error_chain(&e)),
+                    };
+                    (slug, result)
+                });
+            }
+            let due = self.schedule.poll_timeout();
+            tokio::select! {
+                Some(done) = probes.join_next() => {
+                    let Ok((slug, result)) = done else { continue };
+                    self.schedule.finished(&slug, Instant::now());
+                    if let Err(e) = &result {
+                        tracing::debug!(app = %slug, "health check failed: {e}");
+                    }
+                    if let Some((_, tracker)) = self.checks.get_mut(&slug)
+                        && let Some(health) = tracker.record(result.is_ok())
+                    {
+                        tracing::info!(app = %slug, %health, "app health changed");
+                        changed(&slug, health);
+                    }
+                }
+                () = crate::sleep_until(due) => {}
+            }
+        }
+    }
+}
+
+/// reqwest's errors say "error sending request"; the cause (refused, timed out) is
+/// in their sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Checks the apps of the current manifest and reports their health, starting over
+/// whenever a welcome brings different apps.
+pub(crate) async fn run(mut welcome: WelcomeRx, reports: Reports) {
+    loop {
+        let apps = match welcome.wait_for(Option::is_some).await {
+            Ok(w) => w
+                .as_ref()
+                .map(|w| w.manifest.apps.clone())
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        let checks: Vec<_> = apps.iter().filter_map(Check::of).collect();
+        reports.set_apps(apps.iter().map(|app| {
+            let health = match app.healthcheck {
+                Some(_) => AppHealth::Initializing,
+                None => AppHealth::Disabled,
+            };
+            (app.slug.clone(), health)
+        }));
+        let checker = match AppHealthChecker::new(checks) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("{e}; apps stay initializing");
+                None
+            }
+        };
+        let checking = async {
+            match checker {
+                Some(c) => c.run(|slug, health| reports.app_health(slug, health)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let apps_changed =
+            welcome.wait_for(|w| w.as_ref().is_some_and(|w| w.manifest.apps != apps));
+        tokio::select! {
+            () = checking => {}
+            changed = apps_changed => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn one_success_is_healthy_threshold_failures_unhealthy() {
+        let mut t = HealthTracker::new(3);
+        assert_eq!(t.health(), AppHealth::Initializing);
+        // Failures below the threshold leave it initializing.
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.health(), AppHealth::Initializing);
+        assert_eq!(t.record(true), Some(AppHealth::Healthy));
+        assert_eq!(t.record(true), None);
+        // A success resets the count: two failures, a success, two failures stay healthy.
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.health(), AppHealth::Healthy);
+        // The threshold-th consecutive failure flips it.
+        assert_eq!(t.record(false), Some(AppHealth::Unhealthy));
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(true), Some(AppHealth::Healthy));
+    }
+
+    #[test]
+    fn threshold_failures_from_the_start_are_unhealthy() {
+        let mut t = HealthTracker::new(2);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), Some(AppHealth::Unhealthy));
+        let mut t = HealthTracker::new(0);
+        assert_eq!(t.record(false), Some(AppHealth::Unhealthy));
+    }
+
+    #[test]
+    fn apps_without_a_check_have_none() {
+        let app: App = serde_json::from_str(
+            r#"{"slug":"web","url":"http://127.0.0.1:1","healthcheck":{"url":"http://127.0.0.1:1/h","interval":0,"threshold":2}}"#,
+        )
+        .unwrap();
+        let check = Check::of(&app).unwrap();
+        assert_eq!(check.interval, Duration::from_secs(1));
+        assert_eq!(check.timeout(), Duration::from_secs(1));
+        let plain: App = serde_json::from_str(r#"{"slug":"web","url":"http://x"}"#).unwrap();
+        assert_eq!(Check::of(&plain), None);
+    }
+
+    /// A bare HTTP/1.1 server answering every request with the status in `status`.
+    async fn serve(listener: TcpListener, status: Arc<AtomicU16>) {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let status = status.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} Test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn an_app_going_up_and_down_turns_healthy_and_unhealthy() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(AtomicU16::new(200));
+        let server = tokio::spawn(serve(listener, status.clone()));
+        let slug = Name::new("web").unwrap();
+        let checker = AppHealthChecker::new(vec![Check {
+            slug: slug.clone(),
+            url: format!("http://{addr}/health"),
+            interval: Duration::from_millis(20),
+            threshold: 2,
+        }])
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let checking = tokio::spawn(checker.run(move |slug, health| {
+            let _ = tx.send((slug.clone(), health));
+        }));
+
+        assert_eq!(rx.recv().await.unwrap(), (slug.clone(), AppHealth::Healthy));
+        status.store(500, Ordering::SeqCst);
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            (slug.clone(), AppHealth::Unhealthy)
+        );
+        // Any answer below 500 is a success.
+        status.store(404, Ordering::SeqCst);
+        assert_eq!(rx.recv().await.unwrap(), (slug.clone(), AppHealth::Healthy));
+        // Nothing listens any more: refused connections are failures.
+        server.abort();
+        let _ = server.await;
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            (slug.clone(), AppHealth::Unhealthy)
+        );
+        // And back.
+        status.store(200, Ordering::SeqCst);
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let server = tokio::spawn(serve(listener, status));
+        assert_eq!(rx.recv().await.unwrap(), (slug, AppHealth::Healthy));
+        checking.abort();
+        server.abort();
+    }
+}

@@ -1,0 +1,266 @@
+//! The agent's stats, queued for the coordinator every stats interval: traffic,
+//! paths and round trips of client mesh connections, open sessions by kind, and the
+//! round trip to the coordinator's relay.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use iroh::RelayUrl;
+use iroh::endpoint::{Connection, WeakConnectionHandle};
+use mesh::api::{AgentStats, RelayLatency};
+
+use crate::reports::Reports;
+use crate::sessions::{SessionCounts, SessionKind};
+use crate::{EndpointCell, WelcomeRx};
+
+/// Longest wait for the relay's answer; shorter when the stats interval is.
+const RELAY_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the mesh server tells the stats: connections and sessions.
+#[derive(Debug, Default)]
+pub(crate) struct MeshActivity {
+    connections: Mutex<ConnectionTable>,
+    pub sessions: Arc<SessionCounts>,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionTable {
+    next_id: u64,
+    open: HashMap<u64, Tracked>,
+    /// Bytes of connections that closed.
+    closed_rx: u64,
+    closed_tx: u64,
+}
+
+/// An open connection, held weakly so tracking never keeps it open.
+#[derive(Debug)]
+struct Tracked {
+    conn: WeakConnectionHandle,
+    /// Its counters when last read, used if it goes before its final ones arrive.
+    rx: u64,
+    tx: u64,
+}
+
+/// What the open connections look like now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ConnectionSnapshot {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub open: u64,
+    pub direct: u64,
+    pub relayed: u64,
+    /// Round trips of the open connections' selected paths.
+    pub rtts: Vec<Duration>,
+}
+
+impl MeshActivity {
+    fn table(&self) -> std::sync::MutexGuard<'_, ConnectionTable> {
+        // Plain counters, each update complete: a panic elsewhere cannot corrupt them.
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tracks an accepted client connection until it closes; its final counters are
+    /// added to the totals then.
+    pub(crate) fn track(self: &Arc<Self>, conn: &Connection) {
+        let id = {
+            let mut table = self.table();
+            table.next_id += 1;
+            let id = table.next_id;
+            table.open.insert(
+                id,
+                Tracked {
+                    conn: conn.weak_handle(),
+                    rx: 0,
+                    tx: 0,
+                },
+            );
+            id
+        };
+        // The weak handle's future carries the final counters and keeps nothing open.
+        let closed = conn.weak_handle().closed();
+        let activity = self.clone();
+        tokio::spawn(async move {
+            let end = closed.await;
+            let mut table = activity.table();
+            if let Some(t) = table.open.remove(&id) {
+                let (rx, tx) = end.map_or((t.rx, t.tx), |c| {
+                    (
+                        c.stats.udp_rx.bytes.max(t.rx),
+                        c.stats.udp_tx.bytes.max(t.tx),
+                    )
+                });
+                table.closed_rx += rx;
+                table.closed_tx += tx;
+            }
+        });
+    }
+
+    pub(crate) fn snapshot(&self) -> ConnectionSnapshot {
+        let mut table = self.table();
+        let mut snap = ConnectionSnapshot::default();
+        for t in table.open.values_mut() {
+            if let Some(conn) = t.conn.upgrade() {
+                let stats = conn.stats();
+                t.rx = stats.udp_rx.bytes;
+                t.tx = stats.udp_tx.bytes;
+                let paths = conn.paths();
+                // A connection can have no path marked selected: iroh keeps path state
+                // per remote endpoint id, and of three connections from processes
+                // sharing one client key (concurrent `myco` commands of one user do,
+                // today) only one was marked. iroh sends over a direct path whenever
+                // it holds one, so that one is taken.
+                let path = paths
+                    .iter()
+                    .find(|p| p.is_selected())
+                    .or_else(|| paths.iter().find(|p| p.is_ip()))
+                    .or_else(|| paths.iter().next());
+                if let Some(path) = path {
+                    if path.is_relay() {
+                        snap.relayed += 1;
+                    } else {
+                        snap.direct += 1;
+                    }
+                    snap.rtts.push(path.rtt());
+                }
+            }
+            snap.open += 1;
+            snap.rx_bytes += t.rx;
+            snap.tx_bytes += t.tx;
+        }
+        snap.rx_bytes += table.closed_rx;
+        snap.tx_bytes += table.closed_tx;
+        snap
+    }
+
+    /// The stats to send: connections, sessions, and the relay round trips given.
+    pub(crate) fn stats(&self, relay_latencies: Vec<RelayLatency>) -> AgentStats {
+        let snap = self.snapshot();
+        let sessions = &self.sessions;
+        AgentStats {
+            rx_bytes: snap.rx_bytes,
+            tx_bytes: snap.tx_bytes,
+            connection_count: snap.open,
+            connections_direct: snap.direct,
+            connections_relayed: snap.relayed,
+            connection_median_latency_ms: median_ms(&snap.rtts),
+            session_count_ssh: sessions.get(SessionKind::Ssh),
+            session_count_vscode: sessions.get(SessionKind::Vscode),
+            session_count_jetbrains: sessions.get(SessionKind::Jetbrains),
+            session_count_port_forward: sessions.get(SessionKind::PortForward),
+            relay_latencies,
+        }
+    }
+}
+
+/// The median in milliseconds (the mean of the two middle ones for an even count);
+/// 0 without any.
+pub(crate) fn median_ms(rtts: &[Duration]) -> f64 {
+    let mut ms: Vec<f64> = rtts.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    match ms.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => ms[n / 2],
+        n => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
+    }
+}
+
+/// Times a GET of the relay's `/ping`, which iroh's relay server answers.
+async fn relay_round_trip(
+    client: &reqwest::Client,
+    relay: &RelayUrl,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let url = relay
+        .join("ping")
+        .map_err(|e| format!("no ping URL for {relay}: {e}"))?;
+    let started = tokio::time::Instant::now();
+    let resp = client
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let elapsed = started.elapsed();
+    if !resp.status().is_success() {
+        return Err(format!("the relay answered {}", resp.status()));
+    }
+    Ok(elapsed)
+}
+
+/// Every stats interval (the heartbeat interval of the last welcome), gathers the
+/// stats and queues them.
+pub(crate) async fn run(
+    mut welcome: WelcomeRx,
+    endpoint: EndpointCell,
+    activity: Arc<MeshActivity>,
+    reports: Reports,
+) {
+    let client = match reqwest::Client::builder().no_proxy().build() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("cannot build an HTTP client; relay latency goes unreported: {e}");
+            None
+        }
+    };
+    loop {
+        let (interval, relay) = match welcome.wait_for(Option::is_some).await {
+            Ok(w) => match w.as_ref() {
+                Some(w) => (w.heartbeat_interval, w.relay_url.clone()),
+                None => continue,
+            },
+            Err(_) => return,
+        };
+        tokio::time::sleep(interval).await;
+        let mut relay_latencies = Vec::new();
+        if let Some(client) = &client {
+            match relay_round_trip(client, &relay, interval.min(RELAY_PING_TIMEOUT)).await {
+                Ok(rtt) => {
+                    let preferred = endpoint
+                        .get()
+                        .is_some_and(|ep| ep.endpoint.addr().relay_urls().any(|u| *u == relay));
+                    relay_latencies.push(RelayLatency {
+                        relay_url: relay.to_string(),
+                        latency_ms: rtt.as_secs_f64() * 1000.0,
+                        preferred,
+                    });
+                }
+                Err(e) => tracing::debug!(%relay, "relay ping failed: {e}"),
+            }
+        }
+        reports.stats(activity.stats(relay_latencies));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn median_of_round_trips() {
+        assert_eq!(median_ms(&[]), 0.0);
+        assert_eq!(median_ms(&ms(&[7])), 7.0);
+        assert_eq!(median_ms(&ms(&[30, 10, 20])), 20.0);
+        assert_eq!(median_ms(&ms(&[40, 10, 20, 30])), 25.0);
+    }
+
+    #[test]
+    fn stats_count_sessions_by_kind() {
+        let activity = MeshActivity::default();
+        let _ssh = activity.sessions.open(SessionKind::Ssh);
+        let _fwd = activity.sessions.open(SessionKind::PortForward);
+        let _fwd2 = activity.sessions.open(SessionKind::PortForward);
+        let stats = activity.stats(vec![]);
+        assert_eq!(stats.session_count_ssh, 1);
+        assert_eq!(stats.session_count_port_forward, 2);
+        assert_eq!(stats.session_count_vscode, 0);
+        assert_eq!(stats.connection_count, 0);
+        assert_eq!(stats.connection_median_latency_ms, 0.0);
+    }
+}
