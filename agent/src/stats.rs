@@ -109,9 +109,9 @@ impl MeshActivity {
                 let paths = conn.paths();
                 // A connection can have no path marked selected: iroh keeps path state
                 // per remote endpoint id, and of three connections from processes
-                // sharing one client key (concurrent `myco` commands of one user do,
-                // today) only one was marked. iroh sends over a direct path whenever
-                // it holds one, so that one is taken.
+                // sharing one client key (before `myco` used a key per process) only
+                // one was marked. iroh sends over a direct path whenever it holds
+                // one, so that one is taken.
                 let path = paths
                     .iter()
                     .find(|p| p.is_selected())

@@ -150,8 +150,11 @@ pub async fn dial(
     args: &MeshArgs,
 ) -> anyhow::Result<Dialed> {
     let client = Client::authenticated(globals)?;
-    let key =
-        mesh::identity::load_or_create(&crate::session::config_dir(globals)?.join("client.key"))?;
+    // A key of this process's own: the coordinator's ticket names it, so nothing needs
+    // to persist, and two `myco` processes of one user (VS Code opens several
+    // `myco ssh --stdio` at once) must not be one endpoint id to the mesh, where their
+    // connections to the same agent would disturb each other's paths.
+    let key = iroh::SecretKey::generate();
     let owner = target.owner.as_ref().map_or("me", |o| o.as_str());
     let info: ConnectInfo = client
         .post(

@@ -318,9 +318,9 @@ interval = 1
     );
 }
 
-/// A background `myco` process of alice's. Each gets a config dir of its own (her
-/// session, a client key of its own): processes sharing one client key are one
-/// endpoint id to the mesh, and their connections to the agent disturb each other.
+/// A background `myco` process of alice's, all of them from her one config dir: each
+/// process dials with a key of its own (they once shared one and broke each other's
+/// connections to the agent).
 struct Background {
     child: Child,
     stderr: std::path::PathBuf,
@@ -328,17 +328,9 @@ struct Background {
 
 impl Background {
     fn spawn(env: &TestEnv, name: &str, args: &[&str]) -> Self {
-        let user = format!("alice-{name}");
-        let dir = env.config_dir(&user);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(
-            env.config_dir("alice").join("session.json"),
-            dir.join("session.json"),
-        )
-        .unwrap();
-        let stderr = dir.join("stderr");
+        let stderr = env.config_dir("alice").join(format!("stderr-{name}"));
         let child = env
-            .cmd(&user, args)
+            .cmd("alice", args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
