@@ -183,43 +183,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Checks the apps of the current manifest and reports their health, starting over
 /// whenever a welcome brings different apps.
-pub(crate) async fn run(mut welcome: WelcomeRx, reports: Reports) {
-    loop {
-        let apps = match welcome.wait_for(Option::is_some).await {
-            Ok(w) => w
-                .as_ref()
-                .map(|w| w.manifest.apps.clone())
-                .unwrap_or_default(),
-            Err(_) => return,
-        };
-        let checks: Vec<_> = apps.iter().filter_map(Check::of).collect();
-        reports.set_apps(apps.iter().map(|app| {
-            let health = match app.healthcheck {
-                Some(_) => AppHealth::Initializing,
-                None => AppHealth::Disabled,
-            };
-            (app.slug.clone(), health)
-        }));
-        let checker = match AppHealthChecker::new(checks) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!("{e}; apps stay initializing");
-                None
+pub(crate) async fn run(welcome: WelcomeRx, reports: Reports) {
+    crate::follow_manifest(
+        welcome,
+        |m| &m.apps,
+        |apps| {
+            let reports = reports.clone();
+            async move {
+                let checks: Vec<_> = apps.iter().filter_map(Check::of).collect();
+                reports.set_apps(apps.iter().map(|app| {
+                    let health = match app.healthcheck {
+                        Some(_) => AppHealth::Initializing,
+                        None => AppHealth::Disabled,
+                    };
+                    (app.slug.clone(), health)
+                }));
+                match AppHealthChecker::new(checks) {
+                    Ok(c) => c.run(|slug, health| reports.app_health(slug, health)).await,
+                    Err(e) => {
+                        tracing::warn!("{e}; apps stay initializing");
+                        std::future::pending().await
+                    }
+                }
             }
-        };
-        let checking = async {
-            match checker {
-                Some(c) => c.run(|slug, health| reports.app_health(slug, health)).await,
-                None => std::future::pending().await,
-            }
-        };
-        let apps_changed =
-            welcome.wait_for(|w| w.as_ref().is_some_and(|w| w.manifest.apps != apps));
-        tokio::select! {
-            () = checking => {}
-            changed = apps_changed => if changed.is_err() { return },
-        }
-    }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -175,6 +175,35 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Runs `work` on one part of the manifest (picked by `part`) from the first welcome
+/// on, and starts it over whenever a welcome brings a different part; returns when
+/// the control channel gives up.
+pub(crate) async fn follow_manifest<T, F>(
+    mut welcome: WelcomeRx,
+    part: fn(&Manifest) -> &T,
+    mut work: impl FnMut(T) -> F,
+) where
+    T: Clone + Default + PartialEq,
+    F: std::future::Future<Output = ()>,
+{
+    loop {
+        let current = match welcome.wait_for(Option::is_some).await {
+            Ok(w) => w
+                .as_ref()
+                .map(|w| part(&w.manifest).clone())
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        let running = work(current.clone());
+        let changed =
+            welcome.wait_for(|w| w.as_ref().is_some_and(|w| *part(&w.manifest) != current));
+        tokio::select! {
+            () = running => {}
+            changed = changed => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Sleeps until `deadline`, or forever without one.
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {

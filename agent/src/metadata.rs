@@ -154,25 +154,20 @@ pub(crate) async fn collect_all(items: Vec<MetadataSpec>, mut done: impl FnMut(M
 
 /// Collects the metadata items of the current manifest and reports them, starting
 /// over whenever a welcome brings different items.
-pub(crate) async fn run(mut welcome: WelcomeRx, reports: Reports) {
-    loop {
-        let items = match welcome.wait_for(Option::is_some).await {
-            Ok(w) => w
-                .as_ref()
-                .map(|w| w.manifest.metadata.clone())
-                .unwrap_or_default(),
-            Err(_) => return,
-        };
-        let keys: BTreeSet<Name> = items.iter().map(|i| i.key.clone()).collect();
-        reports.retain_metadata(&keys);
-        let collecting = collect_all(items.clone(), |value| reports.metadata(value));
-        let items_changed =
-            welcome.wait_for(|w| w.as_ref().is_some_and(|w| w.manifest.metadata != items));
-        tokio::select! {
-            () = collecting => {}
-            changed = items_changed => if changed.is_err() { return },
-        }
-    }
+pub(crate) async fn run(welcome: WelcomeRx, reports: Reports) {
+    crate::follow_manifest(
+        welcome,
+        |m| &m.metadata,
+        |items| {
+            let reports = reports.clone();
+            async move {
+                let keys: BTreeSet<Name> = items.iter().map(|i| i.key.clone()).collect();
+                reports.retain_metadata(&keys);
+                collect_all(items, |value| reports.metadata(value)).await;
+            }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]
