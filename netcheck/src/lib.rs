@@ -1,4 +1,700 @@
-//! Network diagnostics for `myco netcheck` and the agent: UDP reachability, the public
-//! address and whether its mapping varies by destination, port-mapping protocols and
-//! relay latency. It knows nothing of the coordinator beyond the probe targets it is
-//! given. Nothing is here yet; the netcheck issue brings it.
+//! Network diagnostics for `myco netcheck` and the agent: UDP reachability over IPv4 and
+//! IPv6, the public (reflexive) address and whether its mapping varies by destination,
+//! hairpinning, which port-mapping protocols the gateway answers, and each relay's
+//! latency. It knows nothing of the coordinator beyond the [`Targets`] it is given.
+//!
+//! [`run`] always returns a [`Report`]: every probe is bounded by [`Options::timeout`],
+//! and a probe that fails leaves its field unknown (`None`) and a [`Failure`] naming it
+//! and why.
+//!
+//! The public address comes from QUIC address discovery (QAD, iroh-relay's successor of
+//! STUN): a QUIC handshake with the relay's QAD server, which reports the source address
+//! it saw. All QAD probes of one address family go out of one UDP socket, so two QAD
+//! ports seeing different addresses means the NAT maps per destination (a symmetric NAT,
+//! which defeats hole punching). Hairpinning is then tested by sending from that same
+//! socket to its own public address.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+/// What to probe.
+#[derive(Debug, Clone, Default)]
+pub struct Targets {
+    pub relays: Vec<Relay>,
+}
+
+/// One relay.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The relay's URL (`http://` or `https://`); its host is also the QAD host.
+    pub url: String,
+    /// The relay's QUIC address discovery, when it serves it.
+    pub qad: Option<Qad>,
+}
+
+/// A relay's QUIC address discovery.
+#[derive(Debug, Clone)]
+pub struct Qad {
+    /// UDP ports on the relay's host. Two or more let the report tell whether the
+    /// mapping varies by destination.
+    pub ports: Vec<u16>,
+    /// The certificate (DER) the QAD server presents, trusted as a root.
+    pub cert_der: Vec<u8>,
+}
+
+/// How to probe.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The longest any one probe may take.
+    pub timeout: Duration,
+    /// Ask the gateway whether UPnP, NAT-PMP and PCP answer.
+    pub port_mapping: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(3),
+            port_mapping: true,
+        }
+    }
+}
+
+/// Probe names used in [`Failure::probe`].
+pub mod probe {
+    pub const UDP_V4: &str = "udp_v4";
+    pub const UDP_V6: &str = "udp_v6";
+    pub const MAPPING: &str = "mapping_varies_by_dest";
+    pub const HAIRPIN: &str = "hairpinning";
+    pub const PORT_MAPPING: &str = "port_mapping";
+    pub const RELAY: &str = "relay_latency";
+}
+
+/// What the probes found. `None` means unknown: the probe failed (see `failures`) or
+/// does not apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Report {
+    /// A QAD probe got an answer over UDP, on either family.
+    pub udp: bool,
+    /// UDP over IPv4 works.
+    pub ipv4: bool,
+    /// UDP over IPv6 works.
+    pub ipv6: bool,
+    /// The public IPv4 address and port the relay saw.
+    pub global_v4: Option<SocketAddr>,
+    /// The public IPv6 address and port the relay saw.
+    pub global_v6: Option<SocketAddr>,
+    /// The public IPv4 address is not this host's own: a NAT translates.
+    pub behind_nat: Option<bool>,
+    /// Two destinations saw different public addresses for one local socket.
+    pub mapping_varies_by_dest: Option<bool>,
+    /// A packet sent to our own public address came back through the NAT.
+    pub hairpinning: Option<bool>,
+    pub upnp: Option<bool>,
+    pub nat_pmp: Option<bool>,
+    pub pcp: Option<bool>,
+    /// Every relay that answered, fastest first.
+    pub relays: Vec<RelayLatency>,
+    /// The fastest relay's URL.
+    pub preferred_relay: Option<String>,
+    /// Each probe that failed, with why.
+    pub failures: Vec<Failure>,
+    /// How long the whole check took.
+    pub took_ms: u64,
+}
+
+/// One relay's round trip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayLatency {
+    pub url: String,
+    /// The best of the round trips below, in milliseconds.
+    pub latency_ms: f64,
+    /// Over QUIC (the QAD handshake's RTT), when UDP works.
+    #[serde(default)]
+    pub quic_ms: Option<f64>,
+    /// An HTTP request to the relay's `/ping` on a warm connection.
+    #[serde(default)]
+    pub http_ms: Option<f64>,
+}
+
+/// A probe that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// One of [`probe`]'s names.
+    pub probe: String,
+    pub reason: String,
+}
+
+impl Report {
+    fn fail(&mut self, probe: &str, reason: impl Into<String>) {
+        self.failures.push(Failure {
+            probe: probe.to_owned(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Why a probe failed, if it did.
+    pub fn failure(&self, probe: &str) -> Option<&str> {
+        self.failures
+            .iter()
+            .find(|f| f.probe == probe)
+            .map(|f| f.reason.as_str())
+    }
+
+    /// One line for listings: UDP, the public address, the NAT's kind, the relay.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.udp {
+            parts.push("UDP blocked".to_owned());
+        } else {
+            match self.global_v4.or(self.global_v6) {
+                Some(a) => parts.push(format!("UDP ok, public {a}")),
+                None => parts.push("UDP ok".to_owned()),
+            }
+        }
+        match (self.behind_nat, self.mapping_varies_by_dest) {
+            (_, Some(true)) => parts.push("NAT maps per destination (symmetric)".to_owned()),
+            (Some(true), Some(false)) => parts.push("NAT, endpoint-independent".to_owned()),
+            (Some(true), None) => parts.push("NAT".to_owned()),
+            (Some(false), _) => parts.push("no NAT".to_owned()),
+            (None, _) => {}
+        }
+        let mapping: Vec<&str> = [
+            (self.upnp, "UPnP"),
+            (self.nat_pmp, "NAT-PMP"),
+            (self.pcp, "PCP"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on == Some(true))
+        .map(|(_, name)| *name)
+        .collect();
+        if !mapping.is_empty() {
+            parts.push(format!("port mapping {}", mapping.join("+")));
+        }
+        if let Some(r) = self.relays.first() {
+            parts.push(format!("relay {:.1} ms", r.latency_ms));
+        }
+        parts.join(", ")
+    }
+}
+
+/// Runs every probe and returns the report; never fails, never takes much longer than
+/// a few times `opts.timeout`.
+pub async fn run(targets: &Targets, opts: &Options) -> Report {
+    let started = Instant::now();
+    let mut report = Report::default();
+    let (v4, v6, mapping, http) = tokio::join!(
+        udp_family(Family::V4, targets, opts.timeout),
+        udp_family(Family::V6, targets, opts.timeout),
+        port_mapping(opts),
+        relays_over_http(targets, opts.timeout),
+    );
+
+    let mut answers = Vec::new();
+    for (family, result) in [(Family::V4, v4), (Family::V6, v6)] {
+        let observed = match result {
+            Ok(o) => o,
+            Err(reason) => {
+                report.fail(family.probe(), reason);
+                continue;
+            }
+        };
+        let first = observed.answers.first().map(|a| a.public);
+        match family {
+            Family::V4 => {
+                report.ipv4 = first.is_some();
+                report.global_v4 = first;
+                report.behind_nat = first.zip(observed.local_ip).map(|(p, l)| p.ip() != l);
+                report.hairpinning = observed.hairpin;
+                if let Some(reason) = observed.hairpin_failure {
+                    report.fail(probe::HAIRPIN, reason);
+                }
+            }
+            Family::V6 => {
+                report.ipv6 = first.is_some();
+                report.global_v6 = first;
+            }
+        }
+        for reason in observed.failures {
+            report.fail(family.probe(), reason);
+        }
+        if report.mapping_varies_by_dest.is_none() {
+            match observed.answers.as_slice() {
+                [] => {}
+                [_] => report.fail(
+                    probe::MAPPING,
+                    format!(
+                        "only one destination answered over {}; two QAD ports are needed to compare mappings",
+                        family.name()
+                    ),
+                ),
+                [a, rest @ ..] => {
+                    report.mapping_varies_by_dest =
+                        Some(rest.iter().any(|b| b.public != a.public));
+                }
+            }
+        }
+        answers.extend(observed.answers);
+    }
+    report.udp = report.ipv4 || report.ipv6;
+    if !report.udp
+        && report.mapping_varies_by_dest.is_none()
+        && report.failure(probe::MAPPING).is_none()
+    {
+        report.fail(probe::MAPPING, "no QAD answer over UDP to compare");
+    }
+
+    match mapping {
+        Ok(Some(p)) => {
+            report.upnp = Some(p.upnp);
+            report.nat_pmp = Some(p.nat_pmp);
+            report.pcp = Some(p.pcp);
+        }
+        Ok(None) => {}
+        Err(reason) => report.fail(probe::PORT_MAPPING, reason),
+    }
+
+    report.relays = relay_latencies(targets, &answers, http, &mut report.failures);
+    report.preferred_relay = report.relays.first().map(|r| r.url.clone());
+    report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report
+}
+
+/// Each relay's best round trip, fastest relay first; relays with neither a QUIC nor
+/// an HTTP answer are left out (their HTTP failure is recorded).
+fn relay_latencies(
+    targets: &Targets,
+    answers: &[Answer],
+    http: Vec<(String, Result<f64, String>)>,
+    failures: &mut Vec<Failure>,
+) -> Vec<RelayLatency> {
+    let mut out = Vec::new();
+    for (relay, (url, http)) in targets.relays.iter().zip(http) {
+        let quic_ms = answers
+            .iter()
+            .filter(|a| a.relay == relay.url)
+            .map(|a| a.rtt.as_secs_f64() * 1000.0)
+            .min_by(f64::total_cmp);
+        let http_ms = match http {
+            Ok(ms) => Some(ms),
+            Err(reason) => {
+                failures.push(Failure {
+                    probe: probe::RELAY.to_owned(),
+                    reason: format!("{url}: {reason}"),
+                });
+                None
+            }
+        };
+        let best = [quic_ms, http_ms]
+            .into_iter()
+            .flatten()
+            .min_by(f64::total_cmp);
+        if let Some(latency_ms) = best {
+            out.push(RelayLatency {
+                url,
+                latency_ms,
+                quic_ms,
+                http_ms,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.latency_ms.total_cmp(&b.latency_ms));
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn probe(self) -> &'static str {
+        match self {
+            Family::V4 => probe::UDP_V4,
+            Family::V6 => probe::UDP_V6,
+        }
+    }
+
+    fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+
+    fn holds(self, ip: IpAddr) -> bool {
+        match self {
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
+        }
+    }
+}
+
+/// One QAD answer.
+#[derive(Debug, Clone)]
+struct Answer {
+    relay: String,
+    public: SocketAddr,
+    rtt: Duration,
+}
+
+/// What one family's QAD probes found.
+#[derive(Debug, Default)]
+struct Observed {
+    answers: Vec<Answer>,
+    /// Destinations that did not answer, with why.
+    failures: Vec<String>,
+    /// The local address the route to the first relay leaves from.
+    local_ip: Option<IpAddr>,
+    hairpin: Option<bool>,
+    hairpin_failure: Option<String>,
+}
+
+/// The QAD destinations of one family: (relay URL, TLS name, address, certificate).
+fn qad_destinations(
+    family: Family,
+    targets: &Targets,
+    resolved: &[(String, Vec<IpAddr>)],
+) -> Vec<(String, String, SocketAddr, Vec<u8>)> {
+    let mut out = Vec::new();
+    for relay in &targets.relays {
+        let Some(qad) = &relay.qad else { continue };
+        let Some((host, ips)) = resolved
+            .iter()
+            .find(|(url, _)| *url == relay.url)
+            .and_then(|(_, ips)| Some((tls_name(&relay.url)?, ips)))
+        else {
+            continue;
+        };
+        let Some(ip) = ips.iter().copied().find(|ip| family.holds(*ip)) else {
+            continue;
+        };
+        for port in &qad.ports {
+            out.push((
+                relay.url.clone(),
+                host.clone(),
+                SocketAddr::new(ip, *port),
+                qad.cert_der.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// The host of a relay URL, as the QAD server's certificate names it.
+fn tls_name(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    Some(match url.host()? {
+        url::Host::Domain(d) => d.to_owned(),
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => ip.to_string(),
+    })
+}
+
+/// The addresses of every relay's host (IP literals as they are, names looked up).
+async fn resolve(targets: &Targets) -> Vec<(String, Result<Vec<IpAddr>, String>)> {
+    let mut out = Vec::new();
+    for relay in &targets.relays {
+        let result = match reqwest::Url::parse(&relay.url) {
+            Err(e) => Err(format!("bad relay URL {}: {e}", relay.url)),
+            Ok(url) => match url.host() {
+                None => Err(format!("relay URL {} has no host", relay.url)),
+                Some(url::Host::Ipv4(ip)) => Ok(vec![IpAddr::V4(ip)]),
+                Some(url::Host::Ipv6(ip)) => Ok(vec![IpAddr::V6(ip)]),
+                Some(url::Host::Domain(d)) => tokio::net::lookup_host((d, 0))
+                    .await
+                    .map(|addrs| addrs.map(|a| a.ip()).collect())
+                    .map_err(|e| format!("cannot resolve {d}: {e}")),
+            },
+        };
+        out.push((relay.url.clone(), result));
+    }
+    out
+}
+
+/// QAD over one family: every destination from one socket, then hairpinning (IPv4).
+async fn udp_family(
+    family: Family,
+    targets: &Targets,
+    timeout: Duration,
+) -> Result<Observed, String> {
+    if !targets.relays.iter().any(|r| r.qad.is_some()) {
+        return Err("no relay offers QUIC address discovery".into());
+    }
+    let mut resolved = Vec::new();
+    for (url, r) in resolve(targets).await {
+        match r {
+            Ok(ips) => resolved.push((url, ips)),
+            Err(reason) => return Err(reason),
+        }
+    }
+    let dests = qad_destinations(family, targets, &resolved);
+    let Some(first) = dests.first().map(|d| d.2) else {
+        return Err(format!("no relay has an {} address", family.name()));
+    };
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(family.unspecified(), 0))
+        .map_err(|e| format!("cannot open an {} UDP socket: {e}", family.name()))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot set up the UDP socket: {e}"))?;
+    let hairpin_socket = socket
+        .try_clone()
+        .map_err(|e| format!("cannot set up the UDP socket: {e}"))?;
+    let endpoint = noq::Endpoint::new(
+        noq::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(noq::TokioRuntime),
+    )
+    .map_err(|e| format!("cannot start QUIC on the UDP socket: {e}"))?;
+
+    let mut observed = Observed {
+        local_ip: route_source(first),
+        ..Observed::default()
+    };
+    for (relay, host, addr, cert) in dests {
+        match tokio::time::timeout(timeout, qad(&endpoint, &host, addr, &cert)).await {
+            Ok(Ok((public, rtt))) => observed.answers.push(Answer { relay, public, rtt }),
+            Ok(Err(e)) => observed.failures.push(format!("{addr}: {e}")),
+            Err(_) => observed.failures.push(format!(
+                "{addr}: no answer within {timeout:?} (UDP blocked?)"
+            )),
+        }
+    }
+    endpoint.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    drop(endpoint);
+
+    if family == Family::V4 {
+        match observed.answers.first().map(|a| a.public) {
+            Some(public) if observed.local_ip.is_some_and(|l| l != public.ip()) => {
+                match hairpin(hairpin_socket, public, timeout.min(Duration::from_secs(1))).await {
+                    Ok(works) => observed.hairpin = Some(works),
+                    Err(e) => observed.hairpin_failure = Some(e),
+                }
+            }
+            // Not behind a NAT (or unknown): there is nothing to hairpin through.
+            _ => {}
+        }
+    }
+    Ok(observed)
+}
+
+/// One QAD exchange: the public address the server saw and the handshake's RTT.
+async fn qad(
+    endpoint: &noq::Endpoint,
+    host: &str,
+    addr: SocketAddr,
+    cert_der: &[u8],
+) -> Result<(SocketAddr, Duration), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(cert_der.to_vec()))
+        .map_err(|e| format!("the relay's QAD certificate is unusable: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let client = iroh_relay::quic::QuicClient::new(endpoint.clone(), tls);
+    let conn = client
+        .create_conn(addr, host)
+        .await
+        .map_err(|e| format!("QUIC handshake failed: {e}"))?;
+    let mut reports = conn.observed_external_addr();
+    let public = reports
+        .next()
+        .await
+        .ok_or_else(|| "the server reported no address".to_owned())?;
+    let public = SocketAddr::new(public.ip().to_canonical(), public.port());
+    let rtt = conn.rtt(noq::PathId::ZERO).unwrap_or_default();
+    conn.close(
+        iroh_relay::quic::QUIC_ADDR_DISC_CLOSE_CODE,
+        iroh_relay::quic::QUIC_ADDR_DISC_CLOSE_REASON,
+    );
+    Ok((public, rtt))
+}
+
+/// The local address the kernel would send from to reach `to` (no packet is sent).
+fn route_source(to: SocketAddr) -> Option<IpAddr> {
+    let family = if to.is_ipv4() { Family::V4 } else { Family::V6 };
+    let s = std::net::UdpSocket::bind(SocketAddr::new(family.unspecified(), 0)).ok()?;
+    s.connect(to).ok()?;
+    Some(s.local_addr().ok()?.ip())
+}
+
+/// Sends a random token from the probed socket to its own public address and waits for
+/// it: it comes back only when the NAT hairpins.
+async fn hairpin(
+    socket: std::net::UdpSocket,
+    public: SocketAddr,
+    wait: Duration,
+) -> Result<bool, String> {
+    let socket = tokio::net::UdpSocket::from_std(socket)
+        .map_err(|e| format!("cannot reuse the probed socket: {e}"))?;
+    let mut token = [0u8; 16];
+    getrandom::fill(&mut token).map_err(|e| format!("no randomness: {e}"))?;
+    socket
+        .send_to(&token, public)
+        .await
+        .map_err(|e| format!("cannot send to {public}: {e}"))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 2048];
+    loop {
+        match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+            Err(_) => return Ok(false),
+            Ok(Err(e)) => return Err(format!("receive failed: {e}")),
+            // Late QUIC packets from the QAD servers share this socket; skip them.
+            Ok(Ok((n, _))) if buf[..n] == token => return Ok(true),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Which port-mapping protocols the default gateway answers; `None` when not asked.
+async fn port_mapping(opts: &Options) -> Result<Option<portmapper::ProbeOutput>, String> {
+    if !opts.port_mapping {
+        return Ok(None);
+    }
+    let client = portmapper::Client::new(portmapper::Config::default());
+    match tokio::time::timeout(opts.timeout, client.probe()).await {
+        Err(_) => Err(format!(
+            "the gateway did not answer within {:?}",
+            opts.timeout
+        )),
+        Ok(Err(_)) => Err("the port-mapping probe stopped".into()),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Ok(Ok(out))) => Ok(Some(out)),
+    }
+}
+
+/// Each relay's `/ping` over HTTP: one request to open the connection, then one timed.
+async fn relays_over_http(
+    targets: &Targets,
+    timeout: Duration,
+) -> Vec<(String, Result<f64, String>)> {
+    let client = match reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return targets
+                .relays
+                .iter()
+                .map(|r| (r.url.clone(), Err(format!("no HTTP client: {e}"))))
+                .collect();
+        }
+    };
+    let mut out = Vec::new();
+    for relay in &targets.relays {
+        out.push((relay.url.clone(), http_ping(&client, &relay.url).await));
+    }
+    out
+}
+
+async fn http_ping(client: &reqwest::Client, relay: &str) -> Result<f64, String> {
+    let url = reqwest::Url::parse(relay)
+        .and_then(|u| u.join("ping"))
+        .map_err(|e| format!("bad relay URL: {e}"))?;
+    let mut best = None;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let resp = client.get(url.clone()).send().await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            msg
+        })?;
+        if !resp.status().is_success() {
+            return Err(format!("the relay answered {}", resp.status()));
+        }
+        let _ = resp.bytes().await;
+        best = Some(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    best.ok_or_else(|| "no answer".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A UDP port that nothing answers on: bound, never read.
+    fn silent_udp() -> (std::net::UdpSocket, u16) {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        (s, port)
+    }
+
+    #[tokio::test]
+    async fn a_report_comes_back_when_nothing_answers() {
+        let (_a, pa) = silent_udp();
+        let (_b, pb) = silent_udp();
+        // A closed TCP port for the relay's HTTP side.
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http_port = http.local_addr().unwrap().port();
+        drop(http);
+        let targets = Targets {
+            relays: vec![Relay {
+                url: format!("http://127.0.0.1:{http_port}/"),
+                qad: Some(Qad {
+                    ports: vec![pa, pb],
+                    cert_der: vec![1, 2, 3],
+                }),
+            }],
+        };
+        let opts = Options {
+            timeout: Duration::from_millis(300),
+            port_mapping: false,
+        };
+        let r = run(&targets, &opts).await;
+        assert!(!r.udp && !r.ipv4 && !r.ipv6, "{r:?}");
+        assert_eq!(r.global_v4, None);
+        assert_eq!(r.mapping_varies_by_dest, None);
+        assert!(r.relays.is_empty());
+        assert!(r.failure(probe::UDP_V4).is_some(), "{r:?}");
+        assert!(r.failure(probe::UDP_V6).unwrap().contains("IPv6"), "{r:?}");
+        assert!(r.failure(probe::MAPPING).is_some(), "{r:?}");
+        assert!(r.failure(probe::RELAY).is_some(), "{r:?}");
+        assert_eq!(r.upnp, None);
+        assert!(r.summary().starts_with("UDP blocked"), "{}", r.summary());
+        // The report survives a round trip through JSON, as it travels to the coordinator.
+        let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[tokio::test]
+    async fn no_targets_is_a_failure_not_an_error() {
+        let r = run(
+            &Targets::default(),
+            &Options {
+                timeout: Duration::from_millis(100),
+                port_mapping: false,
+            },
+        )
+        .await;
+        assert!(!r.udp);
+        assert_eq!(
+            r.failure(probe::UDP_V4),
+            Some("no relay offers QUIC address discovery")
+        );
+    }
+}
