@@ -175,6 +175,7 @@ async fn channel(
         coordinator_key,
         agent,
         relay_url: relay_url.clone(),
+        relay_quic: relay_quic.clone(),
         heartbeat_interval: Duration::from_millis(heartbeat_interval_ms.max(1000)),
         manifest: Arc::new(manifest),
     }));

@@ -13,6 +13,7 @@ mod control;
 mod forward;
 mod lifecycle;
 mod metadata;
+mod netcheck;
 mod reports;
 mod schedule;
 mod script;
@@ -54,6 +55,8 @@ pub(crate) struct Welcome {
     pub coordinator_key: iroh::PublicKey,
     pub agent: String,
     pub relay_url: iroh::RelayUrl,
+    /// The coordinator's QUIC address discovery ports, which netcheck probes.
+    pub relay_quic: Option<mesh::control::RelayQuic>,
     /// Also the stats interval.
     pub heartbeat_interval: Duration,
     pub manifest: Arc<Manifest>,
@@ -101,6 +104,7 @@ pub async fn run(
     let endpoint: EndpointCell = Arc::default();
     let reports = reports::Reports::default();
     let activity = Arc::new(stats::MeshActivity::default());
+    let port_mapping = config.portmapper;
     let control = control::run(
         control::ChannelConfig {
             agent: config,
@@ -132,6 +136,12 @@ pub async fn run(
             endpoint.clone(),
             activity,
             reports.clone(),
+        ))),
+        AbortOnDrop(tokio::spawn(netcheck::run(
+            welcome.clone(),
+            endpoint.clone(),
+            reports.clone(),
+            port_mapping,
         ))),
     ];
     tokio::pin!(shutdown);

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use mesh::api::{AgentStats, AppHealth, LogLine, MetadataValue};
+use mesh::api::{AgentStats, AppHealth, LogLine, MetadataValue, NetcheckResult};
 use mesh::control::{AgentMessage, AppHealthChange};
 use mesh::{Name, Timestamp};
 use tokio::sync::Notify;
@@ -57,6 +57,9 @@ pub(crate) struct ReportQueue {
     metadata_changed: BTreeSet<Name>,
     metadata_due: Option<Instant>,
     stats: Option<AgentStats>,
+    /// The last network check, and whether this channel has not had it yet.
+    netcheck: Option<NetcheckResult>,
+    netcheck_unsent: bool,
 }
 
 impl ReportQueue {
@@ -75,6 +78,8 @@ impl ReportQueue {
             metadata_changed: BTreeSet::new(),
             metadata_due: None,
             stats: None,
+            netcheck: None,
+            netcheck_unsent: false,
         }
     }
 
@@ -168,8 +173,15 @@ impl ReportQueue {
         self.stats = Some(stats);
     }
 
-    /// A control channel just came up: the current lifecycle, every app's health and
-    /// every metadata value go once more; unsent log lines go now.
+    /// A new network check, sent as soon as the channel allows.
+    pub(crate) fn netcheck(&mut self, result: NetcheckResult) {
+        self.netcheck = Some(result);
+        self.netcheck_unsent = true;
+    }
+
+    /// A control channel just came up: the current lifecycle, every app's health,
+    /// every metadata value and the last network check go once more; unsent log lines
+    /// go now.
     pub(crate) fn channel_opened(&mut self, now: Instant) {
         if self.queued_lifecycles == 0 {
             // It happened before everything still queued, since everything before it
@@ -184,6 +196,7 @@ impl ReportQueue {
         self.apps_due = (!self.apps_changed.is_empty()).then_some(now);
         self.metadata_changed = self.metadata.keys().cloned().collect();
         self.metadata_due = (!self.metadata_changed.is_empty()).then_some(now);
+        self.netcheck_unsent = self.netcheck.is_some();
     }
 
     /// The next message to send now, if any. Call until `None`, then wait until
@@ -224,6 +237,12 @@ impl ReportQueue {
             if !items.is_empty() {
                 return Some(AgentMessage::Metadata { items });
             }
+        }
+        if self.netcheck_unsent
+            && let Some(result) = self.netcheck.clone()
+        {
+            self.netcheck_unsent = false;
+            return Some(AgentMessage::Netcheck { result });
         }
         self.stats.take().map(|stats| AgentMessage::Stats { stats })
     }
@@ -284,9 +303,9 @@ impl ReportQueue {
             .min()
     }
 
-    /// Puts back a message the channel failed to send, so lifecycle changes and log
-    /// lines are not lost. App health and metadata need nothing: a new channel sends
-    /// them all; stats are sent afresh every interval.
+    /// Puts back a message the channel failed to send, so lifecycle changes, log lines
+    /// and the last network check are not lost. App health and metadata need nothing:
+    /// a new channel sends them all; stats are sent afresh every interval.
     pub(crate) fn requeue(&mut self, msg: AgentMessage, now: Instant) {
         match msg {
             AgentMessage::Lifecycle { state, changed_at } => {
@@ -304,6 +323,7 @@ impl ReportQueue {
                     self.drop_oldest_line();
                 }
             }
+            AgentMessage::Netcheck { .. } => self.netcheck_unsent = true,
             _ => {}
         }
     }
@@ -393,6 +413,10 @@ impl Reports {
 
     pub(crate) fn stats(&self, stats: AgentStats) {
         self.push(|q, _| q.stats(stats));
+    }
+
+    pub(crate) fn netcheck(&self, result: NetcheckResult) {
+        self.push(|q, _| q.netcheck(result));
     }
 
     /// For the control channel: see [`ReportQueue::channel_opened`].
@@ -490,6 +514,7 @@ mod tests {
                         .join(",")
                 ),
                 AgentMessage::Stats { .. } => "stats".into(),
+                AgentMessage::Netcheck { result } => format!("netcheck {}", result.reason),
                 other => format!("{other:?}"),
             })
             .collect()
@@ -510,6 +535,32 @@ mod tests {
         assert!(drain(&mut q, t0).is_empty());
         q.channel_opened(t0);
         assert_eq!(summary(&drain(&mut q, t0)), ["lifecycle created"]);
+    }
+
+    #[test]
+    fn the_last_netcheck_goes_once_per_channel_and_survives_a_failed_send() {
+        let (mut q, t0) = queue();
+        q.channel_opened(t0);
+        drain(&mut q, t0);
+        let result = |reason: &str| NetcheckResult {
+            checked_at: Timestamp::from_unix_millis(5),
+            reason: reason.into(),
+            report: netcheck::Report::default(),
+        };
+        q.netcheck(result("start"));
+        q.netcheck(result("network change"));
+        let sent = drain(&mut q, t0);
+        assert_eq!(summary(&sent), ["netcheck network change"]);
+        assert!(drain(&mut q, t0).is_empty());
+        // The send failed: it goes again.
+        q.requeue(sent.into_iter().next().unwrap(), t0);
+        assert_eq!(summary(&drain(&mut q, t0)), ["netcheck network change"]);
+        // A new channel gets it (after the lifecycle) without a new check.
+        q.channel_opened(t0);
+        assert_eq!(
+            summary(&drain(&mut q, t0)),
+            ["lifecycle created", "netcheck network change"]
+        );
     }
 
     #[test]

@@ -201,7 +201,8 @@ impl Channel {
                     AgentMessage::Stats { stats } => seen.stats.push(stats),
                     AgentMessage::Addr { .. }
                     | AgentMessage::Heartbeat
-                    | AgentMessage::HostKey { .. } => {}
+                    | AgentMessage::HostKey { .. }
+                    | AgentMessage::Netcheck { .. } => {}
                 }
             }
         };

@@ -67,6 +67,19 @@ impl Client {
         Self::new(&url, Some(token))
     }
 
+    /// A client for the coordinator the user chose (`--url`, else the saved session's),
+    /// for public endpoints: no token is needed, and none is sent.
+    pub fn public(globals: &Globals) -> anyhow::Result<Self> {
+        let url = match &globals.url {
+            Some(u) => normalize_url(u)?,
+            None => match session::load(&session::config_dir(globals)?)? {
+                Some(s) => s.url,
+                None => bail!("no coordinator given; pass --url URL or run `myco login URL` first"),
+            },
+        };
+        Self::new(&url, None)
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }

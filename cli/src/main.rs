@@ -59,6 +59,9 @@ enum Command {
     Agent(cmd::agent::Args),
     /// Ping an agent over the mesh, showing whether each pong went direct or via the relay.
     Ping(cmd::ping::Args),
+    /// Check this machine's network: UDP, public address, NAT kind, port mapping, relay
+    /// latency; says what stands in the way of direct connections.
+    Netcheck(cmd::netcheck::Args),
     /// Measure throughput to or from an agent over the mesh.
     Speedtest(cmd::speedtest::Args),
     /// Forward local TCP and UDP ports to ports in a workspace over the mesh.
@@ -169,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(args) => cmd::server::run(args).await,
         Command::Agent(args) => cmd::agent::run(&globals, args).await,
         Command::Ping(args) => cmd::ping::run(&globals, args).await,
+        Command::Netcheck(args) => cmd::netcheck::run(&globals, args).await,
         Command::Speedtest(args) => cmd::speedtest::run(&globals, args).await,
         Command::PortForward(args) => cmd::port_forward::run(&globals, args).await,
         Command::Ssh(args) => cmd::ssh::ssh(&globals, args).await,

@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
             post(rotate_agent_token),
         )
         .route("/workspaces/{owner}/{name}/connect", post(connect))
+        .route("/netcheck", get(netcheck_targets))
         .route(
             "/workspaces/{owner}/{name}/agents/{agent}/logs",
             get(agent_logs),
@@ -408,6 +409,7 @@ fn workspace_view(w: &WorkspaceRecord, cx: &ViewContext<'_>) -> api::Workspace {
                     metadata: reports
                         .map(|r| r.metadata.values().cloned().collect())
                         .unwrap_or_default(),
+                    netcheck: reports.and_then(|r| r.netcheck.clone()),
                     id: a.id.clone(),
                     name: a.name.clone(),
                     created_at: a.created_at,
@@ -1135,6 +1137,15 @@ async fn connect(
         expires_at,
         ssh_host_key: agent.ssh_host_key.clone(),
     }))
+}
+
+/// What `myco netcheck` probes: the relay and both QAD ports. Public, like the relay
+/// and the QAD ports themselves, so a machine can be checked before anyone logs in.
+async fn netcheck_targets(State(state): State<AppState>) -> Json<api::NetcheckTargets> {
+    Json(api::NetcheckTargets {
+        relay_url: state.relay_url.clone(),
+        relay_quic: Some(state.relay_quic.clone()),
+    })
 }
 
 async fn relay_stats(

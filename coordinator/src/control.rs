@@ -136,6 +136,10 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                     Ok(AgentMessage::Stats { stats }) => state.ledger.stats(&id, stats),
                     Ok(AgentMessage::Metadata { items }) => state.ledger.metadata(&id, items),
                     Ok(AgentMessage::Logs { lines }) => state.ledger.logs(&id, lines),
+                    Ok(AgentMessage::Netcheck { result }) => {
+                        tracing::info!(reason = %result.reason, summary = %result.report.summary(), "agent netcheck");
+                        state.ledger.netcheck(&id, result);
+                    }
                     Err(e) => {
                         tracing::warn!("bad control message: {e}");
                         break "protocol error";

@@ -167,6 +167,13 @@ impl AgentLedger {
         });
     }
 
+    pub fn netcheck(&self, agent_id: &str, result: mesh::api::NetcheckResult) {
+        self.update(agent_id, |e| {
+            e.reports.netcheck = Some(result);
+            e.reports_dirty = true;
+        });
+    }
+
     pub fn logs(&self, agent_id: &str, lines: Vec<LogLine>) {
         self.update(agent_id, |e| {
             e.logs.extend(lines);

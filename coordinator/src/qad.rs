@@ -35,10 +35,12 @@ pub enum QadError {
     #[error("the TLS certificate and key do not fit together: {0}")]
     Tls(String),
     /// The UDP port could not be bound.
-    #[error(
-        "cannot start QUIC address discovery on {addr}: {reason}; pick another --relay-quic-address"
-    )]
-    Spawn { addr: SocketAddr, reason: String },
+    #[error("cannot start QUIC address discovery on {addr}: {reason}; pick another {flag}")]
+    Spawn {
+        addr: SocketAddr,
+        reason: String,
+        flag: &'static str,
+    },
 }
 
 /// The certificate chain and key the QAD server presents.
@@ -118,21 +120,45 @@ fn generate(cert: &Path, key: &Path, host: &str) -> Result<(), QadError> {
     Ok(())
 }
 
-/// The running QAD server.
+/// The running QAD servers: the relay's, and a second one on another port so netcheck
+/// can tell whether a NAT's mapping varies by destination.
 pub struct QadServer {
     server: Server,
+    probe: Server,
     pub addr: SocketAddr,
+    pub probe_addr: SocketAddr,
 }
 
 impl QadServer {
-    /// QAD connections served so far.
+    /// QAD connections served so far, on both ports.
     pub fn connections(&self) -> u64 {
         self.server.metrics().server.qad_connections.get()
+            + self.probe.metrics().server.qad_connections.get()
     }
 }
 
-/// Starts iroh-relay's QUIC server (QAD only; the relay itself runs in our router).
-pub async fn start(bind: SocketAddr, tls: &TlsMaterial) -> Result<QadServer, QadError> {
+/// Starts iroh-relay's QUIC server twice (QAD only; the relay itself runs in our
+/// router): on `bind` for the mesh and on `probe_bind` for netcheck's second probe.
+pub async fn start(
+    bind: SocketAddr,
+    probe_bind: SocketAddr,
+    tls: &TlsMaterial,
+) -> Result<QadServer, QadError> {
+    let (server, addr) = start_one(bind, tls, "--relay-quic-address").await?;
+    let (probe, probe_addr) = start_one(probe_bind, tls, "--relay-quic-probe-address").await?;
+    Ok(QadServer {
+        server,
+        probe,
+        addr,
+        probe_addr,
+    })
+}
+
+async fn start_one(
+    bind: SocketAddr,
+    tls: &TlsMaterial,
+    flag: &'static str,
+) -> Result<(Server, SocketAddr), QadError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let server_config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -147,10 +173,12 @@ pub async fn start(bind: SocketAddr, tls: &TlsMaterial) -> Result<QadServer, Qad
     let server = Server::spawn(config).await.map_err(|e| QadError::Spawn {
         addr: bind,
         reason: e.to_string(),
+        flag,
     })?;
     let addr = server.quic_addr().ok_or_else(|| QadError::Spawn {
         addr: bind,
         reason: "the QUIC server did not report its address".into(),
+        flag,
     })?;
-    Ok(QadServer { server, addr })
+    Ok((server, addr))
 }

@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// UDP address of QUIC address discovery; port 0 picks a free port.
     pub relay_quic_address: SocketAddr,
+    /// UDP address of the second QAD port netcheck compares against.
+    pub relay_quic_probe_address: SocketAddr,
     /// The operator's TLS certificate and key (PEM) for QAD; self-signed when absent.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -171,9 +173,15 @@ impl Coordinator {
             &config.data_dir,
             &host,
         )?;
-        let qad = crate::qad::start(config.relay_quic_address, &tls).await?;
+        let qad = crate::qad::start(
+            config.relay_quic_address,
+            config.relay_quic_probe_address,
+            &tls,
+        )
+        .await?;
         let relay_quic = mesh::control::RelayQuic {
             port: qad.addr.port(),
+            probe_port: Some(qad.probe_addr.port()),
             cert_der_hex: hex::encode(tls.certs[0].as_ref()),
         };
         Ok(Self {
@@ -195,6 +203,11 @@ impl Coordinator {
     /// Where QUIC address discovery listens.
     pub fn relay_quic_addr(&self) -> SocketAddr {
         self.qad.addr
+    }
+
+    /// Where the second QAD port, for netcheck's mapping probe, listens.
+    pub fn relay_quic_probe_addr(&self) -> SocketAddr {
+        self.qad.probe_addr
     }
 
     pub fn relay_url(&self) -> &iroh::RelayUrl {

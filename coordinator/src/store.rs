@@ -200,6 +200,8 @@ pub struct AgentReports {
     /// By key.
     #[serde(default)]
     pub metadata: BTreeMap<Name, MetadataValue>,
+    #[serde(default)]
+    pub netcheck: Option<mesh::api::NetcheckResult>,
 }
 
 /// One group commit of agent state: whatever changed since the last one.

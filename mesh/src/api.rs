@@ -413,6 +413,26 @@ pub struct Agent {
     /// The last result of each metadata item.
     #[serde(default)]
     pub metadata: Vec<MetadataValue>,
+    /// The agent's last network check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netcheck: Option<NetcheckResult>,
+}
+
+/// A network check and when it ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckResult {
+    pub checked_at: Timestamp,
+    /// Why it ran: `start` or `network change`.
+    pub reason: String,
+    pub report: netcheck::Report,
+}
+
+/// Answer of `GET /api/v1/netcheck`: what `myco netcheck` probes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetcheckTargets {
+    pub relay_url: iroh::RelayUrl,
+    #[serde(default)]
+    pub relay_quic: Option<crate::control::RelayQuic>,
 }
 
 /// What the coordinator says about an agent's connection.

@@ -61,6 +61,10 @@ pub struct AppHealthChange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayQuic {
     pub port: u16,
+    /// A second QAD port on the same host: netcheck compares the public address both
+    /// ports see to tell whether a NAT maps per destination.
+    #[serde(default)]
+    pub probe_port: Option<u16>,
     /// DER of the certificate the QAD server presents, hex encoded.
     pub cert_der_hex: String,
 }
@@ -89,6 +93,8 @@ pub enum AgentMessage {
     Metadata { items: Vec<MetadataValue> },
     /// Startup and shutdown script output, in order, batched.
     Logs { lines: Vec<LogLine> },
+    /// A network check, run at start and when the agent's network changes.
+    Netcheck { result: crate::api::NetcheckResult },
 }
 
 /// First frame a client sends on a mesh connection to an agent.

@@ -10,6 +10,25 @@ use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::{BindError, PortmapperConfig, QuicTransportConfig, presets};
 use iroh::{Endpoint, NetReportConfig, RelayConfig, RelayMap, RelayMode, RelayUrl, SecretKey};
 
+/// What netcheck probes: our coordinator's relay and both its QAD ports.
+pub fn netcheck_targets(
+    relay_url: &RelayUrl,
+    relay_quic: Option<&crate::control::RelayQuic>,
+) -> netcheck::Targets {
+    let qad = relay_quic.and_then(|q| {
+        Some(netcheck::Qad {
+            ports: std::iter::once(q.port).chain(q.probe_port).collect(),
+            cert_der: hex::decode(&q.cert_der_hex).ok()?,
+        })
+    });
+    netcheck::Targets {
+        relays: vec![netcheck::Relay {
+            url: relay_url.to_string(),
+            qad,
+        }],
+    }
+}
+
 /// How to build an endpoint.
 #[derive(Debug, Clone)]
 pub struct EndpointOptions {

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod login;
+pub mod netcheck;
 pub mod ping;
 pub mod port_forward;
 pub mod scaletest;

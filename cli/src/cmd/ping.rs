@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use mesh::WorkspaceRef;
 
+use netcheck::Report;
+
 use crate::Globals;
+use crate::client::Client;
 use crate::dial::{self, MeshArgs, PathKind};
 
 #[derive(Debug, clap::Args)]
@@ -76,19 +79,18 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         }
     }
     d.send.finish().context("cannot close the ping stream")?;
-    summary(&d, &agent, &rtts, first_pong, &args.mesh);
+    summary(&d, &agent, &rtts, first_pong);
+    if !matches!(dial::current_path(&d.conn), PathKind::Direct(_)) {
+        for why in explain(globals, &d, &args.mesh).await {
+            println!("not direct: {why}");
+        }
+    }
     d.conn.close(0u32.into(), b"done");
     d.mesh.endpoint.close().await;
     Ok(())
 }
 
-fn summary(
-    d: &dial::Dialed,
-    agent: &str,
-    rtts: &[Duration],
-    first_pong: Option<Duration>,
-    mesh: &MeshArgs,
-) {
+fn summary(d: &dial::Dialed, agent: &str, rtts: &[Duration], first_pong: Option<Duration>) {
     println!();
     println!("--- {agent} ping statistics ---");
     if let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) {
@@ -126,20 +128,124 @@ fn summary(
             .collect();
         println!("path changes: {}", steps.join(" -> "));
     }
-    if !matches!(now, PathKind::Direct(_)) {
-        println!("not direct: {}", explain(d, mesh));
-    }
 }
 
-/// The best explanation we have of why the connection is relayed.
-fn explain(d: &dial::Dialed, mesh: &MeshArgs) -> String {
+/// Why the connection is relayed, from this side's network check (run now) and the
+/// agent's last one (from the coordinator).
+async fn explain(globals: &Globals, d: &dial::Dialed, mesh: &MeshArgs) -> Vec<String> {
     if mesh.relay_only {
-        return "--relay-only was given".into();
+        return vec!["--relay-only was given".into()];
     }
-    if d.info.agent_addr.ip_addrs().next().is_none() {
-        return "the agent published no direct address; it may have no usable network interface or UDP may be blocked on its side".into();
+    let targets = mesh::endpoint::netcheck_targets(&d.info.relay_url, d.info.relay_quic.as_ref());
+    let opts = netcheck::Options {
+        timeout: Duration::from_secs(2),
+        port_mapping: false,
+    };
+    let (local, remote) = tokio::join!(
+        netcheck::run(&targets, &opts),
+        agent_netcheck(globals, &d.info.agent)
+    );
+    let mut reasons = why_relayed(&local, remote.as_ref().map(|r| &r.report));
+    if remote.is_none() {
+        reasons.push("the agent has reported no network check (yet)".into());
     }
-    "no direct UDP path was found between here and the agent: UDP may be blocked on one side, \
-     or a NAT maps ports per destination (symmetric NAT); `myco netcheck` on both sides tells which"
-        .into()
+    if reasons.is_empty() {
+        reasons.push(if d.info.agent_addr.ip_addrs().next().is_none() {
+            "the agent published no direct address; it may have no usable network interface".into()
+        } else {
+            "both sides have UDP and neither NAT maps per destination, yet no direct path \
+             formed; a firewall between the two may drop UDP"
+                .into()
+        });
+    }
+    reasons
+}
+
+/// The agent's last network check, if the coordinator has one.
+async fn agent_netcheck(globals: &Globals, agent: &str) -> Option<mesh::api::NetcheckResult> {
+    // `owner/workspace.agent`
+    let (owner, rest) = agent.split_once('/')?;
+    let (ws, name) = rest.split_once('.')?;
+    let client = Client::authenticated(globals).ok()?;
+    let w: mesh::api::Workspace = client
+        .get(&format!("/api/v1/workspaces/{owner}/{ws}"))
+        .await
+        .ok()?;
+    w.agents
+        .into_iter()
+        .find(|a| a.name.as_str() == name)?
+        .netcheck
+}
+
+/// What in the two network checks stands in the way of a direct path.
+pub fn why_relayed(local: &Report, remote: Option<&Report>) -> Vec<String> {
+    let mut out = Vec::new();
+    if !local.udp {
+        out.push(
+            "UDP is blocked on this network (no answer from the coordinator's QUIC address \
+             discovery over UDP)"
+                .to_owned(),
+        );
+    }
+    if remote.is_some_and(|r| !r.udp) {
+        out.push("UDP is blocked on the agent's network".to_owned());
+    }
+    let local_sym = local.mapping_varies_by_dest == Some(true);
+    let remote_sym = remote.is_some_and(|r| r.mapping_varies_by_dest == Some(true));
+    match (local_sym, remote_sym) {
+        (true, true) => out.push(
+            "both sides are behind NATs whose mapping varies by destination (symmetric NATs): \
+             hole punching cannot work, the relay is the only path"
+                .to_owned(),
+        ),
+        (true, false) => out.push(
+            "this machine is behind a NAT whose mapping varies by destination (symmetric NAT)"
+                .to_owned(),
+        ),
+        (false, true) => out.push(
+            "the agent is behind a NAT whose mapping varies by destination (symmetric NAT)"
+                .to_owned(),
+        ),
+        (false, false) => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(udp: bool, symmetric: Option<bool>) -> Report {
+        Report {
+            udp,
+            ipv4: udp,
+            mapping_varies_by_dest: symmetric,
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn explanations_name_the_side_and_the_cause() {
+        let open = report(true, Some(false));
+        assert!(why_relayed(&open, Some(&open)).is_empty());
+        assert!(why_relayed(&open, None).is_empty());
+
+        let blocked = report(false, None);
+        let here = why_relayed(&blocked, Some(&open));
+        assert_eq!(here.len(), 1);
+        assert!(
+            here[0].starts_with("UDP is blocked on this network"),
+            "{here:?}"
+        );
+        let there = why_relayed(&open, Some(&blocked));
+        assert_eq!(there, ["UDP is blocked on the agent's network"]);
+
+        let sym = report(true, Some(true));
+        assert_eq!(
+            why_relayed(&open, Some(&sym)),
+            ["the agent is behind a NAT whose mapping varies by destination (symmetric NAT)"]
+        );
+        assert!(why_relayed(&sym, Some(&open))[0].starts_with("this machine is behind a NAT"));
+        assert!(why_relayed(&sym, Some(&sym))[0].contains("both sides"));
+    }
 }

@@ -26,6 +26,13 @@ pub struct Args {
     #[arg(long, env = "MYCO_RELAY_QUIC_ADDRESS")]
     relay_quic_address: Option<SocketAddr>,
 
+    /// UDP address of a second QUIC address discovery port: `myco netcheck` compares
+    /// the public address both ports see to tell whether a NAT maps per destination
+    /// (default: the --relay-quic-address IP and the next port; any free port when
+    /// that one is 0).
+    #[arg(long, env = "MYCO_RELAY_QUIC_PROBE_ADDRESS")]
+    relay_quic_probe_address: Option<SocketAddr>,
+
     /// TLS certificate (PEM) for QUIC address discovery; without it a self-signed one
     /// is generated in the data dir, and peers pin whichever the coordinator serves.
     #[arg(long, env = "MYCO_TLS_CERT", requires = "tls_key")]
@@ -74,11 +81,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let relay_quic_address = args
         .relay_quic_address
         .unwrap_or_else(|| SocketAddr::new(args.http_address.ip(), DEFAULT_QAD_PORT));
+    let relay_quic_probe_address = args.relay_quic_probe_address.unwrap_or_else(|| {
+        let port = match relay_quic_address.port() {
+            0 => 0,
+            p => p.wrapping_add(1),
+        };
+        SocketAddr::new(relay_quic_address.ip(), port)
+    });
     let coordinator = Coordinator::bind(ServerConfig {
         http_address: args.http_address,
         access_url,
         data_dir,
         relay_quic_address,
+        relay_quic_probe_address,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         heartbeat_interval: args.heartbeat_interval,
@@ -97,6 +112,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "QUIC address discovery on udp://{}",
         coordinator.relay_quic_addr()
+    );
+    println!(
+        "second QUIC address discovery port (netcheck) on udp://{}",
+        coordinator.relay_quic_probe_addr()
     );
     println!("store: {}", coordinator.store_path().display());
     if let Some(addr) = coordinator.prometheus_addr() {

@@ -321,6 +321,14 @@ pub async fn show(globals: &Globals, args: ShowArgs) -> anyhow::Result<()> {
                 s.session_count_port_forward,
             );
         }
+        if let Some(n) = &a.netcheck {
+            println!(
+                "  network: {} (netcheck at {}, {})",
+                n.report.summary(),
+                n.checked_at,
+                n.reason
+            );
+        }
         if a.apps.is_empty() {
             println!("  apps: none");
         }
