@@ -465,8 +465,17 @@ async fn udp_family(
         local_ip: route_source(first),
         ..Observed::default()
     };
-    for (relay, host, addr, cert) in dests {
-        match tokio::time::timeout(timeout, qad(&endpoint, &host, addr, &cert)).await {
+    // All at once (one socket, so the comparison still holds): a blocked network costs
+    // one timeout, not one per destination.
+    let probes = dests.into_iter().map(|(relay, host, addr, cert)| {
+        let endpoint = &endpoint;
+        async move {
+            let outcome = tokio::time::timeout(timeout, qad(endpoint, &host, addr, &cert)).await;
+            (relay, addr, outcome)
+        }
+    });
+    for (relay, addr, outcome) in futures_util::future::join_all(probes).await {
+        match outcome {
             Ok(Ok((public, rtt))) => observed.answers.push(Answer { relay, public, rtt }),
             Ok(Err(e)) => observed.failures.push(format!("{addr}: {e}")),
             Err(_) => observed.failures.push(format!(
