@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub bind_addr: Option<SocketAddr>,
     /// Ask the gateway for a port mapping.
     pub portmapper: bool,
+    /// The least time between two network checks.
+    pub netcheck_min_interval: Duration,
 }
 
 /// What the coordinator told us on the last control channel, shared with the mesh
@@ -104,7 +106,11 @@ pub async fn run(
     let endpoint: EndpointCell = Arc::default();
     let reports = reports::Reports::default();
     let activity = Arc::new(stats::MeshActivity::default());
-    let port_mapping = config.portmapper;
+    let netcheck_opts = ::netcheck::Options {
+        port_mapping: config.portmapper,
+        ..::netcheck::Options::default()
+    };
+    let netcheck_spacing = config.netcheck_min_interval;
     let control = control::run(
         control::ChannelConfig {
             agent: config,
@@ -141,7 +147,8 @@ pub async fn run(
             welcome.clone(),
             endpoint.clone(),
             reports.clone(),
-            port_mapping,
+            netcheck_opts,
+            netcheck_spacing,
         ))),
     ];
     tokio::pin!(shutdown);

@@ -4,8 +4,8 @@
 //!
 //! "Network changed" is taken from the mesh endpoint: iroh watches the interfaces and
 //! re-learns its public addresses, and the agent's published direct addresses change
-//! when either does. Checks are at least [`MIN_SPACING`] apart, so a flapping address
-//! cannot keep the agent probing.
+//! when either does. Checks are at least `spacing` apart (`--netcheck-min-interval`),
+//! so a flapping address cannot keep the agent probing.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -17,8 +17,6 @@ use mesh::api::NetcheckResult;
 use crate::reports::Reports;
 use crate::{EndpointCell, WelcomeRx};
 
-/// The least time between two checks.
-const MIN_SPACING: Duration = Duration::from_secs(30);
 /// How often the endpoint's addresses are compared once it exists.
 const POLL: Duration = Duration::from_secs(2);
 
@@ -26,12 +24,9 @@ pub(crate) async fn run(
     mut welcome: WelcomeRx,
     endpoint: EndpointCell,
     reports: Reports,
-    port_mapping: bool,
+    opts: netcheck::Options,
+    spacing: Duration,
 ) {
-    let opts = netcheck::Options {
-        port_mapping,
-        ..netcheck::Options::default()
-    };
     let mut checked: Option<(iroh::RelayUrl, Option<mesh::control::RelayQuic>)> = None;
     let mut addrs: Option<BTreeSet<SocketAddr>> = None;
     let mut last_run: Option<tokio::time::Instant> = None;
@@ -63,7 +58,7 @@ pub(crate) async fn run(
         }
         if let Some(reason) = reason {
             if let Some(at) = last_run {
-                tokio::time::sleep_until(at + MIN_SPACING).await;
+                tokio::time::sleep_until(at + spacing).await;
             }
             last_run = Some(tokio::time::Instant::now());
             let t = mesh::endpoint::netcheck_targets(&targets.0, targets.1.as_ref());

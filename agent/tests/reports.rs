@@ -115,6 +115,7 @@ impl FakeCoordinator {
 
     fn config(&self, data_dir: &std::path::Path) -> agent::AgentConfig {
         agent::AgentConfig {
+            netcheck_min_interval: std::time::Duration::from_secs(30),
             url: format!("http://{}", self.listener.local_addr().unwrap()),
             token: "myco_test_token".into(),
             data_dir: data_dir.to_owned(),

@@ -22,6 +22,10 @@ pub struct Args {
     /// Ask the network's gateway for a port mapping (UPnP, NAT-PMP, PCP).
     #[arg(long, env = "MYCO_PORTMAPPER", default_value_t = true, action = clap::ArgAction::Set)]
     portmapper: bool,
+    /// The least time between two network checks; the agent checks at start and when
+    /// its addresses change, and reports the result (`myco show`).
+    #[arg(long, env = "MYCO_NETCHECK_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    netcheck_min_interval: std::time::Duration,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -52,6 +56,7 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         data_dir,
         bind_addr: args.mesh_bind,
         portmapper: args.portmapper,
+        netcheck_min_interval: args.netcheck_min_interval,
     };
     agent::run(config, crate::cmd::server::shutdown_signal()).await?;
     Ok(())
