@@ -557,19 +557,26 @@ async fn hairpin(
         .map_err(|e| format!("cannot reuse the probed socket: {e}"))?;
     let mut token = [0u8; 16];
     getrandom::fill(&mut token).map_err(|e| format!("no randomness: {e}"))?;
-    socket
-        .send_to(&token, public)
-        .await
-        .map_err(|e| format!("cannot send to {public}: {e}"))?;
     let deadline = tokio::time::Instant::now() + wait;
+    // Sent three times over the wait: the QUIC endpoint that owned this socket may
+    // still read (and drop) the first, and UDP may lose one.
+    let mut resend = tokio::time::interval(wait / 3);
     let mut buf = [0u8; 2048];
     loop {
-        match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
-            Err(_) => return Ok(false),
-            Ok(Err(e)) => return Err(format!("receive failed: {e}")),
-            // Late QUIC packets from the QAD servers share this socket; skip them.
-            Ok(Ok((n, _))) if buf[..n] == token => return Ok(true),
-            Ok(Ok(_)) => {}
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Ok(false),
+            _ = resend.tick() => {
+                socket
+                    .send_to(&token, public)
+                    .await
+                    .map_err(|e| format!("cannot send to {public}: {e}"))?;
+            }
+            got = socket.recv_from(&mut buf) => match got {
+                Err(e) => return Err(format!("receive failed: {e}")),
+                // Late QUIC packets from the QAD servers share this socket; skip them.
+                Ok((n, _)) if buf[..n] == token => return Ok(true),
+                Ok(_) => {}
+            },
         }
     }
 }
