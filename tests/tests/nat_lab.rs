@@ -21,7 +21,7 @@ const DIRECT_WITHIN: Duration = Duration::from_secs(30);
 /// 33 ms to 2 s); after that iroh starts a new round when its own direct addresses
 /// change, which the periodic net report (every 20-26 s) does once QUIC address
 /// discovery answers again, and in any case every 60 s while no direct path is good
-/// (`UPGRADE_INTERVAL`). Seen: 17-21 s.
+/// (`UPGRADE_INTERVAL`). Seen: 16-22 s.
 const UPGRADE_WITHIN: Duration = Duration::from_secs(90);
 
 /// A `myco` process in the lab whose stdout lines arrive on a channel and whose
