@@ -65,11 +65,13 @@ impl Output {
     pub fn threaded() -> Self {
         let (tx, mut rx) = mpsc::channel::<(Stream, Bytes)>(8);
         let thread = std::thread::spawn(move || {
-            let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
             while let Some((stream, data)) = rx.blocking_recv() {
-                let w: &mut dyn Write = match stream {
-                    Stream::Stdout => &mut out,
-                    Stream::Stderr => &mut err,
+                // Locked per chunk, never across the wait: the runtime's thread writes
+                // log lines to stderr, and would block for good on a lock held here
+                // while this thread waits for the runtime.
+                let mut w: Box<dyn Write> = match stream {
+                    Stream::Stdout => Box::new(std::io::stdout().lock()),
+                    Stream::Stderr => Box::new(std::io::stderr().lock()),
                 };
                 w.write_all(&data)?;
                 w.flush()?;

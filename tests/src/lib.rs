@@ -1,7 +1,9 @@
 //! The end-to-end harness: a [`TestEnv`] holds a temp dir and a real `myco server`
 //! process, and runs the real `myco` binary as one or more users, each with its own
-//! config dir.
+//! config dir; on loopback, or in the network namespaces of a [`natlab::Lab`].
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod natlab;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,19 @@ pub fn myco_bin() -> &'static Path {
         );
         bin
     })
+}
+
+/// The `myco` binary, run in network namespace `netns` through `ip netns exec` (which
+/// execs it, so the child's pid is myco's), or directly when `netns` is `None`.
+pub fn myco_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(myco_bin());
+            cmd
+        }
+        None => Command::new(myco_bin()),
+    }
 }
 
 /// Polls `done` every 50 ms until it holds; fails the test after 30 s. For state that
@@ -124,6 +139,25 @@ impl Output {
     }
 }
 
+/// Runs `cmd` to its end with `stdin` as its input; returns what it printed.
+pub fn run_command(mut cmd: Command, stdin: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 static AGENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A running `myco agent`; killed when dropped.
@@ -154,6 +188,11 @@ struct Server {
 pub struct TestEnv {
     dir: tempfile::TempDir,
     server: Option<Server>,
+    /// The network namespace the server and, unless told otherwise, every command
+    /// runs in (the NAT lab's core); `None`: this process's own, on loopback.
+    netns: Option<String>,
+    /// The IP the server binds.
+    server_ip: String,
     /// The HTTP address once the first server bound it; restarts reuse it.
     addr: Option<String>,
     /// Likewise the UDP address of QUIC address discovery.
@@ -195,9 +234,19 @@ impl TestEnv {
 
     /// Like [`TestEnv::start`], with more `myco server` arguments.
     pub fn start_with(server_args: &[&str]) -> Self {
+        Self::start_in(None, "127.0.0.1", server_args)
+    }
+
+    /// Starts a coordinator on a free port of `ip` inside network namespace `netns`
+    /// (`ip netns exec`), or in this process's own namespace when it is `None`. Every
+    /// command of this env then runs in that namespace unless [`TestEnv::cmd_in`] names
+    /// another.
+    pub fn start_in(netns: Option<&str>, ip: &str, server_args: &[&str]) -> Self {
         let mut env = Self {
             dir: tempfile::tempdir().unwrap(),
             server: None,
+            netns: netns.map(str::to_owned),
+            server_ip: ip.to_owned(),
             addr: None,
             qad_addr: None,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
@@ -207,6 +256,11 @@ impl TestEnv {
         env
     }
 
+    /// The env's temp dir (config dirs, agents' data and logs, the store).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -214,12 +268,10 @@ impl TestEnv {
     /// Starts the server (again) on the same data dir and address.
     pub fn start_server(&mut self) {
         assert!(self.server.is_none(), "server already running");
-        let addr = self.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
-        let qad = self
-            .qad_addr
-            .clone()
-            .unwrap_or_else(|| "127.0.0.1:0".into());
-        let mut child = Command::new(myco_bin())
+        let any_port = format!("{}:0", self.server_ip);
+        let addr = self.addr.clone().unwrap_or_else(|| any_port.clone());
+        let qad = self.qad_addr.clone().unwrap_or(any_port);
+        let mut child = myco_in(self.netns.as_deref())
             .args([
                 "server",
                 "--http-address",
@@ -293,17 +345,29 @@ impl TestEnv {
         self.dir.path().join(format!("config-{user}"))
     }
 
-    /// A `myco` command as `user` (with that user's config dir and no stray MYCO_ env).
+    /// A `myco` command as `user` (with that user's config dir and no stray MYCO_ env),
+    /// in the env's namespace.
     pub fn cmd(&self, user: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(myco_bin());
+        self.cmd_in(self.netns.as_deref(), user, args)
+    }
+
+    /// Like [`TestEnv::cmd`], in network namespace `netns` (`None`: this process's own).
+    pub fn cmd_in(&self, netns: Option<&str>, user: &str, args: &[&str]) -> Command {
+        let mut cmd = myco_in(netns);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("MYCO_") {
                 cmd.env_remove(k);
             }
         }
+        // Mesh traffic stays on loopback, or in a namespace on its IPv4 interfaces
+        // (the NAT lab has no IPv6), and never asks a gateway for ports.
+        let bind = if netns.is_some() {
+            "0.0.0.0:0"
+        } else {
+            "127.0.0.1:0"
+        };
         cmd.env("MYCO_CONFIG_DIR", self.config_dir(user))
-            // Mesh traffic stays on loopback and never asks a gateway for ports.
-            .env("MYCO_MESH_BIND", "127.0.0.1:0")
+            .env("MYCO_MESH_BIND", bind)
             .env("MYCO_PORTMAPPER", "false")
             .env_remove("RUST_LOG")
             .args(args);
@@ -321,11 +385,16 @@ impl TestEnv {
 
     /// Starts `myco agent` with `token`, its data in the temp dir, its mesh on loopback.
     pub fn start_agent(&self, token: &str) -> AgentProc {
+        self.start_agent_in(self.netns.as_deref(), token)
+    }
+
+    /// Like [`TestEnv::start_agent`], in network namespace `netns`.
+    pub fn start_agent_in(&self, netns: Option<&str>, token: &str) -> AgentProc {
         let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data = self.dir.path().join(format!("agent-{n}"));
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{n}.log"))).unwrap();
         let child = self
-            .cmd("agent", &["agent", "--url", &self.url, "--data-dir"])
+            .cmd_in(netns, "agent", &["agent", "--url", &self.url, "--data-dir"])
             .arg(&data)
             // The environment, not an argument: sessions must not see it (tests/ssh.rs).
             .env("MYCO_AGENT_TOKEN", token)
@@ -398,22 +467,7 @@ impl TestEnv {
 
     /// Runs `myco ARGS` as `user` with `stdin` as its input.
     pub fn run_with_input(&self, user: &str, args: &[&str], stdin: &str) -> Output {
-        let mut child = self
-            .cmd(user, args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.as_bytes()).unwrap();
-        drop(input);
-        let out = child.wait_with_output().unwrap();
-        Output {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_command(self.cmd(user, args), stdin)
     }
 
     /// Runs `myco ARGS` as `user` with an empty stdin (not a terminal).
@@ -465,8 +519,13 @@ impl TestEnv {
         v["token"].as_str().unwrap().to_owned()
     }
 
-    /// A raw HTTP client of the API, for the cases the CLI never sends.
+    /// A raw HTTP client of the API, for the cases the CLI never sends. It runs in
+    /// this process, so it cannot reach a server in another network namespace.
     pub fn http(&self) -> Api {
+        assert!(
+            self.netns.is_none(),
+            "the server runs in another network namespace"
+        );
         Api {
             base: self.url.clone(),
             client: reqwest::blocking::Client::builder()

@@ -196,6 +196,50 @@ fn remote_forward_and_agent_forwarding() {
 }
 
 #[test]
+fn output_to_a_pipe_goes_on_while_myco_logs() {
+    // Log lines (here iroh's, at debug level) are written to stderr on the runtime's
+    // thread while the command's output goes through the output thread; the output
+    // thread once held the stderr lock while it waited, and the session hung.
+    let (env, _agent) = TestEnv::with_agent();
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("stderr");
+    let mut child = env
+        .cmd(
+            "alice",
+            &[
+                "ssh",
+                "dev",
+                "--",
+                "for i in 1 2 3; do echo $i; sleep 0.2; done",
+            ],
+        )
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Bounded, and the child killed if it hangs (a hung child would outlive the test).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("myco ssh hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(status.success(), "{stdout}");
+    assert_eq!(stdout, "1\n2\n3\n");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("DEBUG"));
+}
+
+#[test]
 fn bad_arguments_and_other_users_are_refused() {
     let (env, _agent) = TestEnv::alice_and_bob();
 
