@@ -399,6 +399,8 @@ impl TestEnv {
             // The environment, not an argument: sessions must not see it (tests/ssh.rs).
             .env("MYCO_AGENT_TOKEN", token)
             .env("RUST_LOG", "info,iroh=warn")
+            // A network change is checked again after a second, not 30.
+            .env("MYCO_NETCHECK_MIN_INTERVAL", "1s")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -293,6 +293,40 @@ impl Lab {
         }
     }
 
+    /// Makes `side`'s router hairpin: a packet from inside to the router's own outside
+    /// address goes back in to the host (to the same port: the mapping preserves it),
+    /// as from the router. Panics on a side without a router.
+    pub fn enable_hairpin(&self, side: Side) {
+        let s = self.side(side);
+        let router = s.router.as_ref().expect("hairpinning needs a NAT router");
+        let i = side.index();
+        nft(
+            router,
+            &format!(
+                "table ip natlab_hairpin {{
+                    chain prerouting {{
+                        type nat hook prerouting priority dstnat; policy accept;
+                        iifname \"lan\" ip daddr 198.18.{i}.2 dnat to 10.{i}.0.2
+                    }}
+                    chain postrouting {{
+                        type nat hook postrouting priority srcnat; policy accept;
+                        oifname \"lan\" ip saddr 10.{i}.0.0/24 masquerade
+                    }}
+                }}"
+            ),
+        );
+    }
+
+    /// Adds another address to `host`'s interface: a network change, as iroh (and so
+    /// the agent) sees it.
+    pub fn add_address(&self, host: Host, cidr: &str) {
+        in_netns(
+            self.netns(host),
+            "ip",
+            &["addr", "add", cidr, "dev", "eth0"],
+        );
+    }
+
     /// Lifts [`Lab::block_udp`].
     pub fn unblock_udp(&self, side: Side) {
         let s = self.side(side);

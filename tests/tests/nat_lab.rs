@@ -135,8 +135,9 @@ fn path_of(pong: &str) -> &str {
 /// Pings the agent from the client 40 times, 200 ms apart: each pong must go through
 /// the relay and the connection must never change path. The 8 s outlast the hole
 /// punching iroh does when the connection opens (about 4 s of probes); where a direct
-/// path exists in this lab it forms within a second.
-fn expect_relayed(lab: &Lab, case: &str) {
+/// path exists in this lab it forms within a second. Returns ping's output, which
+/// ends with its explanation.
+fn expect_relayed(lab: &Lab, case: &str) -> String {
     let out = lab
         .run(
             Host::Client,
@@ -160,6 +161,46 @@ fn expect_relayed(lab: &Lab, case: &str) {
     );
     assert!(out.stdout.contains("not direct: "), "{case}: {out:#?}");
     eprintln!("NAT lab: {case}: relayed for all 40 pongs (8 s)");
+    out.stdout
+}
+
+/// `myco netcheck -o json` in `host`.
+fn netcheck(lab: &Lab, host: Host) -> serde_json::Value {
+    lab.run(
+        host,
+        "alice",
+        &[
+            "netcheck",
+            "-o",
+            "json",
+            "--timeout",
+            "2s",
+            "--no-port-mapping",
+        ],
+    )
+    .ok()
+    .json()
+}
+
+/// Waits until the agent's reported network check satisfies `done`; returns it.
+fn wait_agent_netcheck(
+    lab: &Lab,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + DIRECT_WITHIN;
+    loop {
+        let n = lab.agent_shown()["netcheck"].clone();
+        if done(&n) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}: {n:#}\nagent log:\n{}",
+            lab.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -199,7 +240,33 @@ fn a_symmetric_nat_against_an_endpoint_independent_one_is_relayed() {
     let Some(lab) = Lab::start(Nat::Symmetric, Nat::EndpointIndependent) else {
         return;
     };
-    expect_relayed(&lab, "client behind symmetric NAT, agent behind EIM NAT");
+    let ping = expect_relayed(&lab, "client behind symmetric NAT, agent behind EIM NAT");
+    assert!(
+        ping.contains(
+            "not direct: this machine is behind a NAT whose mapping varies by destination (symmetric NAT)"
+        ),
+        "{ping}"
+    );
+
+    let here = netcheck(&lab, Host::Client);
+    assert_eq!(here["udp"], true, "{here:#}");
+    assert_eq!(here["behind_nat"], true, "{here:#}");
+    assert_eq!(here["mapping_varies_by_dest"], true, "{here:#}");
+    assert!(
+        here["global_v4"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.18.1.2:"),
+        "{here:#}"
+    );
+    // The agent's NAT keeps one mapping for both of the coordinator's QAD ports.
+    let there = wait_agent_netcheck(&lab, "the agent reports its check", |n| !n.is_null());
+    assert_eq!(there["report"]["behind_nat"], true, "{there:#}");
+    assert_eq!(
+        there["report"]["mapping_varies_by_dest"], false,
+        "{there:#}"
+    );
+    assert_eq!(there["report"]["hairpinning"], false, "{there:#}");
 }
 
 #[test]
@@ -208,7 +275,82 @@ fn udp_blocked_at_the_client_is_relayed() {
         return;
     };
     lab.block_udp(Side::Client);
-    expect_relayed(&lab, "UDP blocked by the client host's firewall");
+    let ping = expect_relayed(&lab, "UDP blocked by the client host's firewall");
+    assert!(
+        ping.contains("not direct: UDP is blocked on this network"),
+        "{ping}"
+    );
+    let r = netcheck(&lab, Host::Client);
+    assert_eq!(r["udp"], false, "{r:#}");
+    assert_eq!(r["ipv4"], false, "{r:#}");
+    assert!(r["global_v4"].is_null(), "{r:#}");
+    let reasons: Vec<&str> = r["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["probe"] == "udp_v4")
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    // Both QAD ports, each with its reason.
+    assert_eq!(reasons.len(), 2, "{r:#}");
+    // The relay still answers over HTTP (TCP passes).
+    assert!(r["relays"][0]["http_ms"].as_f64().is_some(), "{r:#}");
+    let text = lab
+        .run(
+            Host::Client,
+            "alice",
+            &["netcheck", "--timeout", "2s", "--no-port-mapping"],
+        )
+        .ok()
+        .stdout;
+    assert!(text.contains("UDP: no"), "{text}");
+}
+
+#[test]
+fn an_agent_behind_a_symmetric_nat_reports_it_and_checks_again_when_its_network_changes() {
+    let Some(lab) = Lab::start(Nat::None, Nat::Symmetric) else {
+        return;
+    };
+    let first = wait_agent_netcheck(&lab, "the agent reports its check", |n| !n.is_null());
+    assert_eq!(first["reason"], "start", "{first:#}");
+    let r = &first["report"];
+    assert_eq!(r["udp"], true, "{first:#}");
+    assert_eq!(r["behind_nat"], true, "{first:#}");
+    assert_eq!(r["mapping_varies_by_dest"], true, "{first:#}");
+    assert!(
+        r["global_v4"].as_str().unwrap().starts_with("198.18.2.2:"),
+        "{first:#}"
+    );
+    let shown = lab.run(Host::Core, "alice", &["show", "dev"]).ok().stdout;
+    assert!(
+        shown.contains("network: UDP ok, public 198.18.2.2:")
+            && shown.contains("NAT maps per destination (symmetric)"),
+        "{shown}"
+    );
+    // The client is public: no NAT, so no hairpinning to speak of.
+    let here = netcheck(&lab, Host::Client);
+    assert_eq!(here["behind_nat"], false, "{here:#}");
+    assert!(here["hairpinning"].is_null(), "{here:#}");
+
+    lab.add_address(Host::Agent, "10.2.0.3/24");
+    let again = wait_agent_netcheck(&lab, "the agent checks again", |n| {
+        n["reason"] == "network change"
+    });
+    assert_eq!(again["report"]["mapping_varies_by_dest"], true, "{again:#}");
+}
+
+#[test]
+fn netcheck_finds_hairpinning_when_the_nat_does_it() {
+    let Some(lab) = Lab::start(Nat::EndpointIndependent, Nat::None) else {
+        return;
+    };
+    let before = netcheck(&lab, Host::Client);
+    assert_eq!(before["behind_nat"], true, "{before:#}");
+    assert_eq!(before["mapping_varies_by_dest"], false, "{before:#}");
+    assert_eq!(before["hairpinning"], false, "{before:#}");
+    lab.enable_hairpin(Side::Client);
+    let after = netcheck(&lab, Host::Client);
+    assert_eq!(after["hairpinning"], true, "{after:#}");
 }
 
 /// Polls the agent's stats (sent every second in the lab) until `done` holds, for at
