@@ -182,27 +182,6 @@ fn netcheck(lab: &Lab, host: Host) -> serde_json::Value {
     .json()
 }
 
-/// Waits until the agent's reported network check satisfies `done`; returns it.
-fn wait_agent_netcheck(
-    lab: &Lab,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + DIRECT_WITHIN;
-    loop {
-        let n = lab.agent_shown()["netcheck"].clone();
-        if done(&n) {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}: {n:#}\nagent log:\n{}",
-            lab.agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn both_public_go_direct() {
     let Some(lab) = Lab::start(Nat::None, Nat::None) else {
@@ -353,27 +332,47 @@ fn netcheck_finds_hairpinning_when_the_nat_does_it() {
     assert_eq!(after["hairpinning"], true, "{after:#}");
 }
 
-/// Polls the agent's stats (sent every second in the lab) until `done` holds, for at
-/// most `within`; returns them.
-fn wait_stats(
+/// Polls `field` of the agent in `myco show -o json` (its stats come every second in
+/// the lab) until `done` holds, for at most `within`; returns it.
+fn wait_agent(
     lab: &Lab,
+    field: &str,
     within: Duration,
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
-        let stats = lab.agent_shown()["stats"].clone();
-        if done(&stats) {
-            return stats;
+        let value = lab.agent_shown()[field].clone();
+        if done(&value) {
+            return value;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting until {what}: {stats:#}\nagent log:\n{}",
+            "timed out waiting until {what}: {value:#}\nagent log:\n{}",
             lab.agent.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Like [`wait_agent`] for its stats.
+fn wait_stats(
+    lab: &Lab,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_agent(lab, "stats", within, what, done)
+}
+
+/// Like [`wait_agent`] for its last network check.
+fn wait_agent_netcheck(
+    lab: &Lab,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_agent(lab, "netcheck", DIRECT_WITHIN, what, done)
 }
 
 #[test]
