@@ -317,6 +317,93 @@ impl Lab {
         );
     }
 
+    /// Runs miniupnpd (Debian's `miniupnpd-nftables`, a real UPnP-IGD, NAT-PMP and
+    /// PCP gateway) on `side`'s router, answering on its LAN side; it is killed with
+    /// the lab. Returns `false`, after printing why, when miniupnpd is not installed
+    /// (under CI that fails instead). Panics on a side without a router.
+    pub fn run_port_mapping_gateway(&self, side: Side) -> bool {
+        let found = Command::new("miniupnpd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "miniupnpd is missing under CI; bash .ci/test installs miniupnpd-nftables"
+            );
+            eprintln!("skipping: needs `miniupnpd` (Debian package miniupnpd-nftables)");
+            return false;
+        }
+        let s = self.side(side);
+        let router = s
+            .router
+            .as_ref()
+            .expect("a port-mapping gateway needs a NAT router");
+        // The (empty) chains miniupnpd adds its port forwards to.
+        nft(
+            router,
+            "table inet filter {
+                chain miniupnpd {
+                }
+            }
+            table ip nat {
+                chain prerouting_miniupnpd {
+                }
+                chain postrouting_miniupnpd {
+                }
+            }",
+        );
+        let i = side.index();
+        let dir = self.env.dir();
+        let conf = dir.join(format!("miniupnpd-{}.conf", side.name()));
+        std::fs::write(
+            &conf,
+            format!(
+                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp=yes\n\
+                 enable_upnp=yes\nsecure_mode=yes\nuuid=3d3cec3a-8cf0-11e0-98ee-00000000000{i}\n\
+                 allow 1024-65535 10.{i}.0.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+            ),
+        )
+        .unwrap();
+        let log =
+            std::fs::File::create(dir.join(format!("miniupnpd-{}.log", side.name()))).unwrap();
+        let pid = dir.join(format!("miniupnpd-{}.pid", side.name()));
+        // Runs in the foreground (-d) in the router's namespace; the lab's Drop kills
+        // every process left in its namespaces, and this thread reaps it then.
+        let mut gateway = Command::new("ip")
+            .args(["netns", "exec", router, "miniupnpd", "-d", "-f"])
+            .arg(&conf)
+            .arg("-P")
+            .arg(&pid)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::thread::spawn(move || gateway.wait());
+        // Ready once it listens for NAT-PMP/PCP (UDP 5351) on the router.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", router, "cat", "/proc/net/udp"])
+                .output()
+                .unwrap();
+            // Port 5351 is 14E7 in /proc/net/udp.
+            if String::from_utf8_lossy(&out.stdout).contains(":14E7 ") {
+                return true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "miniupnpd did not start: {}",
+                std::fs::read_to_string(dir.join(format!("miniupnpd-{}.log", side.name())))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Adds another address to `host`'s interface: a network change, as iroh (and so
     /// the agent) sees it.
     pub fn add_address(&self, host: Host, cidr: &str) {

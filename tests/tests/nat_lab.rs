@@ -319,6 +319,44 @@ fn an_agent_behind_a_symmetric_nat_reports_it_and_checks_again_when_its_network_
 }
 
 #[test]
+fn netcheck_finds_the_port_mapping_protocols_a_gateway_answers() {
+    let Some(lab) = Lab::start(Nat::EndpointIndependent, Nat::None) else {
+        return;
+    };
+    let probe = |lab: &Lab| {
+        lab.run(
+            Host::Client,
+            "alice",
+            &["netcheck", "-o", "json", "--timeout", "2s"],
+        )
+        .ok()
+        .json()
+    };
+    let none = probe(&lab);
+    assert_eq!(none["upnp"], false, "{none:#}");
+    assert_eq!(none["nat_pmp"], false, "{none:#}");
+    assert_eq!(none["pcp"], false, "{none:#}");
+    if !lab.run_port_mapping_gateway(Side::Client) {
+        return;
+    }
+    let r = probe(&lab);
+    // miniupnpd answers UPnP and PCP. To NAT-PMP it answers with an error: it will
+    // not map ports on a WAN address in a reserved range (the lab's 198.18/15), and
+    // n0's portmapper counts only a good answer.
+    assert_eq!(r["upnp"], true, "{r:#}");
+    assert_eq!(r["pcp"], true, "{r:#}");
+    assert_eq!(r["nat_pmp"], false, "{r:#}");
+    let text = lab
+        .run(Host::Client, "alice", &["netcheck", "--timeout", "2s"])
+        .ok()
+        .stdout;
+    assert!(
+        text.contains("port mapping: UPnP yes, NAT-PMP no, PCP yes"),
+        "{text}"
+    );
+}
+
+#[test]
 fn netcheck_finds_hairpinning_when_the_nat_does_it() {
     let Some(lab) = Lab::start(Nat::EndpointIndependent, Nat::None) else {
         return;
