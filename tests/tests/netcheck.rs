@@ -76,3 +76,38 @@ fn the_agent_reports_its_network_check() {
         "{text}"
     );
 }
+
+#[test]
+fn netcheck_over_ipv6() {
+    // A coordinator on IPv6 loopback only: its QAD ports are IPv6 addresses.
+    let env = TestEnv::start_in(None, "[::1]", &[]);
+    let r = env
+        .run(
+            "nobody",
+            &[
+                "netcheck",
+                "--url",
+                &env.url,
+                "-o",
+                "json",
+                "--no-port-mapping",
+            ],
+        )
+        .ok()
+        .json();
+    assert_eq!(r["udp"], true, "{r:#}");
+    assert_eq!(r["ipv6"], true, "{r:#}");
+    assert!(
+        r["global_v6"].as_str().unwrap().starts_with("[::1]:"),
+        "{r:#}"
+    );
+    assert_eq!(r["mapping_varies_by_dest"], false, "{r:#}");
+    assert_eq!(r["ipv4"], false, "{r:#}");
+    let failures = r["failures"].as_array().unwrap();
+    assert!(
+        failures
+            .iter()
+            .any(|f| f["probe"] == "udp_v4" && f["reason"].as_str().unwrap().contains("IPv4")),
+        "{r:#}"
+    );
+}
