@@ -278,7 +278,7 @@ fn relay_latencies(
         let quic_ms = answers
             .iter()
             .filter(|a| a.relay == relay.url)
-            .map(|a| a.rtt.as_secs_f64() * 1000.0)
+            .map(|a| millis(a.rtt))
             .min_by(f64::total_cmp);
         let http_ms = match http {
             Ok(ms) => Some(ms),
@@ -305,6 +305,11 @@ fn relay_latencies(
     }
     out.sort_by(|a, b| a.latency_ms.total_cmp(&b.latency_ms));
     out
+}
+
+/// Milliseconds, to the microsecond.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -644,7 +649,7 @@ async fn http_ping(client: &reqwest::Client, relay: &str) -> Result<f64, String>
             return Err(format!("the relay answered {}", resp.status()));
         }
         let _ = resp.bytes().await;
-        best = Some(started.elapsed().as_secs_f64() * 1000.0);
+        best = Some(millis(started.elapsed()));
     }
     best.ok_or_else(|| "no answer".to_owned())
 }
