@@ -8,18 +8,23 @@
 //! DESIGN.md). Scrapes are serialized, so two scrapes never interleave their views.
 //!
 //! The per-agent families (10k agents give ~130k series) are written here directly in
-//! the text syntax both formats share for gauges, each agent's labels rendered once per
-//! scrape; prometheus-client's generic encoder took ~150 ms for them at 10k agents,
-//! most of it re-checking every label value byte for escapes (BENCHMARKS.md). The
-//! coordinator's own metrics, the relay's and the histograms go through
-//! prometheus-client's registry, appended after (its OpenMetrics `# EOF` stays last).
+//! the text syntax both formats share for gauges; prometheus-client's generic encoder
+//! took ~150 ms for them at 10k agents, most of it re-checking every label value byte
+//! for escapes (BENCHMARKS.md). Each agent's lines are kept between scrapes and
+//! rendered again only when its workspace record, its reports or its status changed
+//! (between two scrapes most agents change none of them: heartbeats only move
+//! connection times), so a scrape judges every agent and then mostly copies kept lines
+//! into one buffer, family by family. The coordinator's own metrics, the relay's and
+//! the histograms go through prometheus-client's registry, appended after (its
+//! OpenMetrics `# EOF` stays last).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
 use mesh::Timestamp;
 use mesh::api::{AgentStats, AgentStatus};
 use prometheus_client::collector::Collector;
@@ -32,7 +37,9 @@ use prometheus_client::registry::Registry;
 
 use crate::api::ApiError;
 use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
-use crate::store::{AgentStateBatch, ScrapeAgent, ScrapeCache, Store};
+use crate::store::{
+    AgentStateBatch, AgentSummary, ReportsSummary, ScrapeCache, Store, WorkspaceSummary,
+};
 
 /// Labels of one HTTP request count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -64,9 +71,18 @@ struct Inner {
     flush_seconds: Histogram,
     collection_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
-    /// Decoded records of the last scrape; held for the whole scrape, so scrapes are
-    /// serialized.
-    scrape: Mutex<ScrapeCache>,
+    /// What the last scrape read and rendered; held for the whole scrape, so scrapes
+    /// are serialized.
+    scrape: Mutex<ScrapeState>,
+}
+
+/// What scrapes keep between them.
+#[derive(Debug, Default)]
+struct ScrapeState {
+    agents: ScrapeCache<RenderedAgent>,
+    /// The last body. Once its response has let go of it, the next scrape writes into
+    /// the same buffer instead of faulting in a fresh one.
+    body: Bytes,
 }
 
 /// Where the relay's and QAD's own counters come from.
@@ -137,7 +153,7 @@ impl CoordinatorMetrics {
             flush_seconds,
             collection_seconds,
             http_requests,
-            scrape: Mutex::new(ScrapeCache::default()),
+            scrape: Mutex::new(ScrapeState::default()),
         }))
     }
 
@@ -176,28 +192,27 @@ impl CoordinatorMetrics {
         store: &Store,
         policy: &StatusPolicy,
         format: Format,
-    ) -> Result<String, crate::store::StoreError> {
-        let mut cache = self.0.scrape.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Result<Bytes, crate::store::StoreError> {
+        let mut state = self.0.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         let now = Timestamp::now();
-        let agents = store.scrape(&mut cache)?;
-        let statuses: Vec<AgentStatus> = agents
-            .iter()
-            .map(|a| {
-                let times = ConnectionTimes::from_stored(a.agent().created_at, &a.connection);
-                agent_status(&times, policy, now)
-            })
-            .collect();
-        let collected = started.elapsed();
-        let mut out = String::with_capacity(agents.len() * 1600 + 16 * 1024);
-        encode_agents(&agents, &statuses, &mut out);
+        let mut out = match std::mem::take(&mut state.body).try_into_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                buf
+            }
+            Err(_) => BytesMut::new(),
+        };
+        let done = encode_agents(&mut state.agents, store, policy, now, &mut out)?;
         self.0
             .collection_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
-            agents = agents.len(),
-            ?collected,
-            encoded = ?started.elapsed() - collected,
+            agents = done.agents,
+            rendered = done.rendered,
+            read = ?done.read,
+            judged = ?done.judged,
+            took = ?started.elapsed(),
             bytes = out.len(),
             "scrape"
         );
@@ -213,7 +228,9 @@ impl CoordinatorMetrics {
         if let Err(e) = encoded {
             tracing::error!("encoding metrics failed: {e}");
         }
-        Ok(out)
+        let body = out.freeze();
+        state.body = body.clone();
+        Ok(body)
     }
 }
 
@@ -401,118 +418,206 @@ const AGENT_STATS: [(&str, &str, Stat); 8] = [
     ),
 ];
 
-/// Writes every per-agent family for `agents`, judged as `statuses`.
-fn encode_agents(agents: &[ScrapeAgent], statuses: &[AgentStatus], out: &mut String) {
-    // Each agent's own labels, rendered once.
-    let labels: Vec<String> = agents
-        .iter()
-        .map(|a| {
-            let mut l = String::with_capacity(96);
-            l.push_str("agent_name=\"");
-            push_label_value(&mut l, &a.agent().name);
-            l.push_str("\",username=\"");
-            push_label_value(&mut l, &a.workspace.owner);
-            l.push_str("\",workspace_name=\"");
-            push_label_value(&mut l, &a.workspace.name);
-            l.push('"');
-            l
-        })
-        .collect();
-    // A gone agent's last numbers are not current.
-    let stats = |i: usize| {
-        (statuses[i] == AgentStatus::Connected)
-            .then(|| agents[i].reports.as_ref().and_then(|r| r.stats.as_ref()))
-            .flatten()
-    };
+/// The per-agent families after `myco_agents_up`, in the order they are written.
+const AGENT_FAMILIES: usize = 3 + AGENT_STATS.len();
 
-    let mut up: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
-    for (a, s) in agents.iter().zip(statuses) {
-        *up.entry((&a.workspace.owner, &a.workspace.name))
-            .or_default() += u64::from(*s == AgentStatus::Connected);
-    }
-    gauge_family(out, "myco_agents_up", "Connected agents per workspace");
-    for ((user, ws), n) in &up {
-        sample(
-            out,
-            "myco_agents_up",
-            "",
-            &[("username", user), ("workspace_name", ws)],
-            *n as f64,
-        );
-    }
-
-    gauge_family(
-        out,
-        "myco_agents_connections",
-        "Agents by status and lifecycle state (1 per agent)",
-    );
-    for (i, a) in agents.iter().enumerate() {
-        let lifecycle = a
-            .reports
-            .as_ref()
-            .map(|r| r.lifecycle_state)
-            .unwrap_or_default();
-        sample(
-            out,
+/// Name and help of per-agent family `f`.
+fn agent_family(f: usize) -> (&'static str, &'static str) {
+    match f {
+        0 => (
             "myco_agents_connections",
-            &labels[i],
+            "Agents by status and lifecycle state (1 per agent)",
+        ),
+        1 => ("myco_agents_apps", "Agents' apps by health (1 per app)"),
+        2 => (
+            "myco_agents_connection_latencies_seconds",
+            "Connected agents' round trip to each relay",
+        ),
+        f => (AGENT_STATS[f - 3].0, AGENT_STATS[f - 3].1),
+    }
+}
+
+/// An agent's lines in every per-agent family, kept from scrape to scrape, and what
+/// they were rendered from.
+#[derive(Debug, Default)]
+struct RenderedAgent {
+    /// The store's revision of the agent these lines show; 0 (never a revision): none.
+    revision: u64,
+    /// The status they show.
+    status: AgentStatus,
+    /// The lines of family 0, then family 1, ...
+    text: String,
+    /// Where each family's lines end in `text`.
+    ends: [usize; AGENT_FAMILIES],
+}
+
+impl RenderedAgent {
+    fn family(&self, f: usize) -> &str {
+        let start = if f == 0 { 0 } else { self.ends[f - 1] };
+        &self.text[start..self.ends[f]]
+    }
+
+    /// Renders the agent's lines as of `reports` and `status`. `labels` is scratch.
+    fn render(
+        &mut self,
+        agent: &AgentSummary,
+        workspace: &WorkspaceSummary,
+        reports: Option<&ReportsSummary>,
+        status: AgentStatus,
+        labels: &mut String,
+    ) {
+        labels.clear();
+        labels.push_str("agent_name=\"");
+        push_label_value(labels, &agent.name);
+        labels.push_str("\",username=\"");
+        push_label_value(labels, &workspace.owner);
+        labels.push_str("\",workspace_name=\"");
+        push_label_value(labels, &workspace.name);
+        labels.push('"');
+        let text = &mut self.text;
+        text.clear();
+
+        let lifecycle = reports.map(|r| r.lifecycle_state).unwrap_or_default();
+        sample(
+            text,
+            agent_family(0).0,
+            labels,
             &[
-                ("status", statuses[i].as_str()),
+                ("status", status.as_str()),
                 ("lifecycle_state", lifecycle.as_str()),
             ],
             1.0,
         );
-    }
+        self.ends[0] = text.len();
 
-    gauge_family(
-        out,
-        "myco_agents_apps",
-        "Agents' apps by health (1 per app)",
-    );
-    for (i, a) in agents.iter().enumerate() {
-        for app in &a.agent().apps {
-            let reported = a
-                .reports
-                .as_ref()
-                .and_then(|r| r.apps_health.get(&app.slug))
-                .copied();
+        for app in &agent.apps {
+            let reported = reports.and_then(|r| r.apps_health.get(&app.slug)).copied();
             let health = crate::status::app_health(app.healthcheck.is_some(), reported);
             sample(
-                out,
-                "myco_agents_apps",
-                &labels[i],
+                text,
+                agent_family(1).0,
+                labels,
                 &[("app_name", &app.slug), ("health", health.as_str())],
                 1.0,
             );
         }
-    }
+        self.ends[1] = text.len();
 
-    gauge_family(
-        out,
-        "myco_agents_connection_latencies_seconds",
-        "Connected agents' round trip to each relay",
-    );
-    for (i, l) in labels.iter().enumerate() {
-        for r in stats(i).iter().flat_map(|s| &s.relay_latencies) {
+        // A gone agent's last numbers are not current.
+        let stats = reports
+            .filter(|_| status == AgentStatus::Connected)
+            .and_then(|r| r.stats.as_ref());
+        for r in stats.iter().flat_map(|s| &s.relay_latencies) {
             let preferred = if r.preferred { "true" } else { "false" };
             sample(
-                out,
-                "myco_agents_connection_latencies_seconds",
-                l,
+                text,
+                agent_family(2).0,
+                labels,
                 &[("relay", &r.relay_url), ("preferred", preferred)],
                 r.latency_ms / 1000.0,
             );
         }
-    }
+        self.ends[2] = text.len();
 
-    for (name, help, get) in AGENT_STATS {
-        gauge_family(out, name, help);
-        for (i, l) in labels.iter().enumerate() {
-            if let Some(s) = stats(i) {
-                sample(out, name, l, &[], get(s));
+        for (f, (name, _, get)) in AGENT_STATS.iter().enumerate() {
+            if let Some(s) = stats {
+                sample(text, name, labels, &[], get(s));
             }
+            self.ends[3 + f] = text.len();
+        }
+        self.status = status;
+    }
+}
+
+/// What one pass over the agents did.
+#[derive(Debug)]
+struct AgentsEncoded {
+    agents: usize,
+    /// Agents whose lines were rendered anew.
+    rendered: usize,
+    /// Time spent reading the store.
+    read: Duration,
+    /// Time spent reading, judging and rendering (the rest is copying).
+    judged: Duration,
+}
+
+/// Reads every agent from one snapshot, judges each against `now`, renders anew the
+/// agents whose workspace record, reports or status changed since the last scrape,
+/// and writes every per-agent family into `out`.
+fn encode_agents(
+    cache: &mut ScrapeCache<RenderedAgent>,
+    store: &Store,
+    policy: &StatusPolicy,
+    now: Timestamp,
+    out: &mut BytesMut,
+) -> Result<AgentsEncoded, crate::store::StoreError> {
+    let started = Instant::now();
+    let view = store.scrape(cache)?;
+    let read = started.elapsed();
+
+    // Connected agents per workspace; `None` for workspaces without agents.
+    let mut up: Vec<Option<u64>> = vec![None; view.workspaces.len()];
+    let mut rendered = 0;
+    let mut labels = String::new();
+    for a in view.agents.iter_mut() {
+        let times = ConnectionTimes::from_stored(a.created_at, &a.connection);
+        let status = agent_status(&times, policy, now);
+        *up[a.workspace_slot].get_or_insert(0) += u64::from(status == AgentStatus::Connected);
+        if a.kept.revision != a.revision || a.kept.status != status {
+            a.kept.render(
+                &a.workspace.agents[a.index],
+                &a.workspace,
+                a.reports.as_ref(),
+                status,
+                &mut labels,
+            );
+            a.kept.revision = a.revision;
+            rendered += 1;
         }
     }
+
+    let judged = started.elapsed();
+
+    let mut up: Vec<(&str, &str, u64)> = view
+        .workspaces
+        .iter()
+        .zip(up)
+        .filter_map(|(ws, n)| Some((ws.owner.as_str(), ws.name.as_str(), n?)))
+        .collect();
+    up.sort_unstable();
+    let mut head = String::with_capacity(up.len() * 80 + 256);
+    gauge_family(
+        &mut head,
+        "myco_agents_up",
+        "Connected agents per workspace",
+    );
+    for (user, ws, n) in up {
+        sample(
+            &mut head,
+            "myco_agents_up",
+            "",
+            &[("username", user), ("workspace_name", ws)],
+            n as f64,
+        );
+    }
+    let lines: usize = view.agents.iter().map(|a| a.kept.text.len()).sum();
+    out.reserve(head.len() + lines + AGENT_FAMILIES * 256 + 16 * 1024);
+    out.put_slice(head.as_bytes());
+    for f in 0..AGENT_FAMILIES {
+        head.clear();
+        let (name, help) = agent_family(f);
+        gauge_family(&mut head, name, help);
+        out.put_slice(head.as_bytes());
+        for a in view.agents.iter() {
+            out.put_slice(a.kept.family(f).as_bytes());
+        }
+    }
+    Ok(AgentsEncoded {
+        agents: view.agents.len(),
+        rendered,
+        read,
+        judged,
+    })
 }
 
 struct RelayCollector(RelaySources);
@@ -637,7 +742,7 @@ mod tests {
             flush_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             collection_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             http_requests: Family::default(),
-            scrape: Mutex::new(ScrapeCache::default()),
+            scrape: Mutex::new(ScrapeState::default()),
         }))
     }
 
@@ -661,6 +766,7 @@ mod tests {
         let started = Instant::now();
         let out = metrics.scrape(&store, &policy, Format::Classic).unwrap();
         let took = started.elapsed();
+        let out = std::str::from_utf8(&out).unwrap();
         assert!(
             took > Duration::from_millis(1500),
             "the slow store must outlast the 1 s margin for this test to mean anything (took {took:?})"
@@ -676,6 +782,241 @@ mod tests {
             out.contains("myco_agents_up{username=\"alice\",workspace_name=\"ws0\"} 1"),
             "{out}"
         );
+    }
+
+    const BASE: u64 = 1_800_000_000_000;
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_unix_millis(BASE + ms)
+    }
+
+    const POLICY: StatusPolicy = StatusPolicy {
+        connection_timeout: None,
+        inactive_timeout: Duration::from_secs(30),
+    };
+
+    /// A workspace of alice's with agents of these ids, each with an app that has a
+    /// health check and one that has none.
+    fn workspace(id: &str, agents: &[&str]) -> WorkspaceRecord {
+        WorkspaceRecord {
+            id: id.to_owned(),
+            owner: Name::new("alice").unwrap(),
+            name: Name::new(id).unwrap(),
+            created_at: at(0),
+            agents: agents
+                .iter()
+                .map(|a| AgentRecord {
+                    id: (*a).to_owned(),
+                    name: Name::new(a).unwrap(),
+                    created_at: at(0),
+                    token_id: format!("t-{a}"),
+                    apps: vec![
+                        mesh::api::App {
+                            slug: Name::new("web").unwrap(),
+                            url: "http://127.0.0.1:8080/".into(),
+                            healthcheck: Some(mesh::api::HealthCheck {
+                                url: "http://127.0.0.1:8080/healthz".into(),
+                                interval: 10,
+                                threshold: 3,
+                            }),
+                        },
+                        mesh::api::App {
+                            slug: Name::new("docs").unwrap(),
+                            url: "http://127.0.0.1:8081/".into(),
+                            healthcheck: None,
+                        },
+                    ],
+                    startup_script: None,
+                    shutdown_script: None,
+                    metadata: vec![],
+                    ssh_host_key: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn ready(rx_bytes: u64) -> AgentReports {
+        AgentReports {
+            lifecycle_state: mesh::api::LifecycleState::Ready,
+            apps_health: [(Name::new("web").unwrap(), mesh::api::AppHealth::Healthy)]
+                .into_iter()
+                .collect(),
+            stats: Some(AgentStats {
+                rx_bytes,
+                connection_count: 1,
+                relay_latencies: vec![mesh::api::RelayLatency {
+                    relay_url: "http://127.0.0.1:3000/".into(),
+                    latency_ms: 1.5,
+                    preferred: true,
+                }],
+                ..AgentStats::default()
+            }),
+            ..AgentReports::default()
+        }
+    }
+
+    fn heard(store: &Store, agents: &[&str], last: Timestamp) {
+        let batch = AgentStateBatch {
+            connections: agents
+                .iter()
+                .map(|a| {
+                    let c = StoredConnection {
+                        first_connected_at: Some(at(1)),
+                        last_connected_at: Some(last),
+                        disconnected_at: None,
+                    };
+                    ((*a).to_owned(), c)
+                })
+                .collect(),
+            ..AgentStateBatch::default()
+        };
+        store.write_agent_state(&batch).unwrap();
+    }
+
+    fn reported(store: &Store, agent: &str, reports: AgentReports) {
+        let batch = AgentStateBatch {
+            reports: vec![(agent.to_owned(), reports)],
+            ..AgentStateBatch::default()
+        };
+        store.write_agent_state(&batch).unwrap();
+    }
+
+    /// The per-agent families as a scrape with `cache` writes them at `now`, and how
+    /// many agents it rendered anew. The text must be byte for byte what a scrape
+    /// with an empty cache writes.
+    fn render(
+        cache: &mut ScrapeCache<RenderedAgent>,
+        store: &Store,
+        now: Timestamp,
+    ) -> (String, usize) {
+        let encode = |cache: &mut ScrapeCache<RenderedAgent>| {
+            let mut out = BytesMut::new();
+            let done = encode_agents(cache, store, &POLICY, now, &mut out).unwrap();
+            (String::from_utf8(out.to_vec()).unwrap(), done.rendered)
+        };
+        let (text, rendered) = encode(cache);
+        let (fresh, _) = encode(&mut ScrapeCache::default());
+        assert_eq!(text, fresh, "kept lines differ from a fresh render");
+        (text, rendered)
+    }
+
+    fn connection_line(text: &str, agent: &str) -> String {
+        let needle = format!("myco_agents_connections{{agent_name=\"{agent}\",");
+        text.lines()
+            .find(|l| l.starts_with(&needle))
+            .unwrap_or_else(|| panic!("no connection line of {agent} in\n{text}"))
+            .to_owned()
+    }
+
+    /// Each change an agent can go through is rendered anew, only that agent's lines
+    /// are, and the result is always what a scrape from nothing writes.
+    #[test]
+    fn kept_lines_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .create_workspace(&workspace("w1", &["a1", "a2"]), &[])
+            .unwrap();
+        store
+            .create_workspace(&workspace("w2", &["b1"]), &[])
+            .unwrap();
+        store
+            .create_workspace(&workspace("w3", &["c1"]), &[])
+            .unwrap();
+        let all = ["a1", "a2", "b1", "c1"];
+        heard(&store, &all, at(10_000));
+        for a in all {
+            reported(&store, a, ready(100));
+        }
+        let mut cache = ScrapeCache::default();
+
+        let (text, n) = render(&mut cache, &store, at(11_000));
+        assert_eq!(n, 4);
+        for a in all {
+            let line = connection_line(&text, a);
+            assert!(
+                line.contains("status=\"connected\",lifecycle_state=\"ready\""),
+                "{line}"
+            );
+        }
+        assert!(text.contains("myco_agentstats_rx_bytes{agent_name=\"a1\",username=\"alice\",workspace_name=\"w1\"} 100\n"), "{text}");
+        assert!(
+            text.contains("myco_agents_up{username=\"alice\",workspace_name=\"w1\"} 2\n"),
+            "{text}"
+        );
+
+        // Heartbeats move only connection times: nothing to render.
+        heard(&store, &all, at(15_000));
+        let (again, n) = render(&mut cache, &store, at(16_000));
+        assert_eq!((n, &again), (0, &text));
+
+        // Time passes: b1 fell silent, the others were heard; only b1 changes.
+        heard(&store, &["a1", "a2", "c1"], at(40_000));
+        let (text, n) = render(&mut cache, &store, at(45_001));
+        assert_eq!(n, 1);
+        assert!(connection_line(&text, "b1").contains("status=\"disconnected\""));
+        assert!(
+            !text.contains("myco_agentstats_rx_bytes{agent_name=\"b1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("myco_agents_up{username=\"alice\",workspace_name=\"w2\"} 0\n"),
+            "{text}"
+        );
+
+        // Lifecycle.
+        let mut r = ready(100);
+        r.lifecycle_state = mesh::api::LifecycleState::ShuttingDown;
+        reported(&store, "a1", r);
+        let (text, n) = render(&mut cache, &store, at(45_002));
+        assert_eq!(n, 1);
+        assert!(connection_line(&text, "a1").contains("lifecycle_state=\"shutting_down\""));
+
+        // App health.
+        let mut r = ready(100);
+        r.apps_health
+            .insert(Name::new("web").unwrap(), mesh::api::AppHealth::Unhealthy);
+        reported(&store, "a2", r);
+        let (text, n) = render(&mut cache, &store, at(45_003));
+        assert_eq!(n, 1);
+        assert!(text.contains("myco_agents_apps{agent_name=\"a2\",username=\"alice\",workspace_name=\"w1\",app_name=\"web\",health=\"unhealthy\"} 1\n"), "{text}");
+
+        // Stats.
+        reported(&store, "c1", ready(250));
+        let (text, n) = render(&mut cache, &store, at(45_004));
+        assert_eq!(n, 1);
+        assert!(text.contains("myco_agentstats_rx_bytes{agent_name=\"c1\",username=\"alice\",workspace_name=\"w3\"} 250\n"), "{text}");
+
+        // A changed workspace record renders its agents anew (their lines are the same).
+        store
+            .set_agent_host_key("w1", "a1", "ssh-ed25519 AAAA")
+            .unwrap();
+        let (again, n) = render(&mut cache, &store, at(45_005));
+        assert_eq!((n, &again), (2, &text));
+
+        // A new agent.
+        store
+            .create_workspace(&workspace("w4", &["d1"]), &[])
+            .unwrap();
+        let (text, n) = render(&mut cache, &store, at(45_006));
+        assert_eq!(n, 1);
+        assert!(
+            connection_line(&text, "d1")
+                .contains("status=\"connecting\",lifecycle_state=\"created\"")
+        );
+
+        // A deleted workspace: its agents are gone, nothing else is rendered.
+        let alice = Name::new("alice").unwrap();
+        assert!(
+            store
+                .delete_workspace(&alice, &Name::new("w2").unwrap())
+                .unwrap()
+        );
+        let (text, n) = render(&mut cache, &store, at(45_007));
+        assert_eq!(n, 0);
+        assert!(!text.contains("workspace_name=\"w2\""), "{text}");
+        assert!(!text.contains("agent_name=\"b1\""), "{text}");
+        assert_eq!(text.matches("myco_agents_connections{").count(), 4);
     }
 
     #[test]

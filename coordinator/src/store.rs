@@ -262,64 +262,118 @@ pub struct ReportsSummary {
     pub stats: Option<AgentStats>,
 }
 
-/// One agent of a scrape: where it is in its workspace, and its state.
-#[derive(Debug, Clone)]
-pub struct ScrapeAgent {
+/// One agent of a scrape: where it is in its workspace, its state, and room for what
+/// the caller derives from it (`kept`), which stays with the agent from scrape to
+/// scrape.
+#[derive(Debug)]
+pub struct ScrapeAgent<K> {
+    id: Box<str>,
     pub workspace: Arc<WorkspaceSummary>,
     /// Index into `workspace.agents`.
     pub index: usize,
+    /// Where its workspace is in [`ScrapeView::workspaces`].
+    pub workspace_slot: usize,
+    /// The agent's `created_at`, copied here so that judging every agent does not
+    /// chase pointers into workspace records.
+    pub created_at: Timestamp,
     pub connection: StoredConnection,
-    pub reports: Option<Arc<ReportsSummary>>,
+    pub reports: Option<ReportsSummary>,
+    /// The bytes `reports` was decoded from.
+    report_bytes: Vec<u8>,
+    /// Changes whenever the agent's workspace record or its reports change, and not
+    /// when only its connection times do (every heartbeat moves those): what the
+    /// caller derived from the agent at one revision holds while the revision does.
+    /// Never 0.
+    pub revision: u64,
+    pub kept: K,
 }
 
-impl ScrapeAgent {
+impl<K> ScrapeAgent<K> {
     pub fn agent(&self) -> &AgentSummary {
         &self.workspace.agents[self.index]
     }
 }
 
-/// Decoded records of the last scrape with the bytes they were decoded from: a
-/// record whose bytes did not change is not decoded again. Only a cache: every
-/// scrape still reads every row of one read transaction.
-#[derive(Debug, Default)]
-pub struct ScrapeCache {
-    workspaces: HashMap<String, (Box<[u8]>, Arc<WorkspaceSummary>)>,
-    reports: HashMap<String, (Box<[u8]>, Arc<ReportsSummary>)>,
+/// The agents of the last scrape with the bytes their records were decoded from, kept
+/// so that the next scrape decodes only records whose bytes changed and its caller can
+/// keep what it derived from each agent. Only a cache: every scrape still reads every
+/// row of one read transaction and compares it with what is kept here.
+#[derive(Debug)]
+pub struct ScrapeCache<K> {
+    /// Workspace ids and record bytes, in key order, beside `workspaces`.
+    workspace_rows: Vec<(Box<str>, Box<[u8]>)>,
+    workspaces: Vec<Arc<WorkspaceSummary>>,
+    /// Sorted by id, the order of the agent tables, so their rows are merge joined.
+    agents: Vec<ScrapeAgent<K>>,
+    last_revision: u64,
 }
 
-/// The agent with `id` in `agents` (sorted by id), moving `cursor` forward past
-/// smaller ids: one step of a merge join with a table read in key order.
-fn seek<'a>(
-    agents: &'a mut [ScrapeAgent],
-    cursor: &mut usize,
-    id: &str,
-) -> Option<&'a mut ScrapeAgent> {
-    while *cursor < agents.len() && agents[*cursor].agent().id.as_str() < id {
-        *cursor += 1;
+impl<K> Default for ScrapeCache<K> {
+    fn default() -> Self {
+        Self {
+            workspace_rows: Vec::new(),
+            workspaces: Vec::new(),
+            agents: Vec::new(),
+            last_revision: 0,
+        }
     }
-    agents.get_mut(*cursor).filter(|a| a.agent().id == id)
 }
 
-/// Takes `key`'s decoded record from `old` if its bytes are `bytes`, else decodes;
-/// either way files it in `new`.
-fn cached<T: DeserializeOwned>(
-    old: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
-    new: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
-    table: &'static str,
-    key: &str,
-    bytes: &[u8],
-) -> Result<Arc<T>, StoreError> {
-    let (k, entry) = match old.remove_entry(key) {
-        Some((k, (b, v))) if *b == *bytes => (k, (b, v)),
-        Some((k, _)) => (k, (bytes.into(), Arc::new(decode(table, key, bytes)?))),
-        None => (
-            key.to_owned(),
-            (bytes.into(), Arc::new(decode(table, key, bytes)?)),
-        ),
-    };
-    let value = entry.1.clone();
-    new.insert(k, entry);
-    Ok(value)
+/// What one scrape read: every workspace (in key order) and every agent (by id).
+#[derive(Debug)]
+pub struct ScrapeView<'a, K> {
+    pub workspaces: &'a [Arc<WorkspaceSummary>],
+    pub agents: &'a mut [ScrapeAgent<K>],
+}
+
+fn next_revision(last: &mut u64) -> u64 {
+    *last += 1;
+    *last
+}
+
+impl<K: Default> ScrapeCache<K> {
+    /// Rebuilds the agent list after workspaces came, went or changed. Agents still
+    /// there keep their decoded reports and `kept`; their revision changes only if
+    /// their workspace record did.
+    fn relayout(&mut self) {
+        let mut agents = Vec::with_capacity(self.agents.len());
+        for (slot, ws) in self.workspaces.iter().enumerate() {
+            for (index, a) in ws.agents.iter().enumerate() {
+                agents.push(ScrapeAgent {
+                    id: a.id.as_str().into(),
+                    workspace: ws.clone(),
+                    index,
+                    workspace_slot: slot,
+                    created_at: a.created_at,
+                    connection: StoredConnection::default(),
+                    reports: None,
+                    report_bytes: Vec::new(),
+                    revision: 0,
+                    kept: K::default(),
+                });
+            }
+        }
+        agents.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut old = std::mem::take(&mut self.agents).into_iter().peekable();
+        for a in &mut agents {
+            while old.next_if(|o| o.id < a.id).is_some() {}
+            match old.next_if(|o| o.id == a.id) {
+                Some(o) => {
+                    a.connection = o.connection;
+                    a.reports = o.reports;
+                    a.report_bytes = o.report_bytes;
+                    a.kept = o.kept;
+                    a.revision = if Arc::ptr_eq(&o.workspace, &a.workspace) {
+                        o.revision
+                    } else {
+                        next_revision(&mut self.last_revision)
+                    };
+                }
+                None => a.revision = next_revision(&mut self.last_revision),
+            }
+        }
+        self.agents = agents;
+    }
 }
 
 /// The coordinator's database.
@@ -758,60 +812,115 @@ impl Store {
 
     /// Every agent a `/metrics` scrape judges, from one read transaction: three range
     /// scans (workspaces, connection times, reports), no query per agent. Agents come
-    /// sorted by id, which is the order of the agent tables, so their rows are joined
-    /// in one pass each. Records whose bytes did not change since the last scrape come
-    /// from `cache` instead of being decoded again.
-    pub fn scrape(&self, cache: &mut ScrapeCache) -> Result<Vec<ScrapeAgent>, StoreError> {
+    /// sorted by id, the order of the agent tables, so their rows are joined in one
+    /// pass each. `cache` holds the last scrape's agents: records whose bytes did not
+    /// change are not decoded again, and each agent's `revision` says whether anything
+    /// but its connection times changed since.
+    ///
+    /// # Errors
+    /// The store could not be read or a record decoded; `cache` is then emptied, so
+    /// the next scrape starts afresh rather than from a mix of two snapshots.
+    pub fn scrape<'c, K: Default>(
+        &self,
+        cache: &'c mut ScrapeCache<K>,
+    ) -> Result<ScrapeView<'c, K>, StoreError> {
+        if let Err(e) = self.scrape_into(cache) {
+            *cache = ScrapeCache::default();
+            return Err(e);
+        }
+        Ok(ScrapeView {
+            workspaces: &cache.workspaces,
+            agents: &mut cache.agents,
+        })
+    }
+
+    fn scrape_into<K: Default>(&self, cache: &mut ScrapeCache<K>) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
-        let mut agents = Vec::new();
-        let mut fresh = ScrapeCache::default();
+
+        // Workspaces, merged with the last scrape's by id (both in key order).
+        let old_rows = std::mem::take(&mut cache.workspace_rows);
+        let old_workspaces = std::mem::take(&mut cache.workspaces);
+        let mut old = old_rows.into_iter().zip(old_workspaces).peekable();
+        let mut relayout = false;
         for row in txn.open_table(WORKSPACES)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            let ws = cached(
-                &mut cache.workspaces,
-                &mut fresh.workspaces,
-                "workspaces",
-                k.value(),
-                v.value(),
-            )?;
-            for index in 0..ws.agents.len() {
-                agents.push(ScrapeAgent {
-                    workspace: ws.clone(),
-                    index,
-                    connection: StoredConnection::default(),
-                    reports: None,
-                });
+            let (id, bytes) = (k.value(), v.value());
+            while old.next_if(|((old_id, _), _)| &**old_id < id).is_some() {
+                relayout = true; // deleted
             }
+            let (row, ws) = match old.next_if(|((old_id, _), _)| &**old_id == id) {
+                Some(((old_id, old_bytes), ws)) if *old_bytes == *bytes => {
+                    ((old_id, old_bytes), ws)
+                }
+                _ => {
+                    relayout = true;
+                    let ws = Arc::new(decode("workspaces", id, bytes)?);
+                    ((id.into(), bytes.into()), ws)
+                }
+            };
+            cache.workspace_rows.push(row);
+            cache.workspaces.push(ws);
         }
-        agents.sort_unstable_by(|a, b| a.agent().id.cmp(&b.agent().id));
+        relayout |= old.next().is_some();
+        if relayout {
+            cache.relayout();
+        }
 
-        // Merge joins: both sides ascend by agent id; rows of deleted agents are skipped.
+        // Merge joins: both sides ascend by agent id. Rows of deleted agents are
+        // skipped; agents without a row have no state.
+        let ScrapeCache {
+            agents,
+            last_revision,
+            ..
+        } = cache;
         let mut cursor = 0;
         for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            if let Some(a) = seek(&mut agents, &mut cursor, k.value()) {
+            let id = k.value();
+            while cursor < agents.len() && &*agents[cursor].id < id {
+                agents[cursor].connection = StoredConnection::default();
+                cursor += 1;
+            }
+            if let Some(a) = agents.get_mut(cursor).filter(|a| &*a.id == id) {
                 a.connection = StoredConnection::from_row(v.value());
+                cursor += 1;
             }
         }
+        for a in &mut agents[cursor..] {
+            a.connection = StoredConnection::default();
+        }
+
+        let forget = |a: &mut ScrapeAgent<K>, last: &mut u64| {
+            if a.reports.take().is_some() {
+                a.report_bytes.clear();
+                a.revision = next_revision(last);
+            }
+        };
         let mut cursor = 0;
         for row in txn.open_table(AGENT_REPORTS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            let id = k.value();
-            if let Some(a) = seek(&mut agents, &mut cursor, id) {
-                a.reports = Some(cached(
-                    &mut cache.reports,
-                    &mut fresh.reports,
-                    "agent_reports",
-                    id,
-                    v.value(),
-                )?);
+            let (id, bytes) = (k.value(), v.value());
+            while cursor < agents.len() && &*agents[cursor].id < id {
+                forget(&mut agents[cursor], last_revision);
+                cursor += 1;
+            }
+            if let Some(a) = agents.get_mut(cursor).filter(|a| &*a.id == id) {
+                if a.reports.is_none() || a.report_bytes != bytes {
+                    a.reports = Some(decode("agent_reports", id, bytes)?);
+                    a.report_bytes.clear();
+                    a.report_bytes.extend_from_slice(bytes);
+                    a.revision = next_revision(last_revision);
+                }
+                cursor += 1;
             }
         }
-        *cache = fresh;
-        Ok(agents)
+        for a in &mut agents[cursor..] {
+            forget(a, last_revision);
+        }
+        Ok(())
     }
 
     /// One agent's connection times and reports, as the ledger starts from when the
