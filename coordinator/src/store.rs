@@ -257,7 +257,7 @@ pub struct ReportsSummary {
     #[serde(default)]
     pub lifecycle_state: LifecycleState,
     #[serde(default)]
-    pub apps_health: HashMap<String, AppHealth>,
+    pub apps_health: BTreeMap<String, AppHealth>,
     #[serde(default)]
     pub stats: Option<AgentStats>,
 }
@@ -277,7 +277,9 @@ pub struct ScrapeAgent<K> {
     /// chase pointers into workspace records.
     pub created_at: Timestamp,
     pub connection: StoredConnection,
-    pub reports: Option<ReportsSummary>,
+    /// Boxed: a scrape walks every agent several times, and most of them in a large
+    /// store are agents that never reported.
+    pub reports: Option<Box<ReportsSummary>>,
     /// The bytes `reports` was decoded from.
     report_bytes: Vec<u8>,
     /// Changes whenever the agent's workspace record or its reports change, and not
@@ -909,7 +911,7 @@ impl Store {
             }
             if let Some(a) = agents.get_mut(cursor).filter(|a| &*a.id == id) {
                 if a.reports.is_none() || a.report_bytes != bytes {
-                    a.reports = Some(decode("agent_reports", id, bytes)?);
+                    a.reports = Some(Box::new(decode("agent_reports", id, bytes)?));
                     a.report_bytes.clear();
                     a.report_bytes.extend_from_slice(bytes);
                     a.revision = next_revision(last_revision);
