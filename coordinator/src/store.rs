@@ -13,6 +13,10 @@
 //! ledger's group commit ([`Store::write_agent_state`]), so heartbeats never rewrite
 //! workspace records. [`Store::snapshot`] reads workspaces and all of that in one read
 //! transaction.
+//!
+//! Architecture Invariant: workspace records are written only through
+//! [`WorkspacesMut`], which counts every write transaction that changes one in the
+//! `changes` table; a scrape reads the workspaces again only when that count moved.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -44,6 +48,11 @@ const AGENT_CONNECTIONS: TableDefinition<&str, (u64, u64, u64)> =
 const AGENT_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_reports");
 /// (agent id, sequence number) -> [`LogLine`]
 const AGENT_LOGS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("agent_logs");
+/// What changed, as counters: [`WORKSPACES_CHANGED`] counts the write transactions
+/// that inserted or removed workspace records, so a scrape learns with one lookup
+/// that none changed since it last read them all.
+const CHANGES: TableDefinition<&str, u64> = TableDefinition::new("changes");
+const WORKSPACES_CHANGED: &str = "workspaces";
 
 /// Script log lines kept per agent; older ones are dropped as new ones arrive.
 pub const MAX_LOG_LINES: u64 = 10_000;
@@ -308,6 +317,8 @@ pub struct ScrapeCache<K> {
     /// Sorted by id, the order of the agent tables, so their rows are merge joined.
     agents: Vec<ScrapeAgent<K>>,
     last_revision: u64,
+    /// The store's count of workspace changes when `workspaces` was read.
+    workspace_changes: Option<u64>,
 }
 
 impl<K> Default for ScrapeCache<K> {
@@ -317,6 +328,7 @@ impl<K> Default for ScrapeCache<K> {
             workspaces: Vec::new(),
             agents: Vec::new(),
             last_revision: 0,
+            workspace_changes: None,
         }
     }
 }
@@ -326,6 +338,28 @@ impl<K> Default for ScrapeCache<K> {
 pub struct ScrapeView<'a, K> {
     pub workspaces: &'a [Arc<WorkspaceSummary>],
     pub agents: &'a mut [ScrapeAgent<K>],
+}
+
+/// One step of a merge join of `agents` (sorted by id) with a table read in key
+/// order: moves `cursor` past the agents before `id`, which have no row (`skipped` is
+/// called on each), and past the agent with `id`, which it returns.
+fn join_step<'a, K>(
+    agents: &'a mut [ScrapeAgent<K>],
+    cursor: &mut usize,
+    id: &str,
+    mut skipped: impl FnMut(&mut ScrapeAgent<K>),
+) -> Option<&'a mut ScrapeAgent<K>> {
+    loop {
+        match (*agents.get(*cursor)?.id).cmp(id) {
+            std::cmp::Ordering::Less => skipped(&mut agents[*cursor]),
+            std::cmp::Ordering::Equal => {
+                *cursor += 1;
+                return agents.get_mut(*cursor - 1);
+            }
+            std::cmp::Ordering::Greater => return None,
+        }
+        *cursor += 1;
+    }
 }
 
 fn next_revision(last: &mut u64) -> u64 {
@@ -376,6 +410,65 @@ impl<K: Default> ScrapeCache<K> {
         }
         self.agents = agents;
     }
+}
+
+/// The `workspaces` table opened in a write transaction: the only way its records are
+/// written. The first insert or remove counts the transaction in `changes`.
+struct WorkspacesMut<'t> {
+    txn: &'t redb::WriteTransaction,
+    table: redb::Table<'t, &'static str, &'static [u8]>,
+    counted: bool,
+}
+
+impl<'t> WorkspacesMut<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            txn,
+            table: txn.open_table(WORKSPACES)?,
+            counted: false,
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        self.table
+            .get(id)?
+            .map(|v| decode("workspaces", id, v.value()))
+            .transpose()
+    }
+
+    fn insert(&mut self, record: &WorkspaceRecord) -> Result<(), StoreError> {
+        self.count()?;
+        self.table
+            .insert(record.id.as_str(), encode(record).as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a record and returns it.
+    fn remove(&mut self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        self.count()?;
+        self.table
+            .remove(id)?
+            .map(|v| decode("workspaces", id, v.value()))
+            .transpose()
+    }
+
+    fn count(&mut self) -> Result<(), StoreError> {
+        if !self.counted {
+            let mut changes = self.txn.open_table(CHANGES)?;
+            let n = changes.get(WORKSPACES_CHANGED)?.map_or(0, |v| v.value());
+            changes.insert(WORKSPACES_CHANGED, n.wrapping_add(1))?;
+            self.counted = true;
+        }
+        Ok(())
+    }
+}
+
+/// How many write transactions changed workspace records (see [`WorkspacesMut`]).
+fn workspace_changes(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    Ok(txn
+        .open_table(CHANGES)?
+        .get(WORKSPACES_CHANGED)?
+        .map_or(0, |v| v.value()))
 }
 
 /// The coordinator's database.
@@ -434,6 +527,7 @@ impl Store {
         txn.open_table(AGENT_CONNECTIONS)?;
         txn.open_table(AGENT_REPORTS)?;
         txn.open_table(AGENT_LOGS)?;
+        txn.open_table(CHANGES)?;
         txn.commit()?;
         Ok(Self {
             db,
@@ -613,8 +707,7 @@ impl Store {
                 return Err(StoreError::Conflict(format!("workspace {key}")));
             }
             names.insert(key.as_str(), ws.id.as_str())?;
-            txn.open_table(WORKSPACES)?
-                .insert(ws.id.as_str(), encode(ws).as_slice())?;
+            WorkspacesMut::open(&txn)?.insert(ws)?;
             let mut tokens = txn.open_table(TOKENS)?;
             for t in agent_tokens {
                 tokens.insert(t.id.as_str(), encode(t).as_slice())?;
@@ -692,11 +785,7 @@ impl Store {
             else {
                 return Ok(false);
             };
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let ws = workspaces
-                .remove(id.as_str())?
-                .map(|v| decode::<WorkspaceRecord>("workspaces", &id, v.value()))
-                .transpose()?;
+            let ws = WorkspacesMut::open(&txn)?.remove(id.as_str())?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
             let mut reports = txn.open_table(AGENT_REPORTS)?;
@@ -725,10 +814,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
         let changed = {
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let mut ws: WorkspaceRecord = match workspaces.get(workspace_id)? {
-                Some(v) => decode("workspaces", workspace_id, v.value())?,
-                None => return Err(StoreError::NotFound(format!("workspace {workspace_id}"))),
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            let Some(mut ws) = workspaces.get(workspace_id)? else {
+                return Err(StoreError::NotFound(format!("workspace {workspace_id}")));
             };
             let agent = ws
                 .agents
@@ -739,7 +827,7 @@ impl Store {
                 false
             } else {
                 agent.ssh_host_key = Some(key.to_owned());
-                workspaces.insert(workspace_id, encode(&ws).as_slice())?;
+                workspaces.insert(&ws)?;
                 true
             }
         };
@@ -812,12 +900,13 @@ impl Store {
         Ok((c, r))
     }
 
-    /// Every agent a `/metrics` scrape judges, from one read transaction: three range
-    /// scans (workspaces, connection times, reports), no query per agent. Agents come
-    /// sorted by id, the order of the agent tables, so their rows are joined in one
-    /// pass each. `cache` holds the last scrape's agents: records whose bytes did not
-    /// change are not decoded again, and each agent's `revision` says whether anything
-    /// but its connection times changed since.
+    /// Every agent a `/metrics` scrape judges, from one read transaction: the count of
+    /// workspace changes, the workspaces (only when that count moved since the last
+    /// scrape), connection times and reports, each table in one range scan, no query
+    /// per agent. Agents come sorted by id, the order of the agent tables, so their
+    /// rows are joined in one pass each. `cache` holds the last scrape's agents:
+    /// records whose bytes did not change are not decoded again, and each agent's
+    /// `revision` says whether anything but its connection times changed since.
     ///
     /// # Errors
     /// The store could not be read or a record decoded; `cache` is then emptied, so
@@ -838,8 +927,21 @@ impl Store {
 
     fn scrape_into<K: Default>(&self, cache: &mut ScrapeCache<K>) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
+        let changes = workspace_changes(&txn)?;
+        if cache.workspace_changes != Some(changes) {
+            self.scrape_workspaces(&txn, cache)?;
+            cache.workspace_changes = Some(changes);
+        }
+        self.scrape_agent_state(&txn, cache)
+    }
 
-        // Workspaces, merged with the last scrape's by id (both in key order).
+    /// Reads every workspace record, merged with the last scrape's by id (both in key
+    /// order); rebuilds the agent list if any came, went or changed.
+    fn scrape_workspaces<K: Default>(
+        &self,
+        txn: &redb::ReadTransaction,
+        cache: &mut ScrapeCache<K>,
+    ) -> Result<(), StoreError> {
         let old_rows = std::mem::take(&mut cache.workspace_rows);
         let old_workspaces = std::mem::take(&mut cache.workspaces);
         let mut old = old_rows.into_iter().zip(old_workspaces).peekable();
@@ -868,7 +970,15 @@ impl Store {
         if relayout {
             cache.relayout();
         }
+        Ok(())
+    }
 
+    /// Connection times and reports of every agent, merge joined with the agent list.
+    fn scrape_agent_state<K>(
+        &self,
+        txn: &redb::ReadTransaction,
+        cache: &mut ScrapeCache<K>,
+    ) -> Result<(), StoreError> {
         // Merge joins: both sides ascend by agent id. Rows of deleted agents are
         // skipped; agents without a row have no state.
         let ScrapeCache {
@@ -880,14 +990,9 @@ impl Store {
         for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            let id = k.value();
-            while cursor < agents.len() && &*agents[cursor].id < id {
-                agents[cursor].connection = StoredConnection::default();
-                cursor += 1;
-            }
-            if let Some(a) = agents.get_mut(cursor).filter(|a| &*a.id == id) {
+            let skipped = |a: &mut ScrapeAgent<K>| a.connection = StoredConnection::default();
+            if let Some(a) = join_step(agents, &mut cursor, k.value(), skipped) {
                 a.connection = StoredConnection::from_row(v.value());
-                cursor += 1;
             }
         }
         for a in &mut agents[cursor..] {
@@ -905,18 +1010,14 @@ impl Store {
             let (k, v) = row?;
             self.read_delay();
             let (id, bytes) = (k.value(), v.value());
-            while cursor < agents.len() && &*agents[cursor].id < id {
-                forget(&mut agents[cursor], last_revision);
-                cursor += 1;
-            }
-            if let Some(a) = agents.get_mut(cursor).filter(|a| &*a.id == id) {
-                if a.reports.is_none() || a.report_bytes != bytes {
-                    a.reports = Some(Box::new(decode("agent_reports", id, bytes)?));
-                    a.report_bytes.clear();
-                    a.report_bytes.extend_from_slice(bytes);
-                    a.revision = next_revision(last_revision);
-                }
-                cursor += 1;
+            let skipped = |a: &mut ScrapeAgent<K>| forget(a, last_revision);
+            if let Some(a) = join_step(agents, &mut cursor, id, skipped)
+                && (a.reports.is_none() || a.report_bytes != bytes)
+            {
+                a.reports = Some(Box::new(decode("agent_reports", id, bytes)?));
+                a.report_bytes.clear();
+                a.report_bytes.extend_from_slice(bytes);
+                a.revision = next_revision(last_revision);
             }
         }
         for a in &mut agents[cursor..] {
@@ -1015,13 +1116,10 @@ impl Store {
                 .get(key.as_str())?
                 .map(|v| v.value().to_owned())
                 .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let mut ws: WorkspaceRecord = {
-                let v = workspaces
-                    .get(id.as_str())?
-                    .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
-                decode("workspaces", &id, v.value())?
-            };
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            let mut ws = workspaces
+                .get(id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
             let rec = ws
                 .agents
                 .iter_mut()
@@ -1031,7 +1129,7 @@ impl Store {
             tokens.remove(rec.token_id.as_str())?;
             tokens.insert(new_token.id.as_str(), encode(new_token).as_slice())?;
             rec.token_id = new_token.id.clone();
-            workspaces.insert(id.as_str(), encode(&ws).as_slice())?;
+            workspaces.insert(&ws)?;
         }
         txn.commit()?;
         Ok(())
@@ -1143,6 +1241,36 @@ mod tests {
         assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
         assert!(store.token("new").unwrap().is_none());
         assert!(!store.delete_workspace(&name("bob"), &name("z")).unwrap());
+    }
+
+    #[test]
+    fn every_write_of_a_workspace_record_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let changes = || workspace_changes(&store.db.begin_read().unwrap()).unwrap();
+        assert_eq!(changes(), 0);
+        store
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .unwrap();
+        assert_eq!(changes(), 1);
+        assert!(
+            store
+                .set_agent_host_key("3", "3-a", "ssh-ed25519 A")
+                .unwrap()
+        );
+        assert_eq!(changes(), 2);
+        assert!(
+            !store
+                .set_agent_host_key("3", "3-a", "ssh-ed25519 A")
+                .unwrap()
+        );
+        assert_eq!(changes(), 2, "nothing was written");
+        store
+            .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
+            .unwrap();
+        assert_eq!(changes(), 3);
+        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
+        assert_eq!(changes(), 4);
     }
 
     #[test]
