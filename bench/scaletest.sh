@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The coordinator under N simulated agents (`myco scaletest agents`): false
-# disconnects and connects, scrape time, the coordinator's CPU and peak RSS, and the
-# heartbeats it absorbed. The baseline, measured in the same run against the same
-# coordinator before any agent exists, is the scrape time of an empty store.
+# disconnects and connects, scrape time (request to full body, and until the headers,
+# which the coordinator sends once its work is done), the coordinator's CPU and peak
+# RSS, the heartbeats it absorbed, and from its debug log the phases of its scrapes.
+# The baseline, measured in the same run against the same coordinator before any agent
+# exists, is the scrape time of an empty store.
 #
 #   bash bench/scaletest.sh [COUNT] [DURATION] [HEARTBEAT] [EXTRA]
 #       COUNT live agents (default 10000), each with 4 apps, for DURATION (default
@@ -32,7 +34,8 @@ source bench/lib.sh
 
 
 export MYCO_CONFIG_DIR="$work/cfg"
-"$MYCO" server --http-address 127.0.0.1:0 --data-dir "$work/data" --heartbeat-interval "$HEARTBEAT" \
+# The coordinator logs each scrape's phases at debug level (read at the end).
+RUST_LOG=${RUST_LOG:-warn,coordinator::metrics=debug} "$MYCO" server --http-address 127.0.0.1:0 --data-dir "$work/data" --heartbeat-interval "$HEARTBEAT" \
   >"$work/server.out" 2>"$work/server.err" &
 server=$!
 pids+=($server)
@@ -101,5 +104,27 @@ print(f"coordinator peak RSS: {float(rss):.0f} MiB")
 print(f"heartbeats absorbed: {(float(hb1) - float(hb0)) / wall:.0f}/s")
 print(f"scrape p50 {p50ms:.1f} ms vs {float(empty):.2f} ms for the empty store = {p50ms / float(empty):.1f}x")
 print(f"coordinator's own time per scrape (read, judge, encode), mean: {collection} ms")
+PY
+# The coordinator's account of its scrapes: the first after its start reads, decodes and
+# renders every agent; later ones by phase (read the store, judge and render what
+# changed, build the changed family blocks).
+python3 - "$work/server.err" <<'PY'
+import re, statistics, sys
+def ms(v):
+    m = re.match(r"([\d.]+)(µs|ms|s)$", v)
+    return float(m.group(1)) * {"µs": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+rows = []
+for line in open(sys.argv[1], errors="replace"):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    m = re.search(r"scrape agents=(\d+) rendered=(\d+) rebuilt=\d+ read=(\S+) judged=(\S+) took=(\S+)", line)
+    if m and m.group(1) != "0":
+        rows.append((int(m.group(2)), ms(m.group(3)), ms(m.group(4)), ms(m.group(5))))
+if len(rows) > 1:
+    first, rest = rows[0], rows[1:]
+    med = statistics.median
+    print(f"coordinator's first scrape after start: {first[3]:.1f} ms ({first[0]} agents rendered)")
+    print(f"coordinator's later scrapes (median of {len(rest)}): read {med([r[1] for r in rest]):.1f} ms, "
+          f"judge and render {med([r[2] - r[1] for r in rest]):.1f} ms ({med([r[0] for r in rest]):.0f} agents rendered), "
+          f"blocks {med([r[3] - r[2] for r in rest]):.1f} ms, all {med([r[3] for r in rest]):.1f} ms (max {max(r[3] for r in rest):.1f})")
 PY
 exit "$rc"

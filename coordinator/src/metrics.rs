@@ -8,18 +8,25 @@
 //! DESIGN.md). Scrapes are serialized, so two scrapes never interleave their views.
 //!
 //! The per-agent families (10k agents give ~130k series) are written here directly in
-//! the text syntax both formats share for gauges, each agent's labels rendered once per
-//! scrape; prometheus-client's generic encoder took ~150 ms for them at 10k agents,
-//! most of it re-checking every label value byte for escapes (BENCHMARKS.md). The
-//! coordinator's own metrics, the relay's and the histograms go through
-//! prometheus-client's registry, appended after (its OpenMetrics `# EOF` stays last).
+//! the text syntax both formats share for gauges; prometheus-client's generic encoder
+//! took ~150 ms for them at 10k agents, most of it re-checking every label value byte
+//! for escapes (BENCHMARKS.md). Between two scrapes most agents change nothing a
+//! scrape shows (heartbeats only move connection times), so each family's lines are
+//! kept as one block from scrape to scrape: an agent is rendered anew only when its
+//! workspace record, its reports or its status changed, a block is built anew only
+//! when one of its agents' lines changed (copying the rest from the old block), and
+//! the body is the list of blocks, sent without copying them. The coordinator's own
+//! metrics, the relay's and the histograms go through prometheus-client's registry,
+//! appended after (its OpenMetrics `# EOF` stays last).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
 use mesh::Timestamp;
 use mesh::api::{AgentStats, AgentStatus};
 use prometheus_client::collector::Collector;
@@ -32,7 +39,10 @@ use prometheus_client::registry::Registry;
 
 use crate::api::ApiError;
 use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
-use crate::store::{AgentStateBatch, ScrapeAgent, ScrapeCache, Store};
+use crate::store::{
+    AgentStateBatch, AgentSummary, ReportsSummary, ScrapeAgent, ScrapeCache, Store,
+    WorkspaceSummary,
+};
 
 /// Labels of one HTTP request count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -64,9 +74,21 @@ struct Inner {
     flush_seconds: Histogram,
     collection_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
-    /// Decoded records of the last scrape; held for the whole scrape, so scrapes are
-    /// serialized.
-    scrape: Mutex<ScrapeCache>,
+    /// What the last scrape read and rendered; held for the whole scrape, so scrapes
+    /// are serialized.
+    scrape: Mutex<ScrapeState>,
+}
+
+/// What scrapes keep between them.
+#[derive(Debug, Default)]
+struct ScrapeState {
+    agents: ScrapeCache<AgentLines>,
+    /// Every per-agent family as last sent.
+    families: [FamilyBlock; AGENT_FAMILIES],
+    /// The lines of the agents one scrape renders anew, and where each agent's are
+    /// (kept only for their buffers).
+    fresh_text: String,
+    fresh: Vec<Fresh>,
 }
 
 /// Where the relay's and QAD's own counters come from.
@@ -137,7 +159,7 @@ impl CoordinatorMetrics {
             flush_seconds,
             collection_seconds,
             http_requests,
-            scrape: Mutex::new(ScrapeCache::default()),
+            scrape: Mutex::new(ScrapeState::default()),
         }))
     }
 
@@ -176,31 +198,34 @@ impl CoordinatorMetrics {
         store: &Store,
         policy: &StatusPolicy,
         format: Format,
-    ) -> Result<String, crate::store::StoreError> {
-        let mut cache = self.0.scrape.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Result<ScrapeBody, crate::store::StoreError> {
+        let mut state = match self.0.scrape.lock() {
+            Ok(state) => state,
+            Err(poisoned) => {
+                // A scrape panicked halfway: what it kept may not match what it sent.
+                let mut state = poisoned.into_inner();
+                *state = ScrapeState::default();
+                self.0.scrape.clear_poison();
+                state
+            }
+        };
         let started = Instant::now();
         let now = Timestamp::now();
-        let agents = store.scrape(&mut cache)?;
-        let statuses: Vec<AgentStatus> = agents
-            .iter()
-            .map(|a| {
-                let times = ConnectionTimes::from_stored(a.agent().created_at, &a.connection);
-                agent_status(&times, policy, now)
-            })
-            .collect();
-        let collected = started.elapsed();
-        let mut out = String::with_capacity(agents.len() * 1600 + 16 * 1024);
-        encode_agents(&agents, &statuses, &mut out);
+        let (mut chunks, done) = encode_agents(&mut state, store, policy, now)?;
         self.0
             .collection_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
-            agents = agents.len(),
-            ?collected,
-            encoded = ?started.elapsed() - collected,
-            bytes = out.len(),
+            agents = done.agents,
+            rendered = done.rendered,
+            rebuilt = done.rebuilt,
+            read = ?done.read,
+            judged = ?done.judged,
+            took = ?started.elapsed(),
+            bytes = chunks.iter().map(Bytes::len).sum::<usize>(),
             "scrape"
         );
+        let mut out = String::new();
         let encoded = match format {
             Format::OpenMetrics => {
                 prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
@@ -213,7 +238,8 @@ impl CoordinatorMetrics {
         if let Err(e) = encoded {
             tracing::error!("encoding metrics failed: {e}");
         }
-        Ok(out)
+        chunks.push(Bytes::from(out));
+        Ok(ScrapeBody::new(chunks))
     }
 }
 
@@ -249,6 +275,65 @@ impl Format {
     }
 }
 
+/// A scrape's body: its chunks are sent as they are, so family blocks no agent changed
+/// since the last scrape go out again without being copied.
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeBody {
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    len: usize,
+}
+
+impl ScrapeBody {
+    fn new(chunks: Vec<Bytes>) -> Self {
+        let chunks: VecDeque<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+        let len = chunks.iter().map(Bytes::len).sum();
+        Self { chunks, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole body in one buffer (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for c in &self.chunks {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+}
+
+impl http_body::Body for ScrapeBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let chunk = this.chunks.pop_front().map(|c| {
+            this.len -= c.len();
+            Ok(http_body::Frame::data(c))
+        });
+        std::task::Poll::Ready(chunk)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len as u64)
+    }
+}
+
 /// What `/metrics` needs.
 #[derive(Clone)]
 pub struct MetricsState {
@@ -281,7 +366,7 @@ pub async fn scrape_response(state: MetricsState, headers: &HeaderMap) -> Respon
         Ok(Ok(body)) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, format.content_type())],
-            body,
+            axum::body::Body::new(body),
         )
             .into_response(),
         Ok(Err(e)) => ApiError::from(e).into_response(),
@@ -401,118 +486,313 @@ const AGENT_STATS: [(&str, &str, Stat); 8] = [
     ),
 ];
 
-/// Writes every per-agent family for `agents`, judged as `statuses`.
-fn encode_agents(agents: &[ScrapeAgent], statuses: &[AgentStatus], out: &mut String) {
-    // Each agent's own labels, rendered once.
-    let labels: Vec<String> = agents
-        .iter()
-        .map(|a| {
-            let mut l = String::with_capacity(96);
-            l.push_str("agent_name=\"");
-            push_label_value(&mut l, &a.agent().name);
-            l.push_str("\",username=\"");
-            push_label_value(&mut l, &a.workspace.owner);
-            l.push_str("\",workspace_name=\"");
-            push_label_value(&mut l, &a.workspace.name);
-            l.push('"');
-            l
-        })
-        .collect();
-    // A gone agent's last numbers are not current.
-    let stats = |i: usize| {
-        (statuses[i] == AgentStatus::Connected)
-            .then(|| agents[i].reports.as_ref().and_then(|r| r.stats.as_ref()))
-            .flatten()
-    };
+/// The per-agent families after `myco_agents_up`, in the order they are written.
+const AGENT_FAMILIES: usize = 3 + AGENT_STATS.len();
 
-    let mut up: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
-    for (a, s) in agents.iter().zip(statuses) {
-        *up.entry((&a.workspace.owner, &a.workspace.name))
-            .or_default() += u64::from(*s == AgentStatus::Connected);
-    }
-    gauge_family(out, "myco_agents_up", "Connected agents per workspace");
-    for ((user, ws), n) in &up {
-        sample(
-            out,
-            "myco_agents_up",
-            "",
-            &[("username", user), ("workspace_name", ws)],
-            *n as f64,
-        );
-    }
-
-    gauge_family(
-        out,
-        "myco_agents_connections",
-        "Agents by status and lifecycle state (1 per agent)",
-    );
-    for (i, a) in agents.iter().enumerate() {
-        let lifecycle = a
-            .reports
-            .as_ref()
-            .map(|r| r.lifecycle_state)
-            .unwrap_or_default();
-        sample(
-            out,
+/// Name and help of per-agent family `f`.
+fn agent_family(f: usize) -> (&'static str, &'static str) {
+    match f {
+        0 => (
             "myco_agents_connections",
-            &labels[i],
-            &[
-                ("status", statuses[i].as_str()),
-                ("lifecycle_state", lifecycle.as_str()),
-            ],
+            "Agents by status and lifecycle state (1 per agent)",
+        ),
+        1 => ("myco_agents_apps", "Agents' apps by health (1 per app)"),
+        2 => (
+            "myco_agents_connection_latencies_seconds",
+            "Connected agents' round trip to each relay",
+        ),
+        f => (AGENT_STATS[f - 3].0, AGENT_STATS[f - 3].1),
+    }
+}
+
+/// One per-agent family as the last scrape sent it: its `# HELP` and `# TYPE` lines,
+/// then the lines of every agent, in agent order.
+#[derive(Debug, Default)]
+struct FamilyBlock {
+    bytes: Bytes,
+    /// Where the lines of the agent at each position start in `bytes`; one more entry
+    /// for where the last agent's end.
+    starts: Vec<usize>,
+}
+
+impl FamilyBlock {
+    fn lines(&self, position: usize) -> &[u8] {
+        &self.bytes[self.starts[position]..self.starts[position + 1]]
+    }
+}
+
+/// What scrapes keep of each agent.
+#[derive(Debug, Default)]
+struct AgentLines {
+    /// The store's revision of the agent its lines show; 0 (never a revision): none.
+    revision: u64,
+    /// The status they show.
+    status: AgentStatus,
+    /// Where the agent is in the family blocks; `None` before it is in them.
+    position: Option<usize>,
+}
+
+/// An agent rendered anew by this scrape; its lines are in the scrape's `fresh_text`.
+#[derive(Debug)]
+struct Fresh {
+    /// Position in this scrape.
+    index: usize,
+    /// Position in the family blocks before this scrape.
+    was: Option<usize>,
+    start: usize,
+    /// Where each family's lines end in `fresh_text`.
+    ends: [usize; AGENT_FAMILIES],
+}
+
+impl Fresh {
+    fn lines<'t>(&self, text: &'t str, f: usize) -> &'t [u8] {
+        let start = if f == 0 { self.start } else { self.ends[f - 1] };
+        &text.as_bytes()[start..self.ends[f]]
+    }
+}
+
+/// Appends the agent's lines of every per-agent family to `text`, as of `reports` and
+/// `status`; returns where each family's lines end. `labels` is scratch.
+fn render_agent(
+    agent: &AgentSummary,
+    workspace: &WorkspaceSummary,
+    reports: Option<&ReportsSummary>,
+    status: AgentStatus,
+    labels: &mut String,
+    text: &mut String,
+) -> [usize; AGENT_FAMILIES] {
+    labels.clear();
+    labels.push_str("agent_name=\"");
+    push_label_value(labels, &agent.name);
+    labels.push_str("\",username=\"");
+    push_label_value(labels, &workspace.owner);
+    labels.push_str("\",workspace_name=\"");
+    push_label_value(labels, &workspace.name);
+    labels.push('"');
+    let mut ends = [0; AGENT_FAMILIES];
+
+    let lifecycle = reports.map(|r| r.lifecycle_state).unwrap_or_default();
+    sample(
+        text,
+        agent_family(0).0,
+        labels,
+        &[
+            ("status", status.as_str()),
+            ("lifecycle_state", lifecycle.as_str()),
+        ],
+        1.0,
+    );
+    ends[0] = text.len();
+
+    for app in &agent.apps {
+        let reported = reports.and_then(|r| r.apps_health.get(&app.slug)).copied();
+        let health = crate::status::app_health(app.healthcheck.is_some(), reported);
+        sample(
+            text,
+            agent_family(1).0,
+            labels,
+            &[("app_name", &app.slug), ("health", health.as_str())],
             1.0,
         );
     }
+    ends[1] = text.len();
 
-    gauge_family(
-        out,
-        "myco_agents_apps",
-        "Agents' apps by health (1 per app)",
-    );
-    for (i, a) in agents.iter().enumerate() {
-        for app in &a.agent().apps {
-            let reported = a
-                .reports
-                .as_ref()
-                .and_then(|r| r.apps_health.get(&app.slug))
-                .copied();
-            let health = crate::status::app_health(app.healthcheck.is_some(), reported);
-            sample(
-                out,
-                "myco_agents_apps",
-                &labels[i],
-                &[("app_name", &app.slug), ("health", health.as_str())],
-                1.0,
-            );
-        }
+    // A gone agent's last numbers are not current.
+    let stats = reports
+        .filter(|_| status == AgentStatus::Connected)
+        .and_then(|r| r.stats.as_ref());
+    for r in stats.iter().flat_map(|s| &s.relay_latencies) {
+        let preferred = if r.preferred { "true" } else { "false" };
+        sample(
+            text,
+            agent_family(2).0,
+            labels,
+            &[("relay", &r.relay_url), ("preferred", preferred)],
+            r.latency_ms / 1000.0,
+        );
     }
+    ends[2] = text.len();
 
-    gauge_family(
-        out,
-        "myco_agents_connection_latencies_seconds",
-        "Connected agents' round trip to each relay",
-    );
-    for (i, l) in labels.iter().enumerate() {
-        for r in stats(i).iter().flat_map(|s| &s.relay_latencies) {
-            let preferred = if r.preferred { "true" } else { "false" };
-            sample(
-                out,
-                "myco_agents_connection_latencies_seconds",
-                l,
-                &[("relay", &r.relay_url), ("preferred", preferred)],
-                r.latency_ms / 1000.0,
-            );
+    for (f, (name, _, get)) in AGENT_STATS.iter().enumerate() {
+        if let Some(s) = stats {
+            sample(text, name, labels, &[], get(s));
         }
+        ends[3 + f] = text.len();
     }
+    ends
+}
 
-    for (name, help, get) in AGENT_STATS {
-        gauge_family(out, name, help);
-        for (i, l) in labels.iter().enumerate() {
-            if let Some(s) = stats(i) {
-                sample(out, name, l, &[], get(s));
+/// Family `f`'s block for this scrape's `agents`: the lines of agents rendered anew
+/// from `text`, everyone else's from `old`. With the agents where they were
+/// (`same_layout`), each run of agents between two fresh ones is one copy.
+fn rebuild_block(
+    old: &FamilyBlock,
+    f: usize,
+    agents: &[ScrapeAgent<AgentLines>],
+    fresh: &[Fresh],
+    text: &str,
+    same_layout: bool,
+) -> FamilyBlock {
+    let (name, help) = agent_family(f);
+    let mut header = String::new();
+    gauge_family(&mut header, name, help);
+    let fresh_len: usize = fresh.iter().map(|fr| fr.lines(text, f).len()).sum();
+    let mut bytes = BytesMut::with_capacity(header.len() + old.bytes.len() + fresh_len);
+    bytes.put_slice(header.as_bytes());
+    let mut starts = Vec::with_capacity(agents.len() + 1);
+    if same_layout {
+        let mut next = 0;
+        for fr in fresh.iter().map(Some).chain([None]) {
+            let until = fr.map_or(agents.len(), |fr| fr.index);
+            let (from, to) = (old.starts[next], old.starts[until]);
+            let base = bytes.len();
+            starts.extend(old.starts[next..until].iter().map(|s| base + (s - from)));
+            bytes.put_slice(&old.bytes[from..to]);
+            if let Some(fr) = fr {
+                starts.push(bytes.len());
+                bytes.put_slice(fr.lines(text, f));
+                next = fr.index + 1;
+            }
+        }
+    } else {
+        let mut fresh = fresh.iter().peekable();
+        for (i, a) in agents.iter().enumerate() {
+            starts.push(bytes.len());
+            match fresh.next_if(|fr| fr.index == i) {
+                Some(fr) => bytes.put_slice(fr.lines(text, f)),
+                // Every agent not rendered anew has a position (encode_agents).
+                None => bytes.put_slice(a.kept.position.map_or(&[][..], |p| old.lines(p))),
             }
         }
     }
+    starts.push(bytes.len());
+    FamilyBlock {
+        bytes: bytes.freeze(),
+        starts,
+    }
+}
+
+/// What one pass over the agents did.
+#[derive(Debug)]
+struct AgentsEncoded {
+    agents: usize,
+    /// Agents whose lines were rendered anew.
+    rendered: usize,
+    /// Family blocks built anew (the others were sent as they were).
+    rebuilt: usize,
+    /// Time spent reading the store.
+    read: Duration,
+    /// Time spent reading, judging and rendering (the rest is building blocks).
+    judged: Duration,
+}
+
+/// Reads every agent from one snapshot and judges each against `now`; renders anew
+/// the agents whose workspace record, reports or status changed since the last
+/// scrape, and builds anew the family blocks whose lines changed. Returns the body's
+/// chunks: `myco_agents_up`, then every per-agent family's block.
+fn encode_agents(
+    state: &mut ScrapeState,
+    store: &Store,
+    policy: &StatusPolicy,
+    now: Timestamp,
+) -> Result<(Vec<Bytes>, AgentsEncoded), crate::store::StoreError> {
+    let started = Instant::now();
+    let ScrapeState {
+        agents: cache,
+        families,
+        fresh_text,
+        fresh,
+    } = state;
+    let view = store.scrape(cache)?;
+    let read = started.elapsed();
+
+    fresh_text.clear();
+    fresh.clear();
+    // Connected agents per workspace; `None` for workspaces without agents.
+    let mut up: Vec<Option<u64>> = vec![None; view.workspaces.len()];
+    // Whether every agent is where the blocks have it (none came, went or moved).
+    let mut same_layout = families[0].starts.len() == view.agents.len() + 1;
+    let mut labels = String::new();
+    for (i, a) in view.agents.iter_mut().enumerate() {
+        let times = ConnectionTimes::from_stored(a.created_at, &a.connection);
+        let status = agent_status(&times, policy, now);
+        *up[a.workspace_slot].get_or_insert(0) += u64::from(status == AgentStatus::Connected);
+        same_layout &= a.kept.position == Some(i);
+        if a.kept.revision != a.revision || a.kept.status != status || a.kept.position.is_none() {
+            let start = fresh_text.len();
+            let ends = render_agent(
+                &a.workspace.agents[a.index],
+                &a.workspace,
+                a.reports.as_deref(),
+                status,
+                &mut labels,
+                fresh_text,
+            );
+            fresh.push(Fresh {
+                index: i,
+                was: a.kept.position,
+                start,
+                ends,
+            });
+            a.kept.revision = a.revision;
+            a.kept.status = status;
+        }
+    }
+    let judged = started.elapsed();
+
+    let mut up: Vec<(&str, &str, u64)> = view
+        .workspaces
+        .iter()
+        .zip(up)
+        .filter_map(|(ws, n)| Some((ws.owner.as_str(), ws.name.as_str(), n?)))
+        .collect();
+    up.sort_unstable();
+    let mut head = String::with_capacity(up.len() * 80 + 256);
+    gauge_family(
+        &mut head,
+        "myco_agents_up",
+        "Connected agents per workspace",
+    );
+    for (user, ws, n) in up {
+        sample(
+            &mut head,
+            "myco_agents_up",
+            "",
+            &[("username", user), ("workspace_name", ws)],
+            n as f64,
+        );
+    }
+    let mut chunks = Vec::with_capacity(AGENT_FAMILIES + 2);
+    chunks.push(Bytes::from(head));
+
+    let mut rebuilt = 0;
+    for (f, block) in families.iter_mut().enumerate() {
+        let changed = !same_layout
+            || fresh.iter().any(|fr| {
+                fr.was
+                    .is_none_or(|p| block.lines(p) != fr.lines(fresh_text, f))
+            });
+        if changed {
+            *block = rebuild_block(block, f, view.agents, fresh, fresh_text, same_layout);
+            rebuilt += 1;
+        }
+        chunks.push(block.bytes.clone());
+    }
+    if !same_layout {
+        for (i, a) in view.agents.iter_mut().enumerate() {
+            a.kept.position = Some(i);
+        }
+    }
+    Ok((
+        chunks,
+        AgentsEncoded {
+            agents: view.agents.len(),
+            rendered: fresh.len(),
+            rebuilt,
+            read,
+            judged,
+        },
+    ))
 }
 
 struct RelayCollector(RelaySources);
@@ -637,7 +917,7 @@ mod tests {
             flush_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             collection_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             http_requests: Family::default(),
-            scrape: Mutex::new(ScrapeCache::default()),
+            scrape: Mutex::new(ScrapeState::default()),
         }))
     }
 
@@ -661,6 +941,7 @@ mod tests {
         let started = Instant::now();
         let out = metrics.scrape(&store, &policy, Format::Classic).unwrap();
         let took = started.elapsed();
+        let out = String::from_utf8(out.to_vec()).unwrap();
         assert!(
             took > Duration::from_millis(1500),
             "the slow store must outlast the 1 s margin for this test to mean anything (took {took:?})"
@@ -676,6 +957,239 @@ mod tests {
             out.contains("myco_agents_up{username=\"alice\",workspace_name=\"ws0\"} 1"),
             "{out}"
         );
+    }
+
+    const BASE: u64 = 1_800_000_000_000;
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_unix_millis(BASE + ms)
+    }
+
+    const POLICY: StatusPolicy = StatusPolicy {
+        connection_timeout: None,
+        inactive_timeout: Duration::from_secs(30),
+    };
+
+    /// A workspace of alice's with agents of these ids, each with an app that has a
+    /// health check and one that has none.
+    fn workspace(id: &str, agents: &[&str]) -> WorkspaceRecord {
+        WorkspaceRecord {
+            id: id.to_owned(),
+            owner: Name::new("alice").unwrap(),
+            name: Name::new(id).unwrap(),
+            created_at: at(0),
+            agents: agents
+                .iter()
+                .map(|a| AgentRecord {
+                    id: (*a).to_owned(),
+                    name: Name::new(a).unwrap(),
+                    created_at: at(0),
+                    token_id: format!("t-{a}"),
+                    apps: vec![
+                        mesh::api::App {
+                            slug: Name::new("web").unwrap(),
+                            url: "http://127.0.0.1:8080/".into(),
+                            healthcheck: Some(mesh::api::HealthCheck {
+                                url: "http://127.0.0.1:8080/healthz".into(),
+                                interval: 10,
+                                threshold: 3,
+                            }),
+                        },
+                        mesh::api::App {
+                            slug: Name::new("docs").unwrap(),
+                            url: "http://127.0.0.1:8081/".into(),
+                            healthcheck: None,
+                        },
+                    ],
+                    startup_script: None,
+                    shutdown_script: None,
+                    metadata: vec![],
+                    ssh_host_key: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn ready(rx_bytes: u64) -> AgentReports {
+        AgentReports {
+            lifecycle_state: mesh::api::LifecycleState::Ready,
+            apps_health: [(Name::new("web").unwrap(), mesh::api::AppHealth::Healthy)]
+                .into_iter()
+                .collect(),
+            stats: Some(AgentStats {
+                rx_bytes,
+                connection_count: 1,
+                relay_latencies: vec![mesh::api::RelayLatency {
+                    relay_url: "http://127.0.0.1:3000/".into(),
+                    latency_ms: 1.5,
+                    preferred: true,
+                }],
+                ..AgentStats::default()
+            }),
+            ..AgentReports::default()
+        }
+    }
+
+    fn heard(store: &Store, agents: &[&str], last: Timestamp) {
+        let batch = AgentStateBatch {
+            connections: agents
+                .iter()
+                .map(|a| {
+                    let c = StoredConnection {
+                        first_connected_at: Some(at(1)),
+                        last_connected_at: Some(last),
+                        disconnected_at: None,
+                    };
+                    ((*a).to_owned(), c)
+                })
+                .collect(),
+            ..AgentStateBatch::default()
+        };
+        store.write_agent_state(&batch).unwrap();
+    }
+
+    fn reported(store: &Store, agent: &str, reports: AgentReports) {
+        let batch = AgentStateBatch {
+            reports: vec![(agent.to_owned(), reports)],
+            ..AgentStateBatch::default()
+        };
+        store.write_agent_state(&batch).unwrap();
+    }
+
+    /// The per-agent families as a scrape with `state` writes them at `now`, how many
+    /// agents it rendered anew and how many family blocks it built anew. The text must
+    /// be byte for byte what a scrape with nothing kept writes.
+    fn render(state: &mut ScrapeState, store: &Store, now: Timestamp) -> (String, usize, usize) {
+        let encode = |state: &mut ScrapeState| {
+            let (chunks, done) = encode_agents(state, store, &POLICY, now).unwrap();
+            let text = String::from_utf8(ScrapeBody::new(chunks).to_vec()).unwrap();
+            (text, done.rendered, done.rebuilt)
+        };
+        let (text, rendered, rebuilt) = encode(state);
+        let (fresh, _, _) = encode(&mut ScrapeState::default());
+        assert_eq!(text, fresh, "kept lines differ from a fresh render");
+        (text, rendered, rebuilt)
+    }
+
+    fn connection_line(text: &str, agent: &str) -> String {
+        let needle = format!("myco_agents_connections{{agent_name=\"{agent}\",");
+        text.lines()
+            .find(|l| l.starts_with(&needle))
+            .unwrap_or_else(|| panic!("no connection line of {agent} in\n{text}"))
+            .to_owned()
+    }
+
+    /// Each change an agent can go through renders that agent anew and rebuilds the
+    /// families whose lines changed, nothing more, and the result is always what a
+    /// scrape from nothing writes.
+    #[test]
+    fn kept_lines_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .create_workspace(&workspace("w1", &["a1", "a2"]), &[])
+            .unwrap();
+        store
+            .create_workspace(&workspace("w2", &["b1"]), &[])
+            .unwrap();
+        store
+            .create_workspace(&workspace("w3", &["c1"]), &[])
+            .unwrap();
+        let all = ["a1", "a2", "b1", "c1"];
+        heard(&store, &all, at(10_000));
+        for a in all {
+            reported(&store, a, ready(100));
+        }
+        let mut state = ScrapeState::default();
+
+        let (text, n, blocks) = render(&mut state, &store, at(11_000));
+        assert_eq!((n, blocks), (4, AGENT_FAMILIES));
+        for a in all {
+            let line = connection_line(&text, a);
+            assert!(
+                line.contains("status=\"connected\",lifecycle_state=\"ready\""),
+                "{line}"
+            );
+        }
+        assert!(text.contains("myco_agentstats_rx_bytes{agent_name=\"a1\",username=\"alice\",workspace_name=\"w1\"} 100\n"), "{text}");
+        assert!(
+            text.contains("myco_agents_up{username=\"alice\",workspace_name=\"w1\"} 2\n"),
+            "{text}"
+        );
+
+        // Heartbeats move only connection times: nothing to render.
+        heard(&store, &all, at(15_000));
+        let (again, n, blocks) = render(&mut state, &store, at(16_000));
+        assert_eq!((n, blocks, &again), (0, 0, &text));
+
+        // Time passes: b1 fell silent, the others were heard. b1's connection line
+        // changes and its latency and stats lines go; its app lines stay.
+        heard(&store, &["a1", "a2", "c1"], at(40_000));
+        let (text, n, blocks) = render(&mut state, &store, at(45_001));
+        assert_eq!((n, blocks), (1, AGENT_FAMILIES - 1));
+        assert!(connection_line(&text, "b1").contains("status=\"disconnected\""));
+        assert!(
+            !text.contains("myco_agentstats_rx_bytes{agent_name=\"b1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("myco_agents_up{username=\"alice\",workspace_name=\"w2\"} 0\n"),
+            "{text}"
+        );
+
+        // Lifecycle.
+        let mut r = ready(100);
+        r.lifecycle_state = mesh::api::LifecycleState::ShuttingDown;
+        reported(&store, "a1", r);
+        let (text, n, blocks) = render(&mut state, &store, at(45_002));
+        assert_eq!((n, blocks), (1, 1));
+        assert!(connection_line(&text, "a1").contains("lifecycle_state=\"shutting_down\""));
+
+        // App health.
+        let mut r = ready(100);
+        r.apps_health
+            .insert(Name::new("web").unwrap(), mesh::api::AppHealth::Unhealthy);
+        reported(&store, "a2", r);
+        let (text, n, blocks) = render(&mut state, &store, at(45_003));
+        assert_eq!((n, blocks), (1, 1));
+        assert!(text.contains("myco_agents_apps{agent_name=\"a2\",username=\"alice\",workspace_name=\"w1\",app_name=\"web\",health=\"unhealthy\"} 1\n"), "{text}");
+
+        // Stats: only the family of the number that moved.
+        reported(&store, "c1", ready(250));
+        let (text, n, blocks) = render(&mut state, &store, at(45_004));
+        assert_eq!((n, blocks), (1, 1));
+        assert!(text.contains("myco_agentstats_rx_bytes{agent_name=\"c1\",username=\"alice\",workspace_name=\"w3\"} 250\n"), "{text}");
+
+        // A changed workspace record renders its agents anew; their lines are the same.
+        store
+            .set_agent_host_key("w1", "a1", "ssh-ed25519 AAAA")
+            .unwrap();
+        let (again, n, blocks) = render(&mut state, &store, at(45_005));
+        assert_eq!((n, blocks, &again), (2, 0, &text));
+
+        // A new agent.
+        store
+            .create_workspace(&workspace("w4", &["d1"]), &[])
+            .unwrap();
+        let (text, n, blocks) = render(&mut state, &store, at(45_006));
+        assert_eq!((n, blocks), (1, AGENT_FAMILIES));
+        assert!(
+            connection_line(&text, "d1")
+                .contains("status=\"connecting\",lifecycle_state=\"created\"")
+        );
+
+        // A deleted workspace: its agents are gone, no one else is rendered.
+        let alice = Name::new("alice").unwrap();
+        assert!(
+            store
+                .delete_workspace(&alice, &Name::new("w2").unwrap())
+                .unwrap()
+        );
+        let (text, n, blocks) = render(&mut state, &store, at(45_007));
+        assert_eq!((n, blocks), (0, AGENT_FAMILIES));
+        assert!(!text.contains("workspace_name=\"w2\""), "{text}");
+        assert!(!text.contains("agent_name=\"b1\""), "{text}");
+        assert_eq!(text.matches("myco_agents_connections{").count(), 4);
     }
 
     #[test]

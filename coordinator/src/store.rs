@@ -13,6 +13,10 @@
 //! ledger's group commit ([`Store::write_agent_state`]), so heartbeats never rewrite
 //! workspace records. [`Store::snapshot`] reads workspaces and all of that in one read
 //! transaction.
+//!
+//! Architecture Invariant: workspace records are written only through
+//! [`WorkspacesMut`], which counts every write transaction that changes one in the
+//! `changes` table; a scrape reads the workspaces again only when that count moved.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -44,6 +48,11 @@ const AGENT_CONNECTIONS: TableDefinition<&str, (u64, u64, u64)> =
 const AGENT_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_reports");
 /// (agent id, sequence number) -> [`LogLine`]
 const AGENT_LOGS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("agent_logs");
+/// What changed, as counters: [`WORKSPACES_CHANGED`] counts the write transactions
+/// that inserted or removed workspace records, so a scrape learns with one lookup
+/// that none changed since it last read them all.
+const CHANGES: TableDefinition<&str, u64> = TableDefinition::new("changes");
+const WORKSPACES_CHANGED: &str = "workspaces";
 
 /// Script log lines kept per agent; older ones are dropped as new ones arrive.
 pub const MAX_LOG_LINES: u64 = 10_000;
@@ -259,69 +268,209 @@ pub struct ReportsSummary {
     #[serde(default)]
     pub lifecycle_state: LifecycleState,
     #[serde(default)]
-    pub apps_health: HashMap<String, AppHealth>,
+    pub apps_health: BTreeMap<String, AppHealth>,
     #[serde(default)]
     pub stats: Option<AgentStats>,
 }
 
-/// One agent of a scrape: where it is in its workspace, and its state.
-#[derive(Debug, Clone)]
-pub struct ScrapeAgent {
+/// One agent of a scrape: where it is in its workspace, its state, and room for what
+/// the caller derives from it (`kept`), which stays with the agent from scrape to
+/// scrape.
+#[derive(Debug)]
+pub struct ScrapeAgent<K> {
+    id: Box<str>,
     pub workspace: Arc<WorkspaceSummary>,
     /// Index into `workspace.agents`.
     pub index: usize,
+    /// Where its workspace is in [`ScrapeView::workspaces`].
+    pub workspace_slot: usize,
+    /// The agent's `created_at`, copied here so that judging every agent does not
+    /// chase pointers into workspace records.
+    pub created_at: Timestamp,
     pub connection: StoredConnection,
-    pub reports: Option<Arc<ReportsSummary>>,
+    /// Boxed: a scrape walks every agent several times, and most of them in a large
+    /// store are agents that never reported.
+    pub reports: Option<Box<ReportsSummary>>,
+    /// The bytes `reports` was decoded from.
+    report_bytes: Vec<u8>,
+    /// Changes whenever the agent's workspace record or its reports change, and not
+    /// when only its connection times do (every heartbeat moves those): what the
+    /// caller derived from the agent at one revision holds while the revision does.
+    /// Never 0.
+    pub revision: u64,
+    pub kept: K,
 }
 
-impl ScrapeAgent {
+impl<K> ScrapeAgent<K> {
     pub fn agent(&self) -> &AgentSummary {
         &self.workspace.agents[self.index]
     }
 }
 
-/// Decoded records of the last scrape with the bytes they were decoded from: a
-/// record whose bytes did not change is not decoded again. Only a cache: every
-/// scrape still reads every row of one read transaction.
-#[derive(Debug, Default)]
-pub struct ScrapeCache {
-    workspaces: HashMap<String, (Box<[u8]>, Arc<WorkspaceSummary>)>,
-    reports: HashMap<String, (Box<[u8]>, Arc<ReportsSummary>)>,
+/// The agents of the last scrape with the bytes their records were decoded from, kept
+/// so that the next scrape decodes only records whose bytes changed and its caller can
+/// keep what it derived from each agent. Only a cache: every scrape still reads every
+/// row of one read transaction and compares it with what is kept here.
+#[derive(Debug)]
+pub struct ScrapeCache<K> {
+    /// Workspace ids and record bytes, in key order, beside `workspaces`.
+    workspace_rows: Vec<(Box<str>, Box<[u8]>)>,
+    workspaces: Vec<Arc<WorkspaceSummary>>,
+    /// Sorted by id, the order of the agent tables, so their rows are merge joined.
+    agents: Vec<ScrapeAgent<K>>,
+    last_revision: u64,
+    /// The store's count of workspace changes when `workspaces` was read.
+    workspace_changes: Option<u64>,
 }
 
-/// The agent with `id` in `agents` (sorted by id), moving `cursor` forward past
-/// smaller ids: one step of a merge join with a table read in key order.
-fn seek<'a>(
-    agents: &'a mut [ScrapeAgent],
+impl<K> Default for ScrapeCache<K> {
+    fn default() -> Self {
+        Self {
+            workspace_rows: Vec::new(),
+            workspaces: Vec::new(),
+            agents: Vec::new(),
+            last_revision: 0,
+            workspace_changes: None,
+        }
+    }
+}
+
+/// What one scrape read: every workspace (in key order) and every agent (by id).
+#[derive(Debug)]
+pub struct ScrapeView<'a, K> {
+    pub workspaces: &'a [Arc<WorkspaceSummary>],
+    pub agents: &'a mut [ScrapeAgent<K>],
+}
+
+/// One step of a merge join of `agents` (sorted by id) with a table read in key
+/// order: moves `cursor` past the agents before `id`, which have no row (`skipped` is
+/// called on each), and past the agent with `id`, which it returns.
+fn join_step<'a, K>(
+    agents: &'a mut [ScrapeAgent<K>],
     cursor: &mut usize,
     id: &str,
-) -> Option<&'a mut ScrapeAgent> {
-    while *cursor < agents.len() && agents[*cursor].agent().id.as_str() < id {
+    mut skipped: impl FnMut(&mut ScrapeAgent<K>),
+) -> Option<&'a mut ScrapeAgent<K>> {
+    loop {
+        match (*agents.get(*cursor)?.id).cmp(id) {
+            std::cmp::Ordering::Less => skipped(&mut agents[*cursor]),
+            std::cmp::Ordering::Equal => {
+                *cursor += 1;
+                return agents.get_mut(*cursor - 1);
+            }
+            std::cmp::Ordering::Greater => return None,
+        }
         *cursor += 1;
     }
-    agents.get_mut(*cursor).filter(|a| a.agent().id == id)
 }
 
-/// Takes `key`'s decoded record from `old` if its bytes are `bytes`, else decodes;
-/// either way files it in `new`.
-fn cached<T: DeserializeOwned>(
-    old: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
-    new: &mut HashMap<String, (Box<[u8]>, Arc<T>)>,
-    table: &'static str,
-    key: &str,
-    bytes: &[u8],
-) -> Result<Arc<T>, StoreError> {
-    let (k, entry) = match old.remove_entry(key) {
-        Some((k, (b, v))) if *b == *bytes => (k, (b, v)),
-        Some((k, _)) => (k, (bytes.into(), Arc::new(decode(table, key, bytes)?))),
-        None => (
-            key.to_owned(),
-            (bytes.into(), Arc::new(decode(table, key, bytes)?)),
-        ),
-    };
-    let value = entry.1.clone();
-    new.insert(k, entry);
-    Ok(value)
+fn next_revision(last: &mut u64) -> u64 {
+    *last += 1;
+    *last
+}
+
+impl<K: Default> ScrapeCache<K> {
+    /// Rebuilds the agent list after workspaces came, went or changed. Agents still
+    /// there keep their decoded reports and `kept`; their revision changes only if
+    /// their workspace record did.
+    fn relayout(&mut self) {
+        let mut agents = Vec::with_capacity(self.agents.len());
+        for (slot, ws) in self.workspaces.iter().enumerate() {
+            for (index, a) in ws.agents.iter().enumerate() {
+                agents.push(ScrapeAgent {
+                    id: a.id.as_str().into(),
+                    workspace: ws.clone(),
+                    index,
+                    workspace_slot: slot,
+                    created_at: a.created_at,
+                    connection: StoredConnection::default(),
+                    reports: None,
+                    report_bytes: Vec::new(),
+                    revision: 0,
+                    kept: K::default(),
+                });
+            }
+        }
+        agents.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut old = std::mem::take(&mut self.agents).into_iter().peekable();
+        for a in &mut agents {
+            while old.next_if(|o| o.id < a.id).is_some() {}
+            match old.next_if(|o| o.id == a.id) {
+                Some(o) => {
+                    a.connection = o.connection;
+                    a.reports = o.reports;
+                    a.report_bytes = o.report_bytes;
+                    a.kept = o.kept;
+                    a.revision = if Arc::ptr_eq(&o.workspace, &a.workspace) {
+                        o.revision
+                    } else {
+                        next_revision(&mut self.last_revision)
+                    };
+                }
+                None => a.revision = next_revision(&mut self.last_revision),
+            }
+        }
+        self.agents = agents;
+    }
+}
+
+/// The `workspaces` table opened in a write transaction: the only way its records are
+/// written. The first insert or remove counts the transaction in `changes`.
+struct WorkspacesMut<'t> {
+    txn: &'t redb::WriteTransaction,
+    table: redb::Table<'t, &'static str, &'static [u8]>,
+    counted: bool,
+}
+
+impl<'t> WorkspacesMut<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            txn,
+            table: txn.open_table(WORKSPACES)?,
+            counted: false,
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        self.table
+            .get(id)?
+            .map(|v| decode("workspaces", id, v.value()))
+            .transpose()
+    }
+
+    fn insert(&mut self, record: &WorkspaceRecord) -> Result<(), StoreError> {
+        self.count()?;
+        self.table
+            .insert(record.id.as_str(), encode(record).as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a record and returns it.
+    fn remove(&mut self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        self.count()?;
+        self.table
+            .remove(id)?
+            .map(|v| decode("workspaces", id, v.value()))
+            .transpose()
+    }
+
+    fn count(&mut self) -> Result<(), StoreError> {
+        if !self.counted {
+            let mut changes = self.txn.open_table(CHANGES)?;
+            let n = changes.get(WORKSPACES_CHANGED)?.map_or(0, |v| v.value());
+            changes.insert(WORKSPACES_CHANGED, n.wrapping_add(1))?;
+            self.counted = true;
+        }
+        Ok(())
+    }
+}
+
+/// How many write transactions changed workspace records (see [`WorkspacesMut`]).
+fn workspace_changes(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    Ok(txn
+        .open_table(CHANGES)?
+        .get(WORKSPACES_CHANGED)?
+        .map_or(0, |v| v.value()))
 }
 
 /// The coordinator's database.
@@ -380,6 +529,7 @@ impl Store {
         txn.open_table(AGENT_CONNECTIONS)?;
         txn.open_table(AGENT_REPORTS)?;
         txn.open_table(AGENT_LOGS)?;
+        txn.open_table(CHANGES)?;
         txn.commit()?;
         Ok(Self {
             db,
@@ -559,8 +709,7 @@ impl Store {
                 return Err(StoreError::Conflict(format!("workspace {key}")));
             }
             names.insert(key.as_str(), ws.id.as_str())?;
-            txn.open_table(WORKSPACES)?
-                .insert(ws.id.as_str(), encode(ws).as_slice())?;
+            WorkspacesMut::open(&txn)?.insert(ws)?;
             let mut tokens = txn.open_table(TOKENS)?;
             for t in agent_tokens {
                 tokens.insert(t.id.as_str(), encode(t).as_slice())?;
@@ -638,11 +787,7 @@ impl Store {
             else {
                 return Ok(false);
             };
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let ws = workspaces
-                .remove(id.as_str())?
-                .map(|v| decode::<WorkspaceRecord>("workspaces", &id, v.value()))
-                .transpose()?;
+            let ws = WorkspacesMut::open(&txn)?.remove(id.as_str())?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
             let mut reports = txn.open_table(AGENT_REPORTS)?;
@@ -671,10 +816,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
         let changed = {
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let mut ws: WorkspaceRecord = match workspaces.get(workspace_id)? {
-                Some(v) => decode("workspaces", workspace_id, v.value())?,
-                None => return Err(StoreError::NotFound(format!("workspace {workspace_id}"))),
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            let Some(mut ws) = workspaces.get(workspace_id)? else {
+                return Err(StoreError::NotFound(format!("workspace {workspace_id}")));
             };
             let agent = ws
                 .agents
@@ -685,7 +829,7 @@ impl Store {
                 false
             } else {
                 agent.ssh_host_key = Some(key.to_owned());
-                workspaces.insert(workspace_id, encode(&ws).as_slice())?;
+                workspaces.insert(&ws)?;
                 true
             }
         };
@@ -758,62 +902,130 @@ impl Store {
         Ok((c, r))
     }
 
-    /// Every agent a `/metrics` scrape judges, from one read transaction: three range
-    /// scans (workspaces, connection times, reports), no query per agent. Agents come
-    /// sorted by id, which is the order of the agent tables, so their rows are joined
-    /// in one pass each. Records whose bytes did not change since the last scrape come
-    /// from `cache` instead of being decoded again.
-    pub fn scrape(&self, cache: &mut ScrapeCache) -> Result<Vec<ScrapeAgent>, StoreError> {
+    /// Every agent a `/metrics` scrape judges, from one read transaction: the count of
+    /// workspace changes, the workspaces (only when that count moved since the last
+    /// scrape), connection times and reports, each table in one range scan, no query
+    /// per agent. Agents come sorted by id, the order of the agent tables, so their
+    /// rows are joined in one pass each. `cache` holds the last scrape's agents:
+    /// records whose bytes did not change are not decoded again, and each agent's
+    /// `revision` says whether anything but its connection times changed since.
+    ///
+    /// # Errors
+    /// The store could not be read or a record decoded; `cache` is then emptied, so
+    /// the next scrape starts afresh rather than from a mix of two snapshots.
+    pub fn scrape<'c, K: Default>(
+        &self,
+        cache: &'c mut ScrapeCache<K>,
+    ) -> Result<ScrapeView<'c, K>, StoreError> {
+        if let Err(e) = self.scrape_into(cache) {
+            *cache = ScrapeCache::default();
+            return Err(e);
+        }
+        Ok(ScrapeView {
+            workspaces: &cache.workspaces,
+            agents: &mut cache.agents,
+        })
+    }
+
+    fn scrape_into<K: Default>(&self, cache: &mut ScrapeCache<K>) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
-        let mut agents = Vec::new();
-        let mut fresh = ScrapeCache::default();
+        let changes = workspace_changes(&txn)?;
+        if cache.workspace_changes != Some(changes) {
+            self.scrape_workspaces(&txn, cache)?;
+            cache.workspace_changes = Some(changes);
+        }
+        self.scrape_agent_state(&txn, cache)
+    }
+
+    /// Reads every workspace record, merged with the last scrape's by id (both in key
+    /// order); rebuilds the agent list if any came, went or changed.
+    fn scrape_workspaces<K: Default>(
+        &self,
+        txn: &redb::ReadTransaction,
+        cache: &mut ScrapeCache<K>,
+    ) -> Result<(), StoreError> {
+        let old_rows = std::mem::take(&mut cache.workspace_rows);
+        let old_workspaces = std::mem::take(&mut cache.workspaces);
+        let mut old = old_rows.into_iter().zip(old_workspaces).peekable();
+        let mut relayout = false;
         for row in txn.open_table(WORKSPACES)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            let ws = cached(
-                &mut cache.workspaces,
-                &mut fresh.workspaces,
-                "workspaces",
-                k.value(),
-                v.value(),
-            )?;
-            for index in 0..ws.agents.len() {
-                agents.push(ScrapeAgent {
-                    workspace: ws.clone(),
-                    index,
-                    connection: StoredConnection::default(),
-                    reports: None,
-                });
+            let (id, bytes) = (k.value(), v.value());
+            while old.next_if(|((old_id, _), _)| &**old_id < id).is_some() {
+                relayout = true; // deleted
             }
+            let (row, ws) = match old.next_if(|((old_id, _), _)| &**old_id == id) {
+                Some(((old_id, old_bytes), ws)) if *old_bytes == *bytes => {
+                    ((old_id, old_bytes), ws)
+                }
+                _ => {
+                    relayout = true;
+                    let ws = Arc::new(decode("workspaces", id, bytes)?);
+                    ((id.into(), bytes.into()), ws)
+                }
+            };
+            cache.workspace_rows.push(row);
+            cache.workspaces.push(ws);
         }
-        agents.sort_unstable_by(|a, b| a.agent().id.cmp(&b.agent().id));
+        relayout |= old.next().is_some();
+        if relayout {
+            cache.relayout();
+        }
+        Ok(())
+    }
 
-        // Merge joins: both sides ascend by agent id; rows of deleted agents are skipped.
+    /// Connection times and reports of every agent, merge joined with the agent list.
+    fn scrape_agent_state<K>(
+        &self,
+        txn: &redb::ReadTransaction,
+        cache: &mut ScrapeCache<K>,
+    ) -> Result<(), StoreError> {
+        // Merge joins: both sides ascend by agent id. Rows of deleted agents are
+        // skipped; agents without a row have no state.
+        let ScrapeCache {
+            agents,
+            last_revision,
+            ..
+        } = cache;
         let mut cursor = 0;
         for row in txn.open_table(AGENT_CONNECTIONS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            if let Some(a) = seek(&mut agents, &mut cursor, k.value()) {
+            let skipped = |a: &mut ScrapeAgent<K>| a.connection = StoredConnection::default();
+            if let Some(a) = join_step(agents, &mut cursor, k.value(), skipped) {
                 a.connection = StoredConnection::from_row(v.value());
             }
         }
+        for a in &mut agents[cursor..] {
+            a.connection = StoredConnection::default();
+        }
+
+        let forget = |a: &mut ScrapeAgent<K>, last: &mut u64| {
+            if a.reports.take().is_some() {
+                a.report_bytes.clear();
+                a.revision = next_revision(last);
+            }
+        };
         let mut cursor = 0;
         for row in txn.open_table(AGENT_REPORTS)?.iter()? {
             let (k, v) = row?;
             self.read_delay();
-            let id = k.value();
-            if let Some(a) = seek(&mut agents, &mut cursor, id) {
-                a.reports = Some(cached(
-                    &mut cache.reports,
-                    &mut fresh.reports,
-                    "agent_reports",
-                    id,
-                    v.value(),
-                )?);
+            let (id, bytes) = (k.value(), v.value());
+            let skipped = |a: &mut ScrapeAgent<K>| forget(a, last_revision);
+            if let Some(a) = join_step(agents, &mut cursor, id, skipped)
+                && (a.reports.is_none() || a.report_bytes != bytes)
+            {
+                a.reports = Some(Box::new(decode("agent_reports", id, bytes)?));
+                a.report_bytes.clear();
+                a.report_bytes.extend_from_slice(bytes);
+                a.revision = next_revision(last_revision);
             }
         }
-        *cache = fresh;
-        Ok(agents)
+        for a in &mut agents[cursor..] {
+            forget(a, last_revision);
+        }
+        Ok(())
     }
 
     /// One agent's connection times and reports, as the ledger starts from when the
@@ -906,13 +1118,10 @@ impl Store {
                 .get(key.as_str())?
                 .map(|v| v.value().to_owned())
                 .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let mut ws: WorkspaceRecord = {
-                let v = workspaces
-                    .get(id.as_str())?
-                    .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
-                decode("workspaces", &id, v.value())?
-            };
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            let mut ws = workspaces
+                .get(id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
             let rec = ws
                 .agents
                 .iter_mut()
@@ -922,7 +1131,7 @@ impl Store {
             tokens.remove(rec.token_id.as_str())?;
             tokens.insert(new_token.id.as_str(), encode(new_token).as_slice())?;
             rec.token_id = new_token.id.clone();
-            workspaces.insert(id.as_str(), encode(&ws).as_slice())?;
+            workspaces.insert(&ws)?;
         }
         txn.commit()?;
         Ok(())
@@ -1034,6 +1243,36 @@ mod tests {
         assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
         assert!(store.token("new").unwrap().is_none());
         assert!(!store.delete_workspace(&name("bob"), &name("z")).unwrap());
+    }
+
+    #[test]
+    fn every_write_of_a_workspace_record_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let changes = || workspace_changes(&store.db.begin_read().unwrap()).unwrap();
+        assert_eq!(changes(), 0);
+        store
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .unwrap();
+        assert_eq!(changes(), 1);
+        assert!(
+            store
+                .set_agent_host_key("3", "3-a", "ssh-ed25519 A")
+                .unwrap()
+        );
+        assert_eq!(changes(), 2);
+        assert!(
+            !store
+                .set_agent_host_key("3", "3-a", "ssh-ed25519 A")
+                .unwrap()
+        );
+        assert_eq!(changes(), 2, "nothing was written");
+        store
+            .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
+            .unwrap();
+        assert_eq!(changes(), 3);
+        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
+        assert_eq!(changes(), 4);
     }
 
     #[test]

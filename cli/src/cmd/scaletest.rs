@@ -181,24 +181,24 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
     let end = Instant::now() + args.duration;
     let halfway = Instant::now() + args.duration / 2;
     let mut hung_up = false;
-    let mut tick = tokio::time::interval(args.scrape_interval);
+    // The first scrape comes one interval after the last agent connected, as every
+    // later one comes an interval after the one before.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + args.scrape_interval,
+        args.scrape_interval,
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scrape_no = 0u64;
+    // Bodies go into one buffer kept from scrape to scrape, as Prometheus reads a scrape
+    // into a buffer sized from the last one: a fresh buffer per scrape would add this
+    // process's page faults and copies to the time.
+    let mut body: Vec<u8> = Vec::new();
     while Instant::now() < end {
         tick.tick().await;
-        if !hung_up && Instant::now() >= halfway {
-            let n = (sims.len() as f64 * args.hang_up).round() as usize;
-            for s in sims.iter().take(n) {
-                s.hang_up.store(true, Ordering::Relaxed);
-                s.wake.notify_one();
-            }
-            hung_up = true;
-            eprintln!("{n} agents hang up");
-        }
         scrape_no += 1;
         let began = Instant::now();
         let since_start = t0.elapsed();
-        let text = match &metrics_path {
+        let response = match &metrics_path {
             Some(u) => http.get(u).send().await.and_then(|r| r.error_for_status()),
             None => http
                 .get(format!("{url}/metrics"))
@@ -207,12 +207,20 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
                 .await
                 .and_then(|r| r.error_for_status()),
         };
-        let text = match text {
-            Ok(r) => r.text().await.context("the scrape broke off")?,
+        let mut response = match response {
+            Ok(r) => r,
             Err(e) => bail!("scrape {scrape_no} failed: {e}"),
         };
+        // The coordinator sends nothing before the whole body is ready: the headers
+        // arrive when its work is done, the rest is transfer.
+        let headers = began.elapsed();
+        body.clear();
+        while let Some(chunk) = response.chunk().await.context("the scrape broke off")? {
+            body.extend_from_slice(&chunk);
+        }
         let took = began.elapsed();
-        let shown = parse_connections(&text);
+        let text = std::str::from_utf8(&body).context("the scrape is not UTF-8")?;
+        let shown = parse_connections(text);
         let mut verdict = judge(&sims, &shown, since_start);
         // Agents that never connected must never be shown connected.
         for s in &extra {
@@ -227,14 +235,25 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
             }
         }
         println!(
-            "scrape {scrape_no}: {took:.1?}, {} agents shown, {} judged: {} false disconnects, {} false connects, {} missing",
+            "scrape {scrape_no}: {took:.1?} (headers after {headers:.1?}), {} agents shown, {} judged: {} false disconnects, {} false connects, {} missing",
             shown.len(),
             verdict.judged,
             verdict.false_disconnects,
             verdict.false_connects,
             verdict.missing
         );
-        report.add(took, &verdict);
+        report.add(took, headers, &verdict);
+        // Hang up right after a scrape, so that this process's own burst of closes
+        // does not delay the reading of the next response: it has an interval to pass.
+        if !hung_up && Instant::now() >= halfway {
+            let n = (sims.len() as f64 * args.hang_up).round() as usize;
+            for s in sims.iter().take(n) {
+                s.hang_up.store(true, Ordering::Relaxed);
+                s.wake.notify_one();
+            }
+            hung_up = true;
+            eprintln!("{n} agents hang up");
+        }
     }
     for s in &sims {
         s.hang_up.store(true, Ordering::Relaxed);
@@ -555,6 +574,8 @@ fn judge(
 #[derive(Debug, Default)]
 struct Report {
     scrapes: Vec<Duration>,
+    /// Until the response's headers, per scrape.
+    headers: Vec<Duration>,
     judged: u64,
     false_disconnects: u64,
     false_connects: u64,
@@ -562,8 +583,9 @@ struct Report {
 }
 
 impl Report {
-    fn add(&mut self, took: Duration, v: &Verdict) {
+    fn add(&mut self, took: Duration, headers: Duration, v: &Verdict) {
         self.scrapes.push(took);
+        self.headers.push(headers);
         self.judged += v.judged;
         self.false_disconnects += v.false_disconnects;
         self.false_connects += v.false_connects;
@@ -573,17 +595,21 @@ impl Report {
     fn print(&self) {
         let mut s = self.scrapes.clone();
         s.sort();
-        let pct = |p: f64| {
+        let mut h = self.headers.clone();
+        h.sort();
+        let pct = |s: &[Duration], p: f64| {
             s.get(((s.len() as f64 - 1.0) * p).round() as usize)
                 .copied()
                 .unwrap_or_default()
         };
         println!(
-            "summary: {} scrapes, scrape p50 {:.1?} p99 {:.1?} max {:.1?}; {} verdicts: {} false disconnects, {} false connects, {} missing",
+            "summary: {} scrapes, scrape p50 {:.1?} p99 {:.1?} max {:.1?} (headers after p50 {:.1?} p99 {:.1?}); {} verdicts: {} false disconnects, {} false connects, {} missing",
             s.len(),
-            pct(0.5),
-            pct(0.99),
+            pct(&s, 0.5),
+            pct(&s, 0.99),
             s.last().copied().unwrap_or_default(),
+            pct(&h, 0.5),
+            pct(&h, 0.99),
             self.judged,
             self.false_disconnects,
             self.false_connects,
