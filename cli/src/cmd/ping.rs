@@ -163,18 +163,12 @@ async fn explain(globals: &Globals, d: &dial::Dialed, mesh: &MeshArgs) -> Vec<St
 
 /// The agent's last network check, if the coordinator has one.
 async fn agent_netcheck(globals: &Globals, agent: &str) -> Option<mesh::api::NetcheckResult> {
-    // `owner/workspace.agent`
-    let (owner, rest) = agent.split_once('/')?;
-    let (ws, name) = rest.split_once('.')?;
+    // `owner/workspace.agent`, as the coordinator names it in the dial answer
+    let r: mesh::WorkspaceRef = agent.parse().ok()?;
+    let name = r.agent.clone()?;
     let client = Client::authenticated(globals).ok()?;
-    let w: mesh::api::Workspace = client
-        .get(&format!("/api/v1/workspaces/{owner}/{ws}"))
-        .await
-        .ok()?;
-    w.agents
-        .into_iter()
-        .find(|a| a.name.as_str() == name)?
-        .netcheck
+    let w: mesh::api::Workspace = client.get(&super::workspaces::ws_path(&r)).await.ok()?;
+    w.agents.into_iter().find(|a| a.name == name)?.netcheck
 }
 
 /// What in the two network checks stands in the way of a direct path.

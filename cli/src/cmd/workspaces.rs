@@ -165,7 +165,8 @@ fn parse_app(spec: &str) -> anyhow::Result<(Option<Name>, Name, String)> {
     Ok((agent, slug, url.to_owned()))
 }
 
-fn ws_path(r: &WorkspaceRef) -> String {
+/// The API path of the workspace `r` names (the caller's own without an owner).
+pub(crate) fn ws_path(r: &WorkspaceRef) -> String {
     let owner = r.owner.as_ref().map_or("me", Name::as_str);
     format!("/api/v1/workspaces/{owner}/{}", r.workspace)
 }
