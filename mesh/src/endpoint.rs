@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 
 use iroh::address_lookup::MemoryLookup;
-use iroh::endpoint::{BindError, PortmapperConfig, QuicTransportConfig, presets};
+use iroh::endpoint::{
+    AckFrequencyConfig, BindError, PortmapperConfig, QuicTransportConfig, presets,
+};
 use iroh::{Endpoint, NetReportConfig, RelayConfig, RelayMap, RelayMode, RelayUrl, SecretKey};
 
 /// What netcheck probes: our coordinator's relay and both its QAD ports.
@@ -71,13 +73,30 @@ pub enum EndpointError {
     Bind(#[from] BindError),
 }
 
-/// The QUIC transport settings we use everywhere: noq's defaults. Larger windows
-/// bought nothing measurable in DESIGN.md's sweep, and a 4 MiB stream window with a
-/// 16 MiB connection window made bulk downloads abort here with "too many gaps in
-/// stream buffer" (noq's assembler limit).
+/// The QUIC transport settings we use everywhere: noq's defaults, except how often the
+/// peer acknowledges. Larger windows bought nothing measurable in DESIGN.md's sweep,
+/// and a 4 MiB stream window with a 16 MiB connection window made bulk downloads abort
+/// here with "too many gaps in stream buffer" (noq's assembler limit).
+///
+/// By default a QUIC receiver acknowledges every second packet at once. A keystroke
+/// and its echo are one packet each way, so every other keystroke made one side send
+/// an ACK-only packet before it handed the data on, in the middle of the round trip.
+/// With the ACK frequency extension (draft-ietf-quic-ack-frequency, which noq speaks
+/// and which every Myco peer offers) we ask the peer to wait for more than
+/// [`ACK_AFTER_PACKETS`] packets or its max ACK delay (25 ms) instead: keystrokes get
+/// their ACKs from the timer, off the critical path, unless more than 4 come within it
+/// (a key every 6 ms). 10 cost bulk uploads about 5-10% in bench/ssh.sh; 4 showed no
+/// cost beyond the noise (BENCHMARKS.md, issue 4).
 pub fn transport_config() -> QuicTransportConfig {
-    QuicTransportConfig::builder().build()
+    let mut ack = AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(ACK_AFTER_PACKETS.into());
+    QuicTransportConfig::builder()
+        .ack_frequency_config(Some(ack))
+        .build()
 }
+
+/// How many ack-eliciting packets the peer may receive before it must acknowledge.
+const ACK_AFTER_PACKETS: u32 = 4;
 
 /// Builds and binds an endpoint.
 ///
