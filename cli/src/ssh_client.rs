@@ -87,9 +87,40 @@ pub struct Request {
     pub tty: Option<bool>,
 }
 
+/// The session channel's output when it goes to a terminal: written by the session
+/// loop itself as it reads each packet, instead of being passed to the task that runs
+/// the session and written on its next turn (about 20 µs of every keystroke's echo,
+/// bench/ssh.sh). A terminal takes small writes at once.
+#[derive(Default)]
+struct TerminalOut {
+    channel: std::sync::OnceLock<russh::ChannelId>,
+    /// The first write that failed; the session reports it.
+    failed: Mutex<Option<std::io::Error>>,
+}
+
+impl TerminalOut {
+    /// Writes `data` if it is the terminal channel's; false if it is not.
+    fn write(&self, channel: russh::ChannelId, stream: Stream, data: &[u8]) -> bool {
+        if self.channel.get() != Some(&channel) {
+            return false;
+        }
+        if let Err(e) = crate::stdio::write_now(stream, data)
+            && let Ok(mut failed) = self.failed.lock()
+        {
+            failed.get_or_insert(e);
+        }
+        true
+    }
+
+    fn take_error(&self) -> Option<std::io::Error> {
+        self.failed.lock().ok()?.take()
+    }
+}
+
 /// The russh client's side of the connection.
 struct Client {
     pinned: PublicKey,
+    terminal: Arc<TerminalOut>,
     /// Remote forwards by the port the agent listens on.
     forwards: Arc<Mutex<HashMap<u32, (String, u16)>>>,
     agent_socket: Option<PathBuf>,
@@ -103,6 +134,27 @@ impl russh::client::Handler for Client {
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         Ok(key.public_key().key_data() == self.pinned.key_data())
+    }
+
+    async fn data(
+        &mut self,
+        channel: russh::ChannelId,
+        data: &[u8],
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        self.terminal.write(channel, Stream::Stdout, data);
+        Ok(())
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: russh::ChannelId,
+        _ext: u32,
+        data: &[u8],
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        self.terminal.write(channel, Stream::Stderr, data);
+        Ok(())
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -247,8 +299,10 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
         None
     };
     let forwards = Arc::new(Mutex::new(HashMap::new()));
+    let terminal = Arc::new(TerminalOut::default());
     let client = Client {
         pinned,
+        terminal: terminal.clone(),
         forwards: forwards.clone(),
         agent_socket,
     };
@@ -333,22 +387,22 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut input = crate::stdio::stdin_chunks();
+    let mut input = crate::stdio::Input::stdin();
     let mut input_open = true;
-    // A terminal's output is written at once (no thread hop per keystroke echo); a
-    // pipe or file may block, and gets a thread of its own.
-    let mut output = if tty && std::io::stdout().is_terminal() {
-        Output::direct()
-    } else {
-        Output::threaded()
-    };
+    // A terminal's output is written by the session loop as it arrives (see
+    // `TerminalOut`); a pipe or file may block, and gets a thread of its own.
+    let to_terminal = tty && std::io::stdout().is_terminal();
+    if to_terminal {
+        let _ = terminal.channel.set(channel.id());
+    }
+    let mut output = Output::threaded();
     // SIGINT/SIGTERM/SIGHUP go to the remote command; a second one ends `myco ssh`
     // here, for a command that ignores them or a link that hangs.
     let mut signals = 0;
     let mut code = None;
     loop {
         tokio::select! {
-            chunk = input.recv(), if input_open => match chunk.flatten() {
+            chunk = input.recv(), if input_open => match chunk {
                 Some(data) => channel.data_bytes(data).await.with_context(broke)?,
                 None => {
                     input_open = false;
@@ -376,6 +430,11 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
                 channel.signal(sig).await.with_context(broke)?;
             }
             msg = channel.wait() => match msg {
+                Some(ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. }) if to_terminal => {
+                    if let Some(e) = terminal.take_error() {
+                        return Err(e).context("cannot write to the terminal");
+                    }
+                }
                 Some(ChannelMsg::Data { data }) => output.write(Stream::Stdout, data).await?,
                 Some(ChannelMsg::ExtendedData { data, .. }) => {
                     output.write(Stream::Stderr, data).await?;

@@ -268,6 +268,24 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
         .get_envs()
         .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v?.to_str()?)))
         .collect();
+    // After the session, the terminal the shell shares with `myco ssh` must be as it
+    // was: myco reads it on its runtime (non-blocking) through a file description of
+    // its own, never the shared one.
+    let script = env.dir().join("interactive.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "env {} {} ssh dev\n\
+             code=$?\n\
+             flags=$(awk '/^flags/ {{print $2}}' /proc/$$/fdinfo/0)\n\
+             if [ $((flags & 04000)) -ne 0 ]; then mode=nonblocking; else mode=blocking; fi\n\
+             echo \"after-ssh code=$code $mode\"\n\
+             sleep 30\n",
+            envs.join(" "),
+            tests::myco_bin().display()
+        ),
+    )
+    .unwrap();
     tmux(&[
         "new-session",
         "-d",
@@ -277,11 +295,7 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
         "120",
         "-y",
         "40",
-        &format!(
-            "env {} {} ssh dev",
-            envs.join(" "),
-            tests::myco_bin().display()
-        ),
+        &format!("sh {}", script.display()),
     ]);
     tmux(&[
         "send-keys",
@@ -303,11 +317,6 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
     wait_pane(&session, "after-2");
     // A background job holding the terminal does not keep the session open.
     tmux(&["send-keys", "-t", &session, "sleep 300 & exit 7", "Enter"]);
-    eventually("the session ends", || {
-        !Command::new("tmux")
-            .args(["has-session", "-t", &session])
-            .status()
-            .unwrap()
-            .success()
-    });
+    wait_pane(&session, "after-ssh code=7 blocking");
+    tmux(&["kill-session", "-t", &session]);
 }
