@@ -148,7 +148,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The work runs as a spawned task, not as the future `block_on` polls: on a
+    // current-thread runtime every wake-up of that future from the runtime's own thread
+    // writes the runtime's eventfd and costs it a spurious return from epoll, which a
+    // keystroke's round trip paid on about a third of keystrokes (bench/ssh.sh); a
+    // spawned task is simply queued.
+    let result = runtime.block_on(async {
+        tokio::spawn(run(cli))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("myco stopped unexpectedly: {e}")))
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         // A remote command's exit code, passed on without a message.
@@ -228,8 +238,13 @@ fn init_tracing(format: LogFormat, server: bool) {
     // The server reports what it does; client commands stay quiet unless asked.
     // iroh logs connection teardown at error level; for a client command that is noise
     // on the one line the user reads, so its crates stay quiet unless RUST_LOG asks.
+    // iroh opens an info-level span for every datagram it sends (`poll_send` in
+    // `iroh::socket::transports`, a module with no info events of its own); the text
+    // subscriber formats its fields each time, a measurable part of an agent's work
+    // per keystroke. Its submodules keep their info events.
     let default = if server {
-        "info,iroh_relay::server::client=error"
+        "info,iroh_relay::server::client=error,iroh::socket::transports=warn,\
+         iroh::socket::transports::relay=info,iroh::socket::transports::ip=info"
     } else {
         "warn,iroh=off,iroh_relay=off,noq=off,noq_proto=off,portmapper=off"
     };
