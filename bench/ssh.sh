@@ -3,7 +3,7 @@
 #   (a) cold whole-process `myco ssh bench -- true` vs `ssh -p PORT 127.0.0.1 true`
 #   (b) 1 GiB through the session each way (up: into `cat >/dev/null`; down: out of
 #       `head -c 1GiB /dev/zero`), plus OpenSSH's client to our agent via config-ssh
-#   (c) warm keystroke echo round trip through a remote PTY
+#   (c) warm keystroke echo round trip through a remote PTY, the sessions interleaved
 #
 #   bash bench/ssh.sh [RUNS]     (RUNS cold logins per side, default 20;
 #                                 BULK_ROUNDS=N bulk rounds per side, default 3)
@@ -93,23 +93,20 @@ print(" ".join("%.0f" % statistics.median(r) for r in rates))
 PY
 )"
 
-# (c) Keystroke echo through a remote PTY: 3 interleaved rounds of 200 keystrokes per
-# side; the median of the rounds' medians and of their p90s.
-ks_rounds() {
-  local m=() o=()
+# (c) Keystroke echo through a remote PTY: the three sessions typed into in turn, one
+# keystroke each, so they share the machine's noise keystroke by keystroke; 3 rounds of
+# 300 keystrokes; the median of the rounds' medians and of their p90s.
+read -r ks_ossh ks_ossh90 ks_myco ks_myco90 ks_via ks_via90 <<<"$(
   for _ in 1 2 3; do
-    m+=("$(python3 bench/keystroke.py 200 "$MYCO" ssh -t bench -- 'echo READY; cat')")
-    o+=("$(python3 bench/keystroke.py 200 "${ossh[@]}" -tt 'echo READY; cat')")
-  done
-  python3 - "${m[@]}" "${o[@]}" <<'PY'
+    python3 bench/keystroke.py 300 :: "${ossh[@]}" -tt 'echo READY; cat' \
+      :: "$MYCO" ssh -t bench -- 'echo READY; cat' \
+      :: "${viamyco[@]}" -tt 'echo READY; cat' | tr '\n' ' '
+    echo
+  done | python3 -c '
 import statistics, sys
-runs = [tuple(map(float, a.split())) for a in sys.argv[1:]]
-med = lambda rs, i: statistics.median(r[i] for r in rs)
-m, o = runs[:3], runs[3:]
-print("%.3f %.3f %.3f %.3f" % (med(m, 0), med(m, 1), med(o, 0), med(o, 1)))
-PY
-}
-read -r ks_myco ks_myco90 ks_ossh ks_ossh90 <<<"$(ks_rounds)"
+rounds = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+print(" ".join("%.3f" % statistics.median(r[i] for r in rounds) for i in range(6)))
+')"
 
 cat <<OUT
 (a) cold login + \`true\`, whole process, median of $RUNS (ms)
@@ -120,7 +117,8 @@ cat <<OUT
   OpenSSH ssh -> sshd                     $up_ossh / $down_ossh
   myco ssh -> agent                       $up_myco / $down_myco   = $(ratio "$up_myco" "$up_ossh") / $(ratio "$down_myco" "$down_ossh") x OpenSSH
   OpenSSH ssh -> agent (config-ssh)       $up_via / $down_via   = $(ratio "$up_via" "$up_ossh") / $(ratio "$down_via" "$down_ossh") x OpenSSH
-(c) keystroke echo through a PTY, ms (3 x 200)   median / p90
+(c) keystroke echo through a PTY, ms (3 x 300, interleaved)   median / p90
   OpenSSH ssh -> sshd                     $ks_ossh / $ks_ossh90
   myco ssh -> agent                       $ks_myco / $ks_myco90   = $(ratio "$ks_myco" "$ks_ossh") x OpenSSH
+  OpenSSH ssh -> agent (config-ssh)       $ks_via / $ks_via90   = $(ratio "$ks_via" "$ks_ossh") x OpenSSH
 OUT
