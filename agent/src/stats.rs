@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use iroh::RelayUrl;
 use iroh::endpoint::{Connection, WeakConnectionHandle};
 use mesh::api::{AgentStats, RelayLatency};
 
@@ -167,29 +166,6 @@ pub(crate) fn median_ms(rtts: &[Duration]) -> f64 {
     }
 }
 
-/// Times a GET of the relay's `/ping`, which iroh's relay server answers.
-async fn relay_round_trip(
-    client: &reqwest::Client,
-    relay: &RelayUrl,
-    timeout: Duration,
-) -> Result<Duration, String> {
-    let url = relay
-        .join("ping")
-        .map_err(|e| format!("no ping URL for {relay}: {e}"))?;
-    let started = tokio::time::Instant::now();
-    let resp = client
-        .get(url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let elapsed = started.elapsed();
-    if !resp.status().is_success() {
-        return Err(format!("the relay answered {}", resp.status()));
-    }
-    Ok(elapsed)
-}
-
 /// Every stats interval (the heartbeat interval of the last welcome), gathers the
 /// stats and queues them.
 pub(crate) async fn run(
@@ -216,7 +192,7 @@ pub(crate) async fn run(
         tokio::time::sleep(interval).await;
         let mut relay_latencies = Vec::new();
         if let Some(client) = &client {
-            match relay_round_trip(client, &relay, interval.min(RELAY_PING_TIMEOUT)).await {
+            match netcheck::relay_ping(client, &relay, interval.min(RELAY_PING_TIMEOUT)).await {
                 Ok(rtt) => {
                     let preferred = endpoint
                         .get()
