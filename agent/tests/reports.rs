@@ -89,6 +89,38 @@ fn script(run: &str, timeout: u64) -> Option<Script> {
     })
 }
 
+/// An agent run by a test; aborted when dropped.
+struct RunningAgent {
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), agent::AgentError>>>,
+}
+
+impl RunningAgent {
+    /// What SIGTERM does.
+    fn stop(&mut self) {
+        let _ = self.stop.take().expect("stopped twice").send(());
+    }
+
+    /// Waits for the agent to stop on its own, and for it to stop cleanly.
+    async fn stopped(mut self, what: &str) {
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
 /// The coordinator's side of the control channel, as far as the agent can tell.
 struct FakeCoordinator {
     listener: TcpListener,
@@ -110,6 +142,24 @@ impl FakeCoordinator {
         Self {
             listener,
             welcome: serde_json::to_string(&welcome).unwrap(),
+        }
+    }
+
+    /// Starts an agent (in this process) against this coordinator, in a data dir of
+    /// its own.
+    fn run_agent(&self) -> RunningAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(agent::run(self.config(dir.path()), async {
+            // Only `RunningAgent::stop` stops it; dropping the sender does not.
+            if stopped.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }));
+        RunningAgent {
+            _dir: dir,
+            stop: Some(stop),
+            task: Some(task),
         }
     }
 
@@ -225,11 +275,7 @@ async fn startup_failure_health_metadata_stats_and_shutdown_are_reported() {
         ),
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(agent::run(coordinator.config(dir.path()), async {
-        let _ = stopped.await;
-    }));
+    let mut agent = coordinator.run_agent();
     let mut ch = coordinator.accept().await;
     ch.until(
         "the startup script failed and everything was reported",
@@ -264,29 +310,23 @@ async fn startup_failure_health_metadata_stats_and_shutdown_are_reported() {
 
     // SIGTERM: the shutdown script runs while the channel stays up, and its outcome
     // is sent before the agent exits.
-    stop.send(()).unwrap();
+    agent.stop();
     ch.until("the agent is off", |s| s.has("lifecycle off"))
         .await;
     let seen = &ch.seen;
     let shutting_down = seen.position("lifecycle shutting_down");
     let bye = seen.position("bye");
     assert!(failed < shutting_down && shutting_down < bye && bye < seen.position("lifecycle off"));
-    tokio::time::timeout(PATIENCE, agent)
-        .await
-        .expect("the agent did not stop after its shutdown script")
-        .unwrap()
-        .unwrap();
+    agent
+        .stopped("the agent did not stop after its shutdown script")
+        .await;
 }
 
 #[tokio::test]
 async fn a_new_channel_gets_the_current_state_again() {
     let http = http_ok().await;
     let coordinator = FakeCoordinator::start(http, manifest(http, None, None)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let agent = tokio::spawn(agent::run(
-        coordinator.config(dir.path()),
-        std::future::pending(),
-    ));
+    let _agent = coordinator.run_agent();
     let mut ch = coordinator.accept().await;
     ch.until("ready, healthy, with metadata", |s| {
         s.has("lifecycle ready")
@@ -308,7 +348,6 @@ async fn a_new_channel_gets_the_current_state_again() {
     assert_eq!(ch.seen.apps.get("docs"), Some(&AppHealth::Disabled));
     // Only the current state: the startup transitions are not replayed.
     assert!(!ch.seen.has("lifecycle starting"), "{:#?}", ch.seen.events);
-    agent.abort();
 }
 
 #[tokio::test]
@@ -319,11 +358,7 @@ async fn a_startup_script_past_its_timeout_is_killed() {
         manifest(http, script("echo before; sleep 600", 1), None),
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let agent = tokio::spawn(agent::run(
-        coordinator.config(dir.path()),
-        std::future::pending(),
-    ));
+    let _agent = coordinator.run_agent();
     let mut ch = coordinator.accept().await;
     ch.until("the startup script timed out", |s| {
         s.has("lifecycle start_timeout")
@@ -333,7 +368,6 @@ async fn a_startup_script_past_its_timeout_is_killed() {
     assert!(seen.position("before") < seen.position("lifecycle start_timeout"));
     seen.position("myco: the startup script failed: timed out after 1 s and was killed");
     assert!(!seen.has("lifecycle ready") && !seen.has("lifecycle start_error"));
-    agent.abort();
 }
 
 #[tokio::test]
@@ -348,26 +382,18 @@ async fn stopping_during_the_startup_script_kills_it_and_shuts_down() {
         ),
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(agent::run(coordinator.config(dir.path()), async {
-        let _ = stopped.await;
-    }));
+    let mut agent = coordinator.run_agent();
     let mut ch = coordinator.accept().await;
     ch.until("the startup script runs", |s| {
         s.has("lifecycle starting") && s.events.iter().any(|e| e.parse::<i32>().is_ok())
     })
     .await;
     let pid: i32 = ch.seen.events.iter().find_map(|e| e.parse().ok()).unwrap();
-    stop.send(()).unwrap();
+    agent.stop();
     ch.until("the agent is off", |s| s.has("lifecycle off"))
         .await;
     assert!(!ch.seen.has("lifecycle ready"));
-    tokio::time::timeout(PATIENCE, agent)
-        .await
-        .expect("the agent did not stop")
-        .unwrap()
-        .unwrap();
+    agent.stopped("the agent did not stop").await;
     // The script's shell is gone (or a zombie waiting for its adopter to reap it).
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
