@@ -255,6 +255,59 @@ fn bad_arguments_and_other_users_are_refused() {
     assert!(line.contains("--stdio"), "{line}");
 }
 
+/// Input for a terminal is written straight into it while nothing is queued, and
+/// queued once the terminal is full; a paste much larger than the terminal's buffer
+/// must arrive whole and in order across the two.
+#[test]
+fn a_large_paste_into_a_terminal_arrives_whole_and_in_order() {
+    let (env, _agent) = TestEnv::with_agent();
+    let data: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut child = env
+        .cmd(
+            "alice",
+            &[
+                "ssh",
+                "-t",
+                "dev",
+                "--",
+                "stty raw -echo; echo READY; head -c 2000000 | sha256sum",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    // The paste goes in once the terminal is raw (a cooked one would take its bytes
+    // for ^C and ^D).
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+        loop {
+            let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+            if n == 0 {
+                return all;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if all.windows(5).any(|w| w == b"READY") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the remote terminal never got ready");
+    stdin.write_all(&data).unwrap();
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains(&sha256_hex(&data)), "{text:?}");
+}
+
 #[test]
 fn interactive_shell_in_raw_mode_follows_resizes() {
     let (env, _agent) = TestEnv::with_agent();
