@@ -99,17 +99,17 @@ struct TerminalOut {
 }
 
 impl TerminalOut {
-    /// Writes `data` if it is the terminal channel's; false if it is not.
-    fn write(&self, channel: russh::ChannelId, stream: Stream, data: &[u8]) -> bool {
+    /// Writes `data` if it is the terminal channel's (other channels' data, such as a
+    /// forwarded port's, goes its own way).
+    fn write(&self, channel: russh::ChannelId, stream: Stream, data: &[u8]) {
         if self.channel.get() != Some(&channel) {
-            return false;
+            return;
         }
         if let Err(e) = crate::stdio::write_now(stream, data)
             && let Ok(mut failed) = self.failed.lock()
         {
             failed.get_or_insert(e);
         }
-        true
     }
 
     fn take_error(&self) -> Option<std::io::Error> {
