@@ -165,10 +165,10 @@ async fn explain(globals: &Globals, d: &dial::Dialed, mesh: &MeshArgs) -> Vec<St
 async fn agent_netcheck(globals: &Globals, agent: &str) -> Option<mesh::api::NetcheckResult> {
     // `owner/workspace.agent`, as the coordinator names it in the dial answer
     let r: mesh::WorkspaceRef = agent.parse().ok()?;
-    let name = r.agent.clone()?;
+    let name = r.agent.as_ref()?;
     let client = Client::authenticated(globals).ok()?;
     let w: mesh::api::Workspace = client.get(&super::workspaces::ws_path(&r)).await.ok()?;
-    w.agents.into_iter().find(|a| a.name == name)?.netcheck
+    w.agents.into_iter().find(|a| &a.name == name)?.netcheck
 }
 
 /// What in the two network checks stands in the way of a direct path.
