@@ -20,15 +20,54 @@ start_myco() {
   for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   url=$(sed -n 's/^myco coordinator listening on //p' "$work/server.out")
   echo "bench-password" | "$MYCO" login "$url" --first-user --username bench --password-stdin >/dev/null
-  local token
-  token=$("$MYCO" create bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["agent_tokens"][0]["token"])')
-  "$MYCO" agent --url "$url" --token "$token" --data-dir "$work/agent" 2>"$work/agent.err" &
+  add_agent bench "$MYCO"
+}
+
+# add_agent NAME BIN: workspace NAME on the running coordinator, its agent run by the
+# myco binary BIN; returns once the agent is connected and has its SSH host key.
+add_agent() {
+  local name=$1 bin=$2 token
+  token=$("$MYCO" create "$name" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["agent_tokens"][0]["token"])')
+  "$bin" agent --url "$url" --token "$token" --data-dir "$work/agent-$name" 2>"$work/agent-$name.err" &
   pids+=($!)
   for _ in $(seq 200); do
-    "$MYCO" show bench -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") and a.get("ssh_host_key") else 1)' && return 0
+    "$MYCO" show "$name" -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") and a.get("ssh_host_key") else 1)' && return 0
     sleep 0.05
   done
-  echo "the agent never connected; see $work/agent.err" >&2
+  echo "the agent of $name never connected; see $work/agent-$name.err" >&2
+  return 1
+}
+
+# Starts OpenSSH's own sshd ($SSHD, default /usr/sbin/sshd) on a free loopback port,
+# with a throwaway host key and one authorized client key; sets $ossh, the client
+# command line that logs in to it.
+start_sshd() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/client_key"
+  cp "$work/client_key.pub" "$work/authorized_keys"
+  cat >"$work/sshd_config" <<CFG
+Port $port
+ListenAddress 127.0.0.1
+HostKey $work/host_key
+AuthorizedKeysFile $work/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $work/sshd.pid
+Subsystem sftp internal-sftp
+CFG
+  mkdir -p /run/sshd
+  "${SSHD:-/usr/sbin/sshd}" -D -e -f "$work/sshd_config" 2>"$work/sshd.log" &
+  pids+=($!)
+  ossh=(ssh -F /dev/null -p "$port" -i "$work/client_key" -o IdentitiesOnly=yes -o BatchMode=yes
+    -o UserKnownHostsFile="$work/known_hosts" -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR
+    "$(id -un)@127.0.0.1")
+  for _ in $(seq 100); do "${ossh[@]}" true 2>/dev/null && return 0; sleep 0.05; done
+  echo "sshd did not start; see $work/sshd.log" >&2
   return 1
 }
 

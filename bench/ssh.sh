@@ -23,32 +23,7 @@ done
 
 source bench/lib.sh
 
-# OpenSSH: its own sshd with a throwaway host key and one authorized client key.
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$work/client_key"
-cp "$work/client_key.pub" "$work/authorized_keys"
-cat >"$work/sshd_config" <<CFG
-Port $port
-ListenAddress 127.0.0.1
-HostKey $work/host_key
-AuthorizedKeysFile $work/authorized_keys
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile $work/sshd.pid
-Subsystem sftp internal-sftp
-CFG
-mkdir -p /run/sshd
-"$SSHD" -D -e -f "$work/sshd_config" 2>"$work/sshd.log" &
-pids+=($!)
-ossh=(ssh -F /dev/null -p "$port" -i "$work/client_key" -o IdentitiesOnly=yes -o BatchMode=yes
-  -o UserKnownHostsFile="$work/known_hosts" -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR
-  "$(id -un)@127.0.0.1")
-for _ in $(seq 100); do "${ossh[@]}" true 2>/dev/null && break; sleep 0.05; done
-
+start_sshd
 start_myco
 "$MYCO" config-ssh --ssh-config-file "$work/ssh_config" -y >/dev/null
 viamyco=(ssh -F "$work/ssh_config" -o BatchMode=yes myco.bench)
