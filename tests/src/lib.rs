@@ -75,13 +75,34 @@ pub fn sha256_hex(data: &[u8]) -> String {
     String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port that was free for both TCP and UDP a moment ago, for a process the
+/// test starts to bind.
+///
+/// It comes from below the kernel's ephemeral range (`ip_local_port_range`): `bind` to
+/// port 0 and every outgoing connection take their ports from that range, so none of
+/// the suite's many connections can take this one before its process binds it. Test
+/// processes running at once start at random points among the thousands of ports there.
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const LOWEST: u32 = 20_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    let start = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    for i in 0..u64::from(span) {
+        let port = u64::from(LOWEST) + start.wrapping_add(i) % u64::from(span);
+        let port = u16::try_from(port).expect("ports below the ephemeral range fit in u16");
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOWEST} and {ephemeral}");
 }
 
 /// Polls tmux pane `session` until `want` appears (bounded); returns the pane's text.

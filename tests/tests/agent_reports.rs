@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{TestEnv, eventually, free_tcp_port};
+use tests::{TestEnv, eventually, free_port};
 
 /// Creates workspace `name` for alice from a TOML spec; returns its agent's token.
 fn create_from(env: &TestEnv, name: &str, spec: &str) -> String {
@@ -418,7 +418,7 @@ fn stats_count_connections_and_sessions_by_kind() {
         "the VS Code session is counted",
         |a| stat(a, "session_count_vscode") == 1,
     );
-    let port = free_tcp_port().to_string();
+    let port = free_port().to_string();
     let mut forward = Background::spawn(
         &env,
         "forward",

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{TestEnv, free_tcp_port};
+use tests::{TestEnv, free_port};
 
 /// A running Prometheus; killed when dropped.
 struct Prometheus(Child);
@@ -62,7 +62,7 @@ fn query(client: &reqwest::blocking::Client, port: u16, q: &str) -> Vec<serde_js
 
 #[test]
 fn prometheus_scrapes_the_connected_agent() {
-    let metrics_port = free_tcp_port();
+    let metrics_port = free_port();
     let env = TestEnv::start_with(&[
         "--heartbeat-interval",
         "1s",
@@ -135,7 +135,7 @@ fn prometheus_scrapes_the_connected_agent() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let prom_port = free_tcp_port();
+    let prom_port = free_port();
     let _prom = start_prometheus(dir.path(), &format!("127.0.0.1:{metrics_port}"), prom_port);
     let deadline = Instant::now() + Duration::from_secs(90);
     let series = loop {

@@ -48,7 +48,7 @@ fn netcheck_without_a_coordinator_says_what_to_do() {
     let env = TestEnv::start();
     let err = env.run("nobody", &["netcheck"]).fails();
     assert!(err.contains("pass --url"), "{err}");
-    let port = tests::free_tcp_port();
+    let port = tests::free_port();
     let err = env
         .run(
             "nobody",

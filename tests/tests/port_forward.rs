@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tests::{TestEnv, free_tcp_port};
+use tests::{TestEnv, free_port};
 
 /// A running `myco port-forward`; killed when dropped.
 struct Forward {
@@ -81,14 +81,6 @@ impl Drop for Forward {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// An HTTP/1.1 server with keep-alive on loopback, standing in for a dev server in the
@@ -187,7 +179,7 @@ impl HttpClient {
 fn tcp_forward_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
     let remote = http_server();
-    let local = free_tcp_port();
+    let local = free_port();
     let spec = format!("{local}:{remote}");
     let fwd = Forward::start(&env, "alice", &["dev", "--tcp", &spec], 1);
 
@@ -230,9 +222,9 @@ fn tcp_forward_carries_http() {
 #[test]
 fn tcp_forward_to_a_closed_port_says_so_and_keeps_running() {
     let (env, _agent) = TestEnv::with_agent();
-    let nothing = free_tcp_port();
+    let nothing = free_port();
     let remote = http_server();
-    let (a, b) = (free_tcp_port(), free_tcp_port());
+    let (a, b) = (free_port(), free_port());
     let spec = format!("{a}:{nothing},{b}:{remote}");
     let fwd = Forward::start(&env, "alice", &["dev", "--tcp", &spec], 2);
 
@@ -301,7 +293,7 @@ fn exchange(socket: &UdpSocket, port: u16, payload: &[u8]) -> Vec<u8> {
 fn udp_forward_keeps_a_session_per_source() {
     let (env, _agent) = TestEnv::with_agent();
     let remote = udp_server();
-    let local = free_udp_port();
+    let local = free_port();
     let spec = format!("{local}:{remote}");
     // The SSH host alias works as a target too.
     let fwd = Forward::start(&env, "alice", &["myco.dev.main", "--udp", &spec], 1);
@@ -392,7 +384,7 @@ fn bad_specs_and_busy_ports_fail_in_one_line() {
 fn other_users_are_refused() {
     let (env, _agent) = TestEnv::alice_and_bob();
 
-    let port = free_tcp_port().to_string();
+    let port = free_port().to_string();
     let line = env
         .run("bob", &["port-forward", "alice/dev", "--tcp", &port])
         .fails();
@@ -402,7 +394,7 @@ fn other_users_are_refused() {
 #[test]
 fn losing_the_agent_ends_the_forward_with_a_reason() {
     let (env, mut agent) = TestEnv::with_agent();
-    let local = free_tcp_port().to_string();
+    let local = free_port().to_string();
     let mut fwd = Forward::start(&env, "alice", &["dev", "--tcp", &local], 1);
     // A graceful stop closes the agent's connections, so the client hears of it at once.
     let status = Command::new("kill")

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use tests::{TestEnv, free_tcp_port, sha256_hex, wait_pane};
+use tests::{TestEnv, free_port, sha256_hex, wait_pane};
 
 /// `myco config-ssh` into a temp SSH config; returns its path.
 fn configure(env: &TestEnv, user: &str) -> std::path::PathBuf {
@@ -197,7 +197,7 @@ fn local_forwarding_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
     let cfg = configure(&env, "alice");
     let remote = http_server();
-    let local = free_tcp_port();
+    let local = free_port();
     forward_and_fetch(
         &cfg,
         "-L",
@@ -212,7 +212,7 @@ fn remote_forwarding_carries_http() {
     let cfg = configure(&env, "alice");
     // The server runs on the laptop; the workspace side connects to the forwarded port.
     let laptop = http_server();
-    let in_workspace = free_tcp_port();
+    let in_workspace = free_port();
     forward_and_fetch(
         &cfg,
         "-R",
