@@ -89,12 +89,12 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32_768);
-    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    let span = u64::from(ephemeral.saturating_sub(LOWEST));
     let start = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    for i in 0..u64::from(span) {
-        let port = u64::from(LOWEST) + start.wrapping_add(i) % u64::from(span);
+    for i in 0..span {
+        let port = u64::from(LOWEST) + start.wrapping_add(i) % span;
         let port = u16::try_from(port).expect("ports below the ephemeral range fit in u16");
         let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
         let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
@@ -102,7 +102,12 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free loopback port between {LOWEST} and {ephemeral}");
+    // The ephemeral range starts low, or everything below it is taken: take one from
+    // the kernel, as before.
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a loopback port")
 }
 
 /// Polls tmux pane `session` until `want` appears (bounded); returns the pane's text.
