@@ -90,14 +90,15 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 /// Runs the agent until `shutdown` resolves or the coordinator refuses its token.
 ///
 /// When `shutdown` resolves the agent runs the shutdown script (bounded by its
-/// timeout) while the control channel and the mesh stay up, reports the outcome, then
-/// stops.
+/// timeout, or until `hurry` resolves) while the control channel and the mesh stay up,
+/// reports the outcome, then stops.
 ///
 /// # Errors
 /// [`AgentError`]: an unusable key file, or a token the coordinator refuses.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
+    hurry: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
     let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
@@ -163,7 +164,7 @@ pub async fn run(
             // The control channel keeps running (and reconnecting) meanwhile, so the
             // coordinator hears how the shutdown went.
             let finish = async {
-                lifecycle::shutdown(&welcome, &reports).await;
+                lifecycle::shutdown(&welcome, &reports, hurry).await;
                 if welcome.borrow().is_some() {
                     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, reports.drained()).await;
                 }

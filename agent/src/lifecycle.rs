@@ -101,15 +101,32 @@ pub(crate) async fn startup(mut welcome: WelcomeRx, reports: Reports) {
 }
 
 /// Runs the shutdown script of the last welcome (if any), reporting the lifecycle and
-/// the script's output. Bounded by the script's timeout.
-pub(crate) async fn shutdown(welcome: &WelcomeRx, reports: &Reports) {
+/// the script's output. Bounded by the script's timeout, and cut short (its process
+/// group killed) when `hurry` resolves first.
+pub(crate) async fn shutdown(
+    welcome: &WelcomeRx,
+    reports: &Reports,
+    hurry: impl std::future::Future<Output = ()>,
+) {
     let script = welcome
         .borrow()
         .as_ref()
         .and_then(|w| w.manifest.shutdown_script.clone());
     reports.lifecycle(LifecycleEvent::ShutdownBegan);
     let outcome = match script {
-        Some(script) => run_logged(&script, LogSource::Shutdown, reports).await,
+        Some(script) => tokio::select! {
+            outcome = run_logged(&script, LogSource::Shutdown, reports) => outcome,
+            () = hurry => {
+                let outcome = ScriptOutcome::CutShort;
+                tracing::warn!("the shutdown script failed: {outcome}");
+                reports.log(LogLine {
+                    at: Timestamp::now(),
+                    source: LogSource::Shutdown,
+                    text: format!("myco: the shutdown script failed: {outcome}"),
+                });
+                outcome
+            }
+        },
         None => ScriptOutcome::Exited(0),
     };
     reports.lifecycle(LifecycleEvent::ShutdownEnded(outcome));
@@ -225,6 +242,10 @@ mod tests {
         assert_eq!(
             from(S::ShuttingDown, ShutdownEnded(ScriptOutcome::TimedOut)),
             Some(S::ShutdownTimeout)
+        );
+        assert_eq!(
+            from(S::ShuttingDown, ShutdownEnded(ScriptOutcome::CutShort)),
+            Some(S::ShutdownError)
         );
     }
 

@@ -48,6 +48,8 @@ pub(crate) enum ScriptOutcome {
     Failed(String),
     /// It outran its timeout and its process group was killed.
     TimedOut,
+    /// The agent was told to stop again while it ran, and killed its process group.
+    CutShort,
 }
 
 impl ScriptOutcome {
@@ -75,6 +77,7 @@ impl std::fmt::Display for ScriptOutcome {
             },
             Self::Failed(why) => f.write_str(why),
             Self::TimedOut => f.write_str("timed out"),
+            Self::CutShort => f.write_str("cut short: the agent was told to stop again"),
         }
     }
 }

@@ -150,12 +150,14 @@ impl FakeCoordinator {
     fn run_agent(&self) -> RunningAgent {
         let dir = tempfile::tempdir().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(agent::run(self.config(dir.path()), async {
+        let stop_signal = async {
             // Only `RunningAgent::stop` stops it; dropping the sender does not.
             if stopped.await.is_err() {
                 std::future::pending::<()>().await;
             }
-        }));
+        };
+        let config = self.config(dir.path());
+        let task = tokio::spawn(agent::run(config, stop_signal, std::future::pending()));
         RunningAgent {
             _dir: dir,
             stop: Some(stop),

@@ -56,6 +56,9 @@ enum Command {
     /// Run the coordinator: HTTP API, store and relay.
     Server(cmd::server::Args),
     /// Run the workspace agent (inside the workspace): control channel and mesh services.
+    ///
+    /// SIGTERM or SIGINT stops it after its shutdown script; a second one cuts the
+    /// script short.
     Agent(cmd::agent::Args),
     /// Ping an agent over the mesh, showing whether each pong went direct or via the relay.
     Ping(cmd::ping::Args),

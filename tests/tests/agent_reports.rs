@@ -164,6 +164,66 @@ startup_script = { run = "echo waiting; sleep 600", timeout = 1 }
     });
 }
 
+#[test]
+fn a_second_sigterm_cuts_the_shutdown_script_short() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let scratch = tempfile::tempdir().unwrap();
+    let pid_file = scratch.path().join("script.pid");
+    let token = create_from(
+        &env,
+        "slowstop",
+        &format!(
+            r#"
+[[agents]]
+name = "main"
+shutdown_script = {{ run = "echo saving; echo $$ > {}; exec sleep 600", timeout = 900 }}
+"#,
+            pid_file.display()
+        ),
+    );
+    let mut agent = env.start_agent(&token);
+    wait_agent(&env, "slowstop", "the agent is ready", |a| {
+        a["lifecycle_state"] == "ready"
+    });
+
+    sigterm(&agent.child);
+    let mut script_pid = String::new();
+    eventually("the shutdown script runs", || {
+        script_pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        !script_pid.trim().is_empty()
+    });
+    let script_proc = std::path::PathBuf::from(format!("/proc/{}", script_pid.trim()));
+    assert!(script_proc.exists(), "{}", agent.log());
+    wait_agent(&env, "slowstop", "the agent is shutting down", |a| {
+        a["lifecycle_state"] == "shutting_down"
+    });
+
+    // The script would run for 10 minutes; the second SIGTERM ends it and the agent.
+    sigterm(&agent.child);
+    let mut status = None;
+    eventually("the agent exits", || {
+        status = agent.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let status = status.unwrap();
+    assert!(status.success(), "{status}: {}", agent.log());
+    eventually("the script's process is gone", || !script_proc.exists());
+    wait_agent(&env, "slowstop", "the cut shows in the lifecycle", |a| {
+        a["lifecycle_state"] == "shutdown_error"
+    });
+    let lines = logs(&env, "slowstop");
+    assert!(has_line(&lines, "shutdown", "saving"), "{lines:#?}");
+    assert!(
+        has_line(
+            &lines,
+            "shutdown",
+            "myco: the shutdown script failed: cut short: the agent was told to stop again"
+        ),
+        "{lines:#?}"
+    );
+}
+
 /// An HTTP app on loopback answering every request with the status it is set to,
 /// until closed.
 struct TestApp {

@@ -1,4 +1,5 @@
-//! `myco agent`: runs the workspace agent until SIGINT or SIGTERM.
+//! `myco agent`: runs the workspace agent until SIGINT or SIGTERM; its shutdown script
+//! runs then, and a second signal cuts it short.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +59,51 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         portmapper: args.portmapper,
         netcheck_min_interval: args.netcheck_min_interval,
     };
-    agent::run(config, crate::cmd::server::shutdown_signal()).await?;
+    let (shutdown, hurry) = stop_signals()?;
+    agent::run(config, shutdown, hurry).await?;
     Ok(())
+}
+
+/// Two futures: the first SIGTERM or SIGINT resolves the first (the agent stops after
+/// its shutdown script), a second one resolves the second (the script is cut short).
+/// The handlers are installed before this returns, so no signal is lost meanwhile.
+fn stop_signals() -> anyhow::Result<(
+    impl std::future::Future<Output = ()>,
+    impl std::future::Future<Output = ()>,
+)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let (count_tx, count) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            let n = *count_tx.borrow() + 1;
+            if n == 1 {
+                tracing::info!(
+                    signal = name,
+                    "stopping: running the shutdown script (send it again to cut the script short)"
+                );
+            } else {
+                tracing::warn!(
+                    signal = name,
+                    "stopping now: the shutdown script is cut short"
+                );
+            }
+            if count_tx.send(n).is_err() {
+                return;
+            }
+        }
+    });
+    let reached = |n: u32| {
+        let mut count = count.clone();
+        async move {
+            // The sender lives as long as the runtime: an error only means it is going.
+            let _ = count.wait_for(|c| *c >= n).await;
+        }
+    };
+    Ok((reached(1), reached(2)))
 }
