@@ -85,7 +85,7 @@ fn stop_signals() -> anyhow::Result<(
             if n == 1 {
                 tracing::info!(
                     signal = name,
-                    "stopping: running the shutdown script (send it again to cut the script short)"
+                    "stopping after the shutdown script, if any (send it again to cut the script short)"
                 );
             } else {
                 tracing::warn!(
