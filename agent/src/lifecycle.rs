@@ -94,7 +94,16 @@ pub(crate) async fn startup(mut welcome: WelcomeRx, reports: Reports) {
     };
     reports.lifecycle(LifecycleEvent::StartupBegan);
     let outcome = match script {
-        Some(script) => run_logged(&script, LogSource::Startup, &reports).await,
+        Some(script) => {
+            // Stopping the agent drops this task, which kills the script.
+            run_logged(
+                &script,
+                LogSource::Startup,
+                &reports,
+                std::future::pending(),
+            )
+            .await
+        }
         None => ScriptOutcome::Exited(0),
     };
     reports.lifecycle(LifecycleEvent::StartupEnded(outcome));
@@ -114,27 +123,21 @@ pub(crate) async fn shutdown(
         .and_then(|w| w.manifest.shutdown_script.clone());
     reports.lifecycle(LifecycleEvent::ShutdownBegan);
     let outcome = match script {
-        Some(script) => tokio::select! {
-            outcome = run_logged(&script, LogSource::Shutdown, reports) => outcome,
-            () = hurry => {
-                let outcome = ScriptOutcome::CutShort;
-                tracing::warn!("the shutdown script failed: {outcome}");
-                reports.log(LogLine {
-                    at: Timestamp::now(),
-                    source: LogSource::Shutdown,
-                    text: format!("myco: the shutdown script failed: {outcome}"),
-                });
-                outcome
-            }
-        },
+        Some(script) => run_logged(&script, LogSource::Shutdown, reports, hurry).await,
         None => ScriptOutcome::Exited(0),
     };
     reports.lifecycle(LifecycleEvent::ShutdownEnded(outcome));
 }
 
 /// Runs a script, sending its output to the coordinator's log, plus one line saying
-/// how it ended when that was not a success.
-async fn run_logged(script: &Script, source: LogSource, reports: &Reports) -> ScriptOutcome {
+/// how it ended when that was not a success. When `hurry` resolves first the script's
+/// process group is killed and it ends [`ScriptOutcome::CutShort`].
+async fn run_logged(
+    script: &Script,
+    source: LogSource,
+    reports: &Reports,
+    hurry: impl std::future::Future<Output = ()>,
+) -> ScriptOutcome {
     let name = match source {
         LogSource::Startup => "startup",
         LogSource::Shutdown => "shutdown",
@@ -151,7 +154,11 @@ async fn run_logged(script: &Script, source: LogSource, reports: &Reports) -> Sc
         }
     };
     let timeout = Duration::from_secs(script.timeout);
-    let outcome = script::run(&script.run, timeout, sink).await;
+    let outcome = tokio::select! {
+        outcome = script::run(&script.run, timeout, sink) => outcome,
+        // Dropping the run kills the script's process group.
+        () = hurry => ScriptOutcome::CutShort,
+    };
     if outcome.succeeded() {
         tracing::info!("the {name} script succeeded");
     } else {
