@@ -172,6 +172,8 @@ struct Running {
     direct: Option<DirectPty>,
     /// The command's process group (its pid), for signals.
     pgid: Option<i32>,
+    /// Set once the command (its shell) has exited and been reaped.
+    exited: Arc<std::sync::atomic::AtomicBool>,
     /// Counted in the stats while it runs.
     session: SessionGuard,
     /// How much more client input to look at for the session's kind.
@@ -182,6 +184,20 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // A command still running when its channel or connection goes gets SIGHUP, as
+        // from a terminal that hangs up: its whole group, where `kill_on_drop` reaches
+        // only the shell and a pipeline or a compound command's children lived on.
+        // Not once it has exited, so what it left running in the background stays,
+        // as with sshd; and its group id cannot have been reused while it runs.
+        if let Some(pgid) = self.pgid
+            && !self.exited.load(std::sync::atomic::Ordering::Acquire)
+            && let Err(e) = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+        {
+            tracing::debug!(pgid, "cannot hang up the command: {e}");
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -344,6 +360,8 @@ impl SshSession {
                 }
             }
         });
+        let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reaped = exited.clone();
         let reader = tokio::spawn(async move {
             // The terminal reads EIO once the shell and everything it started are gone.
             let out = pump(Some(read), handle.clone(), channel, None);
@@ -351,10 +369,12 @@ impl SshSession {
             let status = tokio::select! {
                 () = &mut out => child.wait().await,
                 status = child.wait() => {
+                    reaped.store(true, std::sync::atomic::Ordering::Release);
                     let _ = tokio::time::timeout(PTY_DRAIN, &mut out).await;
                     status
                 }
             };
+            reaped.store(true, std::sync::atomic::Ordering::Release);
             report(status, &handle, channel).await;
         });
         self.running.insert(
@@ -363,6 +383,7 @@ impl SshSession {
                 input: tx,
                 direct: Some(direct),
                 pgid,
+                exited,
                 session,
                 // What is typed on a terminal is a person's, not a tool's script.
                 sniff_left: 0,
@@ -401,11 +422,15 @@ impl SshSession {
         let stderr = child.stderr.take();
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let feeder = tokio::spawn(feed(stdin, rx));
+        let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reaped = exited.clone();
         let reader = tokio::spawn(async move {
             let out = pump(stdout, handle.clone(), channel, None);
             let err = pump(stderr, handle.clone(), channel, Some(1));
             let _ = tokio::join!(out, err);
-            report(child.wait().await, &handle, channel).await;
+            let status = child.wait().await;
+            reaped.store(true, std::sync::atomic::Ordering::Release);
+            report(status, &handle, channel).await;
         });
         let sniff_left = match session.kind() {
             SessionKind::Ssh => sessions::SNIFF_BYTES,
@@ -417,6 +442,7 @@ impl SshSession {
                 input: tx,
                 direct: None,
                 pgid,
+                exited,
                 session,
                 sniff_left,
                 tasks: [feeder.abort_handle(), reader.abort_handle()],

@@ -52,8 +52,15 @@ pub fn myco_in(netns: Option<&str>) -> Command {
 /// Polls `done` every 50 ms until it holds; fails the test after 30 s. For state that
 /// changes outside the test (an agent connecting), where no event can be awaited.
 #[track_caller]
-pub fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+pub fn eventually(what: &str, done: impl FnMut() -> bool) {
+    eventually_within(Duration::from_secs(30), what, done);
+}
+
+/// [`eventually`] with another bound, for what takes a known long while (a timeout of
+/// the system under test).
+#[track_caller]
+pub fn eventually_within(bound: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + bound;
     while !done() {
         assert!(
             std::time::Instant::now() < deadline,
@@ -416,6 +423,16 @@ impl TestEnv {
 
     /// Like [`TestEnv::start_agent`], in network namespace `netns`.
     pub fn start_agent_in(&self, netns: Option<&str>, token: &str) -> AgentProc {
+        self.start_agent_with(netns, token, &[])
+    }
+
+    /// Like [`TestEnv::start_agent_in`], with more environment (`MYCO_*` settings).
+    pub fn start_agent_with(
+        &self,
+        netns: Option<&str>,
+        token: &str,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data = self.dir.path().join(format!("agent-{n}"));
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{n}.log"))).unwrap();
@@ -427,6 +444,7 @@ impl TestEnv {
             .env("RUST_LOG", "info,iroh=warn")
             // A network change is checked again after a second, not 30.
             .env("MYCO_NETCHECK_MIN_INTERVAL", "1s")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

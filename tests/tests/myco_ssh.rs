@@ -2,9 +2,11 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use tests::{TestEnv, eventually, sha256_hex, wait_pane};
+use tests::{TestEnv, eventually, eventually_within, sha256_hex, wait_pane};
 
 #[test]
 fn command_exit_code_env_stdin_and_stderr() {
@@ -372,4 +374,52 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
     tmux(&["send-keys", "-t", &session, "sleep 300 & exit 7", "Enter"]);
     wait_pane(&session, "after-ssh code=7 blocking");
     tmux(&["kill-session", "-t", &session]);
+}
+
+/// A remote command whose shell waits for a `sleep` it started, whose pid it writes
+/// to `file`: ending the command must reach the shell's children too.
+fn sleeper(file: &Path) -> String {
+    format!("sleep 600 & echo $! > {}; wait", file.display())
+}
+
+/// The pid [`sleeper`] wrote, once it has.
+fn sleeper_pid(file: &Path) -> u32 {
+    let mut pid = None;
+    eventually("the remote command started", || {
+        pid = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        pid.is_some()
+    });
+    pid.unwrap()
+}
+
+/// Whether `pid` runs (a zombie, killed and not yet reaped, has no command line).
+fn running(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+#[test]
+fn a_client_that_vanishes_ends_its_session_and_command() {
+    // The mesh connection notices the client is gone.
+    let (env, _agent) = TestEnv::with_agent();
+    let work = tempfile::tempdir().unwrap();
+    let pidfile = work.path().join("pid");
+    let mut client = env
+        .cmd("alice", &["ssh", "dev", "--", &sleeper(&pidfile)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = sleeper_pid(&pidfile);
+    // SIGKILL: neither SSH nor QUIC gets to say goodbye.
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // QUIC's idle timeout is 30 s; the bound leaves room on a loaded machine.
+    eventually_within(
+        Duration::from_secs(90),
+        "the agent ends the command (its child too) of a client that is gone",
+        || !running(pid),
+    );
 }
