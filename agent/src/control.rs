@@ -200,7 +200,7 @@ async fn channel(
             tokio::spawn(crate::serve::accept_loop(
                 ep.endpoint.clone(),
                 welcome.subscribe(),
-                crate::ssh::config(config.host_key.clone()),
+                crate::ssh::config(config.host_key.clone(), config.ssh_idle_timeout),
                 activity.clone(),
             ));
             let _ = endpoint.set(ep.clone());

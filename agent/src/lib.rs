@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub portmapper: bool,
     /// The least time between two network checks.
     pub netcheck_min_interval: Duration,
+    /// Close an SSH connection after this long without SSH traffic (None: never).
+    pub ssh_idle_timeout: Option<Duration>,
 }
 
 /// What the coordinator told us on the last control channel, shared with the mesh

@@ -98,6 +98,7 @@ async fn handle(
         a if a == alpn::SPEEDTEST => speedtest(send, recv).await,
         a if a == alpn::SSH => {
             let env = crate::ssh::SessionEnv::from_target(&known.agent);
+            let idle_timeout = ssh.inactivity_timeout;
             let session = russh::server::run_stream(
                 ssh,
                 tokio::io::join(recv, send),
@@ -105,7 +106,19 @@ async fn handle(
             )
             .await
             .map_err(|e| e.to_string())?;
-            session.await.map_err(|e| e.to_string())
+            match session.await {
+                // The client prints the reason instead of a bare "ended".
+                Err(russh::Error::InactivityTimeout) => {
+                    let reason = format!(
+                        "the agent closed the SSH connection after {} without traffic (its --ssh-idle-timeout)",
+                        humantime::format_duration(idle_timeout.unwrap_or_default())
+                    );
+                    tracing::info!("SSH connection closed: idle");
+                    conn.close(close::IDLE.into(), reason.as_bytes());
+                    Err(reason)
+                }
+                ended => ended.map_err(|e| e.to_string()),
+            }
         }
         a if a == alpn::FORWARD => {
             let _session = activity.sessions.open(SessionKind::PortForward);

@@ -61,9 +61,19 @@ pub fn load_or_create_host_key(dir: &Path) -> Result<PrivateKey, String> {
 /// the bulk settings measured in bench/ssh.sh (BENCHMARKS.md): a large window so a
 /// round trip never stalls a transfer, and AES-GCM first (AES-NI does it in hardware,
 /// cheaper than ChaCha20-Poly1305, which OpenSSH's client still picks first for itself).
-pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
+///
+/// `idle_timeout` closes a connection with no SSH traffic either way for that long;
+/// None never does. russh's own default is 10 minutes, which cut off a terminal left
+/// idle (OpenSSH's sshd has no such limit). A client that is gone is noticed by the
+/// mesh connection instead: its keep-alives stop, and QUIC's idle timeout ends it, and
+/// with it the SSH session and its commands.
+pub fn config(
+    host_key: PrivateKey,
+    idle_timeout: Option<std::time::Duration>,
+) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
         keys: vec![host_key],
+        inactivity_timeout: idle_timeout,
         // Nothing is ever rejected (the ticket was checked), so no delay is needed.
         auth_rejection_time: std::time::Duration::ZERO,
         auth_rejection_time_initial: Some(std::time::Duration::ZERO),

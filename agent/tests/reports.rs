@@ -173,6 +173,7 @@ impl FakeCoordinator {
             data_dir: data_dir.to_owned(),
             bind_addr: Some("127.0.0.1:0".parse().unwrap()),
             portmapper: false,
+            ssh_idle_timeout: None,
         }
     }
 

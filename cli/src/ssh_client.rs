@@ -455,6 +455,15 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     }
     output.finish().await?;
     drop(_raw);
+    // Without an exit status the agent may have said why it ended the connection (its
+    // idle timeout, a shutdown); that close can trail the end of the SSH stream.
+    let why = match code {
+        Some(_) => None,
+        None => {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.conn.closed()).await;
+            crate::dial::close_reason(&d.conn)
+        }
+    };
     let _ = session
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;
@@ -462,7 +471,12 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.mesh.endpoint.close()).await;
     match code {
         Some(c) => Ok(c),
-        None => bail!("the connection to agent {agent} ended without an exit status"),
+        None => match why {
+            Some(why) => {
+                bail!("the connection to agent {agent} ended without an exit status: {why}")
+            }
+            None => bail!("the connection to agent {agent} ended without an exit status"),
+        },
     }
 }
 

@@ -33,4 +33,6 @@ pub mod close {
     pub const PROTOCOL: u32 = 0x4d02;
     /// The agent is shutting down.
     pub const SHUTDOWN: u32 = 0x4d03;
+    /// An SSH connection had no traffic for the agent's `--ssh-idle-timeout`.
+    pub const IDLE: u32 = 0x4d04;
 }

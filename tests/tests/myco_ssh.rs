@@ -400,8 +400,49 @@ fn running(pid: u32) -> bool {
 }
 
 #[test]
+fn an_idle_timeout_closes_only_connections_without_traffic() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let _agent = env.start_agent_with(None, &token, &[("MYCO_SSH_IDLE_TIMEOUT", "2s")]);
+    env.wait_agent_connected("alice", "dev");
+
+    // Output every half second keeps the connection well past the timeout.
+    let out = env.run(
+        "alice",
+        &[
+            "ssh",
+            "dev",
+            "--",
+            "for i in 1 2 3 4 5 6 7 8; do echo tick; sleep 0.5; done",
+        ],
+    );
+    assert_eq!(
+        (out.code, out.stdout.matches("tick").count()),
+        (Some(0), 8),
+        "{out:?}"
+    );
+
+    // A command that runs silently is cut off with its connection, and the client
+    // says why.
+    let work = tempfile::tempdir().unwrap();
+    let pidfile = work.path().join("pid");
+    let out = env.run("alice", &["ssh", "dev", "--", &sleeper(&pidfile)]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "the agent closed the SSH connection after 2s without traffic (its --ssh-idle-timeout)"
+        ),
+        "{out:?}"
+    );
+    let pid = sleeper_pid(&pidfile);
+    eventually("the silent command's child is gone", || !running(pid));
+}
+
+#[test]
 fn a_client_that_vanishes_ends_its_session_and_command() {
-    // The mesh connection notices the client is gone.
+    // No SSH idle timeout (the default): the mesh connection notices the client is
+    // gone.
     let (env, _agent) = TestEnv::with_agent();
     let work = tempfile::tempdir().unwrap();
     let pidfile = work.path().join("pid");

@@ -27,6 +27,11 @@ pub struct Args {
     /// its addresses change, and reports the result (`myco show`).
     #[arg(long, env = "MYCO_NETCHECK_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     netcheck_min_interval: std::time::Duration,
+    /// Close an SSH connection after this long with no SSH traffic either way, a
+    /// command that runs silently included (0, the default: never, as with OpenSSH's
+    /// sshd). A client that is gone is noticed without it, by the mesh connection.
+    #[arg(long, env = "MYCO_SSH_IDLE_TIMEOUT", default_value = "0", value_parser = humantime::parse_duration)]
+    ssh_idle_timeout: std::time::Duration,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -58,6 +63,7 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         bind_addr: args.mesh_bind,
         portmapper: args.portmapper,
         netcheck_min_interval: args.netcheck_min_interval,
+        ssh_idle_timeout: (!args.ssh_idle_timeout.is_zero()).then_some(args.ssh_idle_timeout),
     };
     let (shutdown, hurry) = stop_signals()?;
     agent::run(config, shutdown, hurry).await?;
