@@ -142,7 +142,7 @@ impl AppHealthChecker {
                     let result = match request.send().await {
                         Ok(resp) if resp.status().as_u16() < 500 => Ok(()),
                         Ok(resp) => Err(format!("answered {}", resp.status())),
-                        Err(e) => Err(error_chain(&e)),
+                        Err(e) => Err(netcheck::error_chain(&e)),
                     };
                     (slug, result)
                 });
@@ -166,19 +166,6 @@ impl AppHealthChecker {
             }
         }
     }
-}
-
-/// reqwest's errors say "error sending request"; the cause (refused, timed out) is
-/// in their sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Checks the apps of the current manifest and reports their health, starting over

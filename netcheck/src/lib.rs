@@ -640,6 +640,19 @@ async fn http_ping(
     relay_ping(client, &url, timeout).await.map(millis)
 }
 
+/// An error and its sources on one line, `a: b: c`: reqwest's errors say only "error
+/// sending request", and the cause (refused, timed out) is in their sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// One timed GET of a relay's `/ping` (iroh's relay server answers it), to the end of
 /// the answer, on `client`'s connection (the first call on a client also pays for
 /// opening it). The agent's stats use it too. Errors name their causes.
@@ -655,15 +668,12 @@ pub async fn relay_ping(
         .join("ping")
         .map_err(|e| format!("no ping URL for {relay}: {e}"))?;
     let started = Instant::now();
-    let resp = client.get(url).timeout(timeout).send().await.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        msg
-    })?;
+    let resp = client
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| error_chain(&e))?;
     if !resp.status().is_success() {
         return Err(format!("the relay answered {}", resp.status()));
     }
