@@ -73,6 +73,24 @@ fn exec_exit_code_env_and_bulk_through_real_ssh() {
     let out = ssh(&cfg, &["myco.dev", "sha256sum"], &data);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), sha256_hex(&data));
+
+    // The client re-keys the connection every 512 KB (OpenSSH's RekeyLimit), many
+    // times in the middle of 4 MB each way: nothing is lost or reordered.
+    let data = &data[..4_000_000];
+    let out = ssh(
+        &cfg,
+        &["-v", "-o", "RekeyLimit=512K", "myco.dev", "cat"],
+        data,
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        out.stdout == data,
+        "{} bytes came back, they differ",
+        out.stdout.len()
+    );
+    let rekeys = log.matches("SSH2_MSG_NEWKEYS received").count();
+    assert!(rekeys > 4, "the connection was not re-keyed: {log}");
 }
 
 #[test]
