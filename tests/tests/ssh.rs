@@ -593,3 +593,114 @@ fn the_agents_idle_timeout_reaches_openssh_with_its_reason() {
         "{stderr}"
     );
 }
+
+/// Runs `tool` (rsync, git) with OpenSSH through the temp config as its transport;
+/// fails the test with the tool's own words if it fails.
+fn over_ssh(tool: &str, cfg: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> String {
+    let ssh = format!("ssh -F {} -o BatchMode=yes", cfg.display());
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .env("RSYNC_RSH", &ssh)
+        .env("GIT_SSH_COMMAND", &ssh)
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} must be installed (bash .ci/test installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?} failed: {text}");
+    text
+}
+
+#[test]
+fn rsync_and_git_work_through_real_ssh() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // The agent runs on this machine, so "remote" paths are local temp paths.
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let remote = dir.join("remote");
+    std::fs::create_dir_all(dir.join("src/sub")).unwrap();
+    let mut big = pattern(3_000_000, 11);
+    std::fs::write(dir.join("src/big.bin"), &big).unwrap();
+    std::fs::write(dir.join("src/sub/small.txt"), "hello\n").unwrap();
+    let same = |a: &str, b: &str| {
+        for file in ["big.bin", "sub/small.txt"] {
+            let (a, b) = (dir.join(a).join(file), dir.join(b).join(file));
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{} and {} differ",
+                a.display(),
+                b.display()
+            );
+        }
+    };
+    let dest = format!("myco.dev:{}/", remote.display());
+
+    // rsync up, then again after a change in the middle of the big file: the second
+    // run sends only what changed (rsync's delta transfer runs both its ends). `-I`:
+    // the change keeps the size and may keep the mtime's second, which rsync's quick
+    // check would take for unchanged.
+    over_ssh("rsync", &cfg, dir, &["-a", "src/", &dest]);
+    same("src", "remote");
+    big[1_500_000..1_500_100].fill(0);
+    std::fs::write(dir.join("src/big.bin"), &big).unwrap();
+    let stats = over_ssh(
+        "rsync",
+        &cfg,
+        dir,
+        &["-a", "-I", "--no-W", "--stats", "src/", &dest],
+    );
+    same("src", "remote");
+    let matched: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Matched data: "))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.replace(',', "").parse().unwrap())
+        .unwrap_or_else(|| panic!("no matched data in rsync's stats: {stats}"));
+    assert!(
+        matched > 2_000_000,
+        "the delta transfer re-sent the file: {stats}"
+    );
+    // And back down.
+    over_ssh("rsync", &cfg, dir, &["-a", &dest, "down/"]);
+    same("src", "down");
+
+    // git: clone a repository in the workspace, commit, push, clone again.
+    let bare = dir.join("project.git");
+    let url = format!("myco.dev:{}", bare.display());
+    let git = |cwd: &std::path::Path, args: &[&str]| over_ssh("git", &cfg, cwd, args);
+    git(
+        dir,
+        &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+    );
+    git(dir, &["clone", "-q", &url, "one"]);
+    let one = dir.join("one");
+    std::fs::write(one.join("README"), "over the mesh\n").unwrap();
+    git(&one, &["add", "README"]);
+    git(
+        &one,
+        &[
+            "-c",
+            "user.name=Alice",
+            "-c",
+            "user.email=alice@example.com",
+            "commit",
+            "-q",
+            "-m",
+            "first over myco",
+        ],
+    );
+    git(&one, &["push", "-q", "origin", "HEAD:main"]);
+    let log = git(&bare, &["log", "--format=%s", "main"]);
+    assert_eq!(log, "first over myco\n");
+    git(dir, &["clone", "-q", &url, "two"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("two/README")).unwrap(),
+        "over the mesh\n"
+    );
+}
