@@ -34,6 +34,14 @@ const MAX_IO: u32 = MAX_PACKET - 1024;
 const DIR_BATCH: usize = 256;
 /// OpenSSH's rename that replaces an existing target, as rename(2) does.
 const POSIX_RENAME: &str = "posix-rename@openssh.com";
+/// `statvfs@openssh.com` on an open file (sftp's `df` uses the path form).
+const FSTATVFS: &str = "fstatvfs@openssh.com";
+/// User and group names for ids (sftp's `ls -l` shows names with it).
+const USERS_GROUPS_BY_ID: &str = "users-groups-by-id@openssh.com";
+/// A server-side copy between two open files (sftp's `cp`).
+const COPY_DATA: &str = "copy-data";
+/// Bytes per read/write of a server-side copy.
+const COPY_CHUNK: usize = 1024 * 1024;
 
 /// Serves SFTP on a session channel until the client ends it, then reports exit
 /// status 0 (OpenSSH's `scp` counts a missing status as failure).
@@ -230,10 +238,95 @@ fn apply(target: Target<'_>, a: &FileAttributes) -> io::Result<()> {
 
 /// One SSH string (u32 length, bytes) at the front of `data`.
 fn ssh_string(data: &mut &[u8]) -> Option<String> {
-    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
-    let s = data.get(4..4 + len)?;
-    *data = &data[4 + len..];
-    String::from_utf8(s.to_vec()).ok()
+    String::from_utf8(ssh_bytes(data)?.to_vec()).ok()
+}
+
+/// One SSH string's bytes at the front of `data`.
+fn ssh_bytes<'a>(data: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = ssh_u32(data)? as usize;
+    let s = data.get(..len)?;
+    *data = &data[len..];
+    Some(s)
+}
+
+fn ssh_u32(data: &mut &[u8]) -> Option<u32> {
+    let v = u32::from_be_bytes(data.get(..4)?.try_into().ok()?);
+    *data = &data[4..];
+    Some(v)
+}
+
+fn ssh_u64(data: &mut &[u8]) -> Option<u64> {
+    let v = u64::from_be_bytes(data.get(..8)?.try_into().ok()?);
+    *data = &data[8..];
+    Some(v)
+}
+
+/// Appends `bytes` as an SSH string.
+fn put_ssh_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Lengths here are of names and name lists, far below 4 GiB.
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// `~`, `~/x`, `~user` and `~user/x` with the home directories they name (OpenSSH's
+/// `expand-path@openssh.com`, which `scp` needs for `~user` paths); anything else as
+/// it is.
+fn expand_tilde(path: &str, home: &Path) -> io::Result<PathBuf> {
+    let Some(rest) = path.strip_prefix('~') else {
+        return Ok(PathBuf::from(path));
+    };
+    let (user, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let dir = if user.is_empty() {
+        home.to_owned()
+    } else {
+        nix::unistd::User::from_name(user)
+            .map_err(io::Error::from)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no user {user}")))?
+            .dir
+    };
+    Ok(dir.join(tail))
+}
+
+/// The reply to `statvfs@openssh.com`: the file system's figures, as statvfs(3) gives.
+fn statvfs_reply(id: u32, st: &nix::sys::statvfs::Statvfs) -> Result<Packet, StatusReply> {
+    let reply = extensions::Statvfs {
+        block_size: st.block_size(),
+        fragment_size: st.fragment_size(),
+        blocks: st.blocks(),
+        blocks_free: st.blocks_free(),
+        blocks_avail: st.blocks_available(),
+        inodes: st.files(),
+        inodes_free: st.files_free(),
+        inodes_avail: st.files_available(),
+        fs_id: st.filesystem_id(),
+        // The protocol defines read-only (1) and nosuid (2), Linux's values.
+        flags: st.flags().bits() & 0x3,
+        name_max: st.name_max(),
+    };
+    let data = russh_sftp::ser::to_bytes(&reply)
+        .map_err(|e| StatusCode::Failure.with_message(e.to_string()))?
+        .to_vec();
+    Ok(Packet::ExtendedReply(ExtendedReply { id, data }))
+}
+
+/// Copies `len` bytes (0: to the end) of `from` at `at` into `to` at `to_at`.
+fn copy_data(from: &fs::File, at: u64, len: u64, to: &fs::File, to_at: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut done = 0u64;
+    while len == 0 || done < len {
+        let want = if len == 0 {
+            COPY_CHUNK
+        } else {
+            usize::try_from(len - done).map_or(COPY_CHUNK, |left| left.min(COPY_CHUNK))
+        };
+        let n = from.read_at(&mut buf[..want], at + done)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], to_at + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 impl Sftp {
@@ -275,13 +368,19 @@ impl russh_sftp::server::Handler for Sftp {
     ) -> Result<Version, Self::Error> {
         tracing::debug!(version, "SFTP session started");
         let mut v = Version::new();
-        for ext in [
-            POSIX_RENAME,
-            extensions::FSYNC,
-            extensions::HARDLINK,
-            extensions::LIMITS,
+        // With OpenSSH's versions: its client checks them (statvfs's is 2).
+        for (ext, version) in [
+            (POSIX_RENAME, "1"),
+            (extensions::FSYNC, "1"),
+            (extensions::HARDLINK, "1"),
+            (extensions::LIMITS, "1"),
+            (extensions::STATVFS, "2"),
+            (FSTATVFS, "2"),
+            (extensions::EXPAND_PATH, "1"),
+            (USERS_GROUPS_BY_ID, "1"),
+            (COPY_DATA, "1"),
         ] {
-            v.extensions.insert(ext.into(), "1".into());
+            v.extensions.insert(ext.into(), version.into());
         }
         Ok(v)
     }
@@ -557,6 +656,70 @@ impl russh_sftp::server::Handler for Sftp {
             extensions::FSYNC => {
                 let file = self.file(&ssh_string(&mut rest).ok_or_else(bad)?)?;
                 blocking(move || file.sync_all()).await?;
+            }
+            extensions::STATVFS => {
+                let path = self.path(&ssh_string(&mut rest).ok_or_else(bad)?);
+                let st =
+                    blocking(move || nix::sys::statvfs::statvfs(&path).map_err(io::Error::from))
+                        .await?;
+                return statvfs_reply(id, &st);
+            }
+            FSTATVFS => {
+                let file = self.file(&ssh_string(&mut rest).ok_or_else(bad)?)?;
+                let st =
+                    blocking(move || nix::sys::statvfs::fstatvfs(&*file).map_err(io::Error::from))
+                        .await?;
+                return statvfs_reply(id, &st);
+            }
+            extensions::EXPAND_PATH => {
+                let path = ssh_string(&mut rest).ok_or_else(bad)?;
+                let home = self.home.clone();
+                let expanded = blocking(move || expand_tilde(&path, &home)).await?;
+                return self
+                    .realpath(id, expanded.to_string_lossy().into_owned())
+                    .await
+                    .map(Packet::Name);
+            }
+            USERS_GROUPS_BY_ID => {
+                let ids = |list: &[u8]| -> Vec<u32> {
+                    list.chunks_exact(4)
+                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                };
+                let uids = ids(ssh_bytes(&mut rest).ok_or_else(bad)?);
+                let gids = ids(ssh_bytes(&mut rest).ok_or_else(bad)?);
+                let data = blocking(move || {
+                    // An id without a name gets an empty one, as in OpenSSH.
+                    let (mut users, mut groups) = (Vec::new(), Vec::new());
+                    for uid in uids {
+                        let name = nix::unistd::User::from_uid(uid.into()).ok().flatten();
+                        put_ssh_bytes(
+                            &mut users,
+                            name.map(|u| u.name).unwrap_or_default().as_bytes(),
+                        );
+                    }
+                    for gid in gids {
+                        let name = nix::unistd::Group::from_gid(gid.into()).ok().flatten();
+                        put_ssh_bytes(
+                            &mut groups,
+                            name.map(|g| g.name).unwrap_or_default().as_bytes(),
+                        );
+                    }
+                    let mut data = Vec::new();
+                    put_ssh_bytes(&mut data, &users);
+                    put_ssh_bytes(&mut data, &groups);
+                    Ok(data)
+                })
+                .await?;
+                return Ok(Packet::ExtendedReply(ExtendedReply { id, data }));
+            }
+            COPY_DATA => {
+                let from = self.file(&ssh_string(&mut rest).ok_or_else(bad)?)?;
+                let at = ssh_u64(&mut rest).ok_or_else(bad)?;
+                let len = ssh_u64(&mut rest).ok_or_else(bad)?;
+                let to = self.file(&ssh_string(&mut rest).ok_or_else(bad)?)?;
+                let to_at = ssh_u64(&mut rest).ok_or_else(bad)?;
+                blocking(move || copy_data(&from, at, len, &to, to_at)).await?;
             }
             extensions::LIMITS => {
                 let limits = LimitsExtension {

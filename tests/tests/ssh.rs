@@ -457,6 +457,73 @@ fn sftp_batch_mkdir_put_get_rename_rm() {
 }
 
 #[test]
+fn sftp_df_hard_links_copies_owner_names_and_scp_to_a_users_home() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let remote = work.path().join("remote");
+    let local = work.path().join("a.bin");
+    let data = pattern(2_500_000, 5);
+    std::fs::write(&local, &data).unwrap();
+    let batch = work.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "df\nmkdir {r}\ncd {r}\nput {l} a.bin\nln a.bin hard.bin\ncp a.bin copy.bin\nls -l\n",
+            r = remote.display(),
+            l = local.display(),
+        ),
+    )
+    .unwrap();
+    let out = file_tool("sftp", &cfg, &["-b", batch.to_str().unwrap(), "myco.dev"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "sftp -b: {stdout}{stderr}");
+    // df: statvfs@openssh.com.
+    assert!(stdout.contains("%Capacity"), "{stdout}");
+    // ln: hardlink@openssh.com; cp: copy-data, done by the agent.
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(remote.join("a.bin")).unwrap();
+    assert_eq!(a.nlink(), 2, "a.bin and hard.bin are one file");
+    assert_eq!(
+        a.ino(),
+        std::fs::metadata(remote.join("hard.bin")).unwrap().ino()
+    );
+    assert!(std::fs::read(remote.join("copy.bin")).unwrap() == data);
+    // ls -l names the owner (users-groups-by-id@openssh.com), not its number.
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let user = user.trim();
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("copy.bin") && l.contains(&format!(" {user} "))),
+        "{stdout}"
+    );
+
+    // scp to ~USER/...: OpenSSH's scp needs expand-path@openssh.com for it.
+    // The home the system's user database names, as the shell expands `~user`.
+    let home = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo ~{user}"))
+        .output()
+        .unwrap()
+        .stdout;
+    let home = std::path::PathBuf::from(String::from_utf8(home).unwrap().trim());
+    let name = format!(".myco-test-{}.bin", std::process::id());
+    let out = file_tool(
+        "scp",
+        &cfg,
+        &[local.to_str().unwrap(), &format!("myco.dev:~{user}/{name}")],
+    );
+    let landed = std::fs::read(home.join(&name));
+    let _ = std::fs::remove_file(home.join(&name));
+    assert!(out.status.success(), "scp to ~{user}: {out:?}");
+    assert!(landed.unwrap() == data, "the copy in ~{user} differs");
+}
+
+#[test]
 fn agent_forwarding_lists_the_local_agents_key() {
     let (env, _agent) = TestEnv::with_agent();
     let cfg = configure(&env, "alice");
