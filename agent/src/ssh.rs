@@ -214,6 +214,30 @@ impl Drop for Running {
     }
 }
 
+/// A Unix socket the agent listens on for the client (`ssh -R /path:...`): the
+/// listener stops and the socket file goes when the forward is cancelled or the SSH
+/// connection ends.
+struct UnixForward {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl Drop for UnixForward {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A socket path from the client: a relative one is taken from the home directory,
+/// where a session starts.
+fn socket_path(path: &str) -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) => Path::new(&home).join(path),
+        None => PathBuf::from(path),
+    }
+}
+
 /// One SSH connection.
 pub struct SshSession {
     base_env: SessionEnv,
@@ -227,6 +251,8 @@ pub struct SshSession {
     running: HashMap<ChannelId, Running>,
     /// Remote forwards (`ssh -R`): (address, port) -> the listener's task.
     forwards: HashMap<(String, u32), tokio::task::JoinHandle<()>>,
+    /// Remote forwards of Unix sockets (`ssh -R /path:...`), by the path asked for.
+    unix_forwards: HashMap<String, UnixForward>,
     /// Session channels not yet running anything; a subsystem takes its channel.
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Agent forwarding, once asked for: the socket's private dir and its listener.
@@ -255,6 +281,7 @@ impl SshSession {
             pty_requests: HashMap::new(),
             running: HashMap::new(),
             forwards: HashMap::new(),
+            unix_forwards: HashMap::new(),
             channels: HashMap::new(),
             agent: None,
         }
@@ -800,6 +827,80 @@ impl russh::server::Handler for SshSession {
         self.forwards
             .insert((address.to_owned(), u32::from(bound)), task);
         Ok(true)
+    }
+
+    /// `ssh -L ...:/path`: the agent connects to a Unix socket in the workspace (a
+    /// Docker or GPG agent socket) and pipes it through the channel.
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let path = self::socket_path(socket_path);
+        tokio::spawn(async move {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(mut sock) => {
+                    reply.accept().await;
+                    let mut stream = channel.into_stream();
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut sock).await {
+                        tracing::debug!(path = %path.display(), "forwarded connection ended: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(path = %path.display(), "cannot open forwarded connection: {e}");
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// `ssh -R /path:...`: listen on a Unix socket in the workspace (for a forwarded
+    /// GPG agent, say) and send each connection back to the client. As with sshd's
+    /// default (`StreamLocalBindUnlink no`), a path that exists is refused.
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let path = self::socket_path(socket_path);
+        let listener = match tokio::net::UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(path = %path.display(), "cannot listen for a remote forward: {e}");
+                return Ok(false);
+            }
+        };
+        let handle = session.handle();
+        let asked = socket_path.to_owned();
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let handle = handle.clone();
+                let asked = asked.clone();
+                tokio::spawn(async move {
+                    match handle.channel_open_forwarded_streamlocal(asked).await {
+                        Ok(channel) => {
+                            let mut stream = channel.into_stream();
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut sock).await;
+                        }
+                        Err(e) => tracing::debug!("client refused a forwarded connection: {e}"),
+                    }
+                });
+            }
+        });
+        self.unix_forwards
+            .insert(socket_path.to_owned(), UnixForward { task, path });
+        Ok(true)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.unix_forwards.remove(socket_path).is_some())
     }
 
     async fn cancel_tcpip_forward(

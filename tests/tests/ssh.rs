@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use tests::{TestEnv, free_port, sha256_hex, wait_pane};
+use tests::{TestEnv, eventually, free_port, sha256_hex, wait_pane};
 
 /// `myco config-ssh` into a temp SSH config; returns its path.
 fn configure(env: &TestEnv, user: &str) -> std::path::PathBuf {
@@ -770,4 +770,95 @@ fn rsync_and_git_work_through_real_ssh() {
         std::fs::read_to_string(dir.join("two/README")).unwrap(),
         "over the mesh\n"
     );
+}
+
+/// Sends `line` on the Unix socket at `path` and returns the answer.
+fn ask_unix(path: &std::path::Path, line: &str) -> String {
+    use std::io::Read;
+    let mut sock = std::os::unix::net::UnixStream::connect(path).unwrap();
+    sock.write_all(line.as_bytes()).unwrap();
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// `ssh -N` with one forward, in the background until killed.
+fn forwarding(cfg: &std::path::Path, flag: &str, spec: &str) -> std::process::Child {
+    Command::new("ssh")
+        .arg("-F")
+        .arg(cfg)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-N",
+        ])
+        .args([flag, spec, "myco.dev"])
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn unix_socket_forwarding_both_ways() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let work = tempfile::tempdir().unwrap();
+    // A Unix socket server that answers each connection's line upper-cased. The agent
+    // runs on this machine, so both "sides" are here.
+    let server = work.path().join("server.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&server).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut conn), &mut line);
+            let _ = conn.write_all(line.to_uppercase().as_bytes());
+        }
+    });
+
+    // -L: a socket here, the agent connects to the server's socket.
+    let local = work.path().join("local.sock");
+    let mut ssh_l = forwarding(
+        &cfg,
+        "-L",
+        &format!("{}:{}", local.display(), server.display()),
+    );
+    eventually("ssh listens on the local socket", || local.exists());
+    assert_eq!(ask_unix(&local, "through -l\n"), "THROUGH -L\n");
+    let _ = ssh_l.kill();
+    let _ = ssh_l.wait();
+
+    // -R: the agent listens on a socket, connections come back to the server.
+    let remote = work.path().join("remote.sock");
+    let mut ssh_r = forwarding(
+        &cfg,
+        "-R",
+        &format!("{}:{}", remote.display(), server.display()),
+    );
+    eventually("the agent listens on the remote socket", || remote.exists());
+    assert_eq!(ask_unix(&remote, "through -r\n"), "THROUGH -R\n");
+    // A second forward on a path in use is refused, as by sshd.
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"])
+        .args(["-R", &format!("{}:{}", remote.display(), server.display())])
+        .args(["myco.dev", "true"])
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{out:?}"
+    );
+    // The agent removes its socket when the SSH connection ends.
+    let _ = ssh_r.kill();
+    let _ = ssh_r.wait();
+    eventually("the agent removed the remote socket", || !remote.exists());
 }
