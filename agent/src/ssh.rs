@@ -17,7 +17,7 @@ use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::{PrivateKey, ssh_key::LineEnding};
 use russh::server::{Auth, Handle, Msg, Session};
 use russh::{Channel, ChannelId};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
@@ -236,6 +236,53 @@ fn socket_path(path: &str) -> PathBuf {
         Some(home) => Path::new(&home).join(path),
         None => PathBuf::from(path),
     }
+}
+
+/// A forwarded connection the client asked for (`ssh -L`): connected outside the
+/// session loop, so a target that never answers stalls no other channel; the channel
+/// is accepted once it is connected, refused if it cannot be.
+fn open_direct<S, F>(
+    channel: Channel<Msg>,
+    reply: russh::server::ChannelOpenHandle,
+    target: String,
+    connect: F,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    F: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        match connect.await {
+            Ok(mut sock) => {
+                reply.accept().await;
+                let mut stream = channel.into_stream();
+                if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut sock).await {
+                    tracing::debug!(%target, "forwarded connection ended: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::info!(%target, "cannot open forwarded connection: {e}");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+    });
+}
+
+/// A connection to a remote forward's listener (`ssh -R`), sent back to the client
+/// on the channel `open` asks it for.
+fn send_back<S, F>(mut sock: S, open: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: std::future::Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        match open.await {
+            Ok(channel) => {
+                let mut stream = channel.into_stream();
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut sock).await;
+            }
+            Err(e) => tracing::debug!("client refused a forwarded connection: {e}"),
+        }
+    });
 }
 
 /// One SSH connection.
@@ -747,24 +794,10 @@ impl russh::server::Handler for SshSession {
             reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        // Connected outside the session loop: a host that never answers must not
-        // stall the connection's other channels.
-        let target = format!("{host_to_connect}:{port}");
         let host = host_to_connect.to_owned();
-        tokio::spawn(async move {
-            match mesh::splice::connect(&host, port).await {
-                Ok(mut tcp) => {
-                    reply.accept().await;
-                    let mut stream = channel.into_stream();
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
-                        tracing::debug!(%target, "forwarded connection ended: {e}");
-                    }
-                }
-                Err(e) => {
-                    tracing::info!(%target, "cannot open forwarded connection: {e}");
-                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
-                }
-            }
+        let target = format!("{host}:{port}");
+        open_direct(channel, reply, target, async move {
+            mesh::splice::connect(&host, port).await
         });
         Ok(())
     }
@@ -801,26 +834,19 @@ impl russh::server::Handler for SshSession {
         let handle = session.handle();
         let connected_address = address.to_owned();
         let task = tokio::spawn(async move {
-            while let Ok((mut tcp, peer)) = listener.accept().await {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
                 let handle = handle.clone();
                 let connected_address = connected_address.clone();
-                tokio::spawn(async move {
-                    let opened = handle
+                send_back(tcp, async move {
+                    handle
                         .channel_open_forwarded_tcpip(
                             connected_address,
                             u32::from(bound),
                             peer.ip().to_string(),
                             u32::from(peer.port()),
                         )
-                        .await;
-                    match opened {
-                        Ok(channel) => {
-                            let _ = tcp.set_nodelay(true);
-                            let mut stream = channel.into_stream();
-                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
-                        }
-                        Err(e) => tracing::debug!("client refused a forwarded connection: {e}"),
-                    }
+                        .await
                 });
             }
         });
@@ -839,21 +865,13 @@ impl russh::server::Handler for SshSession {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let path = self::socket_path(socket_path);
-        tokio::spawn(async move {
-            match tokio::net::UnixStream::connect(&path).await {
-                Ok(mut sock) => {
-                    reply.accept().await;
-                    let mut stream = channel.into_stream();
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut sock).await {
-                        tracing::debug!(path = %path.display(), "forwarded connection ended: {e}");
-                    }
-                }
-                Err(e) => {
-                    tracing::info!(path = %path.display(), "cannot open forwarded connection: {e}");
-                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
-                }
-            }
-        });
+        let target = path.display().to_string();
+        open_direct(
+            channel,
+            reply,
+            target,
+            tokio::net::UnixStream::connect(path),
+        );
         Ok(())
     }
 
@@ -876,17 +894,11 @@ impl russh::server::Handler for SshSession {
         let handle = session.handle();
         let asked = socket_path.to_owned();
         let task = tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
+            while let Ok((sock, _)) = listener.accept().await {
                 let handle = handle.clone();
                 let asked = asked.clone();
-                tokio::spawn(async move {
-                    match handle.channel_open_forwarded_streamlocal(asked).await {
-                        Ok(channel) => {
-                            let mut stream = channel.into_stream();
-                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut sock).await;
-                        }
-                        Err(e) => tracing::debug!("client refused a forwarded connection: {e}"),
-                    }
+                send_back(sock, async move {
+                    handle.channel_open_forwarded_streamlocal(asked).await
                 });
             }
         });

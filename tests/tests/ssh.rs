@@ -411,6 +411,13 @@ fn scp_both_ways_keeps_contents() {
     );
 }
 
+/// `sftp -b` with `script` as the batch (written into `dir`).
+fn sftp_batch(cfg: &std::path::Path, dir: &std::path::Path, script: &str) -> std::process::Output {
+    let batch = dir.join("batch");
+    std::fs::write(&batch, script).unwrap();
+    file_tool("sftp", cfg, &["-b", batch.to_str().unwrap(), "myco.dev"])
+}
+
 #[test]
 fn sftp_batch_mkdir_put_get_rename_rm() {
     let (env, _agent) = TestEnv::with_agent();
@@ -421,18 +428,16 @@ fn sftp_batch_mkdir_put_get_rename_rm() {
     let back = work.path().join("back.bin");
     let data = pattern(3_000_000, 11);
     std::fs::write(&local, &data).unwrap();
-    let batch = work.path().join("batch");
-    std::fs::write(
-        &batch,
-        format!(
+    let out = sftp_batch(
+        &cfg,
+        work.path(),
+        &format!(
             "mkdir {r}\ncd {r}\nput {l} a.bin\nrename a.bin b.bin\nls -l\nget b.bin {b}\nsymlink b.bin c.bin\nrm c.bin\nrm b.bin\ncd ..\nrmdir {r}\n",
             r = remote.display(),
             l = local.display(),
             b = back.display()
         ),
-    )
-    .unwrap();
-    let out = file_tool("sftp", &cfg, &["-b", batch.to_str().unwrap(), "myco.dev"]);
+    );
     assert!(out.status.success(), "sftp -b: {out:?}");
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains("b.bin"), "{listing}");
@@ -447,8 +452,11 @@ fn sftp_batch_mkdir_put_get_rename_rm() {
     assert!(!remote.exists(), "rmdir removed the remote dir");
 
     // A failing command stops the batch with the server's reason.
-    std::fs::write(&batch, format!("rm {}/missing\n", work.path().display())).unwrap();
-    let out = file_tool("sftp", &cfg, &["-b", batch.to_str().unwrap(), "myco.dev"]);
+    let out = sftp_batch(
+        &cfg,
+        work.path(),
+        &format!("rm {}/missing\n", work.path().display()),
+    );
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("No such file"),
@@ -465,17 +473,15 @@ fn sftp_df_hard_links_copies_owner_names_and_scp_to_a_users_home() {
     let local = work.path().join("a.bin");
     let data = pattern(2_500_000, 5);
     std::fs::write(&local, &data).unwrap();
-    let batch = work.path().join("batch");
-    std::fs::write(
-        &batch,
-        format!(
+    let out = sftp_batch(
+        &cfg,
+        work.path(),
+        &format!(
             "df\nmkdir {r}\ncd {r}\nput {l} a.bin\nln a.bin hard.bin\ncp a.bin copy.bin\nls -l\n",
             r = remote.display(),
             l = local.display(),
         ),
-    )
-    .unwrap();
-    let out = file_tool("sftp", &cfg, &["-b", batch.to_str().unwrap(), "myco.dev"]);
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
