@@ -456,12 +456,12 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     output.finish().await?;
     drop(_raw);
     // Without an exit status the agent may have said why it ended the connection (its
-    // idle timeout, a shutdown); that close can trail the end of the SSH stream.
+    // idle timeout); that close can trail the end of the SSH stream.
     let why = match code {
         Some(_) => None,
         None => {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.conn.closed()).await;
-            crate::dial::close_reason(&d.conn)
+            crate::dial::close_reason(&d.conn).filter(|r| !r.is_empty())
         }
     };
     let _ = session
