@@ -143,7 +143,7 @@ pub async fn run(
         AbortOnDrop(tokio::spawn(stats::run(
             welcome.clone(),
             endpoint.clone(),
-            activity,
+            activity.clone(),
             reports.clone(),
         ))),
         AbortOnDrop(tokio::spawn(netcheck::run(
@@ -178,8 +178,10 @@ pub async fn run(
         }
     };
     if let Some(ep) = endpoint.get() {
-        // Tell connected clients we are going instead of letting them time out;
-        // closing waits for peers, so it gets a bound.
+        // Tell connected clients we are going, and why (`myco ssh` and `myco ssh
+        // --stdio` print it), instead of letting them time out; closing waits for
+        // peers, so it gets a bound.
+        activity.close_all(mesh::alpn::close::SHUTDOWN, "the agent is shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), ep.endpoint.close()).await;
     }
     tracing::info!("agent stopped");

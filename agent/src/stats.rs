@@ -54,6 +54,19 @@ pub(crate) struct ConnectionSnapshot {
 }
 
 impl MeshActivity {
+    /// Closes every tracked connection with `code` and `reason`, which clients print.
+    pub(crate) fn close_all(&self, code: u32, reason: &str) {
+        let open: Vec<Connection> = self
+            .table()
+            .open
+            .values()
+            .filter_map(|t| t.conn.upgrade())
+            .collect();
+        for conn in open {
+            conn.close(code.into(), reason.as_bytes());
+        }
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, ConnectionTable> {
         // Plain counters, each update complete: a panic elsewhere cannot corrupt them.
         self.connections

@@ -456,7 +456,7 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     output.finish().await?;
     drop(_raw);
     // Without an exit status the agent may have said why it ended the connection (its
-    // idle timeout); that close can trail the end of the SSH stream.
+    // idle timeout, its shutdown); that close can trail the end of the SSH stream.
     let why = match code {
         Some(_) => None,
         None => {

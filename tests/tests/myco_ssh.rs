@@ -464,3 +464,31 @@ fn a_client_that_vanishes_ends_its_session_and_command() {
         || !running(pid),
     );
 }
+
+#[test]
+fn a_stopping_agent_tells_its_ssh_clients_why_and_ends_their_commands() {
+    let (env, agent) = TestEnv::with_agent();
+    let work = tempfile::tempdir().unwrap();
+    let pidfile = work.path().join("pid");
+    let client = env
+        .cmd("alice", &["ssh", "dev", "--", &sleeper(&pidfile)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = sleeper_pid(&pidfile);
+    // SIGTERM, and no shutdown script: the agent stops at once.
+    Command::new("kill")
+        .args(["-TERM", &agent.child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = client.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ended without an exit status: the agent is shutting down"),
+        "{stderr}"
+    );
+    eventually("the command's child is gone", || !running(pid));
+}

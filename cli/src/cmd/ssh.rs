@@ -153,8 +153,8 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
             }
         }
         // The agent ended a session OpenSSH had not: say why, if it said (its idle
-        // timeout), on the stderr OpenSSH shows; its close can trail the end of the
-        // stream.
+        // timeout, its shutdown), on the stderr OpenSSH shows; its close can trail the
+        // end of the stream.
         if uploading {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.conn.closed()).await;
             if let Some(why) = crate::dial::close_reason(&d.conn).filter(|r| !r.is_empty()) {
