@@ -768,7 +768,12 @@ impl russh::server::Handler for SshSession {
         signal: russh::Sig,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let pgid = self.running.get(&channel).and_then(|r| r.pgid);
+        // Not once the command has exited (as sshd): its group id may be reused.
+        let pgid = self
+            .running
+            .get(&channel)
+            .filter(|r| !r.exited.load(std::sync::atomic::Ordering::Acquire))
+            .and_then(|r| r.pgid);
         let (Some(pgid), Some(sig)) = (pgid, signal_of(&signal)) else {
             return Ok(());
         };
