@@ -5,6 +5,7 @@ mod client;
 mod cmd;
 mod dial;
 mod dirs;
+mod escape;
 mod output;
 mod session;
 mod ssh_client;

@@ -16,6 +16,7 @@ use russh::keys::{PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Sig};
 
 use crate::dial::Dialed;
+use crate::escape::{Action, Escapes, HELP};
 use crate::stdio::{Output, Stream};
 
 /// The SSH client's settings: the same bulk settings as the agent's server
@@ -396,6 +397,8 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
         let _ = terminal.channel.set(channel.id());
     }
     let mut output = Output::threaded();
+    // OpenSSH's `~.` and friends, on a terminal in raw mode (as OpenSSH with a tty).
+    let mut escapes = _raw.as_ref().map(|_| Escapes::default());
     // SIGINT/SIGTERM/SIGHUP go to the remote command; a second one ends `myco ssh`
     // here, for a command that ignores them or a link that hangs.
     let mut signals = 0;
@@ -403,7 +406,26 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     loop {
         tokio::select! {
             chunk = input.recv(), if input_open => match chunk {
-                Some(data) => channel.data_bytes(data).await.with_context(broke)?,
+                Some(data) => {
+                    let (data, action) = match escapes.as_mut() {
+                        Some(e) => e.feed(data),
+                        None => (data, None),
+                    };
+                    if !data.is_empty() {
+                        channel.data_bytes(data).await.with_context(broke)?;
+                    }
+                    match action {
+                        Some(Action::Disconnect) => {
+                            drop(_raw);
+                            eprintln!("Connection to {agent} closed.");
+                            return Ok(255);
+                        }
+                        Some(Action::Help) => {
+                            let _ = crate::stdio::write_now(Stream::Stderr, HELP.as_bytes());
+                        }
+                        None => {}
+                    }
+                }
                 None => {
                     input_open = false;
                     // On a terminal, EOF is ^D typed into the remote shell instead.

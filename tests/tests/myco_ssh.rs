@@ -335,7 +335,11 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
              flags=$(awk '/^flags/ {{print $2}}' /proc/$$/fdinfo/0)\n\
              if [ $((flags & 04000)) -ne 0 ]; then mode=nonblocking; else mode=blocking; fi\n\
              echo \"after-ssh code=$code $mode\"\n\
+             env {} {} ssh dev\n\
+             echo \"second code=$?\"\n\
              sleep 30\n",
+            envs.join(" "),
+            tests::myco_bin().display(),
             envs.join(" "),
             tests::myco_bin().display()
         ),
@@ -373,6 +377,24 @@ fn interactive_shell_in_raw_mode_follows_resizes() {
     // A background job holding the terminal does not keep the session open.
     tmux(&["send-keys", "-t", &session, "sleep 300 & exit 7", "Enter"]);
     wait_pane(&session, "after-ssh code=7 blocking");
+
+    // OpenSSH's escapes, at the start of a line: `~?` lists them, `~~` sends one `~`,
+    // `~.` ends the session (exit 255, as ssh).
+    tmux(&["send-keys", "-t", &session, "echo second-$((3+3))", "Enter"]);
+    wait_pane(&session, "second-6");
+    tmux(&["send-keys", "-t", &session, "~?"]);
+    wait_pane(&session, "~.   - terminate connection");
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "read x; echo \"got[$x]\"",
+        "Enter",
+    ]);
+    tmux(&["send-keys", "-t", &session, "~~y", "Enter"]);
+    wait_pane(&session, "got[~y]");
+    tmux(&["send-keys", "-t", &session, "~."]);
+    wait_pane(&session, "second code=255");
     tmux(&["kill-session", "-t", &session]);
 }
 

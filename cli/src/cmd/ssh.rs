@@ -31,7 +31,9 @@ Examples:
                                         port 8080 back to your localhost:3000
   myco ssh -e RUST_LOG=debug dev.main -- cargo run
 
-The agent's host key is checked against the coordinator's record.")]
+The agent's host key is checked against the coordinator's record. On a terminal,
+OpenSSH's escapes work at the start of a line: ~. ends the session (exit 255, for a
+link that hangs), ~? lists the escapes, ~~ sends one ~.")]
 pub struct SshArgs {
     /// The agent: [OWNER/]WORKSPACE[.AGENT], or the host alias myco.WORKSPACE[.AGENT].
     #[arg(value_parser = dial::parse_target, value_name = "WORKSPACE")]
