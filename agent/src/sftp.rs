@@ -303,7 +303,12 @@ fn statvfs_reply(id: u32, st: &nix::sys::statvfs::Statvfs) -> Result<Packet, Sta
         flags: st.flags().bits() & 0x3,
         name_max: st.name_max(),
     };
-    let data = russh_sftp::ser::to_bytes(&reply)
+    extended_reply(id, &reply)
+}
+
+/// An `SSH_FXP_EXTENDED_REPLY` carrying `reply` in the protocol's encoding.
+fn extended_reply(id: u32, reply: &impl serde::Serialize) -> Result<Packet, StatusReply> {
+    let data = russh_sftp::ser::to_bytes(reply)
         .map_err(|e| StatusCode::Failure.with_message(e.to_string()))?
         .to_vec();
     Ok(Packet::ExtendedReply(ExtendedReply { id, data }))
@@ -728,10 +733,7 @@ impl russh_sftp::server::Handler for Sftp {
                     max_write_len: MAX_IO.into(),
                     max_open_handles: 0,
                 };
-                let data = russh_sftp::ser::to_bytes(&limits)
-                    .map_err(|e| StatusCode::Failure.with_message(e.to_string()))?
-                    .to_vec();
-                return Ok(Packet::ExtendedReply(ExtendedReply { id, data }));
+                return extended_reply(id, &limits);
             }
             other => {
                 return Err(StatusCode::OpUnsupported
