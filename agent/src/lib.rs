@@ -189,7 +189,7 @@ pub async fn run(
 }
 
 /// Aborts a task when dropped: the agent's background work ends with [`run`].
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
+use crate::AbortOnDrop;
 use crate::sessions::{self, SessionCounts, SessionGuard, SessionKind};
 
 /// File name of the forwarded agent's socket, inside its private temp dir.
@@ -218,13 +219,12 @@ impl Drop for Running {
 /// listener stops and the socket file goes when the forward is cancelled or the SSH
 /// connection ends.
 struct UnixForward {
-    task: tokio::task::JoinHandle<()>,
+    _listener: AbortOnDrop<()>,
     path: PathBuf,
 }
 
 impl Drop for UnixForward {
     fn drop(&mut self) {
-        self.task.abort();
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -296,27 +296,15 @@ pub struct SshSession {
     /// Per channel: the running command. Dropped with the channel or the connection,
     /// which ends the command.
     running: HashMap<ChannelId, Running>,
-    /// Remote forwards (`ssh -R`): (address, port) -> the listener's task.
-    forwards: HashMap<(String, u32), tokio::task::JoinHandle<()>>,
+    /// Remote forwards (`ssh -R`): (address, port) -> the listener's task. Like the
+    /// fields below, they last as long as the SSH connection that asked for them.
+    forwards: HashMap<(String, u32), AbortOnDrop<()>>,
     /// Remote forwards of Unix sockets (`ssh -R /path:...`), by the path asked for.
     unix_forwards: HashMap<String, UnixForward>,
     /// Session channels not yet running anything; a subsystem takes its channel.
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Agent forwarding, once asked for: the socket's private dir and its listener.
-    agent: Option<(tempfile::TempDir, tokio::task::JoinHandle<()>)>,
-}
-
-impl Drop for SshSession {
-    fn drop(&mut self) {
-        // A remote forward lives as long as the SSH connection that asked for it.
-        for (_, task) in self.forwards.drain() {
-            task.abort();
-        }
-        // So is the forwarded agent's socket (its dir goes with the TempDir).
-        if let Some((_, task)) = self.agent.take() {
-            task.abort();
-        }
-    }
+    agent: Option<(tempfile::TempDir, AbortOnDrop<()>)>,
 }
 
 impl SshSession {
@@ -364,7 +352,7 @@ impl SshSession {
                 });
             }
         });
-        self.agent = Some((dir, task));
+        self.agent = Some((dir, AbortOnDrop(task)));
         Ok(())
     }
 
@@ -856,7 +844,7 @@ impl russh::server::Handler for SshSession {
             }
         });
         self.forwards
-            .insert((address.to_owned(), u32::from(bound)), task);
+            .insert((address.to_owned(), u32::from(bound)), AbortOnDrop(task));
         Ok(true)
     }
 
@@ -907,8 +895,13 @@ impl russh::server::Handler for SshSession {
                 });
             }
         });
-        self.unix_forwards
-            .insert(socket_path.to_owned(), UnixForward { task, path });
+        self.unix_forwards.insert(
+            socket_path.to_owned(),
+            UnixForward {
+                _listener: AbortOnDrop(task),
+                path,
+            },
+        );
         Ok(true)
     }
 
@@ -926,13 +919,8 @@ impl russh::server::Handler for SshSession {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        match self.forwards.remove(&(address.to_owned(), port)) {
-            Some(task) => {
-                task.abort();
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        // Dropping the listener's task stops it.
+        Ok(self.forwards.remove(&(address.to_owned(), port)).is_some())
     }
 
     async fn env_request(
