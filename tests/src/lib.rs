@@ -239,10 +239,16 @@ impl TestEnv {
     /// A coordinator, its first user `alice`, her workspace `dev` and its agent,
     /// connected to the mesh.
     pub fn with_agent() -> (Self, AgentProc) {
+        Self::with_agent_env(&[])
+    }
+
+    /// Like [`TestEnv::with_agent`], the agent started with more environment
+    /// (`MYCO_*` settings).
+    pub fn with_agent_env(agent_env: &[(&str, &str)]) -> (Self, AgentProc) {
         let env = Self::start();
         env.bootstrap("alice");
         let token = env.create_workspace("alice", "dev");
-        let agent = env.start_agent(&token);
+        let agent = env.start_agent_with(None, &token, agent_env);
         env.wait_agent_connected("alice", "dev");
         (env, agent)
     }

@@ -423,11 +423,7 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn an_idle_timeout_closes_only_connections_without_traffic() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent_with(None, &token, &[("MYCO_SSH_IDLE_TIMEOUT", "2s")]);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent_env(&[("MYCO_SSH_IDLE_TIMEOUT", "2s")]);
 
     // Output every half second keeps the connection well past the timeout.
     let out = env.run(

@@ -650,11 +650,7 @@ fn a_slow_reader_does_not_deadlock_a_session() {
 
 #[test]
 fn the_agents_idle_timeout_reaches_openssh_with_its_reason() {
-    let env = TestEnv::start();
-    env.bootstrap("alice");
-    let token = env.create_workspace("alice", "dev");
-    let _agent = env.start_agent_with(None, &token, &[("MYCO_SSH_IDLE_TIMEOUT", "2s")]);
-    env.wait_agent_connected("alice", "dev");
+    let (env, _agent) = TestEnv::with_agent_env(&[("MYCO_SSH_IDLE_TIMEOUT", "2s")]);
     let cfg = configure(&env, "alice");
     let out = ssh(&cfg, &["myco.dev", "sleep 60"], b"");
     assert_eq!(out.status.code(), Some(255), "ssh's own failure: {out:?}");
