@@ -143,6 +143,14 @@ pub fn close_reason(conn: &Connection) -> Option<String> {
     }
 }
 
+/// Why the agent ended the connection, if it said (its idle timeout, its shutdown),
+/// once its close arrives: it can trail the end of the stream it ended, so this waits
+/// for it, a second at most.
+pub async fn agent_reason(conn: &Connection) -> Option<String> {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn.closed()).await;
+    close_reason(conn).filter(|r| !r.is_empty())
+}
+
 pub async fn dial(
     globals: &Globals,
     target: &WorkspaceRef,

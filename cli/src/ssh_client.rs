@@ -477,14 +477,10 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
     }
     output.finish().await?;
     drop(_raw);
-    // Without an exit status the agent may have said why it ended the connection (its
-    // idle timeout, its shutdown); that close can trail the end of the SSH stream.
+    // Without an exit status the agent may have said why it ended the connection.
     let why = match code {
         Some(_) => None,
-        None => {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.conn.closed()).await;
-            crate::dial::close_reason(&d.conn).filter(|r| !r.is_empty())
-        }
+        None => crate::dial::agent_reason(&d.conn).await,
     };
     let _ = session
         .disconnect(russh::Disconnect::ByApplication, "", "en")

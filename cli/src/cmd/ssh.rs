@@ -154,14 +154,10 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        // The agent ended a session OpenSSH had not: say why, if it said (its idle
-        // timeout, its shutdown), on the stderr OpenSSH shows; its close can trail the
-        // end of the stream.
-        if uploading {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), d.conn.closed()).await;
-            if let Some(why) = crate::dial::close_reason(&d.conn).filter(|r| !r.is_empty()) {
-                eprintln!("myco: {why}");
-            }
+        // The agent ended a session OpenSSH had not: say why, if it said, on the
+        // stderr OpenSSH shows.
+        if uploading && let Some(why) = dial::agent_reason(&d.conn).await {
+            eprintln!("myco: {why}");
         }
     }
     output.finish().await?;
