@@ -8,6 +8,7 @@
 //! through the key it announced on the control channel; every mesh connection is
 //! checked against a ticket, whatever network path it came by.
 
+mod account;
 mod app_health;
 mod control;
 mod forward;

@@ -20,14 +20,7 @@ const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// `$SHELL -c SCRIPT` in the home dir, in its own process group, with no stdin and
 /// without the variables no workspace process may inherit (the agent's token).
 pub(crate) fn shell_command(script: &str) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(crate::ssh::login_shell());
-    cmd.arg("-c").arg(script);
-    if let Some(home) = std::env::var_os("HOME") {
-        cmd.current_dir(home);
-    }
-    for name in crate::ssh::PRIVATE_ENV {
-        cmd.env_remove(name);
-    }
+    let mut cmd = crate::account::Account::current().command(&["-c", script]);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -126,12 +119,13 @@ pub(crate) async fn run<F>(script: &str, timeout: Duration, sink: F) -> ScriptOu
 where
     F: FnMut(String) + Send + 'static,
 {
-    let mut child = match shell_command(script).spawn() {
+    let mut cmd = shell_command(script);
+    let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
             return ScriptOutcome::Failed(format!(
                 "cannot start {}: {e}",
-                crate::ssh::login_shell()
+                cmd.as_std().get_program().to_string_lossy()
             ));
         }
     };

@@ -29,11 +29,13 @@ pub async fn accept_loop(
     ssh: Arc<russh::server::Config>,
     activity: Arc<MeshActivity>,
 ) {
+    let bound = Arc::new(endpoint.bound_sockets());
     while let Some(incoming) = endpoint.accept().await {
         let welcome = welcome.clone();
         let ssh = ssh.clone();
         let activity = activity.clone();
         let me = endpoint.id();
+        let bound = bound.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -43,7 +45,7 @@ pub async fn accept_loop(
                 }
             };
             let span = tracing::info_span!("conn", peer = %conn.remote_id().fmt_short());
-            if let Err(e) = handle(conn, me, welcome, ssh, activity)
+            if let Err(e) = handle(conn, me, bound, welcome, ssh, activity)
                 .instrument(span)
                 .await
             {
@@ -56,6 +58,7 @@ pub async fn accept_loop(
 async fn handle(
     conn: Connection,
     me: iroh::EndpointId,
+    bound: Arc<Vec<std::net::SocketAddr>>,
     welcome: WelcomeRx,
     ssh: Arc<russh::server::Config>,
     activity: Arc<MeshActivity>,
@@ -102,7 +105,14 @@ async fn handle(
             let session = russh::server::run_stream(
                 ssh,
                 tokio::io::join(recv, send),
-                crate::ssh::SshSession::new(env, activity.sessions.clone()),
+                crate::ssh::SshSession::new(
+                    env,
+                    crate::ssh::Peer {
+                        conn: conn.clone(),
+                        bound,
+                    },
+                    activity.sessions.clone(),
+                ),
             )
             .await
             .map_err(|e| e.to_string())?;

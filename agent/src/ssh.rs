@@ -9,6 +9,7 @@
 //! signals to the command, exit-signal, and the SFTP subsystem (`sftp`, `scp`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
 use crate::AbortOnDrop;
+use crate::account::Account;
 use crate::sessions::{self, SessionCounts, SessionGuard, SessionKind};
 
 /// File name of the forwarded agent's socket, inside its private temp dir.
@@ -106,6 +108,50 @@ impl SessionEnv {
     }
 }
 
+/// Where an SSH connection comes from, for OpenSSH's `SSH_CONNECTION` and `SSH_CLIENT`.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub conn: iroh::endpoint::Connection,
+    /// The agent's own UDP sockets.
+    pub bound: Arc<Vec<SocketAddr>>,
+}
+
+impl Peer {
+    /// `SSH_CONNECTION` ("client_ip client_port server_ip server_port") and
+    /// `SSH_CLIENT` ("client_ip client_port server_port") for the path selected when a
+    /// command starts. Over the relay the client has no address here, so both are
+    /// zeros, as Coder's agent always gives.
+    fn ssh_connection(&self) -> (String, String) {
+        let paths = self.conn.paths();
+        let client = paths
+            .iter()
+            .find(|p| p.is_selected())
+            .and_then(|p| match p.remote_addr() {
+                iroh::TransportAddr::Ip(a) => Some(*a),
+                _ => None,
+            });
+        let server = client.and_then(|c| {
+            let bound = self.bound.iter().find(|b| b.is_ipv4() == c.is_ipv4())?;
+            let mut server = *bound;
+            if server.ip().is_unspecified() {
+                // The address the kernel would answer the client from (connecting a
+                // UDP socket sends nothing).
+                let probe = std::net::UdpSocket::bind(SocketAddr::new(server.ip(), 0)).ok()?;
+                probe.connect(c).ok()?;
+                server.set_ip(probe.local_addr().ok()?.ip());
+            }
+            Some(server)
+        });
+        match (client, server) {
+            (Some(c), Some(s)) => (
+                format!("{} {} {} {}", c.ip(), c.port(), s.ip(), s.port()),
+                format!("{} {} {}", c.ip(), c.port(), s.port()),
+            ),
+            _ => ("0.0.0.0 0 0.0.0.0 0".into(), "0.0.0.0 0 0".into()),
+        }
+    }
+}
+
 /// A terminal the client asked for on a channel.
 #[derive(Debug, Clone)]
 struct PtyRequest {
@@ -128,14 +174,6 @@ const INPUT_QUEUE: usize = 4096;
 /// How long a terminal's output is drained after its shell exits, when background
 /// jobs keep the terminal open.
 const PTY_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
-/// Variables of the agent's own environment no session inherits: credentials of the
-/// agent, and an SSH agent that was not forwarded. Workspace scripts drop them too.
-pub(crate) const PRIVATE_ENV: &[&str] = &[
-    "MYCO_AGENT_TOKEN",
-    "MYCO_AGENT_URL",
-    "MYCO_TOKEN",
-    "SSH_AUTH_SOCK",
-];
 
 /// What the session loop passes to a running command's input task.
 enum Input {
@@ -288,6 +326,7 @@ where
 /// One SSH connection.
 pub struct SshSession {
     base_env: SessionEnv,
+    peer: Peer,
     sessions: Arc<SessionCounts>,
     /// Per channel: environment the client asked for.
     env: HashMap<ChannelId, Vec<(String, String)>>,
@@ -308,9 +347,10 @@ pub struct SshSession {
 }
 
 impl SshSession {
-    pub fn new(base_env: SessionEnv, sessions: Arc<SessionCounts>) -> Self {
+    pub fn new(base_env: SessionEnv, peer: Peer, sessions: Arc<SessionCounts>) -> Self {
         Self {
             base_env,
+            peer,
             sessions,
             env: HashMap::new(),
             pty_requests: HashMap::new(),
@@ -360,25 +400,23 @@ impl SshSession {
     /// environment requests (but the session kind, which is ours) and the MYCO_*
     /// variables.
     fn command(&mut self, channel: ChannelId, command: Option<&str>) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(login_shell());
-        match command {
-            Some(c) => cmd.arg("-c").arg(c),
-            None => cmd.arg("-l"),
-        };
-        if let Some(home) = std::env::var_os("HOME") {
-            cmd.current_dir(home);
-        }
-        for name in PRIVATE_ENV {
-            cmd.env_remove(name);
-        }
+        let mut cmd = Account::current().command(&match command {
+            Some(c) => vec!["-c", c],
+            None => vec!["-l"],
+        });
+        // A terminal's own is set where it is opened.
+        cmd.env_remove("SSH_TTY");
         if let Some(sock) = self.agent_socket() {
             cmd.env("SSH_AUTH_SOCK", sock);
         }
         let env = self.env.remove(&channel).unwrap_or_default();
+        let (connection, client) = self.peer.ssh_connection();
         cmd.envs(
             env.into_iter()
                 .filter(|(name, _)| name != sessions::SESSION_TYPE_ENV),
         )
+        .env("SSH_CONNECTION", connection)
+        .env("SSH_CLIENT", client)
         .env("MYCO", "true")
         .env("MYCO_WORKSPACE_NAME", &self.base_env.workspace)
         .env("MYCO_AGENT_NAME", &self.base_env.agent)
@@ -398,10 +436,11 @@ impl SshSession {
     ) -> Result<(), String> {
         let (pty, pts) = pty_process::open().map_err(|e| e.to_string())?;
         pty.resize(req.size).map_err(|e| e.to_string())?;
-        let mut child = pty_process::Command::from(cmd)
-            .env("TERM", &req.term)
-            .spawn(pts)
-            .map_err(|e| e.to_string())?;
+        let mut command = pty_process::Command::from(cmd).env("TERM", &req.term);
+        if let Ok(tty) = nix::unistd::ttyname(&pts) {
+            command = command.env("SSH_TTY", tty);
+        }
+        let mut child = command.spawn(pts).map_err(|e| e.to_string())?;
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         let direct = DirectPty {
             fd: std::os::fd::AsFd::as_fd(&pty)
@@ -566,13 +605,6 @@ async fn feed(stdin: Option<ChildStdin>, mut rx: mpsc::Receiver<Input>) {
             Input::Resize(_) => {}
         }
     }
-}
-
-pub(crate) fn login_shell() -> String {
-    std::env::var("SHELL")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "/bin/sh".into())
 }
 
 /// Reports the command's exit status (or the signal that killed it) and closes the

@@ -93,6 +93,83 @@ fn exec_exit_code_env_and_bulk_through_real_ssh() {
     assert!(rekeys > 4, "the connection was not re-keyed: {log}");
 }
 
+/// The account's name and login shell from the password database, as `getent` shows
+/// them; a shell that cannot run gives `/bin/sh` (the test's agent has no `$SHELL`).
+fn passwd_entry() -> (String, String) {
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
+    let out = Command::new("getent")
+        .args(["passwd", &uid])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let fields: Vec<&str> = line.split(':').collect();
+    assert_eq!(fields.len(), 7, "{line}");
+    let shell = fields[6];
+    let runnable = !shell.ends_with("/nologin")
+        && !shell.ends_with("/false")
+        && std::fs::metadata(shell).is_ok_and(|m| m.is_file());
+    let shell = if runnable { shell } else { "/bin/sh" };
+    (fields[0].to_owned(), shell.to_owned())
+}
+
+#[test]
+fn a_session_gets_the_variables_of_an_openssh_login() {
+    // An agent started as a container's entrypoint often has no $SHELL or $USER, and
+    // one started from an SSH session carries that session's variables.
+    let (env, _agent) = TestEnv::with_agent_env(&[
+        ("SHELL", ""),
+        ("USER", ""),
+        ("LOGNAME", ""),
+        ("SSH_TTY", "/dev/pts/999"),
+        ("SSH_CONNECTION", "192.0.2.1 1 192.0.2.2 22"),
+        ("SSH_CLIENT", "192.0.2.1 1 22"),
+    ]);
+    let cfg = configure(&env, "alice");
+    let (name, shell) = passwd_entry();
+    let home = std::env::var("HOME").unwrap();
+
+    let out = ssh(
+        &cfg,
+        &[
+            "myco.dev",
+            r#"printf '%s|' "$USER" "$LOGNAME" "$SHELL" "$0" "$HOME" "$PWD" "${SSH_TTY-none}" "$SSH_CONNECTION" "$SSH_CLIENT""#,
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: Vec<&str> = text.split('|').collect();
+    assert_eq!(
+        v[..7],
+        [&name, &name, &shell, &shell, &home, &home, "none"],
+        "{text}"
+    );
+    // The client's and the agent's UDP addresses on loopback, where the test binds
+    // both: the connection is direct.
+    let connection: Vec<&str> = v[7].split(' ').collect();
+    assert_eq!(connection.len(), 4, "{text}");
+    assert_eq!(connection[0], "127.0.0.1", "{text}");
+    assert_eq!(connection[2], "127.0.0.1", "{text}");
+    for port in [connection[1], connection[3]] {
+        assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "{text}");
+    }
+    assert_eq!(
+        v[8],
+        format!("{} {} {}", connection[0], connection[1], connection[3]),
+        "{text}"
+    );
+
+    // On a terminal, SSH_TTY names it.
+    let out = ssh(&cfg, &["-tt", "myco.dev", "echo \"$SSH_TTY\"; tty"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("/dev/pts/"), "{text}");
+    assert_eq!(lines[0], lines[1], "{text}");
+}
+
 #[test]
 fn a_changed_host_key_makes_ssh_refuse() {
     let (env, agent) = TestEnv::with_agent();
