@@ -15,7 +15,8 @@ trap cleanup EXIT
 # agent; sets $url. Everything lives in $work.
 start_myco() {
   export MYCO_CONFIG_DIR="$work/cfg" MYCO_MESH_BIND=127.0.0.1:0 MYCO_PORTMAPPER=false
-  "$MYCO" server --http-address 127.0.0.1:0 --data-dir "$work/data" >"$work/server.out" 2>"$work/server.err" &
+  # Port 0 for QUIC address discovery too: another coordinator may hold the default.
+  "$MYCO" server --http-address 127.0.0.1:0 --relay-quic-address 127.0.0.1:0 --data-dir "$work/data" >"$work/server.out" 2>"$work/server.err" &
   pids+=($!)
   for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   url=$(sed -n 's/^myco coordinator listening on //p' "$work/server.out")
