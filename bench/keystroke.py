@@ -3,14 +3,15 @@
 
 Each CMD runs on a local PTY of its own (as a user's terminal would) and must run
 `echo READY; cat` on a remote PTY. Once every session printed READY, one byte at a time
-is typed into each session in turn and the remote terminal's echo awaited, so all of
-them are measured keystroke by keystroke under the same machine noise. Prints one line
+is typed into each session in turn (in a shuffled order each time) and the remote
+terminal's echo awaited, so all of them are measured keystroke by keystroke
+under the same machine noise. Prints one line
 per CMD, in order: the median and p90 round trip in ms.
 
     python3 bench/keystroke.py N CMD...                  (one session)
     python3 bench/keystroke.py N :: CMD1... :: CMD2...   (several, interleaved)
 """
-import os, pty, select, statistics, sys, time
+import os, pty, random, select, statistics, sys, time
 
 n = int(sys.argv[1])
 GAP = float(os.environ.get("KEYSTROKE_GAP_MS", "5")) / 1000  # pause after each echo
@@ -57,7 +58,13 @@ for _, fd in sessions:
 rtts = [[] for _ in sessions]
 for i in range(n + 20):
     ch = b"abcdefghijklmnopqrstuvwxyz"[i % 26:i % 26 + 1]
-    for k, (_, fd) in enumerate(sessions):
+    # A fresh order for every keystroke (seeded: the same in every run), so no session
+    # is always typed into first, or always right after the same other one: in a fixed
+    # order, two sessions of one build differed by 3-7%.
+    order = list(range(len(sessions)))
+    random.Random(i).shuffle(order)
+    for k in order:
+        fd = sessions[k][1]
         t = time.perf_counter()
         os.write(fd, ch)
         read_until(fd, ch, 10)
