@@ -1,7 +1,9 @@
-//! The process's stdin and stdout/stderr on threads of their own, with plain blocking
-//! I/O. tokio's stdio hops to the blocking pool for every read and write (a measurable
-//! cost in bulk transfers), and a pending tokio stdin read keeps the process alive at
-//! exit.
+//! The process's stdin and stdout/stderr without tokio's stdio, which hops to the
+//! blocking pool for every read and write (a measurable cost in bulk transfers) and
+//! whose pending stdin read keeps the process alive at exit. A terminal or pipe is
+//! opened again non-blocking and polled on the runtime's own thread (no thread wake-up
+//! per keystroke or packet); anything else is read or written with plain blocking I/O
+//! on a thread of its own.
 
 use std::io::{Read, Write};
 
@@ -43,32 +45,32 @@ pub fn stdin_chunks() -> mpsc::Receiver<Option<Bytes>> {
 pub enum Input {
     /// Chunks from [`stdin_chunks`]'s thread.
     Thread(mpsc::Receiver<Option<Bytes>>),
-    /// A terminal read on the runtime's own thread (see [`Input::stdin`]).
-    Terminal(AsyncFd<std::fs::File>),
+    /// A terminal or pipe read on the runtime's own thread (see [`Input::stdin`]),
+    /// into a buffer of the size of a read.
+    Polled(AsyncFd<std::fs::File>, Box<[u8]>),
 }
 
 impl Input {
-    /// Stdin: a terminal is read on the runtime's thread, so a keystroke reaches the
-    /// session without waking another thread first (one thread wake-up less on every
-    /// keystroke's round trip); anything else gets [`stdin_chunks`]'s thread, as a pipe
-    /// or file may not be pollable. The terminal is opened again by name, so the
+    /// Stdin: a terminal or a pipe is read on the runtime's thread, so a keystroke (or
+    /// OpenSSH's packet, behind a ProxyCommand) reaches the session without waking
+    /// another thread first (one thread wake-up less on every keystroke's round trip);
+    /// anything else gets [`stdin_chunks`]'s thread, as a file may not be pollable.
+    /// Either is opened again (a terminal by name, a pipe through /proc), so the
     /// non-blocking mode is set on a file description of our own and never on the one
-    /// we share with the shell that started us.
+    /// we share with the shell or the OpenSSH client that started us.
     pub fn stdin() -> Self {
         let stdin = std::io::stdin();
         if std::io::IsTerminal::is_terminal(&stdin)
             && let Ok(name) = nix::unistd::ttyname(&stdin)
         {
-            use std::os::unix::fs::OpenOptionsExt;
-            let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY;
-            let opened = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(flags.bits())
-                .open(&name)
-                .and_then(register);
-            match opened {
-                Ok(fd) => return Self::Terminal(fd),
+            match open_again(&name, false) {
+                Ok(fd) => return Self::Polled(fd, vec![0; 4096].into()),
                 Err(e) => tracing::debug!("cannot open {} again: {e}", name.display()),
+            }
+        } else if is_pipe(&stdin) {
+            match open_again(std::path::Path::new("/proc/self/fd/0"), false) {
+                Ok(fd) => return Self::Polled(fd, vec![0; CHUNK].into()),
+                Err(e) => tracing::debug!("cannot open the stdin pipe again: {e}"),
             }
         }
         Self::Thread(stdin_chunks())
@@ -78,28 +80,51 @@ impl Input {
     pub async fn recv(&mut self) -> Option<Bytes> {
         match self {
             Self::Thread(rx) => rx.recv().await.flatten(),
-            Self::Terminal(fd) => {
-                let mut buf = [0u8; 4096];
-                loop {
-                    let mut ready = fd.readable().await.ok()?;
-                    match ready.try_io(|f| f.get_ref().read(&mut buf)) {
-                        Ok(Ok(0) | Err(_)) => return None,
-                        Ok(Ok(n)) => return Some(Bytes::copy_from_slice(&buf[..n])),
-                        Err(_would_block) => {}
-                    }
+            Self::Polled(fd, buf) => loop {
+                let mut ready = fd.readable().await.ok()?;
+                match ready.try_io(|f| f.get_ref().read(buf)) {
+                    Ok(Ok(0) | Err(_)) => return None,
+                    Ok(Ok(n)) => return Some(Bytes::copy_from_slice(&buf[..n])),
+                    Err(_would_block) => {}
                 }
-            }
+            },
         }
     }
 }
 
-/// Registers the terminal with the runtime. tokio deprecated the safe constructor
-/// because a type's `as_raw_fd` could change under it (tokio#8587); a `File` owns one
-/// descriptor for its whole life, so the reason does not apply, and the alternative is
-/// `unsafe`, which the workspace forbids.
+fn is_pipe(fd: impl std::os::fd::AsFd) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| {
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            == nix::sys::stat::SFlag::S_IFIFO
+    })
+}
+
+/// Opens a terminal or pipe again, non-blocking, and registers it with the runtime.
+fn open_again(path: &std::path::Path, write: bool) -> std::io::Result<AsyncFd<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY;
+    let file = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(flags.bits())
+        .open(path)?;
+    register(
+        file,
+        if write {
+            Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        },
+    )
+}
+
+/// Registers a terminal or pipe with the runtime. tokio deprecated the safe
+/// constructor because a type's `as_raw_fd` could change under it (tokio#8587); a
+/// `File` owns one descriptor for its whole life, so the reason does not apply, and
+/// the alternative is `unsafe`, which the workspace forbids.
 #[allow(deprecated)]
-fn register(file: std::fs::File) -> std::io::Result<AsyncFd<std::fs::File>> {
-    AsyncFd::with_interest(file, Interest::READABLE)
+fn register(file: std::fs::File, interest: Interest) -> std::io::Result<AsyncFd<std::fs::File>> {
+    AsyncFd::with_interest(file, interest)
 }
 
 /// Which output a chunk goes to.
@@ -120,10 +145,14 @@ pub fn write_now(stream: Stream, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Stdout and stderr written in order by a thread of their own (bulk data: the
-/// runtime never waits for a slow reader).
-pub struct Output {
-    tx: Option<mpsc::Sender<(Stream, Bytes)>>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+/// runtime never waits for a slow reader), or stdout alone written on the runtime's
+/// thread when it is a pipe (see [`Output::stdout`]).
+pub enum Output {
+    Threaded {
+        tx: Option<mpsc::Sender<(Stream, Bytes)>>,
+        thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    },
+    Polled(AsyncFd<std::fs::File>),
 }
 
 impl Output {
@@ -139,24 +168,53 @@ impl Output {
             }
             Ok(())
         });
-        Self {
+        Self::Threaded {
             tx: Some(tx),
             thread: Some(thread),
         }
     }
 
+    /// For stdout only (`myco ssh --stdio`): a pipe is opened again non-blocking (as
+    /// [`Input::stdin`] does) and written on the runtime's thread, so a packet for
+    /// OpenSSH wakes no other thread on its way; anything else gets a thread.
+    pub fn stdout() -> Self {
+        if is_pipe(std::io::stdout()) {
+            match open_again(std::path::Path::new("/proc/self/fd/1"), true) {
+                Ok(fd) => return Self::Polled(fd),
+                Err(e) => tracing::debug!("cannot open the stdout pipe again: {e}"),
+            }
+        }
+        Self::threaded()
+    }
+
     /// Writes or queues `data`. Once the writer has stopped, fails with the error that
     /// stopped it (a full disk is not a closed pipe).
     pub async fn write(&mut self, stream: Stream, data: Bytes) -> std::io::Result<()> {
-        let sent = match &self.tx {
+        let (tx, thread) = match self {
+            Self::Polled(fd) => {
+                debug_assert!(matches!(stream, Stream::Stdout));
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let mut ready = fd.writable().await?;
+                    match ready.try_io(|f| f.get_ref().write(rest)) {
+                        Ok(Ok(n)) => rest = &rest[n..],
+                        Ok(Err(e)) => return Err(e),
+                        Err(_would_block) => {}
+                    }
+                }
+                return Ok(());
+            }
+            Self::Threaded { tx, thread } => (tx, thread),
+        };
+        let sent = match tx {
             Some(tx) => tx.send((stream, data)).await.is_ok(),
             None => false,
         };
         if sent {
             return Ok(());
         }
-        let thread = self.thread.take();
-        self.tx = None;
+        let thread = thread.take();
+        *tx = None;
         match thread {
             Some(t) => match tokio::task::spawn_blocking(move || t.join()).await {
                 Ok(Ok(Err(e))) => Err(e),
@@ -167,9 +225,12 @@ impl Output {
     }
 
     /// Waits until everything queued is written.
-    pub async fn finish(mut self) -> std::io::Result<()> {
-        self.tx = None;
-        let Some(thread) = self.thread.take() else {
+    pub async fn finish(self) -> std::io::Result<()> {
+        let Self::Threaded { tx, thread } = self else {
+            return Ok(());
+        };
+        drop(tx);
+        let Some(thread) = thread else {
             return Ok(());
         };
         match tokio::task::spawn_blocking(move || thread.join()).await {

@@ -118,11 +118,11 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
     }
     // Bytes are moved in large chunks: OpenSSH's writes are at most 32 KiB and QUIC
     // hands out about a packet per read, so both sides are gathered before a write.
-    let mut input = crate::stdio::stdin_chunks();
-    let mut output = Output::threaded();
+    let mut input = crate::stdio::Input::stdin();
+    let mut output = Output::stdout();
     {
         let upload = async {
-            while let Some(Some(chunk)) = input.recv().await {
+            while let Some(chunk) = input.recv().await {
                 d.send.write_chunk(chunk).await?;
             }
             d.send.finish()?;
