@@ -41,16 +41,7 @@ for _ in $(seq "$ROUNDS"); do
           for (i = 2; i <= NR; i++) line = line sprintf(" %.2f", m[i] / m[1]); print line }'
 done
 echo "# 1 GiB through each build (MB/s): up, down"
-python3 - "$ROUNDS" "${bulk[@]}" <<'PY'
-import statistics, subprocess, sys, time
-rounds, cmds = int(sys.argv[1]), sys.argv[2:]
-rates = [[] for _ in cmds]
-for _ in range(rounds):
-    for i, cmd in enumerate(cmds):
-        t = time.perf_counter()
-        subprocess.run(cmd, shell=True, check=True)
-        rates[i].append(1073741824 / 1e6 / (time.perf_counter() - t))
-for i, r in enumerate(rates):
-    print("build%d %-4s %s  median %.0f" % (i // 2, ("up", "down")[i % 2],
-          " ".join("%.0f" % x for x in r), statistics.median(r)))
-PY
+python3 bench/bulk.py "$ROUNDS" "${bulk[@]}" | awk '{
+  printf "build%d %-4s median %s, rounds", int((NR - 1) / 2), (NR % 2 ? "up" : "down"), $1
+  for (i = 2; i <= NF; i++) printf " %s", $i
+  print "" }'
