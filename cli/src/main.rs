@@ -157,10 +157,18 @@ fn main() -> ExitCode {
     // writes the runtime's eventfd and costs it a spurious return from epoll, which a
     // keystroke's round trip paid on about a third of keystrokes (bench/ssh.sh); a
     // spawned task is simply queued.
+    quiet_on_closed_stdout();
     let result = runtime.block_on(async {
         tokio::spawn(run(cli))
             .await
-            .unwrap_or_else(|e| Err(anyhow::anyhow!("myco stopped unexpectedly: {e}")))
+            .unwrap_or_else(|e| match e.try_into_panic() {
+                Ok(payload) => match panic_message(payload.as_ref()) {
+                    Some(m) if stdout_gone(m) => Ok(()),
+                    Some(m) => Err(anyhow::anyhow!("myco stopped unexpectedly: {m}")),
+                    None => Err(anyhow::anyhow!("myco stopped unexpectedly")),
+                },
+                Err(e) => Err(anyhow::anyhow!("myco stopped unexpectedly: {e}")),
+            })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -230,6 +238,31 @@ fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 /// `myco ... | head` closing the pipe is not a failure.
+/// `println!` panics when stdout is a pipe whose reader has gone (`myco ping dev |
+/// head -3`, or a coordinator whose log reader went away before it printed that it
+/// stopped). That ends the command as a write error to a closed pipe does: quietly,
+/// with success, instead of a panic message and a backtrace.
+fn stdout_gone(message: &str) -> bool {
+    message.starts_with("failed printing to stdout") && message.contains("Broken pipe")
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+}
+
+/// The default panic hook, but silent for [`stdout_gone`].
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !panic_message(info.payload()).is_some_and(stdout_gone) {
+            default(info);
+        }
+    }));
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()

@@ -246,3 +246,36 @@ fn cli_errors_are_one_line() {
     let ls = env.run("alice", &["ls", "-o", "json"]).ok().json();
     assert_eq!(ls.as_array().unwrap().len(), 0);
 }
+
+/// A reader that goes away is no crash: a coordinator whose log pipe closed stops
+/// cleanly on SIGTERM, without a panic message (its last line, that it stopped, goes
+/// to the closed pipe; so would a client command's output cut short by `| head -1`).
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = tests::myco_in(None)
+        .args(["server", "--http-address", "127.0.0.1:0"])
+        .args(["--relay-quic-address", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("listening"), "{first}");
+    // The reader (and with it the pipe) is gone; then the coordinator is stopped.
+    std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    let out = server.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
