@@ -852,6 +852,116 @@ fn rsync_and_git_work_through_real_ssh() {
 }
 
 /// Sends `line` on the Unix socket at `path` and returns the answer.
+/// An HTTP GET of `http_server`'s page through a SOCKS5 proxy on `proxy` (what
+/// `ssh -D` serves; VS Code Remote-SSH reaches the workspace that way), by hand:
+/// no authentication, an IPv4 target. `None` until the proxy answers.
+fn get_through_socks(proxy: u16, target: u16) -> Option<String> {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", proxy)).ok()?;
+    conn.write_all(&[5, 1, 0]).ok()?;
+    let mut reply = [0u8; 2];
+    conn.read_exact(&mut reply).ok()?;
+    assert_eq!(reply, [5, 0], "the proxy wants authentication");
+    let mut connect = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    connect.extend_from_slice(&target.to_be_bytes());
+    conn.write_all(&connect).unwrap();
+    let mut reply = [0u8; 10];
+    conn.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[1], 0, "the proxy could not connect: {reply:?}");
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    Some(response)
+}
+
+/// The other ways OpenSSH's users reach a workspace's ports and sessions: `ssh -D`
+/// (a SOCKS proxy, as VS Code Remote-SSH uses), `ssh -W` (a port on stdin/stdout, as
+/// ProxyJump uses), and sessions sharing one connection (ControlMaster).
+#[test]
+fn socks_stdio_forwarding_and_shared_connections_through_real_ssh() {
+    let (env, _agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let server = http_server();
+
+    let socks = free_port();
+    let mut tunnel = forwarding(&cfg, "-D", &format!("127.0.0.1:{socks}"));
+    let mut response = None;
+    eventually("ssh -D serves its SOCKS port", || {
+        assert!(tunnel.try_wait().unwrap().is_none(), "ssh -D exited");
+        response = get_through_socks(socks, server);
+        response.is_some()
+    });
+    assert!(
+        response.unwrap().ends_with("hello from the workspace"),
+        "through ssh -D"
+    );
+    // A second connection through the same proxy.
+    let again = get_through_socks(socks, server).unwrap();
+    assert!(again.ends_with("hello from the workspace"), "{again}");
+    tunnel.kill().unwrap();
+    tunnel.wait().unwrap();
+
+    let out = ssh(
+        &cfg,
+        &["-W", &format!("127.0.0.1:{server}"), "myco.dev"],
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("hello from the workspace"), "{out:?}");
+
+    // A master connection in the background (it keeps no pipe of ours open); sessions
+    // then go over it.
+    let control = env.config_dir("alice").join("cm.sock");
+    let control = format!("ControlPath={}", control.display());
+    let master = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-f", "-N", "-o", "ControlMaster=yes"])
+        .args(["-o", &control, "myco.dev"])
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(master.success(), "ssh -f -N -o ControlMaster=yes failed");
+    let check = ssh(&cfg, &["-o", &control, "-O", "check", "myco.dev"], b"");
+    assert!(check.status.success(), "{check:?}");
+    let sessions: Vec<_> = (0..3)
+        .map(|i| {
+            let cfg = cfg.clone();
+            let control = control.clone();
+            std::thread::spawn(move || {
+                ssh(
+                    &cfg,
+                    &[
+                        "-o",
+                        &control,
+                        "myco.dev",
+                        &format!("sleep 0.5; echo session {i}"),
+                    ],
+                    b"",
+                )
+            })
+        })
+        .collect();
+    for (i, s) in sessions.into_iter().enumerate() {
+        let out = s.join().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("session {i}\n")
+        );
+    }
+    // The client says so when it uses the master rather than a connection of its own.
+    let out = ssh(&cfg, &["-v", "-o", &control, "myco.dev", "true"], b"");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("mux_client_request_session"), "{log}");
+    let exit = ssh(&cfg, &["-o", &control, "-O", "exit", "myco.dev"], b"");
+    assert!(exit.status.success(), "{exit:?}");
+}
+
 fn ask_unix(path: &std::path::Path, line: &str) -> String {
     use std::io::Read;
     let mut sock = std::os::unix::net::UnixStream::connect(path).unwrap();
