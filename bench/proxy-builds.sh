@@ -19,7 +19,7 @@ bins=()
 for b in "$@"; do bins+=("$(realpath "$b")"); done
 source bench/lib.sh
 # The coordinator and agent run a copy of the last BIN. When the agent ran the last
-# BIN itself, that build's keystrokes came out 4-6% faster whichever build it was
+# BIN itself, that build's keystrokes came out 2-7% faster whichever build it was
 # (likely the code pages, and so the CPU caches, it shared with the agent).
 cp "${bins[-1]}" "$work/myco-agent"
 MYCO=$work/myco-agent
