@@ -270,8 +270,8 @@ impl Drop for UnixForward {
 /// A socket path from the client: a relative one is taken from the home directory,
 /// where a session starts.
 fn socket_path(path: &str) -> PathBuf {
-    match std::env::var_os("HOME") {
-        Some(home) => Path::new(&home).join(path),
+    match Account::current().home {
+        Some(home) => home.join(path),
         None => PathBuf::from(path),
     }
 }
@@ -756,7 +756,8 @@ impl russh::server::Handler for SshSession {
     ) -> Result<(), Self::Error> {
         match (name, self.channels.remove(&channel)) {
             ("sftp", Some(ch)) => {
-                let home = std::env::var_os("HOME").map_or_else(|| "/".into(), PathBuf::from);
+                // Where a shell of the same account starts.
+                let home = Account::current().home.unwrap_or_else(|| "/".into());
                 crate::sftp::serve(ch, session.handle(), home);
                 session.channel_success(channel)
             }
