@@ -237,7 +237,6 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// `myco ... | head` closing the pipe is not a failure.
 /// `println!` panics when stdout is a pipe whose reader has gone (`myco ping dev |
 /// head -3`, or a coordinator whose log reader went away before it printed that it
 /// stopped). That ends the command as a write error to a closed pipe does: quietly,
@@ -263,6 +262,7 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
+/// `myco ... | head` closing the pipe is not a failure.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
