@@ -145,8 +145,8 @@ pub fn write_now(stream: Stream, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Stdout and stderr written in order by a thread of their own (bulk data: the
-/// runtime never waits for a slow reader), or stdout alone written on the runtime's
-/// thread when it is a pipe (see [`Output::stdout`]).
+/// runtime never waits for a slow reader), or stdout written on the runtime's thread
+/// when it is a pipe (see [`Output::stdout`]).
 pub enum Output {
     Threaded {
         tx: Option<mpsc::Sender<(Stream, Bytes)>>,
@@ -191,8 +191,9 @@ impl Output {
     /// stopped it (a full disk is not a closed pipe).
     pub async fn write(&mut self, stream: Stream, data: Bytes) -> std::io::Result<()> {
         let (tx, thread) = match self {
+            // `--stdio` writes nothing to stderr; anything that did would go out at once.
+            Self::Polled(_) if matches!(stream, Stream::Stderr) => return write_now(stream, &data),
             Self::Polled(fd) => {
-                debug_assert!(matches!(stream, Stream::Stdout));
                 let mut rest = &data[..];
                 while !rest.is_empty() {
                     let mut ready = fd.writable().await?;
