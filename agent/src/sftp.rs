@@ -694,22 +694,23 @@ impl russh_sftp::server::Handler for Sftp {
                 let uids = ids(ssh_bytes(&mut rest).ok_or_else(bad)?);
                 let gids = ids(ssh_bytes(&mut rest).ok_or_else(bad)?);
                 let data = blocking(move || {
-                    // An id without a name gets an empty one, as in OpenSSH.
-                    let (mut users, mut groups) = (Vec::new(), Vec::new());
-                    for uid in uids {
-                        let name = nix::unistd::User::from_uid(uid.into()).ok().flatten();
-                        put_ssh_bytes(
-                            &mut users,
-                            name.map(|u| u.name).unwrap_or_default().as_bytes(),
-                        );
-                    }
-                    for gid in gids {
-                        let name = nix::unistd::Group::from_gid(gid.into()).ok().flatten();
-                        put_ssh_bytes(
-                            &mut groups,
-                            name.map(|g| g.name).unwrap_or_default().as_bytes(),
-                        );
-                    }
+                    // One SSH string per id; an id without a name gets an empty one, as
+                    // in OpenSSH.
+                    let names = |ids: Vec<u32>, name: &dyn Fn(u32) -> Option<String>| {
+                        let mut list = Vec::new();
+                        for id in ids {
+                            put_ssh_bytes(&mut list, name(id).unwrap_or_default().as_bytes());
+                        }
+                        list
+                    };
+                    let users = names(uids, &|uid| {
+                        let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
+                        user.map(|u| u.name)
+                    });
+                    let groups = names(gids, &|gid| {
+                        let group = nix::unistd::Group::from_gid(gid.into()).ok().flatten();
+                        group.map(|g| g.name)
+                    });
                     let mut data = Vec::new();
                     put_ssh_bytes(&mut data, &users);
                     put_ssh_bytes(&mut data, &groups);
