@@ -28,8 +28,5 @@ for i in "${!bins[@]}"; do
 done
 echo "# OpenSSH $(for i in "${!bins[@]}"; do printf 'build%s ' "$i"; done)(median ms), then x OpenSSH"
 for _ in $(seq "$ROUNDS"); do
-  python3 bench/keystroke.py "$N" "${sessions[@]}" | awk '
-    { m[NR] = $1 }
-    END { line = m[1]; for (i = 2; i <= NR; i++) line = line " " m[i];
-          for (i = 2; i <= NR; i++) line = line sprintf(" %.2f", m[i] / m[1]); print line }'
+  keystroke_round "$N" "${sessions[@]}"
 done

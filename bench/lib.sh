@@ -74,3 +74,15 @@ CFG
 
 # ratio A B: A / B with two decimals.
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+
+# keystroke_round N :: CMD... [:: CMD...]: one round of bench/keystroke.py, N keystrokes
+# per session; prints one line: each session's median echo in ms, in order, then each
+# session after the first as a ratio to the first (OpenSSH, in the scripts).
+keystroke_round() {
+  local n=$1
+  shift
+  python3 bench/keystroke.py "$n" "$@" | awk '
+    { m[NR] = $1 }
+    END { line = m[1]; for (i = 2; i <= NR; i++) line = line " " m[i];
+          for (i = 2; i <= NR; i++) line = line sprintf(" %.2f", m[i] / m[1]); print line }'
+}

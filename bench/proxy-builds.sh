@@ -8,8 +8,8 @@
 # One coordinator and agent (run by a copy of the last BIN); per BIN a `config-ssh`
 # file whose ProxyCommand is that BIN. Each round types 300 keystrokes into OpenSSH ->
 # sshd and into `ssh myco.bench` through each BIN in turn (bench/keystroke.py) and
-# prints the medians in ms, then each BIN's ratio to OpenSSH. Then 1 GiB up and down through each
-# BIN, ROUNDS rounds interleaved, in MB/s: every round, then the median.
+# prints the medians in ms, then each BIN's ratio to OpenSSH. Then 1 GiB up and down
+# through each BIN, ROUNDS rounds interleaved, in MB/s: every round, then the median.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
@@ -35,10 +35,7 @@ for i in "${!bins[@]}"; do
 done
 echo "# keystroke: OpenSSH $(for i in "${!bins[@]}"; do printf 'build%s ' "$i"; done)(median ms), then x OpenSSH"
 for _ in $(seq "$ROUNDS"); do
-  python3 bench/keystroke.py 300 "${sessions[@]}" | awk '
-    { m[NR] = $1 }
-    END { line = m[1]; for (i = 2; i <= NR; i++) line = line " " m[i];
-          for (i = 2; i <= NR; i++) line = line sprintf(" %.2f", m[i] / m[1]); print line }'
+  keystroke_round 300 "${sessions[@]}"
 done
 echo "# 1 GiB through each build (MB/s): up, down"
 python3 bench/bulk.py "$ROUNDS" "${bulk[@]}" | awk '{

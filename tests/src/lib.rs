@@ -243,7 +243,7 @@ impl TestEnv {
     }
 
     /// Like [`TestEnv::with_agent`], the agent started with more environment
-    /// (`MYCO_*` settings).
+    /// (`MYCO_*` settings, or what a container would or would not give it).
     pub fn with_agent_env(agent_env: &[(&str, &str)]) -> (Self, AgentProc) {
         let env = Self::start();
         env.bootstrap("alice");
@@ -432,7 +432,8 @@ impl TestEnv {
         self.start_agent_with(netns, token, &[])
     }
 
-    /// Like [`TestEnv::start_agent_in`], with more environment (`MYCO_*` settings).
+    /// Like [`TestEnv::start_agent_in`], with more environment (see
+    /// [`TestEnv::with_agent_env`]).
     pub fn start_agent_with(
         &self,
         netns: Option<&str>,
