@@ -102,6 +102,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         prometheus_address: args.prometheus_address,
     })
     .await?;
+    // The handlers go in before the first line: whoever reads "listening" and then
+    // sends SIGTERM gets a clean stop, not the default action (death mid-write).
+    let shutdown = shutdown_signal()?;
     let url = coordinator.access_url().to_owned();
     println!(
         "myco coordinator listening on http://{}",
@@ -125,24 +128,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("no users yet; create the first (admin) user with:");
         println!("    myco login {url} --first-user");
     }
-    coordinator.serve(shutdown_signal()).await?;
+    coordinator.serve(shutdown).await?;
     println!("myco coordinator stopped");
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that resolves on the first SIGINT or SIGTERM. The handlers are installed
+/// before this returns, so a signal sent meanwhile is not lost.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
-        return std::future::pending().await;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutting down: finishing requests in flight");
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down: finishing requests in flight");
+    })
 }
