@@ -178,7 +178,7 @@ fn main() -> ExitCode {
             ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |c| c.0))
         }
         Err(e) => {
-            eprintln!("myco: {e:#}");
+            eprintln!("myco: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -262,6 +262,23 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
+/// The error and its causes on one line, as `{:#}` prints them, less the repeats: a
+/// cause whose text the line already ends with (after a ": ") adds nothing (iroh's connect errors
+/// wrap one another transparently, which printed "timed out: timed out: timed out").
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if line != text && !line.ends_with(&format!(": {text}")) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// `myco ... | head` closing the pipe is not a failure.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -293,5 +310,25 @@ fn init_tracing(format: LogFormat, server: bool) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_drops_causes_already_said() {
+        let inner = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let e = anyhow::Error::new(inner)
+            .context("timed out")
+            .context("cannot connect to agent a/b.main: timed out")
+            .context("cannot connect to agent a/b.main: timed out");
+        assert_eq!(one_line(&e), "cannot connect to agent a/b.main: timed out");
+        let e = anyhow::anyhow!("disk full").context("cannot write x");
+        assert_eq!(one_line(&e), "cannot write x: disk full");
+        // Only a whole cause is dropped, not a word that happens to end the line.
+        let e = anyhow::anyhow!("x").context("cannot write x");
+        assert_eq!(one_line(&e), "cannot write x: x");
     }
 }
