@@ -196,11 +196,28 @@ pub async fn dial(
         info.agent_addr.clone()
     };
     mesh.lookup.add_endpoint_info(dial_addr.clone());
-    let conn = mesh
-        .endpoint
-        .connect(dial_addr, alpn)
-        .await
-        .with_context(|| format!("cannot connect to agent {}", info.agent))?;
+    let started = Instant::now();
+    let conn = match mesh.endpoint.connect(dial_addr, alpn).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            if e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ConnectionError>(),
+                    Some(ConnectionError::TimedOut)
+                )
+            }) {
+                bail!(
+                    "cannot connect to agent {}: no answer in {} s, directly or through the relay; \
+                     the agent process may be stuck (see its log), or its network may block UDP \
+                     and the relay",
+                    info.agent,
+                    started.elapsed().as_secs()
+                );
+            }
+            return Err(e.context(format!("cannot connect to agent {}", info.agent)));
+        }
+    };
     let paths = PathLog::watch(&conn);
     let (mut send, mut recv) = conn
         .open_bi()

@@ -510,3 +510,25 @@ fn a_stopping_agent_tells_its_ssh_clients_why_and_ends_their_commands() {
     );
     eventually("the command's child is gone", || !running(pid));
 }
+
+#[test]
+fn an_agent_that_does_not_answer_is_reported_in_one_line() {
+    let (env, agent) = TestEnv::with_agent();
+    let pid = agent.child.id().to_string();
+    // Stopped, not gone: the coordinator still lists it as connected, so the client
+    // dials and gets no answer (QUIC's handshake gives up after its 30 s idle timeout).
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let out = env.run("alice", &["ssh", "dev", "--", "true"]);
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("myco: cannot connect to agent alice/dev.main: no answer in "),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(!out.stderr.contains("timed out"), "{out:?}");
+    // Running again, it answers.
+    let out = env.run("alice", &["ssh", "dev", "--", "echo back"]).ok();
+    assert_eq!(out.stdout, "back\n");
+}
