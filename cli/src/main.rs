@@ -265,6 +265,7 @@ fn quiet_on_closed_stdout() {
 /// The error and its causes on one line, as `{:#}` prints them, less the repeats: a
 /// cause whose whole text already ends the line adds nothing (iroh's connect errors
 /// wrap one another transparently, which printed "timed out: timed out: timed out").
+/// Every error line meant for the user goes through here.
 fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {

@@ -88,7 +88,10 @@ pub async fn logout(globals: &Globals) -> anyhow::Result<()> {
         Ok(()) => println!("logged out of {}", saved.url),
         Err(e) => {
             println!("removed the local session for {}", saved.url);
-            eprintln!("myco: warning: the coordinator could not revoke it: {e:#}");
+            eprintln!(
+                "myco: warning: the coordinator could not revoke it: {}",
+                crate::one_line(&e)
+            );
         }
     }
     Ok(())

@@ -214,7 +214,7 @@ async fn serve_tcp(listener: TcpListener, route: Route) {
                 let route = route.clone();
                 tokio::spawn(async move {
                     if let Err(e) = tcp_connection(tcp, &route).await {
-                        eprintln!("{}: {e:#}", route.label);
+                        eprintln!("{}: {}", route.label, crate::one_line(&e));
                     }
                 });
             }
@@ -286,7 +286,11 @@ async fn serve_udp(socket: UdpSocket, route: Route) {
                 let id = next_id;
                 tokio::spawn(async move {
                     if let Err(e) = session.run(rx).await {
-                        eprintln!("{} from {source}: {e:#}", session.route.label);
+                        eprintln!(
+                            "{} from {source}: {}",
+                            session.route.label,
+                            crate::one_line(&e)
+                        );
                     }
                     let _ = ended.send((source, id));
                 });
