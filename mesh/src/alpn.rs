@@ -35,4 +35,7 @@ pub mod close {
     pub const SHUTDOWN: u32 = 0x4d03;
     /// An SSH connection had no traffic for the agent's `--ssh-idle-timeout`.
     pub const IDLE: u32 = 0x4d04;
+    /// The coordinator revoked the user or the token the connection's ticket was
+    /// issued to (a user disabled or deleted, a token revoked, a logout).
+    pub const REVOKED: u32 = 0x4d05;
 }

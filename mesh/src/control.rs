@@ -20,8 +20,16 @@ pub const CONTROL_PATH: &str = "/api/v1/agent/control";
 pub enum CoordinatorMessage {
     /// First message on every control channel: who the agent is and how to reach the mesh.
     Welcome {
-        /// Verifies connection tickets.
+        /// Verifies connection tickets. The agent pins it on its first welcome and
+        /// refuses a welcome with another one.
         coordinator_key: PublicKey,
+        /// The agent's workspace record id, which tickets for it name.
+        workspace_id: String,
+        /// The agent's record id, which tickets for it name.
+        agent_id: String,
+        /// Random, new on every channel: the agent signs it with its endpoint key
+        /// ([`crate::sign::endpoint_proof`]) to prove the address it announces is its own.
+        challenge: String,
         /// The coordinator's relay.
         relay_url: RelayUrl,
         /// `owner/workspace.agent`.
@@ -31,9 +39,24 @@ pub enum CoordinatorMessage {
         /// Where the coordinator answers QUIC address discovery, if it does.
         #[serde(default)]
         relay_quic: Option<RelayQuic>,
+        /// The coordinator key's signature over `relay_quic`'s certificate
+        /// ([`crate::sign::qad_cert_signature`]), so a renewed certificate is accepted
+        /// by an agent that pinned the key.
+        #[serde(default)]
+        relay_quic_signature: Option<String>,
         /// What the agent should run and check.
         #[serde(default)]
         manifest: Manifest,
+    },
+    /// Close every mesh connection opened with a ticket issued to one of `users` or
+    /// under one of `token_ids` (a user disabled or deleted, a token revoked, a
+    /// logout): the access those tickets granted is gone.
+    Revoke {
+        #[serde(default)]
+        users: Vec<String>,
+        /// Public ids of tokens (never their secrets).
+        #[serde(default)]
+        token_ids: Vec<String>,
     },
 }
 
@@ -73,8 +96,10 @@ pub struct RelayQuic {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
-    /// The agent's mesh address, sent first and again whenever it changes.
-    Addr { addr: EndpointAddr },
+    /// The agent's mesh address, sent first and again whenever it changes, with
+    /// `proof` ([`crate::sign::endpoint_proof`]) that the agent holds `addr.id`'s key:
+    /// the coordinator records no address without it.
+    Addr { addr: EndpointAddr, proof: String },
     /// Still alive.
     Heartbeat,
     /// The agent's SSH host key (`ssh-ed25519 AAAA...`), sent once per channel.
@@ -95,6 +120,23 @@ pub enum AgentMessage {
     Logs { lines: Vec<LogLine> },
     /// A network check, run at start and when the agent's network changes.
     Netcheck { result: crate::api::NetcheckResult },
+}
+
+impl AgentMessage {
+    /// The message's type, as in its JSON `type`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentMessage::Addr { .. } => "addr",
+            AgentMessage::Heartbeat => "heartbeat",
+            AgentMessage::HostKey { .. } => "host_key",
+            AgentMessage::Lifecycle { .. } => "lifecycle",
+            AgentMessage::AppHealth { .. } => "app_health",
+            AgentMessage::Stats { .. } => "stats",
+            AgentMessage::Metadata { .. } => "metadata",
+            AgentMessage::Logs { .. } => "logs",
+            AgentMessage::Netcheck { .. } => "netcheck",
+        }
+    }
 }
 
 /// First frame a client sends on a mesh connection to an agent.
