@@ -49,6 +49,12 @@ pub enum ControlError {
     /// The mesh endpoint could not be started.
     #[error(transparent)]
     Endpoint(#[from] mesh::endpoint::EndpointError),
+    /// The coordinator is not the one this agent pinned.
+    #[error(transparent)]
+    Pin(#[from] crate::pin::PinError),
+    /// The pin file could not be read or written.
+    #[error(transparent)]
+    PinFile(#[from] crate::pin::PinFileError),
 }
 
 /// Why one control channel ended; all are retried.
@@ -56,8 +62,8 @@ pub enum ControlError {
 enum ChannelEnd {
     #[error("cannot connect: {0}")]
     Connect(String),
-    #[error("channel closed by the coordinator")]
-    Closed,
+    #[error("channel closed by the coordinator{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Closed(Option<String>),
     #[error("channel failed: {0}")]
     Failed(String),
     #[error("fatal: {0}")]
@@ -156,23 +162,40 @@ async fn channel(
     };
     let first = match ws.next().await {
         Some(Ok(Message::Text(t))) => t,
-        Some(Ok(_)) | None => return ChannelEnd::Closed,
+        Some(Ok(Message::Close(frame))) => return ChannelEnd::Closed(close_reason(frame)),
+        Some(Ok(_)) | None => return ChannelEnd::Closed(None),
         Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
     };
     let Ok(CoordinatorMessage::Welcome {
         coordinator_key,
+        workspace_id,
+        agent_id,
+        challenge,
         relay_url,
         agent,
         heartbeat_interval_ms,
         relay_quic,
+        relay_quic_signature,
         manifest,
     }) = serde_json::from_str::<CoordinatorMessage>(&first)
     else {
         return ChannelEnd::Failed("the first message was not a welcome".into());
     };
+    // Nothing of a welcome is used before its key passed the pin.
+    if let Err(e) = pin_coordinator(
+        config,
+        coordinator_key,
+        relay_quic.as_ref(),
+        relay_quic_signature.as_deref(),
+    ) {
+        return ChannelEnd::Fatal(e);
+    }
     tracing::info!(%agent, relay = %relay_url, "control channel up");
+    let proof = mesh::sign::endpoint_proof(key, &challenge, &agent_id);
     welcome.send_replace(Some(Welcome {
         coordinator_key,
+        workspace_id,
+        agent_id,
         agent,
         relay_url: relay_url.clone(),
         relay_quic: relay_quic.clone(),
@@ -227,7 +250,10 @@ async fn channel(
     loop {
         let addr = addrs.get();
         if last_sent.as_ref() != Some(&addr) {
-            let msg = AgentMessage::Addr { addr: addr.clone() };
+            let msg = AgentMessage::Addr {
+                addr: addr.clone(),
+                proof: proof.clone(),
+            };
             if let Err(e) = send(&mut ws, &msg).await {
                 return ChannelEnd::Failed(e);
             }
@@ -256,12 +282,55 @@ async fn channel(
                 }
             }
             msg = ws.next() => match msg {
-                None | Some(Ok(Message::Close(_))) => return ChannelEnd::Closed,
+                None => return ChannelEnd::Closed(None),
+                Some(Ok(Message::Close(frame))) => return ChannelEnd::Closed(close_reason(frame)),
                 Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<CoordinatorMessage>(&text) {
+                    Ok(CoordinatorMessage::Revoke { users, token_ids }) => {
+                        let closed = activity.revoke(&users, &token_ids, "the coordinator revoked this session's access");
+                        tracing::info!(closed, "access revoked by the coordinator");
+                    }
+                    Ok(CoordinatorMessage::Welcome { .. }) => {
+                        return ChannelEnd::Failed("a second welcome on one channel".into());
+                    }
+                    Err(e) => tracing::warn!("unknown message from the coordinator: {e}"),
+                },
                 Some(Ok(_)) => {}
             },
         }
     }
+}
+
+/// The reason a close frame gives, if any.
+fn close_reason(frame: Option<tungstenite::protocol::CloseFrame>) -> Option<String> {
+    frame
+        .map(|f| f.reason.to_string())
+        .filter(|r| !r.is_empty())
+}
+
+/// Checks the welcome's key against the pin and the `--coordinator-key` flag, and
+/// stores the pin when it is new or changed.
+fn pin_coordinator(
+    config: &ChannelConfig,
+    key: iroh::PublicKey,
+    relay_quic: Option<&mesh::control::RelayQuic>,
+    relay_quic_signature: Option<&str>,
+) -> Result<(), ControlError> {
+    let path = config.data_dir.join(crate::pin::PIN_FILE);
+    let stored = crate::pin::load(&path)?;
+    let decision = crate::pin::check(
+        stored.as_ref(),
+        config.coordinator_key,
+        &path,
+        key,
+        relay_quic,
+        relay_quic_signature,
+    )?;
+    if let crate::pin::PinDecision::Store(pin) = decision {
+        crate::pin::save(&path, &pin)?;
+        tracing::info!(coordinator_key = %pin.coordinator_key, file = %path.display(), "coordinator pinned");
+    }
+    Ok(())
 }
 
 async fn send<S>(ws: &mut S, msg: &AgentMessage) -> Result<(), String>

@@ -15,6 +15,7 @@ mod forward;
 mod lifecycle;
 mod metadata;
 mod netcheck;
+mod pin;
 mod reports;
 mod schedule;
 mod script;
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     pub netcheck_min_interval: Duration,
     /// Close an SSH connection after this long without SSH traffic (None: never).
     pub ssh_idle_timeout: Option<Duration>,
+    /// The coordinator's ticket key, pinned up front (`--coordinator-key`); without
+    /// it the first welcome's key is pinned.
+    pub coordinator_key: Option<iroh::PublicKey>,
 }
 
 /// What the coordinator told us on the last control channel, shared with the mesh
@@ -58,6 +62,10 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub(crate) struct Welcome {
     pub coordinator_key: iroh::PublicKey,
+    /// This agent's workspace record id; tickets must name it.
+    pub workspace_id: String,
+    /// This agent's record id; tickets must name it.
+    pub agent_id: String,
     pub agent: String,
     pub relay_url: iroh::RelayUrl,
     /// The coordinator's QUIC address discovery ports, which netcheck probes.

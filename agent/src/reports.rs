@@ -19,12 +19,13 @@ use tokio::time::Instant;
 
 use crate::lifecycle::{Lifecycle, LifecycleEvent};
 
-/// Most log lines in one message.
-const LOG_BATCH_LINES: usize = 100;
-/// Most bytes of log lines in one message, as JSON. The coordinator refuses control
-/// messages above 4 MiB, and 100 lines of 16 KiB of control characters would be
-/// 9.6 MiB escaped.
-const LOG_BATCH_BYTES: usize = 1024 * 1024;
+/// Most log lines in one message (the coordinator refuses more).
+const LOG_BATCH_LINES: usize = mesh::limits::LOG_BATCH_LINES;
+/// Most bytes of log lines in one message, as JSON, which is never less than the
+/// text the coordinator counts. It refuses control messages above
+/// [`mesh::limits::MESSAGE_MAX`], and 100 lines of 16 KiB of control characters
+/// would be 9.6 MiB escaped.
+const LOG_BATCH_BYTES: usize = mesh::limits::LOG_BATCH_BYTES;
 /// How long a log line waits for others to share its message.
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(250);
 /// Unsent log lines kept while the coordinator is unreachable; older ones are dropped.

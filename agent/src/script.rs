@@ -10,7 +10,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest line of script output kept, in bytes; the rest of a longer line is dropped.
-pub(crate) const LINE_MAX: usize = 16 * 1024;
+/// The coordinator refuses longer ones.
+pub(crate) const LINE_MAX: usize = mesh::limits::LOG_LINE_MAX;
 
 /// How long output is still awaited after the script exits, so the lines it wrote
 /// last are logged before its outcome. Longer only when a background process it

@@ -76,22 +76,27 @@ async fn handle(
             "the agent has not reached its coordinator yet, so it cannot check tickets; try again shortly",
         ));
     };
+    let me = ticket::AgentIdentity {
+        endpoint: me,
+        workspace_id: known.workspace_id.clone(),
+        agent_id: known.agent_id.clone(),
+    };
     let claims = ticket::verify(
         &hello.ticket,
         &known.coordinator_key,
         conn.remote_id(),
-        me,
+        &me,
         Timestamp::now(),
     )
     .map_err(|e| refuse(&conn, close::TICKET_REFUSED, &e.to_string()))?;
     tracing::info!(user = %claims.user, alpn = %String::from_utf8_lossy(conn.alpn()), "connection accepted");
     // Only connections with a valid ticket count in the stats.
-    activity.track(&conn);
+    activity.track(&conn, &claims);
     frame::write(
         &mut send,
         &AgentHello {
             agent: known.agent.clone(),
-            endpoint_id: me,
+            endpoint_id: me.endpoint,
         },
     )
     .await

@@ -36,6 +36,9 @@ struct ConnectionTable {
 #[derive(Debug)]
 struct Tracked {
     conn: WeakConnectionHandle,
+    /// Whom its ticket was issued to, and under which token: what a revocation names.
+    user: String,
+    token_id: String,
     /// Its counters when last read, used if it goes before its final ones arrive.
     rx: u64,
     tx: u64,
@@ -67,6 +70,22 @@ impl MeshActivity {
         }
     }
 
+    /// Closes the connections whose tickets were issued to one of `users` or under
+    /// one of `token_ids`; returns how many.
+    pub(crate) fn revoke(&self, users: &[String], token_ids: &[String], reason: &str) -> usize {
+        let open: Vec<Connection> = self
+            .table()
+            .open
+            .values()
+            .filter(|t| users.contains(&t.user) || token_ids.contains(&t.token_id))
+            .filter_map(|t| t.conn.upgrade())
+            .collect();
+        for conn in &open {
+            conn.close(mesh::alpn::close::REVOKED.into(), reason.as_bytes());
+        }
+        open.len()
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, ConnectionTable> {
         // Plain counters, each update complete: a panic elsewhere cannot corrupt them.
         self.connections
@@ -76,7 +95,7 @@ impl MeshActivity {
 
     /// Tracks an accepted client connection until it closes; its final counters are
     /// added to the totals then.
-    pub(crate) fn track(self: &Arc<Self>, conn: &Connection) {
+    pub(crate) fn track(self: &Arc<Self>, conn: &Connection, claims: &mesh::ticket::TicketClaims) {
         let id = {
             let mut table = self.table();
             table.next_id += 1;
@@ -85,6 +104,8 @@ impl MeshActivity {
                 id,
                 Tracked {
                     conn: conn.weak_handle(),
+                    user: claims.user.clone(),
+                    token_id: claims.token_id.clone(),
                     rx: 0,
                     tx: 0,
                 },

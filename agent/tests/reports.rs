@@ -132,6 +132,10 @@ impl FakeCoordinator {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let welcome = CoordinatorMessage::Welcome {
             coordinator_key: iroh::SecretKey::from_bytes(&[7; 32]).public(),
+            workspace_id: "ws-id".into(),
+            agent_id: "agent-id".into(),
+            challenge: mesh::sign::new_challenge(),
+            relay_quic_signature: None,
             // Nothing speaks the relay protocol there, but it answers `/ping`.
             relay_url: format!("http://{http}/").parse().unwrap(),
             agent: "alice/dev.main".into(),
@@ -174,6 +178,7 @@ impl FakeCoordinator {
             bind_addr: Some("127.0.0.1:0".parse().unwrap()),
             portmapper: false,
             ssh_idle_timeout: None,
+            coordinator_key: None,
         }
     }
 

@@ -32,6 +32,11 @@ pub struct Args {
     /// sshd). A client that is gone is noticed without it, by the mesh connection.
     #[arg(long, env = "MYCO_SSH_IDLE_TIMEOUT", default_value = "0", value_parser = humantime::parse_duration)]
     ssh_idle_timeout: std::time::Duration,
+    /// The coordinator's ticket key (`myco server` prints it), pinned before the first
+    /// connection. Without it the agent pins the key of the first coordinator it
+    /// reaches (in DATA_DIR/coordinator.pin) and refuses any other after.
+    #[arg(long, env = "MYCO_COORDINATOR_KEY", value_name = "KEY")]
+    coordinator_key: Option<iroh::PublicKey>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -64,6 +69,7 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         portmapper: args.portmapper,
         netcheck_min_interval: args.netcheck_min_interval,
         ssh_idle_timeout: (!args.ssh_idle_timeout.is_zero()).then_some(args.ssh_idle_timeout),
+        coordinator_key: args.coordinator_key,
     };
     let (shutdown, hurry) = stop_signals()?;
     agent::run(config, shutdown, hurry).await?;

@@ -451,7 +451,10 @@ async fn agent_channel(
     let CoordinatorMessage::Welcome {
         heartbeat_interval_ms,
         ..
-    } = serde_json::from_str(&first)?;
+    } = serde_json::from_str(&first)?
+    else {
+        bail!("the first message was not a welcome");
+    };
     let send = |m: &AgentMessage| -> anyhow::Result<Message> {
         Ok(Message::Text(serde_json::to_string(m)?.into()))
     };
