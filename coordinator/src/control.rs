@@ -15,6 +15,9 @@ use mesh::control::{AgentMessage, CoordinatorMessage};
 use tracing::Instrument;
 
 use crate::api::{AgentCaller, ApiError, AppState};
+use crate::bucket::TokenBucket;
+use crate::registry::Push;
+use crate::store::EndpointClaim;
 
 /// How often agents heartbeat on the control channel unless the operator says
 /// otherwise (`myco server --heartbeat-interval`).
@@ -42,7 +45,7 @@ pub async fn control_handler(
     // message is a batch of script log lines.
     ws.read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_message_size(4 * 1024 * 1024)
+        .max_message_size(mesh::limits::MESSAGE_MAX)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("control", agent = %agent.target);
             run_channel(socket, state, agent).instrument(span)
@@ -71,12 +74,20 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
         }
     };
     let now = Timestamp::now();
-    let channel = state.registry.agent_connected(&id, now);
+    let (channel, mut pushed) = state.registry.agent_connected(&id, now);
     state.ledger.connected(&id, stored, now);
     state.metrics.channel_opened();
     tracing::info!(channel, "agent connected");
+    let challenge = mesh::sign::new_challenge();
     let welcome = CoordinatorMessage::Welcome {
         coordinator_key: state.signing_key.public(),
+        workspace_id: agent.workspace_id.clone(),
+        agent_id: agent.agent_id.clone(),
+        challenge: challenge.clone(),
+        relay_quic_signature: Some(mesh::sign::qad_cert_signature(
+            &state.signing_key,
+            &state.relay_quic.cert_der_hex,
+        )),
         relay_url: state.relay_url.clone(),
         agent: agent.target.clone(),
         heartbeat_interval_ms: u64::try_from(state.heartbeat_interval.as_millis())
@@ -89,25 +100,99 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
         Err(_) => false,
     };
     let idle = idle_timeout(state.heartbeat_interval);
+    // The endpoint this channel proved and the store accepted for this agent.
+    let mut proven: Option<iroh::EndpointId> = None;
+    let mut budget = ChannelBudget::new(tokio::time::Instant::now());
     let reason = if sent {
         loop {
-            let msg = match tokio::time::timeout(idle, socket.recv()).await {
+            let received = tokio::select! {
+                r = tokio::time::timeout(idle, socket.recv()) => r,
+                push = pushed.recv() => match push {
+                    Some(Push::Close(reason)) => {
+                        tracing::info!(%reason, "closing the agent's channel");
+                        close(&mut socket, &reason).await;
+                        break "closed by the coordinator";
+                    }
+                    Some(Push::Revoke { users, token_ids }) => {
+                        let msg = CoordinatorMessage::Revoke { users, token_ids };
+                        let text = serde_json::to_string(&msg).unwrap_or_default();
+                        if socket.send(Message::Text(text.into())).await.is_err() {
+                            break "channel failed";
+                        }
+                        continue;
+                    }
+                    None => {
+                        close(&mut socket, "replaced by a newer channel of this agent").await;
+                        break "replaced by a newer channel";
+                    }
+                },
+            };
+            let msg = match received {
                 Err(_) => break "no heartbeat in time",
                 Ok(None) => break "channel closed",
                 Ok(Some(Err(_))) => break "channel failed",
                 Ok(Some(Ok(m))) => m,
             };
-            match msg {
-                Message::Text(text) => match serde_json::from_str::<AgentMessage>(&text) {
-                    Ok(AgentMessage::Addr { addr }) => {
+            let text = match msg {
+                Message::Text(text) => text,
+                Message::Close(_) => break "agent closed the channel",
+                _ => continue,
+            };
+            let m = match serde_json::from_str::<AgentMessage>(&text) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("bad control message: {e}");
+                    break "protocol error";
+                }
+            };
+            if let Err(over) = budget.admit(&m, tokio::time::Instant::now()) {
+                tracing::warn!("closing the agent's channel: {over}");
+                close(&mut socket, &over).await;
+                break "over its limits";
+            }
+            if let Err(refusal) = mesh::limits::check_agent_message(&m, &agent.manifest) {
+                tracing::warn!(kind = m.kind(), "agent report refused: {refusal}");
+                budget.refused += 1;
+                if budget.refused > MAX_REFUSALS {
+                    close(&mut socket, "too many refused reports").await;
+                    break "too many refused reports";
+                }
+                continue;
+            }
+            match m {
+                    AgentMessage::Addr { addr, proof } => {
+                        if proven != Some(addr.id) {
+                            budget.endpoint_claims += 1;
+                            if budget.endpoint_claims > MAX_ENDPOINT_CLAIMS {
+                                close(&mut socket, "too many endpoint keys on one channel").await;
+                                break "over its limits";
+                            }
+                            if let Err(refusal) =
+                                prove_endpoint(&state, &agent, &challenge, &addr, &proof).await
+                            {
+                                tracing::warn!(endpoint = %addr.id, "agent address refused: {refusal}");
+                                close(&mut socket, &refusal).await;
+                                break "endpoint refused";
+                            }
+                            proven = Some(addr.id);
+                        }
                         tracing::info!(endpoint = %addr.id.fmt_short(), addrs = ?addr.addrs, "agent address");
-                        state.registry.agent_addr(&agent.agent_id, channel, addr);
+                        if !state.registry.agent_addr(&agent.agent_id, channel, addr) {
+                            let refusal = "this endpoint id is in use by another live agent";
+                            tracing::warn!("agent address refused: {refusal}");
+                            close(&mut socket, refusal).await;
+                            break "endpoint refused";
+                        }
                     }
-                    Ok(AgentMessage::Heartbeat) => {
+                    AgentMessage::Heartbeat => {
                         state.ledger.heartbeat(&id, Timestamp::now());
                         state.metrics.heartbeat();
                     }
-                    Ok(AgentMessage::HostKey { openssh }) => {
+                    AgentMessage::HostKey { openssh } => {
+                        // Checked above; what is stored is the canonical form.
+                        let Ok(openssh) = mesh::limits::canonical_host_key(&openssh) else {
+                            continue;
+                        };
                         let store = state.store.clone();
                         let (ws, id) = (agent.workspace_id.clone(), id.clone());
                         let saved = tokio::task::spawn_blocking(move || {
@@ -123,30 +208,23 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                             Err(e) => tracing::warn!("cannot record the agent's SSH host key: {e}"),
                         }
                     }
-                    Ok(AgentMessage::Lifecycle {
+                    AgentMessage::Lifecycle {
                         state: s,
                         changed_at,
-                    }) => {
+                    } => {
                         tracing::info!(lifecycle = %s, "agent lifecycle");
                         state.ledger.lifecycle(&id, s, changed_at);
                     }
-                    Ok(AgentMessage::AppHealth { changes }) => {
+                    AgentMessage::AppHealth { changes } => {
                         state.ledger.app_health(&id, changes);
                     }
-                    Ok(AgentMessage::Stats { stats }) => state.ledger.stats(&id, stats),
-                    Ok(AgentMessage::Metadata { items }) => state.ledger.metadata(&id, items),
-                    Ok(AgentMessage::Logs { lines }) => state.ledger.logs(&id, lines),
-                    Ok(AgentMessage::Netcheck { result }) => {
+                    AgentMessage::Stats { stats } => state.ledger.stats(&id, stats),
+                    AgentMessage::Metadata { items } => state.ledger.metadata(&id, items),
+                    AgentMessage::Logs { lines } => state.ledger.logs(&id, lines),
+                    AgentMessage::Netcheck { result } => {
                         tracing::info!(reason = %result.reason, summary = %result.report.summary(), "agent netcheck");
                         state.ledger.netcheck(&id, result);
                     }
-                    Err(e) => {
-                        tracing::warn!("bad control message: {e}");
-                        break "protocol error";
-                    }
-                },
-                Message::Close(_) => break "agent closed the channel",
-                _ => {}
             }
         }
     } else {
@@ -156,4 +234,107 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
     state.ledger.disconnected(&id, current, Timestamp::now());
     state.metrics.channel_closed();
     tracing::info!(reason, "agent disconnected");
+}
+
+/// Refused reports one channel may send before it is closed.
+const MAX_REFUSALS: u32 = 100;
+/// Messages a channel may send in a burst, and per second after.
+const MESSAGE_BURST: f64 = 200.0;
+const MESSAGES_PER_SECOND: f64 = 50.0;
+/// Store writes a channel may cause: endpoint keys proven and host keys. An honest
+/// agent sends its host key once per channel and keeps one endpoint key.
+const MAX_ENDPOINT_CLAIMS: u32 = 4;
+const MAX_HOST_KEYS: u32 = 2;
+
+/// What one channel has spent of its limits; pure, time passed in.
+#[derive(Debug)]
+struct ChannelBudget {
+    messages: TokenBucket,
+    endpoint_claims: u32,
+    host_keys: u32,
+    refused: u32,
+}
+
+impl ChannelBudget {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            messages: TokenBucket::new(MESSAGES_PER_SECOND, MESSAGE_BURST, now),
+            endpoint_claims: 0,
+            host_keys: 0,
+            refused: 0,
+        }
+    }
+
+    /// Takes one message; an error says which limit it broke.
+    fn admit(&mut self, msg: &AgentMessage, now: tokio::time::Instant) -> Result<(), String> {
+        if !self.messages.try_take(1.0, now) {
+            return Err(format!(
+                "more than {MESSAGES_PER_SECOND} messages a second (burst {MESSAGE_BURST})"
+            ));
+        }
+        if let AgentMessage::HostKey { .. } = msg {
+            self.host_keys += 1;
+            if self.host_keys > MAX_HOST_KEYS {
+                return Err(format!(
+                    "more than {MAX_HOST_KEYS} SSH host keys on one channel"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the agent holds the key of the endpoint it announces (its signature
+/// over this channel's challenge) and that no other agent holds that endpoint, and
+/// records it as the agent's. Returns the refusal, worded for the agent's log.
+async fn prove_endpoint(
+    state: &AppState,
+    agent: &AgentCaller,
+    challenge: &str,
+    addr: &iroh::EndpointAddr,
+    proof: &str,
+) -> Result<(), String> {
+    mesh::sign::verify_endpoint_proof(&addr.id, challenge, &agent.agent_id, proof)
+        .map_err(|e| format!("no proof this agent holds its endpoint's key ({e})"))?;
+    let store = state.store.clone();
+    let (ws, id, endpoint) = (
+        agent.workspace_id.clone(),
+        agent.agent_id.clone(),
+        addr.id.to_string(),
+    );
+    let claim =
+        tokio::task::spawn_blocking(move || store.claim_agent_endpoint(&ws, &id, &endpoint))
+            .await
+            .map_err(|e| format!("the coordinator failed to record the endpoint: {e}"))?
+            .map_err(|e| format!("the coordinator failed to record the endpoint: {e}"))?;
+    match claim {
+        EndpointClaim::Unchanged => Ok(()),
+        EndpointClaim::Claimed { previous } => {
+            if let Some(previous) = previous {
+                tracing::info!(%previous, new = %addr.id, "agent proved a new endpoint key");
+            }
+            Ok(())
+        }
+        EndpointClaim::Taken { by_agent } => {
+            tracing::warn!(other_agent = %by_agent, endpoint = %addr.id, "agent announced another agent's endpoint id");
+            Err(format!(
+                "endpoint {} is another agent's; do not copy an agent's data dir (its key) between workspaces",
+                addr.id.fmt_short()
+            ))
+        }
+    }
+}
+
+/// Closes the channel with `reason`, which the agent logs; a close frame's reason is
+/// at most 123 bytes.
+async fn close(socket: &mut WebSocket, reason: &str) {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::POLICY,
+        reason: reason[..end].into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
 }

@@ -267,6 +267,16 @@ impl AgentLedger {
         }
     }
 
+    /// Drops everything held for `agent_ids` (their workspace was deleted): nothing
+    /// more of theirs is flushed, and what their closing channels report is ignored.
+    pub fn forget(&self, agent_ids: &[String]) {
+        let mut inner = self.lock();
+        for id in agent_ids {
+            inner.agents.remove(id);
+            inner.dirty.remove(id);
+        }
+    }
+
     /// Number of agents held in memory now.
     pub fn len(&self) -> usize {
         self.lock().agents.len()

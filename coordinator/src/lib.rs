@@ -5,7 +5,9 @@
 
 mod api;
 mod auth;
+mod bucket;
 mod control;
+mod http;
 pub mod ledger;
 pub mod metrics;
 mod qad;

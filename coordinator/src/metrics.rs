@@ -878,6 +878,7 @@ mod tests {
                     shutdown_script: None,
                     metadata: vec![],
                     ssh_host_key: None,
+                    endpoint_id: None,
                 }],
             };
             store.create_workspace(&ws, &[]).unwrap();
@@ -1005,6 +1006,7 @@ mod tests {
                     shutdown_script: None,
                     metadata: vec![],
                     ssh_host_key: None,
+                    endpoint_id: None,
                 })
                 .collect(),
         }
@@ -1184,6 +1186,7 @@ mod tests {
             store
                 .delete_workspace(&alice, &Name::new("w2").unwrap())
                 .unwrap()
+                .is_some()
         );
         let (text, n, blocks) = render(&mut state, &store, at(45_007));
         assert_eq!((n, blocks), (0, AGENT_FAMILIES));

@@ -10,6 +10,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use iroh::{EndpointAddr, EndpointId};
 use mesh::Timestamp;
 
+/// What the coordinator pushes to one agent's control channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Push {
+    /// Close the channel with this reason (token rotated, workspace deleted).
+    Close(String),
+    /// Tell the agent to close mesh connections opened with tickets of these users
+    /// or tokens.
+    Revoke {
+        users: Vec<String>,
+        token_ids: Vec<String>,
+    },
+}
+
+/// Pushes one channel may have waiting; a channel that falls this far behind is
+/// closed rather than let the queue grow.
+const PUSH_QUEUE: usize = 64;
+
 /// An agent with a live control channel.
 #[derive(Debug, Clone)]
 pub struct LiveAgent {
@@ -19,6 +36,16 @@ pub struct LiveAgent {
     pub connected_at: Timestamp,
     /// Set once the agent published its address.
     pub addr: Option<EndpointAddr>,
+    push: tokio::sync::mpsc::Sender<Push>,
+}
+
+/// Who a client endpoint was admitted to the relay for, and until when.
+#[derive(Debug, Clone)]
+struct ClientGrant {
+    until: Timestamp,
+    /// The user and the token (public id) the ticket was issued to.
+    user: String,
+    token_id: String,
 }
 
 #[derive(Debug, Default)]
@@ -26,8 +53,8 @@ struct Inner {
     next_channel: u64,
     /// agent id -> live state
     agents: HashMap<String, LiveAgent>,
-    /// client endpoint id -> admitted to the relay until
-    clients: HashMap<EndpointId, Timestamp>,
+    /// client endpoint id -> admitted to the relay until, for whom
+    clients: HashMap<EndpointId, ClientGrant>,
     /// live agent endpoint id -> agent id: the relay's admission check per
     /// connection is one lookup, not a scan of every agent.
     endpoints: HashMap<EndpointId, String>,
@@ -53,8 +80,14 @@ impl MeshRegistry {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new control channel of `agent_id`; returns its channel number.
-    pub fn agent_connected(&self, agent_id: &str, now: Timestamp) -> u64 {
+    /// Registers a new control channel of `agent_id`; returns its channel number and
+    /// the receiver of what the coordinator pushes to it.
+    pub fn agent_connected(
+        &self,
+        agent_id: &str,
+        now: Timestamp,
+    ) -> (u64, tokio::sync::mpsc::Receiver<Push>) {
+        let (push, pushed) = tokio::sync::mpsc::channel(PUSH_QUEUE);
         let mut inner = self.lock();
         inner.next_channel += 1;
         let channel = inner.next_channel;
@@ -65,14 +98,50 @@ impl MeshRegistry {
                 channel,
                 connected_at: now,
                 addr: None,
+                push,
             },
         );
-        channel
+        (channel, pushed)
     }
 
-    /// Records the address an agent published on `channel`.
-    pub fn agent_addr(&self, agent_id: &str, channel: u64, addr: EndpointAddr) {
+    /// Pushes `push` to each of `agent_ids` that has a live channel. A channel whose
+    /// queue is full is told to close instead (it reconnects and starts afresh).
+    /// Returns the endpoint ids of the agents reached.
+    pub fn push(&self, agent_ids: &[String], push: &Push) -> Vec<EndpointId> {
         let mut inner = self.lock();
+        let mut reached = Vec::new();
+        for id in agent_ids {
+            let Some(a) = inner.agents.get_mut(id) else {
+                continue;
+            };
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
+                a.push.try_send(push.clone())
+            {
+                tracing::warn!(agent = %id, "agent's push queue is full; closing its channel");
+                // Dropping the channel's only sender ends its loop once it has read
+                // what is queued.
+                a.push = tokio::sync::mpsc::channel(1).0;
+            }
+            if let Some(addr) = &a.addr {
+                reached.push(addr.id);
+            }
+        }
+        reached
+    }
+
+    /// Ids of the agents with a live channel now.
+    pub fn live_agent_ids(&self) -> Vec<String> {
+        self.lock().agents.keys().cloned().collect()
+    }
+
+    /// Records the address an agent published on `channel` (its key proven by the
+    /// caller). Returns false, recording nothing, when another live agent holds that
+    /// endpoint id.
+    pub fn agent_addr(&self, agent_id: &str, channel: u64, addr: EndpointAddr) -> bool {
+        let mut inner = self.lock();
+        if inner.endpoints.get(&addr.id).is_some_and(|a| a != agent_id) {
+            return false;
+        }
         if inner
             .agents
             .get(agent_id)
@@ -84,6 +153,7 @@ impl MeshRegistry {
                 a.addr = Some(addr);
             }
         }
+        true
     }
 
     /// Forgets the agent if `channel` is still its current control channel; returns
@@ -105,19 +175,53 @@ impl MeshRegistry {
         self.lock().agents.get(agent_id).cloned()
     }
 
-    /// Admits a client endpoint to the relay until `until` (its ticket's expiry).
-    pub fn allow_client(&self, id: EndpointId, until: Timestamp, now: Timestamp) {
+    /// Admits a client endpoint to the relay until `until` (its ticket's expiry), for
+    /// `user` asking with token `token_id`.
+    pub fn allow_client(
+        &self,
+        id: EndpointId,
+        until: Timestamp,
+        now: Timestamp,
+        user: &str,
+        token_id: &str,
+    ) {
         let mut inner = self.lock();
-        inner.clients.retain(|_, t| *t > now);
-        let e = inner.clients.entry(id).or_insert(until);
-        *e = (*e).max(until);
+        inner.clients.retain(|_, g| g.until > now);
+        let until = inner
+            .clients
+            .get(&id)
+            .map_or(until, |g| g.until.max(until));
+        inner.clients.insert(
+            id,
+            ClientGrant {
+                until,
+                user: user.to_owned(),
+                token_id: token_id.to_owned(),
+            },
+        );
+    }
+
+    /// Withdraws the relay admission of clients admitted for one of `users` or under
+    /// one of `token_ids`; returns their endpoint ids, for the relay to disconnect.
+    pub fn revoke_clients(&self, users: &[String], token_ids: &[String]) -> Vec<EndpointId> {
+        let mut inner = self.lock();
+        let gone: Vec<EndpointId> = inner
+            .clients
+            .iter()
+            .filter(|(_, g)| users.contains(&g.user) || token_ids.contains(&g.token_id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            inner.clients.remove(id);
+        }
+        gone
     }
 
     /// Whether the relay admits `id` at `now`: a live agent's endpoint, or a client
     /// holding an unexpired ticket.
     pub fn relay_allowed(&self, id: EndpointId, now: Timestamp) -> bool {
         let inner = self.lock();
-        inner.clients.get(&id).is_some_and(|t| *t > now) || inner.endpoints.contains_key(&id)
+        inner.clients.get(&id).is_some_and(|g| g.until > now) || inner.endpoints.contains_key(&id)
     }
 }
 
@@ -134,9 +238,9 @@ mod tests {
     fn reconnect_race_keeps_the_new_channel() {
         let r = MeshRegistry::default();
         let now = Timestamp::from_unix_millis(0);
-        let old = r.agent_connected("a", now);
-        let new = r.agent_connected("a", now);
-        r.agent_addr("a", new, EndpointAddr::new(id(1)));
+        let (old, _) = r.agent_connected("a", now);
+        let (new, _) = r.agent_connected("a", now);
+        assert!(r.agent_addr("a", new, EndpointAddr::new(id(1))));
         r.agent_disconnected("a", old);
         assert!(r.live("a").is_some());
         assert!(r.relay_allowed(id(1), now));
@@ -146,12 +250,56 @@ mod tests {
     }
 
     #[test]
+    fn one_live_endpoint_per_agent() {
+        let r = MeshRegistry::default();
+        let now = Timestamp::from_unix_millis(0);
+        let (a, _) = r.agent_connected("a", now);
+        let (b, _) = r.agent_connected("b", now);
+        assert!(r.agent_addr("a", a, EndpointAddr::new(id(1))));
+        assert!(!r.agent_addr("b", b, EndpointAddr::new(id(1))));
+        assert!(r.live("b").unwrap().addr.is_none());
+        assert_eq!(r.live("a").unwrap().addr.unwrap().id, id(1));
+    }
+
+    #[test]
     fn clients_are_admitted_until_their_ticket_expires() {
         let r = MeshRegistry::default();
         let t0 = Timestamp::from_unix_millis(1000);
-        r.allow_client(id(2), Timestamp::from_unix_millis(2000), t0);
+        r.allow_client(id(2), Timestamp::from_unix_millis(2000), t0, "alice", "t1");
         assert!(r.relay_allowed(id(2), Timestamp::from_unix_millis(1999)));
         assert!(!r.relay_allowed(id(2), Timestamp::from_unix_millis(2000)));
         assert!(!r.relay_allowed(id(3), t0));
+    }
+
+    #[test]
+    fn revoking_a_user_or_a_token_withdraws_relay_admission() {
+        let r = MeshRegistry::default();
+        let t0 = Timestamp::from_unix_millis(1000);
+        let later = Timestamp::from_unix_millis(9000);
+        r.allow_client(id(2), later, t0, "alice", "t1");
+        r.allow_client(id(3), later, t0, "alice", "t2");
+        r.allow_client(id(4), later, t0, "bob", "t3");
+        assert_eq!(r.revoke_clients(&[], &["t1".into()]), vec![id(2)]);
+        assert!(!r.relay_allowed(id(2), t0));
+        assert!(r.relay_allowed(id(3), t0));
+        assert_eq!(r.revoke_clients(&["alice".into()], &[]), vec![id(3)]);
+        assert!(r.relay_allowed(id(4), t0));
+    }
+
+    #[test]
+    fn pushes_reach_the_current_channel() {
+        let r = MeshRegistry::default();
+        let now = Timestamp::from_unix_millis(0);
+        let (_, mut old) = r.agent_connected("a", now);
+        let (new, mut rx) = r.agent_connected("a", now);
+        assert!(r.agent_addr("a", new, EndpointAddr::new(id(1))));
+        let reached = r.push(&["a".into(), "gone".into()], &Push::Close("bye".into()));
+        assert_eq!(reached, vec![id(1)]);
+        assert_eq!(rx.try_recv().unwrap(), Push::Close("bye".into()));
+        // The replaced channel's queue is closed, so its loop ends too.
+        assert!(matches!(
+            old.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        ));
     }
 }

@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
-
 use crate::api::{self, AppState};
 use crate::ledger::AgentLedger;
 use crate::metrics::{CoordinatorMetrics, MetricsState, RelaySources};
@@ -43,6 +41,14 @@ pub struct ServerConfig {
     pub agent_connection_timeout: Option<std::time::Duration>,
     /// A listener of its own for `/metrics`, without authentication.
     pub prometheus_address: Option<SocketAddr>,
+    /// What each relay client may send, in bytes a second (0: no limit).
+    pub relay_client_bytes_per_second: u64,
+    /// HTTP connections served at once (in their request phase; an upgraded
+    /// WebSocket no longer counts), and of those from one IP address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// How long a client has to send a request's headers.
+    pub header_read_timeout: std::time::Duration,
 }
 
 /// Why the coordinator could not start or stopped with an error.
@@ -103,6 +109,8 @@ pub struct Coordinator {
     agent_connection_timeout: Option<std::time::Duration>,
     access_url: String,
     store_path: PathBuf,
+    relay_limit: crate::relay::RelayClientLimit,
+    http_limits: crate::http::HttpLimits,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -197,6 +205,14 @@ impl Coordinator {
             agent_connection_timeout: config.agent_connection_timeout,
             access_url,
             store_path,
+            relay_limit: crate::relay::RelayClientLimit {
+                bytes_per_second: config.relay_client_bytes_per_second,
+            },
+            http_limits: crate::http::HttpLimits {
+                max_connections: config.max_connections.max(1),
+                max_connections_per_ip: config.max_connections_per_ip.max(1),
+                header_read_timeout: config.header_read_timeout,
+            },
         })
     }
 
@@ -208,6 +224,11 @@ impl Coordinator {
     /// Where the second QAD port, for netcheck's mapping probe, listens.
     pub fn relay_quic_probe_addr(&self) -> SocketAddr {
         self.qad.probe_addr
+    }
+
+    /// The public half of the key that signs connection tickets; agents pin it.
+    pub fn ticket_key(&self) -> iroh::PublicKey {
+        self.signing_key.public()
     }
 
     pub fn relay_url(&self) -> &iroh::RelayUrl {
@@ -245,7 +266,7 @@ impl Coordinator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let registry = MeshRegistry::default();
-        let relay = RelayState::new(registry.clone(), self.store.clone());
+        let relay = RelayState::new(registry.clone(), self.store.clone(), self.relay_limit);
         let metrics = CoordinatorMetrics::new(RelaySources {
             relay: relay.metrics.clone(),
             qad: self.qad.clone(),
@@ -301,18 +322,15 @@ impl Coordinator {
             });
         }
         let app = api::router(state);
-        // Relayed packets and control messages are small writes that must leave at
-        // once: without TCP_NODELAY, Nagle's algorithm held them back and relayed
-        // throughput sat at ~43 MB/s with idle CPUs (BENCHMARKS.md).
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {e}");
-            }
-        });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped())
-            .await
-            .map_err(ServerError::Serve);
+        let served = crate::http::serve(
+            self.listener,
+            app,
+            self.http_limits,
+            Arc::default(),
+            stopped(),
+        )
+        .await
+        .map_err(ServerError::Serve);
         // The flusher commits once more after the stop, so nothing acknowledged to
         // agents in the last interval is lost.
         let _ = flusher.await;

@@ -51,6 +51,8 @@ const AGENT_LOGS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ag
 /// What changed, as counters: [`WORKSPACES_CHANGED`] counts the write transactions
 /// that inserted or removed workspace records, so a scrape learns with one lookup
 /// that none changed since it last read them all.
+/// endpoint id (hex) -> agent id: one endpoint belongs to one agent.
+const AGENT_ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("agent_endpoints");
 const CHANGES: TableDefinition<&str, u64> = TableDefinition::new("changes");
 const WORKSPACES_CHANGED: &str = "workspaces";
 
@@ -154,6 +156,20 @@ pub struct AgentRecord {
     /// The SSH host key the agent last reported, OpenSSH format; pinned by clients.
     #[serde(default)]
     pub ssh_host_key: Option<String>,
+    /// The mesh endpoint id (hex) the agent last proved it holds the key of.
+    #[serde(default)]
+    pub endpoint_id: Option<String>,
+}
+
+/// What [`Store::claim_agent_endpoint`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointClaim {
+    /// The agent already held this endpoint id.
+    Unchanged,
+    /// Recorded for the agent; it held `previous` before (a new key).
+    Claimed { previous: Option<String> },
+    /// Another agent holds it; nothing was written.
+    Taken { by_agent: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -476,6 +492,10 @@ fn workspace_changes(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
 /// The coordinator's database.
 pub struct Store {
     db: Database,
+    /// Agents whose workspace was deleted since the store opened: the ledger's
+    /// flushes write no rows for them, even one that raced the delete. Agent ids are
+    /// random and never reused, and agents of deleted workspaces cannot reconnect.
+    deleted_agents: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Test hook: every record a snapshot reads takes this long, as on a slow disk.
     read_delay: Option<Duration>,
 }
@@ -529,10 +549,12 @@ impl Store {
         txn.open_table(AGENT_CONNECTIONS)?;
         txn.open_table(AGENT_REPORTS)?;
         txn.open_table(AGENT_LOGS)?;
+        txn.open_table(AGENT_ENDPOINTS)?;
         txn.open_table(CHANGES)?;
         txn.commit()?;
         Ok(Self {
             db,
+            deleted_agents: Default::default(),
             read_delay: None,
         })
     }
@@ -776,23 +798,38 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes a workspace and its agents' tokens. Returns whether it existed.
-    pub fn delete_workspace(&self, owner: &Name, name: &Name) -> Result<bool, StoreError> {
+    fn deleted_agents(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A plain set, each update complete: a panic elsewhere cannot corrupt it.
+        self.deleted_agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deletes a workspace and its agents' tokens. Returns the deleted record.
+    pub fn delete_workspace(
+        &self,
+        owner: &Name,
+        name: &Name,
+    ) -> Result<Option<WorkspaceRecord>, StoreError> {
         let txn = self.db.begin_write()?;
-        let existed = {
+        let deleted = {
             let mut names = txn.open_table(WORKSPACE_NAMES)?;
             let Some(id) = names
                 .remove(name_key(owner, name).as_str())?
                 .map(|v| v.value().to_owned())
             else {
-                return Ok(false);
+                return Ok(None);
             };
             let ws = WorkspacesMut::open(&txn)?.remove(id.as_str())?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
             let mut reports = txn.open_table(AGENT_REPORTS)?;
             let mut logs = txn.open_table(AGENT_LOGS)?;
+            let mut endpoints = txn.open_table(AGENT_ENDPOINTS)?;
             for agent in ws.iter().flat_map(|w| &w.agents) {
+                if let Some(e) = &agent.endpoint_id {
+                    endpoints.remove(e.as_str())?;
+                }
                 tokens.remove(agent.token_id.as_str())?;
                 connections.remove(agent.id.as_str())?;
                 reports.remove(agent.id.as_str())?;
@@ -801,10 +838,73 @@ impl Store {
                     |_, _| false,
                 )?;
             }
-            true
+            ws
+        };
+        // Marked before the commit, under this write transaction: a flush's write
+        // transaction can only begin after it, and then sees the mark.
+        let ids: Vec<String> = deleted.iter().flat_map(|w| &w.agents).map(|a| a.id.clone()).collect();
+        let mut marks = self.deleted_agents();
+        marks.extend(ids.iter().cloned());
+        if let Err(e) = txn.commit() {
+            for id in &ids {
+                marks.remove(id);
+            }
+            return Err(e.into());
+        }
+        Ok(deleted)
+    }
+
+    /// Records that agent `agent_id` of workspace `workspace_id` holds the key of
+    /// `endpoint` (hex), which it proved; refuses an endpoint another agent holds. A
+    /// repeat is answered from a read transaction, so reconnects write nothing.
+    pub fn claim_agent_endpoint(
+        &self,
+        workspace_id: &str,
+        agent_id: &str,
+        endpoint: &str,
+    ) -> Result<EndpointClaim, StoreError> {
+        {
+            let txn = self.db.begin_read()?;
+            let owner = txn.open_table(AGENT_ENDPOINTS)?.get(endpoint)?;
+            match owner.as_ref().map(|o| o.value()) {
+                Some(o) if o == agent_id => return Ok(EndpointClaim::Unchanged),
+                Some(o) => {
+                    return Ok(EndpointClaim::Taken {
+                        by_agent: o.to_owned(),
+                    });
+                }
+                None => {}
+            }
+        }
+        let txn = self.db.begin_write()?;
+        let claim = {
+            let mut endpoints = txn.open_table(AGENT_ENDPOINTS)?;
+            if let Some(o) = endpoints.get(endpoint)?.map(|o| o.value().to_owned()) {
+                // Another channel claimed it between the read and this write.
+                if o == agent_id {
+                    return Ok(EndpointClaim::Unchanged);
+                }
+                return Ok(EndpointClaim::Taken { by_agent: o });
+            }
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            let Some(mut ws) = workspaces.get(workspace_id)? else {
+                return Err(StoreError::NotFound(format!("workspace {workspace_id}")));
+            };
+            let agent = ws
+                .agents
+                .iter_mut()
+                .find(|a| a.id == agent_id)
+                .ok_or_else(|| StoreError::NotFound(format!("agent {agent_id}")))?;
+            let previous = agent.endpoint_id.replace(endpoint.to_owned());
+            if let Some(old) = &previous {
+                endpoints.remove(old.as_str())?;
+            }
+            endpoints.insert(endpoint, agent_id)?;
+            workspaces.insert(&ws)?;
+            EndpointClaim::Claimed { previous }
         };
         txn.commit()?;
-        Ok(existed)
+        Ok(claim)
     }
 
     /// Records an agent's SSH host key. Returns whether it changed.
@@ -1054,16 +1154,18 @@ impl Store {
     pub fn write_agent_state(&self, batch: &AgentStateBatch) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
+            let deleted = self.deleted_agents();
+            let live = |id: &String| !deleted.contains(id);
             let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
-            for (id, c) in &batch.connections {
+            for (id, c) in batch.connections.iter().filter(|(id, _)| live(id)) {
                 connections.insert(id.as_str(), c.to_row())?;
             }
             let mut reports = txn.open_table(AGENT_REPORTS)?;
-            for (id, r) in &batch.reports {
+            for (id, r) in batch.reports.iter().filter(|(id, _)| live(id)) {
                 reports.insert(id.as_str(), encode(r).as_slice())?;
             }
             let mut logs = txn.open_table(AGENT_LOGS)?;
-            for (id, lines) in &batch.logs {
+            for (id, lines) in batch.logs.iter().filter(|(id, _)| live(id)) {
                 let range = (id.as_str(), 0)..=(id.as_str(), u64::MAX);
                 let (first, next) = {
                     let mut rows = logs.range(range.clone())?;
@@ -1171,6 +1273,7 @@ mod tests {
                 shutdown_script: None,
                 metadata: vec![],
                 ssh_host_key: None,
+                endpoint_id: None,
             }],
         }
     }
@@ -1186,6 +1289,76 @@ mod tests {
             created_at: Timestamp::from_unix_millis(1),
             expires_at: None,
         }
+    }
+
+    #[test]
+    fn an_endpoint_belongs_to_one_agent_until_its_workspace_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .create_workspace(&ws("alice", "a", "1"), &[agent_token("1-t")])
+            .unwrap();
+        store
+            .create_workspace(&ws("bob", "b", "2"), &[agent_token("2-t")])
+            .unwrap();
+        assert_eq!(
+            store.claim_agent_endpoint("1", "1-a", "e1").unwrap(),
+            EndpointClaim::Claimed { previous: None }
+        );
+        assert_eq!(
+            store.claim_agent_endpoint("1", "1-a", "e1").unwrap(),
+            EndpointClaim::Unchanged
+        );
+        // Bob's agent announcing alice's endpoint is refused, and nothing changes.
+        assert_eq!(
+            store.claim_agent_endpoint("2", "2-a", "e1").unwrap(),
+            EndpointClaim::Taken {
+                by_agent: "1-a".into()
+            }
+        );
+        // Alice's agent with a new key frees the old one.
+        assert_eq!(
+            store.claim_agent_endpoint("1", "1-a", "e2").unwrap(),
+            EndpointClaim::Claimed {
+                previous: Some("e1".into())
+            }
+        );
+        assert_eq!(
+            store.claim_agent_endpoint("2", "2-a", "e1").unwrap(),
+            EndpointClaim::Claimed { previous: None }
+        );
+        // A deleted workspace's endpoint is free again.
+        store.delete_workspace(&name("alice"), &name("a")).unwrap();
+        assert_eq!(
+            store.claim_agent_endpoint("2", "2-a", "e2").unwrap(),
+            EndpointClaim::Claimed {
+                previous: Some("e1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn no_rows_are_written_for_agents_of_a_deleted_workspace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .create_workspace(&ws("alice", "a", "1"), &[agent_token("1-t")])
+            .unwrap();
+        let conn = StoredConnection {
+            first_connected_at: Some(Timestamp::from_unix_millis(5)),
+            last_connected_at: Some(Timestamp::from_unix_millis(5)),
+            disconnected_at: None,
+        };
+        let batch = AgentStateBatch {
+            connections: vec![("1-a".into(), conn)],
+            ..AgentStateBatch::default()
+        };
+        store.write_agent_state(&batch).unwrap();
+        assert!(store.agent_state("1-a").unwrap().0.last_connected_at.is_some());
+        store.delete_workspace(&name("alice"), &name("a")).unwrap();
+        // A flush that took its batch before the delete writes after it.
+        store.write_agent_state(&batch).unwrap();
+        assert_eq!(store.agent_state("1-a").unwrap().0, StoredConnection::default());
     }
 
     #[test]
@@ -1240,9 +1413,9 @@ mod tests {
             .unwrap();
         assert!(store.token("3-t").unwrap().is_none());
         assert!(store.token("new").unwrap().is_some());
-        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
+        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap().is_some());
         assert!(store.token("new").unwrap().is_none());
-        assert!(!store.delete_workspace(&name("bob"), &name("z")).unwrap());
+        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap().is_none());
     }
 
     #[test]
@@ -1271,7 +1444,7 @@ mod tests {
             .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
             .unwrap();
         assert_eq!(changes(), 3);
-        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap());
+        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap().is_some());
         assert_eq!(changes(), 4);
     }
 

@@ -56,6 +56,26 @@ pub struct Args {
     /// listener /metrics needs an admin token).
     #[arg(long, env = "MYCO_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<SocketAddr>,
+
+    /// What one relay client may send through the relay, in MiB a second, with a
+    /// second's worth as burst (0: no limit). Above it the relay reads the client
+    /// no faster, so one client cannot take the relay from the others.
+    #[arg(long, env = "MYCO_RELAY_CLIENT_RATE", default_value_t = 100, value_name = "MIB_PER_S")]
+    relay_client_rate: u64,
+
+    /// HTTP connections served at once while they send a request; more are closed
+    /// at once. (A WebSocket, once upgraded, no longer counts.)
+    #[arg(long, env = "MYCO_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Of --max-connections, how many one IP address may hold.
+    #[arg(long, env = "MYCO_MAX_CONNECTIONS_PER_IP", default_value_t = 512)]
+    max_connections_per_ip: usize,
+
+    /// How long a client has to send a request's headers before its connection is
+    /// closed (so slow clients cannot hold connections).
+    #[arg(long, env = "MYCO_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
 }
 
 /// iroh's customary QUIC address discovery port.
@@ -100,6 +120,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         agent_connection_timeout: (!args.agent_connection_timeout.is_zero())
             .then_some(args.agent_connection_timeout),
         prometheus_address: args.prometheus_address,
+        relay_client_bytes_per_second: args.relay_client_rate.saturating_mul(1024 * 1024),
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        header_read_timeout: args.header_read_timeout,
     })
     .await?;
     // The handlers go in before the first line: whoever reads "listening" and then
@@ -112,6 +136,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("access URL: {url}");
     println!("relay: {}", coordinator.relay_url());
+    println!(
+        "ticket key (agents pin it; `myco agent --coordinator-key`): {}",
+        coordinator.ticket_key()
+    );
     println!(
         "QUIC address discovery on udp://{}",
         coordinator.relay_quic_addr()

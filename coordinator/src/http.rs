@@ -1,0 +1,182 @@
+//! The coordinator's HTTP listener: accepts connections up to a cap, gives each one
+//! a deadline for its request headers, tells handlers the peer's address, and on
+//! shutdown lets requests in flight finish.
+//!
+//! axum's own `serve` has no header-read timeout and no connection cap, so a client
+//! that opens connections and sends its headers a byte a minute (slowloris) would
+//! hold the listener; hyper's HTTP/1 server has both knobs, so we drive it directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt;
+
+/// Limits of one HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Of those, from one IP address: one client cannot take them all.
+    pub max_connections_per_ip: usize,
+    /// How long a client has to send a request's headers, on a new connection or
+    /// between requests on a kept-alive one.
+    pub header_read_timeout: Duration,
+}
+
+/// Counters of what the limits turned away, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct HttpCounters {
+    pub refused_connections: AtomicU64,
+}
+
+/// Serves `app` on `listener` until `stop` resolves, then waits for the
+/// connections' requests in flight (WebSockets are told to close by the app's own
+/// shutdown).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    counters: Arc<HttpCounters>,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = PerIp::default();
+    // Every connection task holds a receiver; the sender's `closed()` says all ended.
+    let (closing_tx, closing_rx) = watch::channel(false);
+    tokio::pin!(stop);
+    let mut refused_logged = tokio::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let admitted = permits.clone().try_acquire_owned().ok().and_then(|p| {
+            per_ip
+                .take(peer.ip(), limits.max_connections_per_ip)
+                .map(|ip| (p, ip))
+        });
+        let Some(permit) = admitted else {
+            counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+            if refused_logged.elapsed() > Duration::from_secs(10) {
+                refused_logged = tokio::time::Instant::now();
+                tracing::warn!(
+                    %peer,
+                    max = limits.max_connections,
+                    max_per_ip = limits.max_connections_per_ip,
+                    "refusing connections: the listener is at its cap (--max-connections, --max-connections-per-ip)"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        // Relayed packets and control messages are small writes that must leave at
+        // once: without TCP_NODELAY, Nagle's algorithm held them back and relayed
+        // throughput sat at ~43 MB/s with idle CPUs (BENCHMARKS.md).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+        let service = app.clone().map_request(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req.map(axum::body::Body::new)
+        });
+        let mut closing = closing_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .keep_alive(true);
+            let conn = builder
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+            }
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+            drop(closing);
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    drop(closing_rx);
+    closing_tx.closed().await;
+    Ok(())
+}
+
+/// Connections open per IP address.
+#[derive(Debug, Default, Clone)]
+struct PerIp(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One connection counted against its IP; uncounted when dropped.
+struct IpSlot {
+    table: PerIp,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        // Plain counters, each update complete: a panic elsewhere cannot corrupt them.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let mut table = self.lock();
+        let n = table.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut table = self.table.lock();
+        if let Some(n) = table.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                table.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The peer address a request came from, as [`serve`] recorded it.
+pub fn peer_of(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| *a)
+}
