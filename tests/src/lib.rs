@@ -197,11 +197,23 @@ static AGENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::
 pub struct AgentProc {
     pub child: Child,
     pub log: PathBuf,
+    /// Its `--data-dir` (its keys and its coordinator pin).
+    pub data_dir: PathBuf,
 }
 
 impl AgentProc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the agent exits on its own; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut status = None;
+        eventually("the agent exits", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.and_then(|s| s.code())
     }
 }
 
@@ -233,6 +245,8 @@ pub struct TestEnv {
     /// More `myco server` arguments, given on every start.
     server_args: Vec<String>,
     pub url: String,
+    /// The coordinator's ticket key as `myco server` printed it.
+    pub ticket_key: String,
 }
 
 impl TestEnv {
@@ -290,6 +304,7 @@ impl TestEnv {
             qad_addr: None,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
             url: String::new(),
+            ticket_key: String::new(),
         };
         env.start_server();
         env
@@ -336,6 +351,12 @@ impl TestEnv {
                 Some(Ok(line)) => {
                     if let Some(rest) = line.strip_prefix("myco coordinator listening on ") {
                         listening = rest.to_owned();
+                    }
+                    if let Some((_, key)) = line
+                        .strip_prefix("ticket key ")
+                        .and_then(|rest| rest.rsplit_once(": "))
+                    {
+                        self.ticket_key = key.to_owned();
                     }
                     if let Some(rest) = line.strip_prefix("QUIC address discovery on udp://") {
                         self.qad_addr = Some(rest.to_owned());
@@ -442,10 +463,23 @@ impl TestEnv {
     ) -> AgentProc {
         let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data = self.dir.path().join(format!("agent-{n}"));
+        self.start_agent_at(netns, token, &data, env)
+    }
+
+    /// Like [`TestEnv::start_agent_with`], with the agent's data dir at `data` (which
+    /// may hold another agent's keys or pin).
+    pub fn start_agent_at(
+        &self,
+        netns: Option<&str>,
+        token: &str,
+        data: &Path,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
+        let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::fs::File::create(self.dir.path().join(format!("agent-{n}.log"))).unwrap();
         let child = self
             .cmd_in(netns, "agent", &["agent", "--url", &self.url, "--data-dir"])
-            .arg(&data)
+            .arg(data)
             // The environment, not an argument: sessions must not see it (tests/ssh.rs).
             .env("MYCO_AGENT_TOKEN", token)
             .env("RUST_LOG", "info,iroh=warn")
@@ -460,6 +494,7 @@ impl TestEnv {
         AgentProc {
             child,
             log: self.dir.path().join(format!("agent-{n}.log")),
+            data_dir: data.to_owned(),
         }
     }
 

@@ -82,10 +82,18 @@ fn agent_refuses_bad_tickets_with_a_reason() {
     let alice = SecretKey::generate();
     let mallory = SecretKey::generate();
     let info = connect_info(&env, &alice);
+    let shown = env.run("alice", &["show", "dev", "-o", "json"]).ok().json();
+    let (workspace_id, agent_id) = (
+        shown["id"].as_str().unwrap().to_owned(),
+        shown["agents"][0]["id"].as_str().unwrap().to_owned(),
+    );
     let claims = |client: &SecretKey, expires_at: Timestamp| TicketClaims {
         client: client.public(),
         agent: info.agent_addr.id,
+        workspace_id: workspace_id.clone(),
+        agent_id: agent_id.clone(),
         user: "alice".into(),
+        token_id: "t1".into(),
         target: "alice/dev.main".into(),
         expires_at,
     };

@@ -1,0 +1,238 @@
+//! Limits on what anyone can send the coordinator, each exceeded against the real
+//! binary: slow and piled-up HTTP connections, a relay client that never finishes
+//! its handshake, and an agent whose reports break the bounds. Well-behaved callers
+//! beside them keep working.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use mesh::control::{AgentMessage, CoordinatorMessage};
+use tests::TestEnv;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http};
+
+fn server_addr(env: &TestEnv) -> SocketAddr {
+    env.url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// A connection from `src` that sends part of a request's headers and then nothing.
+fn slow_client(server: SocketAddr, src: &str) -> TcpStream {
+    let mut s = connect_from(server, src);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s
+}
+
+/// A TCP connection to `server` from the loopback address `src` (std cannot bind
+/// before connecting; tokio's `TcpSocket` can).
+fn connect_from(server: SocketAddr, src: &str) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        sock.connect(server).await.unwrap().into_std().unwrap()
+    })
+}
+
+/// Whether a plain `GET /healthz` from `src` is answered 200.
+fn healthz_from(server: SocketAddr, src: &str) -> bool {
+    let mut s = connect_from(server, src);
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if s
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200")
+}
+
+#[test]
+fn slow_clients_cannot_hold_the_listener() {
+    let env = TestEnv::start_with(&[
+        "--max-connections-per-ip",
+        "4",
+        "--header-read-timeout",
+        "2s",
+    ]);
+    let server = server_addr(&env);
+    // Four connections that never finish their headers take 127.0.0.1's share...
+    let mut slow: Vec<TcpStream> = (0..4).map(|_| slow_client(server, "127.0.0.1")).collect();
+    tests::eventually("a fifth connection from the same address is refused", || {
+        !healthz_from(server, "127.0.0.1")
+    });
+    // ...but not the listener: another address is served meanwhile.
+    assert!(healthz_from(server, "127.0.0.2"));
+    // The server closes them once the header timeout passes, and the address is
+    // served again.
+    for s in &mut slow {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("200 OK"),
+            "a request with unfinished headers was answered"
+        );
+    }
+    tests::eventually("127.0.0.1 is served again", || {
+        healthz_from(server, "127.0.0.1")
+    });
+}
+
+#[test]
+fn a_relay_client_that_never_shakes_hands_is_dropped() {
+    let env = TestEnv::start();
+    let server = server_addr(&env);
+    let mut s = connect_from(server, "127.0.0.1");
+    s.set_nonblocking(false).unwrap();
+    // A valid WebSocket upgrade to the relay, then silence.
+    s.write_all(
+        b"GET /relay HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Protocol: iroh-relay-v2\r\n\r\n",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = Vec::new();
+    let started = std::time::Instant::now();
+    // Read until the server hangs up; it must, well before our 60 s read timeout.
+    let r = s.read_to_end(&mut buf);
+    assert!(r.is_ok(), "the relay never dropped the silent client: {r:?}");
+    let head = String::from_utf8_lossy(&buf);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    eprintln!("silent relay client dropped after {:?}", started.elapsed());
+}
+
+async fn agent_channel(
+    env: &TestEnv,
+    token: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    CoordinatorMessage,
+) {
+    let url = format!(
+        "{}{}",
+        env.url.replace("http://", "ws://"),
+        mesh::control::CONTROL_PATH
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let Some(Ok(Message::Text(first))) = ws.next().await else {
+        panic!("no welcome")
+    };
+    (ws, serde_json::from_str(&first).unwrap())
+}
+
+#[test]
+fn reports_out_of_bounds_are_refused_and_nothing_else_is_lost() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let long_line = "x".repeat(mesh::limits::LOG_LINE_MAX + 1);
+    rt.block_on(async {
+        let (mut ws, _welcome) = agent_channel(&env, &token).await;
+        let send = |m: AgentMessage| Message::Text(serde_json::to_string(&m).unwrap().into());
+        let line = |text: &str| mesh::api::LogLine {
+            at: mesh::Timestamp::now(),
+            source: mesh::api::LogSource::Startup,
+            text: text.into(),
+        };
+        for bad in [
+            // A line over the agent's own cut.
+            AgentMessage::Logs {
+                lines: vec![line(&long_line)],
+            },
+            // More lines than one batch holds.
+            AgentMessage::Logs {
+                lines: vec![line("x"); mesh::limits::LOG_BATCH_LINES + 1],
+            },
+            // A metadata key the manifest does not declare.
+            AgentMessage::Metadata {
+                items: vec![mesh::api::MetadataValue {
+                    key: mesh::Name::new("injected").unwrap(),
+                    value: "v".into(),
+                    error: None,
+                    collected_at: mesh::Timestamp::now(),
+                }],
+            },
+            // A host key that would add a second line to known_hosts.
+            AgentMessage::HostKey {
+                openssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n* ssh-ed25519 AAAA".into(),
+            },
+        ] {
+            ws.send(send(bad)).await.unwrap();
+        }
+        // A good line after them is kept.
+        ws.send(send(AgentMessage::Logs {
+            lines: vec![line("the good line")],
+        }))
+        .await
+        .unwrap();
+        // Wait until the flush made it visible, with the channel still open.
+        let mut lines = String::new();
+        for _ in 0..600 {
+            let out = env.run("alice", &["logs", "dev"]);
+            lines = out.stdout;
+            if lines.contains("the good line") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(lines.contains("the good line"), "{lines}");
+        assert!(!lines.contains(&long_line[..100]), "an oversized line was kept");
+        let shown = env.run("alice", &["show", "dev", "-o", "json"]).ok().json();
+        assert!(shown["agents"][0]["ssh_host_key"].is_null(), "{shown:#}");
+        assert!(
+            shown["agents"][0]["metadata"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{shown:#}"
+        );
+        // The channel is still open: it was refused reports, not closed.
+        ws.send(send(AgentMessage::Heartbeat)).await.unwrap();
+    });
+}
+
+#[test]
+fn an_agent_flooding_its_channel_is_cut_off() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reason = rt.block_on(async {
+        let (mut ws, _) = agent_channel(&env, &token).await;
+        let hb = serde_json::to_string(&AgentMessage::Heartbeat).unwrap();
+        for _ in 0..2000 {
+            if ws.send(Message::Text(hb.clone().into())).await.is_err() {
+                break;
+            }
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("the flood was never cut off")
+            {
+                Some(Ok(Message::Close(Some(f)))) => break f.reason.to_string(),
+                Some(Ok(_)) => {}
+                other => panic!("closed without a reason: {other:?}"),
+            }
+        }
+    });
+    assert!(reason.contains("messages a second"), "{reason}");
+}
