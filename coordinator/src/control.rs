@@ -14,7 +14,9 @@ use mesh::Timestamp;
 use mesh::control::{AgentMessage, CoordinatorMessage};
 use tracing::Instrument;
 
-use crate::api::{AgentCaller, ApiError, AppState};
+use crate::api::AppState;
+use crate::api::callers::AgentCaller;
+use crate::error::ApiError;
 
 /// How often agents heartbeat on the control channel unless the operator says
 /// otherwise (`myco server --heartbeat-interval`).

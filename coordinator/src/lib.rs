@@ -6,6 +6,7 @@
 mod api;
 mod auth;
 mod control;
+mod error;
 pub mod ledger;
 pub mod metrics;
 mod qad;
