@@ -14,8 +14,10 @@ use mesh::Timestamp;
 use mesh::control::{AgentMessage, CoordinatorMessage};
 use tracing::Instrument;
 
-use crate::api::{AgentCaller, ApiError, AppState};
+use crate::api::AppState;
+use crate::api::callers::AgentCaller;
 use crate::bucket::TokenBucket;
+use crate::error::ApiError;
 use crate::registry::Push;
 use crate::store::EndpointClaim;
 

@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod bucket;
 mod control;
+mod error;
 mod http;
 pub mod ledger;
 pub mod metrics;

@@ -37,7 +37,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
 use crate::store::{
     AgentStateBatch, AgentSummary, ReportsSummary, ScrapeAgent, ScrapeCache, Store,

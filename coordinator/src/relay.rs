@@ -135,7 +135,7 @@ pub async fn relay_handler(State(state): State<RelayState>, request: Request) ->
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
         Ok(ws) => ws,
         Err(rejection) => {
-            return crate::api::ApiError::bad_request(
+            return crate::error::ApiError::bad_request(
                 "the relay speaks iroh's relay protocol over a WebSocket",
                 rejection.body_text(),
             )

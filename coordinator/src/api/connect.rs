@@ -1,0 +1,84 @@
+//! `POST .../connect`: checks the caller may reach the agent, signs a short-lived
+//! ticket for the client's endpoint and admits that endpoint to the relay.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use mesh::Timestamp;
+use mesh::control::{ConnectInfo, ConnectRequest};
+use mesh::ticket::TicketClaims;
+
+use super::callers::Caller;
+use super::{AppState, agent_named, find_workspace};
+use crate::error::{ApiError, ApiJson, ApiResult};
+
+/// How long a connection ticket is valid. A connection made in time lives on after.
+const TICKET_LIFETIME: Duration = Duration::from_secs(5 * 60);
+
+pub(super) async fn connect(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ConnectRequest>,
+) -> ApiResult<Json<ConnectInfo>> {
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let agent = match &req.agent {
+        Some(n) => agent_named(&ws, n)?,
+        None => match ws.agents.as_slice() {
+            [one] => one,
+            many => {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "workspace {}/{} has {} agents",
+                        ws.owner,
+                        ws.name,
+                        many.len()
+                    ),
+                    "name one as WS.AGENT",
+                ));
+            }
+        },
+    };
+    let target = format!("{}/{}.{}", ws.owner, ws.name, agent.name);
+    let addr = state
+        .registry
+        .live(&agent.id)
+        .and_then(|l| l.addr)
+        .ok_or_else(|| {
+            ApiError::conflict(
+                format!("agent {target} is not connected"),
+                "start it inside the workspace with `myco agent --url URL --token TOKEN`",
+            )
+        })?;
+    let now = Timestamp::now();
+    let expires_at = now.saturating_add(TICKET_LIFETIME);
+    let claims = TicketClaims {
+        client: req.client_id,
+        agent: addr.id,
+        workspace_id: ws.id.clone(),
+        agent_id: agent.id.clone(),
+        user: caller.user.username.to_string(),
+        token_id: caller.token.id.clone(),
+        target: target.clone(),
+        expires_at,
+    };
+    let ticket = mesh::ticket::sign(&state.signing_key, &claims);
+    state.registry.allow_client(
+        req.client_id,
+        expires_at,
+        now,
+        caller.user.username.as_str(),
+        &caller.token.id,
+    );
+    tracing::info!(user = %caller.user.username, agent = %target, client = %req.client_id.fmt_short(), "ticket issued");
+    Ok(Json(ConnectInfo {
+        agent: target,
+        agent_addr: addr,
+        ticket,
+        relay_url: state.relay_url.clone(),
+        relay_quic: Some(state.relay_quic.clone()),
+        expires_at,
+        ssh_host_key: agent.ssh_host_key.clone(),
+    }))
+}

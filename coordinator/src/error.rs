@@ -1,0 +1,124 @@
+//! `ApiError`, how every failed request is answered: JSON `{"message", "detail"}` with a
+//! fitting status; `ApiJson`, a `Json` extractor whose rejections are such errors.
+//!
+//! Apart from `api` so the control channel, the relay and `/metrics` answer failures the
+//! same way without importing the API's routes.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use mesh::api::ErrorBody;
+
+use crate::store::StoreError;
+
+/// An API failure, answered as JSON `{"message", "detail"}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+    detail: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        message: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            detail: detail.into(),
+        }
+    }
+    pub(crate) fn bad_request(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message, detail)
+    }
+    pub(crate) fn unauthorized(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message, detail)
+    }
+    pub(crate) fn forbidden(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message, detail)
+    }
+    pub(crate) fn not_found(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message, detail)
+    }
+    pub(crate) fn conflict(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message, detail)
+    }
+    pub(crate) fn internal(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message, detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, message = %self.message, detail = %self.detail, "request failed");
+        }
+        let body = ErrorBody {
+            message: self.message,
+            detail: self.detail,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => {
+                Self::conflict(format!("{what} already exists"), "pick another name")
+            }
+            StoreError::NotFound(what) => Self::not_found(format!("{what} not found"), ""),
+            StoreError::FirstUserExists => Self::conflict(
+                "the first user has already been created",
+                "log in with `myco login URL`, or ask an admin to create your user",
+            ),
+            other => Self::internal("the coordinator's store failed", other.to_string()),
+        }
+    }
+}
+
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// Request bodies larger than this are refused with 413.
+pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// `Json<T>` whose rejections are JSON errors: 400 for a body that is not the JSON we
+/// expect, 413 for one over [`MAX_BODY_BYTES`], 415 without a JSON content type.
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let detail = rejection.body_text();
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            detail,
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "request body must be JSON",
+            "send the header Content-Type: application/json",
+        ),
+        _ => ApiError::bad_request("request body is not valid JSON for this endpoint", detail),
+    }
+}
