@@ -75,6 +75,13 @@ pub(crate) type EndpointCell = Arc<tokio::sync::OnceCell<mesh::endpoint::MeshEnd
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The data dir could not be created or made private to its owner (0700).
+    #[error("cannot create the agent's data dir {path}, or make it private to its owner: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The key file could not be used.
     #[error(transparent)]
     Identity(#[from] mesh::identity::IdentityError),
@@ -103,6 +110,21 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
     hurry: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    // It holds the agent's key and the SSH host key: 0700 whatever the umask, and
+    // narrowed to that when it exists more open.
+    match mesh::identity::private_dir(&config.data_dir) {
+        Ok(None) => {}
+        Ok(Some(old)) => tracing::warn!(
+            path = %config.data_dir.display(),
+            "the data dir was open to other users (mode {old:o}); narrowed it to owner only"
+        ),
+        Err(source) => {
+            return Err(AgentError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            });
+        }
+    }
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
     let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
     tracing::info!(endpoint = %key.public(), "agent identity");
