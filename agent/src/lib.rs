@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub netcheck_min_interval: Duration,
     /// Close an SSH connection after this long without SSH traffic (None: never).
     pub ssh_idle_timeout: Option<Duration>,
+    /// Let remote forwards (`ssh -R`) listen where the client asks; otherwise they
+    /// listen on loopback only (OpenSSH's `GatewayPorts no`).
+    pub ssh_gateway_ports: bool,
 }
 
 /// What the coordinator told us on the last control channel, shared with the mesh
@@ -128,6 +131,7 @@ pub async fn run(
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
     let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
     tracing::info!(endpoint = %key.public(), "agent identity");
+    ssh::set_gateway_ports(config.ssh_gateway_ports);
     let (welcome_tx, welcome) = watch::channel(None);
     let endpoint: EndpointCell = Arc::default();
     let reports = reports::Reports::default();

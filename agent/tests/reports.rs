@@ -174,6 +174,7 @@ impl FakeCoordinator {
             bind_addr: Some("127.0.0.1:0".parse().unwrap()),
             portmapper: false,
             ssh_idle_timeout: None,
+            ssh_gateway_ports: false,
         }
     }
 

@@ -32,6 +32,11 @@ pub struct Args {
     /// sshd). A client that is gone is noticed without it, by the mesh connection.
     #[arg(long, env = "MYCO_SSH_IDLE_TIMEOUT", default_value = "0", value_parser = humantime::parse_duration)]
     ssh_idle_timeout: std::time::Duration,
+    /// Let remote forwards (`ssh -R`) listen on the address the client names, every
+    /// interface for `*` or `0.0.0.0` (OpenSSH's `GatewayPorts clientspecified`);
+    /// without it they listen on loopback only, whatever the client asks.
+    #[arg(long, env = "MYCO_SSH_GATEWAY_PORTS")]
+    ssh_gateway_ports: bool,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -64,6 +69,7 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         portmapper: args.portmapper,
         netcheck_min_interval: args.netcheck_min_interval,
         ssh_idle_timeout: (!args.ssh_idle_timeout.is_zero()).then_some(args.ssh_idle_timeout),
+        ssh_gateway_ports: args.ssh_gateway_ports,
     };
     let (shutdown, hurry) = stop_signals()?;
     agent::run(config, shutdown, hurry).await?;
