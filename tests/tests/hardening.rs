@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use tests::{AgentProc, eventually, myco_bin, run_command};
+use tests::{AgentProc, TestEnv, eventually, myco_bin, run_command};
 
 /// `cmd` without any `MYCO_*` of the test's own environment, its mesh on loopback.
 fn clean(mut cmd: Command) -> Command {
@@ -36,6 +36,113 @@ fn spawn_agent(mut cmd: Command, log: PathBuf) -> AgentProc {
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Every process whose command line holds `needle`, with that command line.
+fn processes_naming(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_printed_start_line_and_token_files_keep_the_token_out_of_argv() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+
+    // The line `myco create` prints, run as printed in a shell.
+    let created = env.run("alice", &["create", "dev"]).ok();
+    let line = created
+        .stdout
+        .lines()
+        .find(|l| l.contains("myco agent"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let token = line
+        .strip_prefix("MYCO_AGENT_TOKEN=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let data = env.dir().join("agent-printed");
+    let bin_dir = myco_bin().parent().unwrap();
+    // `exec` after the assignment, so the shell's pid is the agent's, which the
+    // harness kills.
+    let (assignment, command) = line.split_once(' ').unwrap();
+    let mut sh = clean(Command::new("sh"));
+    sh.args([
+        "-c",
+        &format!("{assignment} exec {command} --data-dir {}", data.display()),
+    ])
+    .env(
+        "PATH",
+        format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+    );
+    let printed = spawn_agent(sh, env.dir().join("agent-printed.log"));
+    env.wait_agent_connected("alice", "dev");
+    let running = processes_naming(&data.display().to_string());
+    assert!(!running.is_empty(), "the agent is not running");
+    for cmdline in &running {
+        assert!(!cmdline.contains(&token), "the token is in argv: {cmdline}");
+    }
+    drop(printed);
+
+    // --token-file: read and trimmed; nothing of it in argv either.
+    let token = env.create_workspace("alice", "two");
+    let file = env.dir().join("token");
+    std::fs::write(&file, format!("  {token}\n\n")).unwrap();
+    let data = env.dir().join("agent-file");
+    let mut cmd = env.cmd("agent", &["agent", "--url", &env.url, "--data-dir"]);
+    cmd.arg(&data).arg("--token-file").arg(&file);
+    let from_file = spawn_agent(cmd, env.dir().join("agent-file.log"));
+    env.wait_agent_connected("alice", "two");
+    for cmdline in processes_naming(&data.display().to_string()) {
+        assert!(!cmdline.contains(&token), "the token is in argv: {cmdline}");
+    }
+    drop(from_file);
+
+    // Unusable token files, and a token given twice, are refused with what to do.
+    let empty = env.dir().join("empty");
+    std::fs::write(&empty, " \n").unwrap();
+    let agent_with = |file: &Path, token_env: Option<&str>| {
+        let mut cmd = env.cmd("agent", &["agent", "--url", &env.url, "--token-file"]);
+        cmd.arg(file)
+            .arg("--data-dir")
+            .arg(env.dir().join("agent-refused"));
+        if let Some(t) = token_env {
+            cmd.env("MYCO_AGENT_TOKEN", t);
+        }
+        run_command(cmd, "").fails()
+    };
+    let line = agent_with(&empty, None);
+    assert!(line.contains("is empty"), "{line}");
+    let line = agent_with(&env.dir().join("missing"), None);
+    assert!(line.contains("cannot read the agent token file"), "{line}");
+    let line = agent_with(&file, Some(&token));
+    assert!(
+        line.contains("given twice, by --token-file and by MYCO_AGENT_TOKEN"),
+        "{line}"
+    );
+
+    // The global --token still works, with a warning, once.
+    let token = env.create_workspace("alice", "three");
+    let data = env.dir().join("agent-argv");
+    let mut cmd = env.cmd(
+        "agent",
+        &["agent", "--url", &env.url, "--token", &token, "--data-dir"],
+    );
+    cmd.arg(&data);
+    let argv = spawn_agent(cmd, env.dir().join("agent-argv.log"));
+    env.wait_agent_connected("alice", "three");
+    let warning = "--token puts the agent token in the process list";
+    assert_eq!(argv.log().matches(warning).count(), 1, "{}", argv.log());
 }
 
 /// `myco ARGS` under `umask 000`, stdout piped, stderr into `log`.
