@@ -145,6 +145,131 @@ fn the_printed_start_line_and_token_files_keep_the_token_out_of_argv() {
     assert_eq!(argv.log().matches(warning).count(), 1, "{}", argv.log());
 }
 
+/// Runs commands as an unprivileged user: `nobody` through `setpriv` when the test
+/// runs as root (root reads every process's /proc files, dumpable or not), else as
+/// the test's own user.
+struct Unprivileged {
+    root: bool,
+}
+
+impl Unprivileged {
+    fn new() -> Self {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        Self {
+            root: String::from_utf8_lossy(&uid.stdout).trim() == "0",
+        }
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        if self.root {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(program);
+            cmd
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// A dir the user owns.
+    fn dir(&self) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        if self.root {
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        }
+        dir
+    }
+}
+
+#[test]
+fn no_process_of_the_agents_user_reads_its_environment() {
+    let user = Unprivileged::new();
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let home = user.dir();
+    // The test's binary may sit where that user cannot reach (a root-only target
+    // dir): then a copy in its home.
+    let mut bin = myco_bin().to_owned();
+    let reachable = user
+        .command(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !reachable {
+        let copy = home.path().join("myco");
+        std::fs::copy(&bin, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin = copy;
+    }
+    let mut cmd = clean(user.command(&bin));
+    cmd.args(["agent", "--url", &env.url, "--data-dir"])
+        .arg(home.path().join("data"))
+        .env("MYCO_AGENT_TOKEN", &token)
+        .env("HOME", home.path());
+    let agent = spawn_agent(cmd, env.dir().join("agent.log"));
+    env.wait_agent_connected("alice", "dev");
+    // setpriv execs: the child's pid is the agent's.
+    let pid = agent.child.id();
+
+    // The same user reads the environment of a process of its own that is dumpable
+    // (any it runs), so the check below can fail...
+    let mut sleeper = user.command(Path::new("/bin/sleep"));
+    let mut sleeper = sleeper.arg("600").spawn().unwrap();
+    let read = |pid: u32| {
+        user.command(Path::new("/bin/cat"))
+            .arg(format!("/proc/{pid}/environ"))
+            .output()
+            .unwrap()
+    };
+    let out = read(sleeper.id());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(out.status.success(), "{out:?}");
+    // ...but not the agent's, which holds the token.
+    let out = read(pid);
+    assert!(!out.status.success(), "the agent's environment was read");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+
+    // An SSH session (a child of the agent, the same user) cannot either, while its
+    // own process is an ordinary one (exec made it dumpable again).
+    let cfg = env.config_dir("alice").join("ssh_config");
+    env.run(
+        "alice",
+        &[
+            "config-ssh",
+            "--ssh-config-file",
+            cfg.to_str().unwrap(),
+            "-y",
+        ],
+    )
+    .ok();
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "myco.dev"])
+        .arg(format!(
+            "test $PPID = {pid} || echo not-the-agent; \
+             cat /proc/$PPID/environ >/dev/null 2>&1 && echo agent-readable || echo agent-hidden; \
+             cat /proc/$$/environ >/dev/null && echo self-readable"
+        ))
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "agent-hidden\nself-readable\n",
+        "{out:?}"
+    );
+}
+
 /// `myco ARGS` under `umask 000`, stdout piped, stderr into `log`.
 fn myco_umask_000(args: &[&str], log: &Path) -> Child {
     let mut cmd = clean(Command::new("sh"));

@@ -50,6 +50,14 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
+    // Before anything secret is read: no other process of this user (the sessions
+    // the agent starts included) may read its memory, environment or open files
+    // through /proc or ptrace. Commands it starts are dumpable again after exec.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(
+            "cannot make the agent non-dumpable; processes of the same user can read its memory: {e}"
+        );
+    }
     let url = globals
         .url
         .clone()
