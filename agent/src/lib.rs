@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// The coordinator's ticket key, pinned up front (`--coordinator-key`); without
     /// it the first welcome's key is pinned.
     pub coordinator_key: Option<iroh::PublicKey>,
+    /// Let remote forwards (`ssh -R`) listen where the client asks; otherwise they
+    /// listen on loopback only (OpenSSH's `GatewayPorts no`).
+    pub ssh_gateway_ports: bool,
 }
 
 /// What the coordinator told us on the last control channel, shared with the mesh
@@ -83,6 +86,13 @@ pub(crate) type EndpointCell = Arc<tokio::sync::OnceCell<mesh::endpoint::MeshEnd
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The data dir could not be created or made private to its owner (0700).
+    #[error("cannot create the agent's data dir {path}, or make it private to its owner: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The key file could not be used.
     #[error(transparent)]
     Identity(#[from] mesh::identity::IdentityError),
@@ -111,9 +121,25 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
     hurry: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    // It holds the agent's key and the SSH host key: 0700 whatever the umask, and
+    // narrowed to that when it exists more open.
+    match mesh::identity::private_dir(&config.data_dir) {
+        Ok(None) => {}
+        Ok(Some(old)) => tracing::warn!(
+            path = %config.data_dir.display(),
+            "the data dir was open to other users (mode {old:o}); narrowed it to owner only"
+        ),
+        Err(source) => {
+            return Err(AgentError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            });
+        }
+    }
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
     let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
     tracing::info!(endpoint = %key.public(), "agent identity");
+    ssh::set_gateway_ports(config.ssh_gateway_ports);
     let (welcome_tx, welcome) = watch::channel(None);
     let endpoint: EndpointCell = Arc::default();
     let reports = reports::Reports::default();

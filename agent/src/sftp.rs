@@ -26,6 +26,8 @@ use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelId, ChannelStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::ssh::ChannelSlot;
+
 /// The largest SFTP packet a client may send (a write request with its header).
 const MAX_PACKET: u32 = 256 * 1024;
 /// The most data one read or write request moves; leaves room for the header.
@@ -44,8 +46,9 @@ const COPY_DATA: &str = "copy-data";
 const COPY_CHUNK: usize = 1024 * 1024;
 
 /// Serves SFTP on a session channel until the client ends it, then reports exit
-/// status 0 (OpenSSH's `scp` counts a missing status as failure).
-pub fn serve(channel: Channel<Msg>, handle: Handle, home: PathBuf) {
+/// status 0 (OpenSSH's `scp` counts a missing status as failure). `slot`, the
+/// channel's place among its connection's open channels, is kept until then.
+pub fn serve(channel: Channel<Msg>, handle: Handle, home: PathBuf, slot: Option<ChannelSlot>) {
     let config = russh_sftp::server::Config {
         max_client_packet_len: MAX_PACKET,
     };
@@ -59,7 +62,9 @@ pub fn serve(channel: Channel<Msg>, handle: Handle, home: PathBuf) {
         inner: Some(channel.into_stream()),
         handle,
         id,
+        _slot: slot,
     };
+    // Its protocol loop drops the stream, and with it the slot, when it ends.
     tokio::spawn(russh_sftp::server::run_with_config(stream, handler, config));
 }
 
@@ -70,6 +75,7 @@ struct SubsystemStream {
     inner: Option<ChannelStream<Msg>>,
     handle: Handle,
     id: ChannelId,
+    _slot: Option<ChannelSlot>,
 }
 
 impl Drop for SubsystemStream {

@@ -7,6 +7,10 @@
 //! (`direct-tcpip`, `ssh -L`), remote forwarding (`tcpip-forward`, `ssh -R`), agent
 //! forwarding (`ssh -A`: a socket in a private temp dir named by `SSH_AUTH_SOCK`),
 //! signals to the command, exit-signal, and the SFTP subsystem (`sftp`, `scp`).
+//!
+//! A connection is held to limits (see [`MAX_CHANNELS`] and the consts beside it):
+//! what is over one is refused as sshd refuses it (a channel with "resource
+//! shortage", a global or channel request with failure) and logged as a warning.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +32,129 @@ use crate::sessions::{self, SessionCounts, SessionGuard, SessionKind};
 
 /// File name of the forwarded agent's socket, inside its private temp dir.
 const AGENT_SOCKET: &str = "agent.sock";
+
+/// Channels a client may have open at once on one SSH connection (sessions,
+/// `direct-tcpip` and `direct-streamlocal`): each holds tasks and buffers, a session
+/// a process too, so one connection cannot exhaust the workspace. Far above what
+/// real use opens (sshd's `MaxSessions` stops at 10 sessions; a browser behind
+/// `ssh -L` or `-D` opens a few dozen connections at most).
+pub(crate) const MAX_CHANNELS: usize = 64;
+/// Remote forwards (`tcpip-forward` and `streamlocal-forward`, `ssh -R`) one SSH
+/// connection may hold: each is a listener in the workspace, open until the
+/// connection ends.
+pub(crate) const MAX_REMOTE_FORWARDS: usize = 32;
+/// Environment entries a channel may set (`SendEnv`, `SetEnv`); sshd refuses past
+/// 128 as well. Each is kept until the command starts.
+pub(crate) const MAX_ENV_VARS: usize = 128;
+/// The longest environment variable name a client may set, in bytes.
+pub(crate) const MAX_ENV_NAME: usize = 256;
+/// The longest environment variable value a client may set, in bytes: room for a
+/// long `PATH` or a token, while 128 of them stay within a few MiB per channel.
+pub(crate) const MAX_ENV_VALUE: usize = 16 * 1024;
+
+/// Whether remote forwards may listen beyond loopback: set once by [`crate::run`]
+/// from `--ssh-gateway-ports`. A process-wide setting (like sshd_config's) until the
+/// mesh server hands it to each [`SshSession`].
+static GATEWAY_PORTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets remote forwards listen where the client asks (OpenSSH's `GatewayPorts
+/// clientspecified`) or only on loopback (`GatewayPorts no`, the default).
+pub(crate) fn set_gateway_ports(on: bool) {
+    GATEWAY_PORTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Where a remote forward listens for the address the client asked for: loopback
+/// unless `gateway_ports` (as sshd's `GatewayPorts no`, so `ssh -R 0.0.0.0:8080:...`
+/// cannot open a port of the workspace to its network), IPv6 loopback for an IPv6
+/// address. With `gateway_ports`, `""` and `*` mean every IPv4 interface and other
+/// addresses are taken as asked.
+fn remote_bind_host(asked: &str, gateway_ports: bool) -> String {
+    let ip: Option<std::net::IpAddr> = asked.trim_matches(['[', ']']).parse().ok();
+    if gateway_ports {
+        return match asked {
+            "" | "*" => "0.0.0.0".into(),
+            "localhost" => "127.0.0.1".into(),
+            _ => ip.map_or_else(|| asked.to_owned(), |ip| ip.to_string()),
+        };
+    }
+    match ip {
+        Some(ip) if ip.is_loopback() => ip.to_string(),
+        Some(std::net::IpAddr::V6(_)) => "::1".into(),
+        _ => "127.0.0.1".into(),
+    }
+}
+
+/// Why an `env` request is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum EnvRefused {
+    /// The channel has [`MAX_ENV_VARS`] already.
+    TooMany,
+    /// The name is empty, longer than [`MAX_ENV_NAME`], or holds `=` or NUL.
+    BadName,
+    /// The value is longer than [`MAX_ENV_VALUE`] or holds NUL.
+    BadValue,
+}
+
+impl std::fmt::Display for EnvRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::TooMany => "the channel has set the most environment variables allowed",
+            Self::BadName => "the name is empty, too long, or holds '=' or NUL",
+            Self::BadValue => "the value is too long or holds NUL",
+        })
+    }
+}
+
+/// Checks one `env` request against what the channel has set already.
+fn check_env(name: &str, value: &str, already: usize) -> Result<(), EnvRefused> {
+    if already >= MAX_ENV_VARS {
+        return Err(EnvRefused::TooMany);
+    }
+    if name.is_empty() || name.len() > MAX_ENV_NAME || name.contains(['=', '\0']) {
+        return Err(EnvRefused::BadName);
+    }
+    if value.len() > MAX_ENV_VALUE || value.contains('\0') {
+        return Err(EnvRefused::BadValue);
+    }
+    Ok(())
+}
+
+/// The channels open on one connection, counted against [`MAX_CHANNELS`].
+#[derive(Default, Clone)]
+struct ChannelCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ChannelCount {
+    /// A slot for one more channel, or None when [`MAX_CHANNELS`] are open.
+    fn take(&self) -> Option<ChannelSlot> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CHANNELS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ChannelSlot(self.0.clone()))
+    }
+}
+
+/// One open channel's place in its connection's [`ChannelCount`], given back when
+/// dropped: it goes with whatever serves the channel (the command's reader task, the
+/// forwarded connection's task, the SFTP server), which ends when the channel does.
+pub(crate) struct ChannelSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The refusal sent for a channel over [`MAX_CHANNELS`]; OpenSSH's client prints it.
+fn too_many_channels() -> russh::ChannelOpenFailure {
+    russh::ChannelOpenFailure::Other {
+        // RFC 4254's SSH_OPEN_RESOURCE_SHORTAGE, with our reason.
+        code: 4,
+        reason: format!("the agent allows {MAX_CHANNELS} open channels per SSH connection"),
+    }
+}
 
 /// File name of the host key in the agent's data dir.
 pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
@@ -283,12 +410,14 @@ fn open_direct<S, F>(
     channel: Channel<Msg>,
     reply: russh::server::ChannelOpenHandle,
     target: String,
+    slot: ChannelSlot,
     connect: F,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     F: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
 {
     tokio::spawn(async move {
+        let _slot = slot;
         match connect.await {
             Ok(mut sock) => {
                 reply.accept().await;
@@ -328,8 +457,16 @@ pub struct SshSession {
     base_env: SessionEnv,
     peer: Peer,
     sessions: Arc<SessionCounts>,
+    /// The client's open channels, against [`MAX_CHANNELS`].
+    open: ChannelCount,
+    /// Per session channel not yet running anything: its place in `open`, handed to
+    /// what serves the channel once it runs a command or a subsystem.
+    slots: HashMap<ChannelId, ChannelSlot>,
     /// Per channel: environment the client asked for.
     env: HashMap<ChannelId, Vec<(String, String)>>,
+    /// Channels whose `env` requests were refused, so only the first refusal of each
+    /// is logged as a warning.
+    env_refused: std::collections::HashSet<ChannelId>,
     /// Per channel: a requested terminal.
     pty_requests: HashMap<ChannelId, PtyRequest>,
     /// Per channel: the running command. Dropped with the channel or the connection,
@@ -352,7 +489,10 @@ impl SshSession {
             base_env,
             peer,
             sessions,
+            open: ChannelCount::default(),
+            slots: HashMap::new(),
             env: HashMap::new(),
+            env_refused: std::collections::HashSet::new(),
             pty_requests: HashMap::new(),
             running: HashMap::new(),
             forwards: HashMap::new(),
@@ -360,6 +500,22 @@ impl SshSession {
             channels: HashMap::new(),
             agent: None,
         }
+    }
+
+    /// Whether one more remote forward fits under [`MAX_REMOTE_FORWARDS`]; logs the
+    /// refusal when not. A forward asked for again (same address and port, or path)
+    /// replaces the old one, but is counted as new: a client has no reason to.
+    fn may_add_remote_forward(&self, asked: &str) -> bool {
+        let held = self.forwards.len() + self.unix_forwards.len();
+        if held < MAX_REMOTE_FORWARDS {
+            return true;
+        }
+        tracing::warn!(
+            asked,
+            limit = MAX_REMOTE_FORWARDS,
+            "refused a remote forward (ssh -R): this SSH connection holds the most allowed"
+        );
+        false
     }
 
     /// The forwarded agent's socket, if the client asked for agent forwarding.
@@ -473,7 +629,9 @@ impl SshSession {
         });
         let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reaped = exited.clone();
+        let slot = self.slots.remove(&channel);
         let reader = tokio::spawn(async move {
+            let _slot = slot;
             // The terminal reads EIO once the shell and everything it started are gone.
             let out = pump(Some(read), handle.clone(), channel, None);
             tokio::pin!(out);
@@ -535,7 +693,9 @@ impl SshSession {
         let feeder = tokio::spawn(feed(stdin, rx));
         let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reaped = exited.clone();
+        let slot = self.slots.remove(&channel);
         let reader = tokio::spawn(async move {
+            let _slot = slot;
             let out = pump(stdout, handle.clone(), channel, None);
             let err = pump(stderr, handle.clone(), channel, Some(1));
             let _ = tokio::join!(out, err);
@@ -730,6 +890,15 @@ impl russh::server::Handler for SshSession {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let Some(slot) = self.open.take() else {
+            tracing::warn!(
+                limit = MAX_CHANNELS,
+                "refused a session channel: too many channels open on this SSH connection"
+            );
+            reply.reject(too_many_channels()).await;
+            return Ok(());
+        };
+        self.slots.insert(channel.id(), slot);
         self.channels.insert(channel.id(), channel);
         reply.accept().await;
         Ok(())
@@ -741,9 +910,11 @@ impl russh::server::Handler for SshSession {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.slots.remove(&channel);
         // Ends the command if it still runs (the client went away first).
         self.running.remove(&channel);
         self.env.remove(&channel);
+        self.env_refused.remove(&channel);
         self.pty_requests.remove(&channel);
         Ok(())
     }
@@ -758,7 +929,7 @@ impl russh::server::Handler for SshSession {
             ("sftp", Some(ch)) => {
                 // Where a shell of the same account starts.
                 let home = Account::current().home.unwrap_or_else(|| "/".into());
-                crate::sftp::serve(ch, session.handle(), home);
+                crate::sftp::serve(ch, session.handle(), home, self.slots.remove(&channel));
                 session.channel_success(channel)
             }
             (name, _) => {
@@ -816,13 +987,22 @@ impl russh::server::Handler for SshSession {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let Some(slot) = self.open.take() else {
+            tracing::warn!(
+                limit = MAX_CHANNELS,
+                target = %format!("{host_to_connect}:{port_to_connect}"),
+                "refused a forwarded connection (ssh -L): too many channels open on this SSH connection"
+            );
+            reply.reject(too_many_channels()).await;
+            return Ok(());
+        };
         let Ok(port) = u16::try_from(port_to_connect) else {
             reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
         let host = host_to_connect.to_owned();
         let target = format!("{host}:{port}");
-        open_direct(channel, reply, target, async move {
+        open_direct(channel, reply, target, slot, async move {
             mesh::splice::connect(&host, port).await
         });
         Ok(())
@@ -835,15 +1015,22 @@ impl russh::server::Handler for SshSession {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let bind_host = match address {
-            "" | "localhost" => "127.0.0.1",
-            "*" => "0.0.0.0",
-            other => other,
-        };
         let Ok(wanted) = u16::try_from(*port) else {
             return Ok(false);
         };
-        let listener = match tokio::net::TcpListener::bind((bind_host, wanted)).await {
+        if !self.may_add_remote_forward(&format!("{address}:{wanted}")) {
+            return Ok(false);
+        }
+        let gateway_ports = GATEWAY_PORTS.load(std::sync::atomic::Ordering::Relaxed);
+        let bind_host = remote_bind_host(address, gateway_ports);
+        if bind_host != remote_bind_host(address, true) {
+            tracing::info!(
+                address,
+                bind = %bind_host,
+                "a remote forward asked for a non-loopback address; listening on loopback (the agent's --ssh-gateway-ports is off)"
+            );
+        }
+        let listener = match tokio::net::TcpListener::bind((bind_host.as_str(), wanted)).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::info!(
@@ -892,10 +1079,20 @@ impl russh::server::Handler for SshSession {
     ) -> Result<(), Self::Error> {
         let path = self::socket_path(socket_path);
         let target = path.display().to_string();
+        let Some(slot) = self.open.take() else {
+            tracing::warn!(
+                limit = MAX_CHANNELS,
+                %target,
+                "refused a forwarded connection (ssh -L): too many channels open on this SSH connection"
+            );
+            reply.reject(too_many_channels()).await;
+            return Ok(());
+        };
         open_direct(
             channel,
             reply,
             target,
+            slot,
             tokio::net::UnixStream::connect(path),
         );
         Ok(())
@@ -909,6 +1106,9 @@ impl russh::server::Handler for SshSession {
         socket_path: &str,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        if !self.may_add_remote_forward(socket_path) {
+            return Ok(false);
+        }
         let path = self::socket_path(socket_path);
         let listener = match tokio::net::UnixListener::bind(&path) {
             Ok(l) => l,
@@ -963,10 +1163,20 @@ impl russh::server::Handler for SshSession {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.env
-            .entry(channel)
-            .or_default()
-            .push((name.to_owned(), value.to_owned()));
+        let vars = self.env.entry(channel).or_default();
+        if let Err(why) = check_env(name, value, vars.len()) {
+            // The first refusal of a channel is a warning; a client sending thousands
+            // must not flood the log.
+            if self.env_refused.insert(channel) {
+                tracing::warn!(
+                    name = %name.chars().take(64).collect::<String>(),
+                    limit = MAX_ENV_VARS,
+                    "refused an environment variable: {why} (further refusals on this channel are not logged)"
+                );
+            }
+            return session.channel_failure(channel);
+        }
+        vars.push((name.to_owned(), value.to_owned()));
         session.channel_success(channel)
     }
 
@@ -1065,5 +1275,66 @@ impl russh::server::Handler for SshSession {
     ) -> Result<(), Self::Error> {
         self.input(channel, Input::Eof).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_forwards_bind_loopback_unless_gateway_ports() {
+        for asked in ["", "*", "0.0.0.0", "192.0.2.7", "localhost", "example.com"] {
+            assert_eq!(remote_bind_host(asked, false), "127.0.0.1", "{asked:?}");
+        }
+        for asked in ["::", "[::]", "2001:db8::1"] {
+            assert_eq!(remote_bind_host(asked, false), "::1", "{asked:?}");
+        }
+        // Loopback as asked: there is nothing to narrow.
+        assert_eq!(remote_bind_host("127.0.0.2", false), "127.0.0.2");
+        assert_eq!(remote_bind_host("::1", false), "::1");
+
+        assert_eq!(remote_bind_host("", true), "0.0.0.0");
+        assert_eq!(remote_bind_host("*", true), "0.0.0.0");
+        assert_eq!(remote_bind_host("localhost", true), "127.0.0.1");
+        assert_eq!(remote_bind_host("192.0.2.7", true), "192.0.2.7");
+        assert_eq!(remote_bind_host("[::]", true), "::");
+        assert_eq!(remote_bind_host("example.com", true), "example.com");
+    }
+
+    #[test]
+    fn env_requests_are_bounded_in_count_and_size() {
+        assert_eq!(check_env("LANG", "C.UTF-8", 0), Ok(()));
+        assert_eq!(check_env("LANG", "C", MAX_ENV_VARS - 1), Ok(()));
+        assert_eq!(
+            check_env("LANG", "C", MAX_ENV_VARS),
+            Err(EnvRefused::TooMany)
+        );
+        let long_name = "N".repeat(MAX_ENV_NAME + 1);
+        for name in ["", "A=B", "A\0B", long_name.as_str()] {
+            assert_eq!(
+                check_env(name, "v", 0),
+                Err(EnvRefused::BadName),
+                "{name:?}"
+            );
+        }
+        assert_eq!(check_env(&"N".repeat(MAX_ENV_NAME), "v", 0), Ok(()));
+        assert_eq!(check_env("V", &"v".repeat(MAX_ENV_VALUE), 0), Ok(()));
+        assert_eq!(
+            check_env("V", &"v".repeat(MAX_ENV_VALUE + 1), 0),
+            Err(EnvRefused::BadValue)
+        );
+        assert_eq!(check_env("V", "a\0b", 0), Err(EnvRefused::BadValue));
+    }
+
+    #[test]
+    fn channel_slots_stop_at_the_limit_and_come_back_when_dropped() {
+        let count = ChannelCount::default();
+        let mut slots: Vec<ChannelSlot> = (0..MAX_CHANNELS)
+            .map(|_| count.take().expect("within the limit"))
+            .collect();
+        assert!(count.take().is_none());
+        slots.pop();
+        assert!(count.take().is_some());
     }
 }

@@ -179,6 +179,7 @@ impl FakeCoordinator {
             portmapper: false,
             ssh_idle_timeout: None,
             coordinator_key: None,
+            ssh_gateway_ports: false,
         }
     }
 

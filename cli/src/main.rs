@@ -15,7 +15,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Self-hosted remote development environments built around the workspace agent.
 #[derive(Debug, Parser)]
@@ -122,13 +122,21 @@ impl std::error::Error for ExitWith {}
 pub struct Globals {
     pub url: Option<String>,
     pub token: Option<String>,
+    /// `--token` was given on the command line (not by `MYCO_TOKEN`), where every
+    /// local user can read it in the process list.
+    pub token_in_argv: bool,
     pub config_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
         Err(e) => return usage_error(e),
+    };
+    let token_in_argv = token_on_command_line(&matches);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e.format(&mut Cli::command())),
     };
     let server = matches!(cli.command, Command::Server(_) | Command::Agent(_));
     init_tracing(cli.log_format, server);
@@ -159,7 +167,7 @@ fn main() -> ExitCode {
     // spawned task is simply queued.
     quiet_on_closed_stdout();
     let result = runtime.block_on(async {
-        tokio::spawn(run(cli))
+        tokio::spawn(run(cli, token_in_argv))
             .await
             .unwrap_or_else(|e| match e.try_into_panic() {
                 Ok(payload) => match panic_message(payload.as_ref()) {
@@ -184,10 +192,24 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Whether the global `--token` came from the command line, at the top or after a
+/// subcommand.
+fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
+    let mut m = Some(matches);
+    while let Some(here) = m {
+        if here.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
+            return true;
+        }
+        m = here.subcommand().map(|(_, sub)| sub);
+    }
+    false
+}
+
+async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
     let globals = Globals {
         url: cli.url,
         token: cli.token,
+        token_in_argv,
         config_dir: cli.config_dir,
     };
     match cli.command {

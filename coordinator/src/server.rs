@@ -54,8 +54,8 @@ pub struct ServerConfig {
 /// Why the coordinator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The data dir could not be created.
-    #[error("cannot create the data dir {path}: {source}")]
+    /// The data dir could not be created or made private (0700).
+    #[error("cannot create the data dir {path}, or make it private to its owner: {source}")]
     DataDir {
         path: PathBuf,
         #[source]
@@ -338,10 +338,15 @@ impl Coordinator {
     }
 }
 
+/// The data dir holds the store (password hashes, token hashes) and the ticket
+/// signing key: 0700 whatever the umask, and narrowed to that when it exists more
+/// open (made by hand, or by an older version), with a warning saying so.
 fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
+    if let Some(old) = mesh::identity::private_dir(path)? {
+        tracing::warn!(
+            path = %path.display(),
+            "the data dir was open to other users (mode {old:o}); narrowed it to owner only"
+        );
+    }
+    Ok(())
 }

@@ -67,6 +67,9 @@ pub enum StoreError {
         "the store {0} is in use by another process; stop the other myco server or pick another --data-dir"
     )]
     InUse(String),
+    /// The store file could not be created, or made private to its owner (0600).
+    #[error("cannot make the store {0} private to its owner (mode 0600): {1}")]
+    Private(String, #[source] std::io::Error),
     /// redb failed: I/O, corruption it detected, or a transaction error.
     #[error("store failure: {0}")]
     Database(#[from] redb::Error),
@@ -534,6 +537,15 @@ impl Store {
     /// [`StoreError::InUse`] when another process holds the file; [`StoreError::Database`]
     /// when redb cannot open or repair it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // redb would create the file 0666 less the umask: made (or narrowed) 0600 first.
+        match mesh::identity::private_file(path) {
+            Ok(None) => {}
+            Ok(Some(old)) => tracing::warn!(
+                path = %path.display(),
+                "the store was open to other users (mode {old:o}); narrowed it to owner only"
+            ),
+            Err(e) => return Err(StoreError::Private(path.display().to_string(), e)),
+        }
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 StoreError::InUse(path.display().to_string())

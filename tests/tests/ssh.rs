@@ -1051,3 +1051,259 @@ fn unix_socket_forwarding_both_ways() {
     let _ = ssh_r.wait();
     eventually("the agent removed the remote socket", || !remote.exists());
 }
+
+/// Runs `ssh` through the temp config with `args`; its output once it exits.
+fn ssh_output(cfg: &std::path::Path, args: &[String]) -> std::process::Output {
+    Command::new("ssh")
+        .arg("-F")
+        .arg(cfg)
+        .args(["-o", "BatchMode=yes"])
+        .args(args)
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn environment_requests_past_the_limit_are_refused() {
+    let (env, agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // 200 variables asked for: the first 128 (the agent's limit, as sshd's) are set.
+    let vars: Vec<String> = (0..200).map(|i| format!("LIMIT_{i:03}={i}")).collect();
+    let out = ssh_output(
+        &cfg,
+        &[
+            "-o".into(),
+            format!("SetEnv={}", vars.join(" ")),
+            "myco.dev".into(),
+            "env | grep '^LIMIT_' | sort".into(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let set: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(set, vars[..128], "{out:?}");
+    assert!(
+        agent.log().contains("refused an environment variable"),
+        "{}",
+        agent.log()
+    );
+
+    // A value over 16 KiB is refused; a long one within it, and the command, are not.
+    let out = ssh_output(
+        &cfg,
+        &[
+            "-o".into(),
+            format!(
+                "SetEnv=BIG={} FITS={}",
+                "x".repeat(17_000),
+                "y".repeat(16_000)
+            ),
+            "myco.dev".into(),
+            "echo ${#BIG} ${#FITS}".into(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 16000\n", "{out:?}");
+}
+
+#[test]
+fn remote_forwards_past_the_limit_are_refused() {
+    let (env, agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let laptop = http_server();
+    let work = tempfile::tempdir().unwrap();
+    // 31 TCP ports (the agent picks each: port 0) and a Unix socket: 32, the limit.
+    let forwards = |tcp: usize, socket: &str| -> Vec<String> {
+        let mut args: Vec<String> = ["-o", "ExitOnForwardFailure=yes"]
+            .map(String::from)
+            .to_vec();
+        // Each to another target: OpenSSH drops a forward repeated exactly. None is
+        // connected to.
+        for i in 0..tcp {
+            args.push("-R".into());
+            args.push(format!("127.0.0.1:0:127.0.0.1:{}", 10_000 + i));
+        }
+        args.push("-R".into());
+        args.push(format!(
+            "{}:127.0.0.1:{laptop}",
+            work.path().join(socket).display()
+        ));
+        args.extend(["myco.dev".into(), "echo held".into()]);
+        args
+    };
+    let out = ssh_output(&cfg, &forwards(31, "within.sock"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "held\n");
+
+    // One more: refused, and ssh (ExitOnForwardFailure) says so.
+    let out = ssh_output(&cfg, &forwards(32, "over.sock"));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{out:?}"
+    );
+    assert!(
+        agent.log().contains(
+            "refused a remote forward (ssh -R): this SSH connection holds the most allowed"
+        ),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A TCP server on loopback that echoes every connection's bytes back, standing in
+/// for a long-lived service (a database) in the workspace.
+fn echo_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut back = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut back);
+            });
+        }
+    });
+    port
+}
+
+/// Connects to `port` and checks a line comes back; None when the connection is
+/// closed instead (ssh closes it when the agent refuses the channel).
+fn echoed(port: u16) -> Option<std::net::TcpStream> {
+    use std::io::{BufRead, BufReader};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.write_all(b"ping\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(conn.try_clone().unwrap())
+        .read_line(&mut line)
+        .ok()?;
+    (line == "ping\n").then_some(conn)
+}
+
+#[test]
+fn channels_past_the_limit_are_refused_and_freed_ones_reused() {
+    let (env, agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    let remote = echo_server();
+    let local = free_port();
+    let mut tunnel = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        // The config's LogLevel ERROR would hide the line of a refused channel.
+        .args(["-o", "BatchMode=yes", "-o", "LogLevel=INFO", "-N"])
+        .args(["-L", &format!("127.0.0.1:{local}:127.0.0.1:{remote}")])
+        .arg("myco.dev")
+        .env("MYCO_MESH_BIND", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every forwarded connection is a channel of the one SSH connection: 64 stay open.
+    let mut held = Vec::new();
+    eventually("the forward is up", || match echoed(local) {
+        Some(c) => {
+            held.push(c);
+            true
+        }
+        None => false,
+    });
+    while held.len() < 64 {
+        held.push(echoed(local).expect("a channel within the limit is opened"));
+    }
+    // The 65th is refused: ssh closes the local connection.
+    assert!(echoed(local).is_none(), "a 65th channel was opened");
+    assert!(
+        agent
+            .log()
+            .contains("too many channels open on this SSH connection"),
+        "{}",
+        agent.log()
+    );
+    // A channel that closes gives its place back.
+    drop(held.pop());
+    eventually("a freed channel is reused", || echoed(local).is_some());
+
+    terminate(&mut tunnel);
+    let out = tunnel.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the agent allows 64 open channels per SSH connection"),
+        "{stderr}"
+    );
+}
+
+/// The addresses the TCP sockets listening on `port` are bound to, from
+/// /proc/net/tcp and tcp6 (as `ss -ltn` reads them): hex, as the kernel prints.
+fn listening_on(port: u16) -> Vec<String> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ...; 0A is LISTEN.
+            let (Some(local), Some("0A")) = (fields.get(1), fields.get(3).copied()) else {
+                continue;
+            };
+            if let Some((addr, p)) = local.split_once(':')
+                && u16::from_str_radix(p, 16) == Ok(port)
+            {
+                found.push(addr.to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// `ssh -N -R ADDR:PORT:...` in the background; returns it once the agent listens.
+fn remote_forward_on(cfg: &std::path::Path, addr: &str) -> (std::process::Child, u16) {
+    let laptop = http_server();
+    let port = free_port();
+    let ssh = forwarding(cfg, "-R", &format!("{addr}:{port}:127.0.0.1:{laptop}"));
+    eventually("the agent listens for the remote forward", || {
+        !listening_on(port).is_empty()
+    });
+    (ssh, port)
+}
+
+#[test]
+fn remote_forwards_listen_on_loopback_whatever_the_client_asks() {
+    let (env, agent) = TestEnv::with_agent();
+    let cfg = configure(&env, "alice");
+    // `*` reaches the agent as "", every interface (RFC 4254).
+    for asked in ["0.0.0.0", "*"] {
+        let (mut ssh, port) = remote_forward_on(&cfg, asked);
+        let bound = listening_on(port);
+        // 127.0.0.1 as /proc prints it.
+        assert_eq!(bound, ["0100007F"], "-R {asked}:{port}:... listens there");
+        terminate(&mut ssh);
+    }
+    assert!(
+        agent.log().contains("listening on loopback"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn gateway_ports_lets_remote_forwards_listen_where_asked() {
+    let (env, _agent) = TestEnv::with_agent_env(&[("MYCO_SSH_GATEWAY_PORTS", "true")]);
+    let cfg = configure(&env, "alice");
+    let (mut ssh, port) = remote_forward_on(&cfg, "0.0.0.0");
+    assert_eq!(listening_on(port), ["00000000"]);
+    terminate(&mut ssh);
+}
+
+/// SIGTERM, as a user's ^C would: ssh then ends its ProxyCommand too (SIGKILL would
+/// leave it behind).
+fn terminate(ssh: &mut std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &ssh.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = ssh.wait();
+}

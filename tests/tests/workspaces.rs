@@ -34,10 +34,14 @@ fn create_list_show_delete() {
         .filter(|l| l.contains("myco agent --url"))
         .collect();
     assert_eq!(starts.len(), 2, "{out:#?}");
+    // The token goes in the agent's environment, never in its arguments (the
+    // process list); `tests/hardening.rs` runs the line.
     assert!(
-        starts[0].contains(&format!("--url {} --token myco_", env.url)),
+        starts[0].trim().starts_with("MYCO_AGENT_TOKEN=myco_")
+            && starts[0].ends_with(&format!(" myco agent --url {}", env.url)),
         "{out:#?}"
     );
+    assert!(!out.stdout.contains("--token"), "{out:#?}");
 
     env.run("alice", &["create", "second"]).ok();
     let ls = env.run("alice", &["ls"]).ok();
@@ -196,4 +200,16 @@ fn rotating_an_agent_token_replaces_it() {
         .run("alice", &["rotate-agent-token", "dev.nope"])
         .fails();
     assert!(line.contains("agent nope not found"), "{line}");
+    // As printed for people: the token by the environment, not as an argument.
+    let printed = env.run("alice", &["rotate-agent-token", "dev"]).ok();
+    let start = printed
+        .stdout
+        .lines()
+        .find(|l| l.contains("myco agent"))
+        .unwrap_or_else(|| panic!("{printed:#?}"));
+    assert!(
+        start.trim().starts_with("MYCO_AGENT_TOKEN=myco_")
+            && start.ends_with(&format!(" myco agent --url {}", env.url)),
+        "{printed:#?}"
+    );
 }

@@ -2,19 +2,25 @@
 //! runs then, and a second signal cuts it short.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 use crate::Globals;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "The coordinator URL and agent token come from the global --url and --token, \
-or from MYCO_AGENT_URL and MYCO_AGENT_TOKEN; `myco create` prints the exact line to run."
+    after_help = "The coordinator URL comes from the global --url or MYCO_AGENT_URL. The agent token \
+comes from MYCO_AGENT_TOKEN or --token-file (or the global --token, which every local user can read \
+in the process list); `myco create` prints the exact line to run."
 )]
 pub struct Args {
-    /// Directory of the agent's key (default: $XDG_DATA_HOME/myco-agent, i.e. ~/.local/share/myco-agent).
+    /// Read the agent token from this file (surrounding whitespace trimmed), so it is
+    /// in neither the process list nor the agent's environment.
+    #[arg(long, env = "MYCO_AGENT_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Directory of the agent's keys, made private to its owner (0700) (default:
+    /// $XDG_DATA_HOME/myco-agent, i.e. ~/.local/share/myco-agent).
     #[arg(long, env = "MYCO_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Bind the mesh's UDP socket to this address (default: every interface, a random port).
@@ -37,6 +43,11 @@ pub struct Args {
     /// reaches (in DATA_DIR/coordinator.pin) and refuses any other after.
     #[arg(long, env = "MYCO_COORDINATOR_KEY", value_name = "KEY")]
     coordinator_key: Option<iroh::PublicKey>,
+    /// Let remote forwards (`ssh -R`) listen on the address the client names, every
+    /// interface for `*` or `0.0.0.0` (OpenSSH's `GatewayPorts clientspecified`);
+    /// without it they listen on loopback only, whatever the client asks.
+    #[arg(long, env = "MYCO_SSH_GATEWAY_PORTS")]
+    ssh_gateway_ports: bool,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -44,19 +55,21 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
+    // Before anything secret is read: no other process of this user (the sessions
+    // the agent starts included) may read its memory, environment or open files
+    // through /proc or ptrace. Commands it starts are dumpable again after exec.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(
+            "cannot make the agent non-dumpable; processes of the same user can read its memory: {e}"
+        );
+    }
     let url = globals
         .url
         .clone()
         .or_else(|| env_nonempty("MYCO_AGENT_URL"))
         .context("no coordinator URL: pass --url or set MYCO_AGENT_URL")?;
     let url = crate::client::normalize_url(&url)?;
-    let token = globals
-        .token
-        .clone()
-        .or_else(|| env_nonempty("MYCO_AGENT_TOKEN"))
-        .context(
-            "no agent token: pass --token or set MYCO_AGENT_TOKEN (printed by `myco create`)",
-        )?;
+    let token = agent_token(globals, args.token_file.as_deref())?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => crate::dirs::xdg_dir("XDG_DATA_HOME", ".local/share", "myco-agent", "--data-dir")?,
@@ -70,10 +83,62 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         netcheck_min_interval: args.netcheck_min_interval,
         ssh_idle_timeout: (!args.ssh_idle_timeout.is_zero()).then_some(args.ssh_idle_timeout),
         coordinator_key: args.coordinator_key,
+        ssh_gateway_ports: args.ssh_gateway_ports,
     };
     let (shutdown, hurry) = stop_signals()?;
     agent::run(config, shutdown, hurry).await?;
     Ok(())
+}
+
+/// The agent token: from `--token-file`, `MYCO_AGENT_TOKEN` or the global `--token`
+/// (`MYCO_TOKEN`), exactly one of them.
+fn agent_token(globals: &Globals, token_file: Option<&Path>) -> anyhow::Result<String> {
+    let from_env = env_nonempty("MYCO_AGENT_TOKEN");
+    let global = globals.token.clone().filter(|t| !t.is_empty());
+    let global_name = if globals.token_in_argv {
+        "--token"
+    } else {
+        "MYCO_TOKEN"
+    };
+    if let Some(path) = token_file {
+        if from_env.is_some() || global.is_some() {
+            let other = if from_env.is_some() {
+                "MYCO_AGENT_TOKEN"
+            } else {
+                global_name
+            };
+            bail!(
+                "the agent token is given twice, by --token-file and by {other}; give it one way"
+            );
+        }
+        return read_token_file(path);
+    }
+    if let Some(token) = global {
+        if globals.token_in_argv {
+            tracing::warn!(
+                "--token puts the agent token in the process list, where every local user can read it; \
+set MYCO_AGENT_TOKEN or use --token-file instead"
+            );
+        }
+        return Ok(token);
+    }
+    from_env.context(
+        "no agent token: set MYCO_AGENT_TOKEN or pass --token-file (`myco create` prints the token)",
+    )
+}
+
+/// The token in `path`, without surrounding whitespace.
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the agent token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!(
+            "the agent token file {} is empty; write the token `myco create` printed into it",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
 }
 
 /// Two futures: the first SIGTERM or SIGINT resolves the first (the agent stops after

@@ -17,7 +17,8 @@ pub struct Args {
     #[arg(long, env = "MYCO_ACCESS_URL")]
     access_url: Option<String>,
 
-    /// Directory of the store (default: $XDG_DATA_HOME/myco, i.e. ~/.local/share/myco).
+    /// Directory of the store and keys, kept private to its owner (0700) (default:
+    /// $XDG_DATA_HOME/myco, i.e. ~/.local/share/myco).
     #[arg(long, env = "MYCO_DATA_DIR")]
     data_dir: Option<PathBuf>,
 

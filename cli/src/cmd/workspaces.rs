@@ -192,12 +192,15 @@ pub async fn create(globals: &Globals, args: CreateArgs) -> anyhow::Result<()> {
     for t in &created.agent_tokens {
         println!();
         println!("  agent {}:", t.agent);
-        println!(
-            "    myco agent --url {} --token {}",
-            created.access_url, t.token
-        );
+        println!("    {}", agent_command(&created.access_url, &t.token));
     }
     Ok(())
+}
+
+/// The line that starts an agent: the token goes in its environment, never in its
+/// arguments, where every local user could read it in the process list.
+fn agent_command(url: &str, token: &str) -> String {
+    format!("MYCO_AGENT_TOKEN={token} myco agent --url {url}")
 }
 
 pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {
@@ -454,8 +457,8 @@ pub async fn rotate(globals: &Globals, args: RotateArgs) -> anyhow::Result<()> {
         "rotated the token of agent {agent}; the old token no longer works. Restart the agent with:"
     );
     println!(
-        "    myco agent --url {} --token {}",
-        rotated.access_url, rotated.agent_token.token
+        "    {}",
+        agent_command(&rotated.access_url, &rotated.agent_token.token)
     );
     Ok(())
 }
