@@ -31,7 +31,12 @@ fn spawn_agent(mut cmd: Command, log: PathBuf) -> AgentProc {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    AgentProc { child, log }
+    // Its data dir is the test's own business here.
+    AgentProc {
+        child,
+        log,
+        data_dir: PathBuf::new(),
+    }
 }
 
 fn mode(path: &Path) -> u32 {
