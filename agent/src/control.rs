@@ -286,8 +286,8 @@ async fn channel(
                 Some(Ok(Message::Close(frame))) => return ChannelEnd::Closed(close_reason(frame)),
                 Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<CoordinatorMessage>(&text) {
-                    Ok(CoordinatorMessage::Revoke { users, token_ids }) => {
-                        let closed = activity.revoke(&users, &token_ids, "the coordinator revoked this session's access");
+                    Ok(CoordinatorMessage::Revoke { token_ids }) => {
+                        let closed = activity.revoke(&token_ids, "the coordinator revoked this session's access");
                         tracing::info!(closed, "access revoked by the coordinator");
                     }
                     Ok(CoordinatorMessage::Welcome { .. }) => {

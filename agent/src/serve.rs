@@ -91,7 +91,13 @@ async fn handle(
     .map_err(|e| refuse(&conn, close::TICKET_REFUSED, &e.to_string()))?;
     tracing::info!(user = %claims.user, alpn = %String::from_utf8_lossy(conn.alpn()), "connection accepted");
     // Only connections with a valid ticket count in the stats.
-    activity.track(&conn, &claims);
+    activity.track(&conn, &claims).map_err(|_| {
+        refuse(
+            &conn,
+            close::REVOKED,
+            "the coordinator revoked the access this ticket was issued under; log in again",
+        )
+    })?;
     frame::write(
         &mut send,
         &AgentHello {

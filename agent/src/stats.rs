@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use iroh::endpoint::{Connection, WeakConnectionHandle};
+use mesh::Timestamp;
 use mesh::api::{AgentStats, RelayLatency};
 
 use crate::reports::Reports;
@@ -15,6 +16,24 @@ use crate::{EndpointCell, WelcomeRx};
 
 /// Longest wait for the relay's answer; shorter when the stats interval is.
 const RELAY_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Clock skew allowed between coordinator and agent when comparing a ticket's issue
+/// time with a revocation: a ticket issued this soon after one is refused too.
+const REVOKE_SLACK: Duration = Duration::from_secs(5);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether the ticket was issued before `revoked_at` (plus the skew allowed): its
+/// issue time is its expiry less the ticket lifetime.
+fn issued_before(claims: &mesh::ticket::TicketClaims, revoked_at: Timestamp) -> bool {
+    let issued = claims
+        .expires_at
+        .unix_millis()
+        .saturating_sub(millis(mesh::ticket::LIFETIME));
+    issued <= revoked_at.unix_millis().saturating_add(millis(REVOKE_SLACK))
+}
 
 /// What the mesh server tells the stats: connections and sessions.
 #[derive(Debug, Default)]
@@ -30,14 +49,24 @@ struct ConnectionTable {
     /// Bytes of connections that closed.
     closed_rx: u64,
     closed_tx: u64,
+    /// Tokens the coordinator revoked, and when: tickets issued under them before
+    /// then (give or take clock skew) are refused until they have expired.
+    revoked: HashMap<String, Timestamp>,
 }
+
+/// Revoked tokens remembered at once; the oldest are forgotten beyond it (the
+/// coordinator revokes a handful at a time, so this is a guard, not a working size).
+const MAX_REVOKED: usize = 100_000;
+
+/// The ticket was issued under a token the coordinator has revoked.
+#[derive(Debug)]
+pub(crate) struct RevokedToken;
 
 /// An open connection, held weakly so tracking never keeps it open.
 #[derive(Debug)]
 struct Tracked {
     conn: WeakConnectionHandle,
-    /// Whom its ticket was issued to, and under which token: what a revocation names.
-    user: String,
+    /// The token its ticket was issued under: what a revocation names.
     token_id: String,
     /// Its counters when last read, used if it goes before its final ones arrive.
     rx: u64,
@@ -70,16 +99,30 @@ impl MeshActivity {
         }
     }
 
-    /// Closes the connections whose tickets were issued to one of `users` or under
-    /// one of `token_ids`; returns how many.
-    pub(crate) fn revoke(&self, users: &[String], token_ids: &[String], reason: &str) -> usize {
-        let open: Vec<Connection> = self
-            .table()
+    /// Closes the connections whose tickets were issued under one of `token_ids`,
+    /// and refuses new ones under them while such tickets may still be valid;
+    /// returns how many connections closed.
+    pub(crate) fn revoke(&self, token_ids: &[String], reason: &str) -> usize {
+        let mut table = self.table();
+        let now = Timestamp::now();
+        let forget_before = Timestamp::from_unix_millis(
+            now.unix_millis()
+                .saturating_sub(millis(mesh::ticket::LIFETIME + REVOKE_SLACK)),
+        );
+        table.revoked.retain(|_, at| *at > forget_before);
+        for id in token_ids {
+            if table.revoked.len() >= MAX_REVOKED {
+                break;
+            }
+            table.revoked.insert(id.clone(), now);
+        }
+        let open: Vec<Connection> = table
             .open
             .values()
-            .filter(|t| users.contains(&t.user) || token_ids.contains(&t.token_id))
+            .filter(|t| token_ids.contains(&t.token_id))
             .filter_map(|t| t.conn.upgrade())
             .collect();
+        drop(table);
         for conn in &open {
             conn.close(mesh::alpn::close::REVOKED.into(), reason.as_bytes());
         }
@@ -95,16 +138,25 @@ impl MeshActivity {
 
     /// Tracks an accepted client connection until it closes; its final counters are
     /// added to the totals then.
-    pub(crate) fn track(self: &Arc<Self>, conn: &Connection, claims: &mesh::ticket::TicketClaims) {
+    /// Refused when the ticket's token was revoked.
+    pub(crate) fn track(
+        self: &Arc<Self>,
+        conn: &Connection,
+        claims: &mesh::ticket::TicketClaims,
+    ) -> Result<(), RevokedToken> {
         let id = {
             let mut table = self.table();
+            if let Some(at) = table.revoked.get(&claims.token_id)
+                && issued_before(claims, *at)
+            {
+                return Err(RevokedToken);
+            }
             table.next_id += 1;
             let id = table.next_id;
             table.open.insert(
                 id,
                 Tracked {
                     conn: conn.weak_handle(),
-                    user: claims.user.clone(),
                     token_id: claims.token_id.clone(),
                     rx: 0,
                     tx: 0,
@@ -129,6 +181,7 @@ impl MeshActivity {
                 table.closed_tx += tx;
             }
         });
+        Ok(())
     }
 
     pub(crate) fn snapshot(&self) -> ConnectionSnapshot {
@@ -272,5 +325,26 @@ mod tests {
         assert_eq!(stats.session_count_vscode, 0);
         assert_eq!(stats.connection_count, 0);
         assert_eq!(stats.connection_median_latency_ms, 0.0);
+    }
+
+    #[test]
+    fn a_revocation_refuses_tickets_issued_before_it_only() {
+        let key = iroh::SecretKey::from_bytes(&[7; 32]).public();
+        let claims = |issued: u64| mesh::ticket::TicketClaims {
+            client: key,
+            agent: key,
+            workspace_id: "w".into(),
+            agent_id: "a".into(),
+            user: "alice".into(),
+            token_id: "t".into(),
+            target: "alice/dev.main".into(),
+            expires_at: Timestamp::from_unix_millis(issued + millis(mesh::ticket::LIFETIME)),
+        };
+        let revoked_at = Timestamp::from_unix_millis(1_000_000);
+        // Issued before, or within the allowed skew after: refused.
+        assert!(issued_before(&claims(900_000), revoked_at));
+        assert!(issued_before(&claims(1_004_000), revoked_at));
+        // Issued well after (the user was enabled again, logged in anew): accepted.
+        assert!(!issued_before(&claims(1_010_000), revoked_at));
     }
 }

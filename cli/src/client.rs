@@ -138,6 +138,20 @@ impl Client {
         decode(self.send(Method::POST, path, Some(bytes)).await?).await
     }
 
+    /// `method` with an optional JSON body, decoding a JSON answer.
+    pub async fn request<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .context("cannot encode the request")?;
+        decode(self.send(method, path, bytes).await?).await
+    }
+
     /// POST or DELETE whose answer has no body.
     pub async fn call(&self, method: Method, path: &str) -> anyhow::Result<()> {
         self.send(method, path, None).await?;

@@ -81,7 +81,8 @@ enum Command {
     Logout,
     /// Show who you are logged in as, and where.
     Whoami(output::OutputArgs),
-    /// Manage users (admins only).
+    /// Manage users: admins create, disable, enable and delete them; anyone changes
+    /// their own password or revokes their own sessions and tokens.
     #[command(subcommand)]
     Users(cmd::users::UsersCommand),
     /// Manage your named API tokens.

@@ -32,6 +32,24 @@ pub fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// A one-time setup code for the first user: 80 random bits as 20 hex digits in
+/// groups of four, easy to copy from a log.
+pub fn setup_code() -> String {
+    let hex = random_hex(10);
+    hex.as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Whether `given` is the setup code, compared in constant time.
+pub fn setup_code_matches(expected: &str, given: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let norm = |s: &str| s.trim().to_ascii_lowercase().replace([' ', '-'], "");
+    norm(expected).as_bytes().ct_eq(norm(given).as_bytes()).into()
+}
+
 /// A new random id for a record (workspace, agent).
 pub fn new_id() -> String {
     random_hex(16)

@@ -115,8 +115,8 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                         close(&mut socket, &reason).await;
                         break "closed by the coordinator";
                     }
-                    Some(Push::Revoke { users, token_ids }) => {
-                        let msg = CoordinatorMessage::Revoke { users, token_ids };
+                    Some(Push::Revoke { token_ids }) => {
+                        let msg = CoordinatorMessage::Revoke { token_ids };
                         let text = serde_json::to_string(&msg).unwrap_or_default();
                         if socket.send(Message::Text(text.into())).await.is_err() {
                             break "channel failed";

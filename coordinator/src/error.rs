@@ -19,6 +19,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
     detail: String,
+    /// Sent as `Retry-After` (whole seconds, at least one) with a `429` or `503`.
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -31,7 +33,31 @@ impl ApiError {
             status,
             message: message.into(),
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+    /// `429 Too Many Requests` with `Retry-After: wait`.
+    pub(crate) fn too_many_requests(
+        message: impl Into<String>,
+        detail: impl Into<String>,
+        wait: std::time::Duration,
+    ) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, message, detail)
+        }
+    }
+    #[cfg(test)]
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+    #[cfg(test)]
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
     pub(crate) fn bad_request(message: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message, detail)
@@ -62,7 +88,14 @@ impl IntoResponse for ApiError {
             message: self.message,
             detail: self.detail,
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            // Whole seconds, rounded up: a client that waits that long gets in.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.max(1).into());
+        }
+        resp
     }
 }
 
@@ -73,6 +106,14 @@ impl From<StoreError> for ApiError {
                 Self::conflict(format!("{what} already exists"), "pick another name")
             }
             StoreError::NotFound(what) => Self::not_found(format!("{what} not found"), ""),
+            StoreError::Quota { what, owner, max } => Self::forbidden(
+                format!("{owner} holds {max} {what}, the most allowed"),
+                "delete some first, or ask the operator to raise the quota (`myco server --help`, \"quota\")",
+            ),
+            StoreError::OwnsWorkspaces(user) => Self::conflict(
+                format!("user {user} still owns workspaces"),
+                format!("delete them first (`myco ls --all`, `myco delete {user}/WS`), or disable the user instead"),
+            ),
             StoreError::FirstUserExists => Self::conflict(
                 "the first user has already been created",
                 "log in with `myco login URL`, or ask an admin to create your user",

@@ -12,11 +12,16 @@ mod http;
 pub mod ledger;
 pub mod metrics;
 mod qad;
+mod quota;
 mod registry;
 mod relay;
 mod server;
 pub mod status;
 pub mod store;
+mod throttle;
 
 pub use control::HEARTBEAT_INTERVAL;
+pub use api::{Route, route_table};
+pub use quota::Quotas;
 pub use server::{Coordinator, ServerConfig, ServerError};
+pub use throttle::LoginLimits;

@@ -881,7 +881,7 @@ mod tests {
                     endpoint_id: None,
                 }],
             };
-            store.create_workspace(&ws, &[]).unwrap();
+            store.create_workspace(&ws, &[], None).unwrap();
         }
         let batch = AgentStateBatch {
             connections: (0..n)
@@ -1089,13 +1089,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         store
-            .create_workspace(&workspace("w1", &["a1", "a2"]), &[])
+            .create_workspace(&workspace("w1", &["a1", "a2"]), &[], None)
             .unwrap();
         store
-            .create_workspace(&workspace("w2", &["b1"]), &[])
+            .create_workspace(&workspace("w2", &["b1"]), &[], None)
             .unwrap();
         store
-            .create_workspace(&workspace("w3", &["c1"]), &[])
+            .create_workspace(&workspace("w3", &["c1"]), &[], None)
             .unwrap();
         let all = ["a1", "a2", "b1", "c1"];
         heard(&store, &all, at(10_000));
@@ -1171,7 +1171,7 @@ mod tests {
 
         // A new agent.
         store
-            .create_workspace(&workspace("w4", &["d1"]), &[])
+            .create_workspace(&workspace("w4", &["d1"]), &[], None)
             .unwrap();
         let (text, n, blocks) = render(&mut state, &store, at(45_006));
         assert_eq!((n, blocks), (1, AGENT_FAMILIES));

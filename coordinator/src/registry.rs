@@ -15,12 +15,9 @@ use mesh::Timestamp;
 pub enum Push {
     /// Close the channel with this reason (token rotated, workspace deleted).
     Close(String),
-    /// Tell the agent to close mesh connections opened with tickets of these users
-    /// or tokens.
-    Revoke {
-        users: Vec<String>,
-        token_ids: Vec<String>,
-    },
+    /// Tell the agent to close mesh connections opened with tickets issued under
+    /// these tokens.
+    Revoke { token_ids: Vec<String> },
 }
 
 /// Pushes one channel may have waiting; a channel that falls this far behind is
@@ -43,8 +40,7 @@ pub struct LiveAgent {
 #[derive(Debug, Clone)]
 struct ClientGrant {
     until: Timestamp,
-    /// The user and the token (public id) the ticket was issued to.
-    user: String,
+    /// The token (public id) the ticket was issued under.
     token_id: String,
 }
 
@@ -176,13 +172,12 @@ impl MeshRegistry {
     }
 
     /// Admits a client endpoint to the relay until `until` (its ticket's expiry), for
-    /// `user` asking with token `token_id`.
+    /// a user asking with token `token_id`.
     pub fn allow_client(
         &self,
         id: EndpointId,
         until: Timestamp,
         now: Timestamp,
-        user: &str,
         token_id: &str,
     ) {
         let mut inner = self.lock();
@@ -195,20 +190,19 @@ impl MeshRegistry {
             id,
             ClientGrant {
                 until,
-                user: user.to_owned(),
                 token_id: token_id.to_owned(),
             },
         );
     }
 
-    /// Withdraws the relay admission of clients admitted for one of `users` or under
-    /// one of `token_ids`; returns their endpoint ids, for the relay to disconnect.
-    pub fn revoke_clients(&self, users: &[String], token_ids: &[String]) -> Vec<EndpointId> {
+    /// Withdraws the relay admission of clients admitted under one of `token_ids`;
+    /// returns their endpoint ids, for the relay to disconnect.
+    pub fn revoke_clients(&self, token_ids: &[String]) -> Vec<EndpointId> {
         let mut inner = self.lock();
         let gone: Vec<EndpointId> = inner
             .clients
             .iter()
-            .filter(|(_, g)| users.contains(&g.user) || token_ids.contains(&g.token_id))
+            .filter(|(_, g)| token_ids.contains(&g.token_id))
             .map(|(id, _)| *id)
             .collect();
         for id in &gone {
@@ -265,25 +259,28 @@ mod tests {
     fn clients_are_admitted_until_their_ticket_expires() {
         let r = MeshRegistry::default();
         let t0 = Timestamp::from_unix_millis(1000);
-        r.allow_client(id(2), Timestamp::from_unix_millis(2000), t0, "alice", "t1");
+        r.allow_client(id(2), Timestamp::from_unix_millis(2000), t0, "t1");
         assert!(r.relay_allowed(id(2), Timestamp::from_unix_millis(1999)));
         assert!(!r.relay_allowed(id(2), Timestamp::from_unix_millis(2000)));
         assert!(!r.relay_allowed(id(3), t0));
     }
 
     #[test]
-    fn revoking_a_user_or_a_token_withdraws_relay_admission() {
+    fn revoking_tokens_withdraws_relay_admission() {
         let r = MeshRegistry::default();
         let t0 = Timestamp::from_unix_millis(1000);
         let later = Timestamp::from_unix_millis(9000);
-        r.allow_client(id(2), later, t0, "alice", "t1");
-        r.allow_client(id(3), later, t0, "alice", "t2");
-        r.allow_client(id(4), later, t0, "bob", "t3");
-        assert_eq!(r.revoke_clients(&[], &["t1".into()]), vec![id(2)]);
+        r.allow_client(id(2), later, t0, "t1");
+        r.allow_client(id(3), later, t0, "t2");
+        r.allow_client(id(4), later, t0, "t3");
+        assert_eq!(r.revoke_clients(&["t1".into()]), vec![id(2)]);
         assert!(!r.relay_allowed(id(2), t0));
         assert!(r.relay_allowed(id(3), t0));
-        assert_eq!(r.revoke_clients(&["alice".into()], &[]), vec![id(3)]);
-        assert!(r.relay_allowed(id(4), t0));
+        let mut both = r.revoke_clients(&["t2".into(), "t3".into()]);
+        both.sort();
+        let mut want = vec![id(3), id(4)];
+        want.sort();
+        assert_eq!(both, want);
     }
 
     #[test]

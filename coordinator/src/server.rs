@@ -49,6 +49,11 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// How long a client has to send a request's headers.
     pub header_read_timeout: std::time::Duration,
+    /// How long a request may take, body included, before it is answered `503`.
+    pub request_timeout: std::time::Duration,
+    /// Login and first-user attempts allowed per source address and per username.
+    pub login_limits: crate::throttle::LoginLimits,
+    pub quotas: crate::quota::Quotas,
 }
 
 /// Why the coordinator could not start or stopped with an error.
@@ -111,6 +116,11 @@ pub struct Coordinator {
     store_path: PathBuf,
     relay_limit: crate::relay::RelayClientLimit,
     http_limits: crate::http::HttpLimits,
+    request_timeout: std::time::Duration,
+    login_limits: crate::throttle::LoginLimits,
+    quotas: crate::quota::Quotas,
+    /// Needed to create the first user when the listener is not on loopback.
+    setup_code: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -160,6 +170,10 @@ impl Coordinator {
             ),
             None => None,
         };
+        // Whoever reaches an empty coordinator first becomes its admin: off loopback,
+        // only someone who can read its output may.
+        let setup_code = (!config.http_address.ip().is_loopback() && !store.has_users()?)
+            .then(|| Arc::from(crate::auth::setup_code()));
         let access_url = config
             .access_url
             .map(|u| u.trim_end_matches('/').to_owned())
@@ -213,7 +227,17 @@ impl Coordinator {
                 max_connections_per_ip: config.max_connections_per_ip.max(1),
                 header_read_timeout: config.header_read_timeout,
             },
+            request_timeout: config.request_timeout,
+            login_limits: config.login_limits,
+            quotas: config.quotas,
+            setup_code,
         })
+    }
+
+    /// The one-time code `myco login --first-user` needs, when the listener is not
+    /// on loopback and there is no user yet.
+    pub fn setup_code(&self) -> Option<&str> {
+        self.setup_code.as_deref()
     }
 
     /// Where QUIC address discovery listens.
@@ -287,6 +311,13 @@ impl Coordinator {
             metrics: metrics.clone(),
             heartbeat_interval: self.heartbeat_interval,
             policy,
+            throttle: Arc::new(crate::throttle::Throttle::new(
+                self.login_limits,
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )),
+            quotas: self.quotas,
+            setup_code: self.setup_code.clone(),
+            request_timeout: self.request_timeout,
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
@@ -305,6 +336,18 @@ impl Coordinator {
             metrics.clone(),
             stopped(),
         ));
+        {
+            // The login rate limits forget callers whose budgets refilled.
+            let throttle = state.throttle.clone();
+            let stop = stopped();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                tokio::select! {
+                    () = stop => {}
+                    () = async { loop { tick.tick().await; throttle.retain_recent(); } } => {}
+                }
+            });
+        }
         if let Some(listener) = self.prometheus {
             let app = crate::metrics::router(MetricsState {
                 metrics: metrics.clone(),

@@ -90,6 +90,16 @@ pub enum StoreError {
     /// The record to change does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// A user to delete still owns workspaces.
+    #[error("user {0} still owns workspaces")]
+    OwnsWorkspaces(String),
+    /// The owner already has as many of these as their quota allows.
+    #[error("{what} of {owner}: the quota of {max} is reached")]
+    Quota {
+        what: &'static str,
+        owner: String,
+        max: usize,
+    },
 }
 
 macro_rules! from_redb {
@@ -115,6 +125,9 @@ pub struct UserRecord {
     pub password_hash: String,
     pub admin: bool,
     pub created_at: Timestamp,
+    /// A disabled user cannot log in, and every token of theirs is refused.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 /// What a token lets its bearer act as.
@@ -530,6 +543,34 @@ fn name_key(owner: &Name, name: &Name) -> String {
     format!("{owner}/{name}")
 }
 
+/// Refuses one more name of `owner` in a `name_key`-keyed table holding `max` of
+/// theirs already; counted inside the write, so concurrent creates cannot pass it.
+fn check_quota(
+    names: &redb::Table<&str, &str>,
+    what: &'static str,
+    owner: &Name,
+    max: Option<usize>,
+) -> Result<(), StoreError> {
+    let Some(max) = max else { return Ok(()) };
+    let prefix = format!("{owner}/");
+    let mut n = 0;
+    for row in names.range(prefix.as_str()..)? {
+        let (k, _) = row?;
+        if !k.value().starts_with(prefix.as_str()) {
+            break;
+        }
+        n += 1;
+        if n >= max {
+            return Err(StoreError::Quota {
+                what,
+                owner: owner.to_string(),
+                max,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the store file and makes sure every table exists.
     ///
@@ -636,8 +677,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a token. A named API token must be unique per owner.
-    pub fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+    /// Stores a token. A named API token must be unique per owner, and is refused
+    /// when its owner holds `max_api_tokens` already.
+    pub fn insert_token(
+        &self,
+        token: &TokenRecord,
+        max_api_tokens: Option<usize>,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut tokens = txn.open_table(TOKENS)?;
@@ -647,6 +693,7 @@ impl Store {
                 if names.get(key.as_str())?.is_some() {
                     return Err(StoreError::Conflict(format!("token {name} of {user}")));
                 }
+                check_quota(&names, "API tokens", user, max_api_tokens)?;
                 names.insert(key.as_str(), token.id.as_str())?;
             }
             tokens.insert(token.id.as_str(), encode(token).as_slice())?;
@@ -712,8 +759,110 @@ impl Store {
         Ok(existed)
     }
 
-    /// Deletes `owner`'s API token called `name`. Returns whether it existed.
-    pub fn delete_api_token(&self, owner: &Name, name: &Name) -> Result<bool, StoreError> {
+    /// Changes user `username` with `change`; returns the record as stored.
+    pub fn update_user(
+        &self,
+        username: &str,
+        change: impl FnOnce(&mut UserRecord),
+    ) -> Result<UserRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let user = {
+            let mut users = txn.open_table(USERS)?;
+            let mut user: UserRecord = users
+                .get(username)?
+                .map(|v| decode("users", username, v.value()))
+                .transpose()?
+                .ok_or_else(|| StoreError::NotFound(format!("user {username}")))?;
+            change(&mut user);
+            users.insert(username, encode(&user).as_slice())?;
+            user
+        };
+        txn.commit()?;
+        Ok(user)
+    }
+
+    /// Deletes every login session and API token of `username` but `keep` (a token
+    /// id); returns the ids deleted.
+    pub fn delete_user_tokens(
+        &self,
+        username: &str,
+        keep: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let ids = Self::remove_user_tokens(&txn, username, keep, false)?;
+        txn.commit()?;
+        Ok(ids)
+    }
+
+    /// Like [`Store::delete_user_tokens`], login sessions only.
+    pub fn delete_user_sessions(
+        &self,
+        username: &str,
+        keep: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let ids = Self::remove_user_tokens(&txn, username, keep, true)?;
+        txn.commit()?;
+        Ok(ids)
+    }
+
+    /// A full scan of the tokens: rare admin operations only.
+    fn remove_user_tokens(
+        txn: &redb::WriteTransaction,
+        username: &str,
+        keep: Option<&str>,
+        sessions_only: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tokens = txn.open_table(TOKENS)?;
+        let mut names = txn.open_table(TOKEN_NAMES)?;
+        let mut gone = Vec::new();
+        for row in tokens.iter()? {
+            let (k, v) = row?;
+            let t: TokenRecord = decode("tokens", k.value(), v.value())?;
+            let owner = match &t.kind {
+                TokenKind::Session { user } => user,
+                TokenKind::Api { user, .. } if !sessions_only => user,
+                TokenKind::Api { .. } | TokenKind::Agent { .. } => continue,
+            };
+            if owner.as_str() == username && Some(t.id.as_str()) != keep {
+                gone.push(t);
+            }
+        }
+        for t in &gone {
+            tokens.remove(t.id.as_str())?;
+            if let TokenKind::Api { user, name } = &t.kind {
+                names.remove(name_key(user, name).as_str())?;
+            }
+        }
+        Ok(gone.into_iter().map(|t| t.id).collect())
+    }
+
+    /// Deletes user `username` and all their tokens, returning the tokens' ids;
+    /// refused while they own workspaces.
+    pub fn delete_user(&self, username: &Name) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let ids = {
+            let prefix = format!("{username}/");
+            let owns = txn
+                .open_table(WORKSPACE_NAMES)?
+                .range(prefix.as_str()..)?
+                .next()
+                .transpose()?
+                .is_some_and(|(k, _)| k.value().starts_with(prefix.as_str()));
+            if owns {
+                return Err(StoreError::OwnsWorkspaces(username.to_string()));
+            }
+            if txn.open_table(USERS)?.remove(username.as_str())?.is_none() {
+                return Err(StoreError::NotFound(format!("user {username}")));
+            }
+            Self::remove_user_tokens(&txn, username.as_str(), None, false)?
+        };
+        txn.commit()?;
+        Ok(ids)
+    }
+
+    /// Deletes `owner`'s API token called `name`. Returns its id if it existed.
+    pub fn delete_api_token(&self, owner: &Name, name: &Name) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_write()?;
         let existed = {
             let mut names = txn.open_table(TOKEN_NAMES)?;
@@ -723,17 +872,19 @@ impl Store {
             if let Some(id) = &id {
                 txn.open_table(TOKENS)?.remove(id.as_str())?;
             }
-            id.is_some()
+            id
         };
         txn.commit()?;
         Ok(existed)
     }
 
-    /// Creates a workspace and its agents' tokens in one transaction.
+    /// Creates a workspace and its agents' tokens in one transaction; refused when
+    /// the owner holds `max_workspaces` already.
     pub fn create_workspace(
         &self,
         ws: &WorkspaceRecord,
         agent_tokens: &[TokenRecord],
+        max_workspaces: Option<usize>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
@@ -742,6 +893,7 @@ impl Store {
             if names.get(key.as_str())?.is_some() {
                 return Err(StoreError::Conflict(format!("workspace {key}")));
             }
+            check_quota(&names, "workspaces", &ws.owner, max_workspaces)?;
             names.insert(key.as_str(), ws.id.as_str())?;
             WorkspacesMut::open(&txn)?.insert(ws)?;
             let mut tokens = txn.open_table(TOKENS)?;
@@ -1266,6 +1418,7 @@ mod tests {
             password_hash: "x".into(),
             admin: false,
             created_at: Timestamp::from_unix_millis(1),
+            disabled: false,
         }
     }
 
@@ -1308,10 +1461,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         store
-            .create_workspace(&ws("alice", "a", "1"), &[agent_token("1-t")])
+            .create_workspace(&ws("alice", "a", "1"), &[agent_token("1-t")], None)
             .unwrap();
         store
-            .create_workspace(&ws("bob", "b", "2"), &[agent_token("2-t")])
+            .create_workspace(&ws("bob", "b", "2"), &[agent_token("2-t")], None)
             .unwrap();
         assert_eq!(
             store.claim_agent_endpoint("1", "1-a", "e1").unwrap(),
@@ -1354,7 +1507,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         store
-            .create_workspace(&ws("alice", "a", "1"), &[agent_token("1-t")])
+            .create_workspace(&ws("alice", "a", "1"), &[agent_token("1-t")], None)
             .unwrap();
         let conn = StoredConnection {
             first_connected_at: Some(Timestamp::from_unix_millis(5)),
@@ -1395,20 +1548,20 @@ mod tests {
         let store = Store::open(&dir.path().join("db")).unwrap();
         // "al" is a prefix of "alice": listing al's workspaces must not include alice's.
         store
-            .create_workspace(&ws("al", "x", "1"), &[agent_token("1-t")])
+            .create_workspace(&ws("al", "x", "1"), &[agent_token("1-t")], None)
             .unwrap();
         store
-            .create_workspace(&ws("alice", "y", "2"), &[agent_token("2-t")])
+            .create_workspace(&ws("alice", "y", "2"), &[agent_token("2-t")], None)
             .unwrap();
         store
-            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")], None)
             .unwrap();
         let al: Vec<_> = store.workspaces(Some(&name("al"))).unwrap();
         assert_eq!(al.len(), 1);
         assert_eq!(al[0].name.as_str(), "x");
         assert_eq!(store.workspaces(None).unwrap().len(), 3);
         assert!(matches!(
-            store.create_workspace(&ws("al", "x", "4"), &[]),
+            store.create_workspace(&ws("al", "x", "4"), &[], None),
             Err(StoreError::Conflict(_))
         ));
     }
@@ -1418,7 +1571,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         store
-            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")], None)
             .unwrap();
         store
             .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
@@ -1437,7 +1590,7 @@ mod tests {
         let changes = || workspace_changes(&store.db.begin_read().unwrap()).unwrap();
         assert_eq!(changes(), 0);
         store
-            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")])
+            .create_workspace(&ws("bob", "z", "3"), &[agent_token("3-t")], None)
             .unwrap();
         assert_eq!(changes(), 1);
         assert!(

@@ -25,6 +25,10 @@ pub struct BuildInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FirstUserStatus {
     pub exists: bool,
+    /// Creating the first user needs the one-time setup code `myco server` printed
+    /// (its listener is not on loopback).
+    #[serde(default)]
+    pub setup_code_required: bool,
 }
 
 /// A username and a password, as sent to `POST /api/v1/users/first` and
@@ -33,6 +37,10 @@ pub struct FirstUserStatus {
 pub struct Credentials {
     pub username: Name,
     pub password: String,
+    /// For the first user only: the one-time code `myco server` printed, when it
+    /// asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_code: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -65,6 +73,32 @@ pub struct User {
     pub username: Name,
     pub admin: bool,
     pub created_at: Timestamp,
+    /// A disabled user cannot log in and their tokens are refused.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// `PUT /api/v1/users/{name}/password`: a new password; the old one is needed when
+/// users change their own.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    pub password: String,
+    #[serde(default)]
+    pub old_password: Option<String>,
+}
+
+impl std::fmt::Debug for ChangePassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangePassword").finish_non_exhaustive()
+    }
+}
+
+/// Answer of `POST /api/v1/users/{name}/revoke` and the other calls that revoke a
+/// user's sessions and tokens: how many were revoked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Revoked {
+    pub tokens: usize,
 }
 
 /// `POST /api/v1/users` (admins only).
@@ -549,8 +583,10 @@ mod tests {
         let c = Credentials {
             username: Name::new("alice").unwrap(),
             password: "hunter2".into(),
+            setup_code: Some("s3cret".into()),
         };
         assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{c:?}").contains("s3cret"));
         let t = AgentToken {
             agent: Name::new("main").unwrap(),
             token: "myco_secret".into(),

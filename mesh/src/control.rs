@@ -48,14 +48,12 @@ pub enum CoordinatorMessage {
         #[serde(default)]
         manifest: Manifest,
     },
-    /// Close every mesh connection opened with a ticket issued to one of `users` or
-    /// under one of `token_ids` (a user disabled or deleted, a token revoked, a
-    /// logout): the access those tickets granted is gone.
+    /// Close every mesh connection opened with a ticket issued under one of
+    /// `token_ids` (a user disabled or deleted, a token revoked, a logout): the
+    /// access those tickets granted is gone. Token ids, not user names, so an agent
+    /// learns nothing about other users.
     Revoke {
-        #[serde(default)]
-        users: Vec<String>,
         /// Public ids of tokens (never their secrets).
-        #[serde(default)]
         token_ids: Vec<String>,
     },
 }

@@ -23,6 +23,11 @@ use crate::sign::{self, SignatureError, TICKET_CONTEXT};
 /// The longest ticket text an agent reads; a real one is well under 2 KiB.
 pub const MAX_TICKET_LEN: usize = 4096;
 
+/// How long a ticket is valid after the coordinator issues it. A connection made in
+/// time lives on after; an agent remembers a revoked token at least this long, so a
+/// ticket issued under it before the revocation cannot open a new connection.
+pub const LIFETIME: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
 /// What a ticket grants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

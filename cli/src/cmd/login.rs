@@ -22,6 +22,10 @@ pub struct LoginArgs {
     /// Create the first user, an admin, on a coordinator that has none yet.
     #[arg(long)]
     first_user: bool,
+    /// With --first-user: the one-time setup code `myco server` printed at start,
+    /// which it asks for when it listens beyond loopback (also MYCO_SETUP_CODE).
+    #[arg(long, env = "MYCO_SETUP_CODE", hide_env_values = true, requires = "first_user")]
+    setup_code: Option<String>,
 }
 
 pub async fn login(globals: &Globals, args: LoginArgs) -> anyhow::Result<()> {
@@ -36,13 +40,22 @@ pub async fn login(globals: &Globals, args: LoginArgs) -> anyhow::Result<()> {
             "{url} has no users yet; create the first (admin) user with `myco login {url} --first-user`"
         );
     }
+    if args.first_user && first.setup_code_required && args.setup_code.is_none() {
+        bail!(
+            "{url} asks for the setup code it printed at start; pass --setup-code CODE (or MYCO_SETUP_CODE)"
+        );
+    }
     let username = match args.username {
         Some(u) => u,
         None => super::prompt_line("Username: ", "--username")?,
     };
     let username = Name::new(&username).context("bad username")?;
     let password = super::read_password(args.password_stdin, args.first_user)?;
-    let creds = Credentials { username, password };
+    let creds = Credentials {
+        username,
+        password,
+        setup_code: args.setup_code.filter(|_| args.first_user),
+    };
     let session: Session = if args.first_user {
         client.post("/api/v1/users/first", &creds).await?
     } else {

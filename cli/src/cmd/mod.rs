@@ -50,6 +50,14 @@ pub fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> 
     Ok(pw)
 }
 
+/// Asks for a secret on a terminal without echo, or says to pipe it in when there is none.
+pub fn prompt_secret(prompt: &str) -> anyhow::Result<String> {
+    if !std::io::stdin().is_terminal() {
+        bail!("stdin is not a terminal; pass --password-stdin and pipe the passwords in");
+    }
+    rpassword::prompt_password(prompt).context("cannot read the password")
+}
+
 /// Asks for a line of text on a terminal, or says which flag to pass when there is none.
 pub fn prompt_line(prompt: &str, flag: &str) -> anyhow::Result<String> {
     if !std::io::stdin().is_terminal() {

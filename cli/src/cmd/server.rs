@@ -77,6 +77,31 @@ pub struct Args {
     /// closed (so slow clients cannot hold connections).
     #[arg(long, env = "MYCO_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
+
+    /// How long a request may take, its body included, before it is answered 503.
+    #[arg(long, env = "MYCO_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+
+    /// Login and first-user attempts allowed from one address (an IPv6 /64) a
+    /// minute, as a burst that refills evenly; beyond it: 429 with Retry-After.
+    #[arg(long, env = "MYCO_LOGIN_RATE_PER_IP", default_value_t = std::num::NonZeroU32::new(30).unwrap_or(std::num::NonZeroU32::MIN))]
+    login_rate_per_ip: std::num::NonZeroU32,
+
+    /// Login attempts allowed for one username a minute, from anywhere.
+    #[arg(long, env = "MYCO_LOGIN_RATE_PER_USER", default_value_t = std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN))]
+    login_rate_per_user: std::num::NonZeroU32,
+
+    /// Quota: workspaces a user who is not an admin may own.
+    #[arg(long, env = "MYCO_MAX_WORKSPACES_PER_USER", default_value_t = 100)]
+    max_workspaces_per_user: usize,
+
+    /// Quota: agents one workspace may have.
+    #[arg(long, env = "MYCO_MAX_AGENTS_PER_WORKSPACE", default_value_t = 64)]
+    max_agents_per_workspace: usize,
+
+    /// Quota: named API tokens one user may hold.
+    #[arg(long, env = "MYCO_MAX_API_TOKENS_PER_USER", default_value_t = 100)]
+    max_api_tokens_per_user: usize,
 }
 
 /// iroh's customary QUIC address discovery port.
@@ -125,6 +150,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         header_read_timeout: args.header_read_timeout,
+        request_timeout: args.request_timeout,
+        login_limits: coordinator::LoginLimits {
+            per_ip_per_minute: args.login_rate_per_ip,
+            per_user_per_minute: args.login_rate_per_user,
+        },
+        quotas: coordinator::Quotas {
+            workspaces_per_user: args.max_workspaces_per_user,
+            agents_per_workspace: args.max_agents_per_workspace,
+            api_tokens_per_user: args.max_api_tokens_per_user,
+        },
     })
     .await?;
     // The handlers go in before the first line: whoever reads "listening" and then
@@ -155,7 +190,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if !coordinator.has_users()? {
         println!("no users yet; create the first (admin) user with:");
-        println!("    myco login {url} --first-user");
+        match coordinator.setup_code() {
+            Some(code) => {
+                println!("    myco login {url} --first-user --setup-code {code}");
+                println!(
+                    "(the setup code is asked for because the listener is not on loopback; it changes at every start until the first user exists)"
+                );
+            }
+            None => println!("    myco login {url} --first-user"),
+        }
     }
     coordinator.serve(shutdown).await?;
     println!("myco coordinator stopped");

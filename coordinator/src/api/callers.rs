@@ -78,6 +78,9 @@ impl FromRequestParts<AppState> for Caller {
                 "agent tokens are only for `myco agent`",
             )
         })?;
+        if user.disabled {
+            return Err(super::users::disabled(&user.username));
+        }
         Ok(Caller { user, token })
     }
 }

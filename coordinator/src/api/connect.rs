@@ -1,7 +1,6 @@
 //! `POST .../connect`: checks the caller may reach the agent, signs a short-lived
 //! ticket for the client's endpoint and admits that endpoint to the relay.
 
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -13,8 +12,7 @@ use super::callers::Caller;
 use super::{AppState, agent_named, find_workspace};
 use crate::error::{ApiError, ApiJson, ApiResult};
 
-/// How long a connection ticket is valid. A connection made in time lives on after.
-const TICKET_LIFETIME: Duration = Duration::from_secs(5 * 60);
+use mesh::ticket::LIFETIME as TICKET_LIFETIME;
 
 pub(super) async fn connect(
     State(state): State<AppState>,
@@ -68,7 +66,6 @@ pub(super) async fn connect(
         req.client_id,
         expires_at,
         now,
-        caller.user.username.as_str(),
         &caller.token.id,
     );
     tracing::info!(user = %caller.user.username, agent = %target, client = %req.client_id.fmt_short(), "ticket issued");

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use iroh::{RelayUrl, SecretKey};
 use mesh::Name;
@@ -31,7 +31,7 @@ use self::callers::Caller;
 use crate::error::{ApiError, ApiResult, MAX_BODY_BYTES};
 use crate::ledger::AgentLedger;
 use crate::metrics::CoordinatorMetrics;
-use crate::registry::MeshRegistry;
+use crate::registry::{MeshRegistry, Push};
 use crate::relay::{self, RelayState};
 use crate::status::StatusPolicy;
 use crate::store::{AgentRecord, Store, WorkspaceRecord};
@@ -56,48 +56,130 @@ pub(crate) struct AppState {
     /// How often agents heartbeat, and the status rules that follow from it.
     pub(crate) heartbeat_interval: Duration,
     pub(crate) policy: StatusPolicy,
+    /// Login rate limits and the argon2 thread budget.
+    pub(crate) throttle: Arc<crate::throttle::Throttle>,
+    pub(crate) quotas: crate::quota::Quotas,
+    /// Needed to create the first user (a listener off loopback); see `Coordinator`.
+    pub(crate) setup_code: Option<Arc<str>>,
+    /// How long a request may take; see `ServerConfig::request_timeout`.
+    pub(crate) request_timeout: Duration,
+}
+
+/// One route the coordinator serves: what the auth matrix test walks, so a route
+/// added without rows there fails it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    /// The full path, with `{param}` placeholders.
+    pub path: String,
+}
+
+/// The API's routes (under `/api/v1`) as a router and as a table, built together.
+struct Routes {
+    router: Router<AppState>,
+    table: Vec<Route>,
+}
+
+impl Routes {
+    fn at<H, T>(mut self, method: axum::http::Method, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = axum::routing::MethodFilter::try_from(method.clone())
+            .unwrap_or(axum::routing::MethodFilter::GET);
+        self.router = self.router.route(path, axum::routing::on(filter, handler));
+        self.table.push(Route {
+            method: method_name(&method),
+            path: format!("/api/v1{path}"),
+        });
+        self
+    }
+}
+
+fn method_name(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+fn api_routes() -> Routes {
+    use axum::http::Method;
+    let (get, post, put, delete) = (Method::GET, Method::POST, Method::PUT, Method::DELETE);
+    Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    }
+    .at(get.clone(), "/buildinfo", buildinfo)
+    .at(get.clone(), "/users/first", users::first_user_status)
+    .at(post.clone(), "/users/first", users::create_first_user)
+    .at(post.clone(), "/users/login", users::login)
+    .at(post.clone(), "/users/logout", users::logout)
+    .at(get.clone(), "/users/me", users::me)
+    .at(get.clone(), "/users", users::list_users)
+    .at(post.clone(), "/users", users::create_user)
+    .at(delete.clone(), "/users/{name}", users::delete_user)
+    .at(post.clone(), "/users/{name}/disable", users::disable_user)
+    .at(post.clone(), "/users/{name}/enable", users::enable_user)
+    .at(post.clone(), "/users/{name}/revoke", users::revoke_user)
+    .at(put, "/users/{name}/password", users::change_password)
+    .at(get.clone(), "/tokens", tokens::list_tokens)
+    .at(post.clone(), "/tokens", tokens::create_token)
+    .at(delete.clone(), "/tokens/{name}", tokens::delete_token)
+    .at(get.clone(), "/workspaces", workspaces::list_workspaces)
+    .at(post.clone(), "/workspaces", workspaces::create_workspace)
+    .at(get.clone(), "/workspaces/{owner}/{name}", workspaces::get_workspace)
+    .at(delete, "/workspaces/{owner}/{name}", workspaces::delete_workspace)
+    .at(
+        post.clone(),
+        "/workspaces/{owner}/{name}/agents/{agent}/token",
+        workspaces::rotate_agent_token,
+    )
+    .at(post, "/workspaces/{owner}/{name}/connect", connect::connect)
+    .at(get.clone(), "/netcheck", diagnostics::netcheck_targets)
+    .at(
+        get.clone(),
+        "/workspaces/{owner}/{name}/agents/{agent}/logs",
+        workspaces::agent_logs,
+    )
+    .at(get.clone(), "/agent/control", crate::control::control_handler)
+    .at(get, "/debug/relay", diagnostics::relay_stats)
+}
+
+/// Every route of [`router`], for tests that must cover them all.
+pub fn route_table() -> Vec<Route> {
+    let mut table = vec![
+        Route {
+            method: "GET",
+            path: "/healthz".into(),
+        },
+        Route {
+            method: "GET",
+            path: "/metrics".into(),
+        },
+        Route {
+            method: "GET",
+            path: iroh_relay::http::RELAY_PATH.into(),
+        },
+        Route {
+            method: "GET",
+            path: iroh_relay::http::RELAY_PROBE_PATH.into(),
+        },
+    ];
+    table.extend(api_routes().table);
+    table
 }
 
 pub(crate) fn router(state: AppState) -> Router {
     // Counts requests by their matched route, so it wraps routes, not the router.
     let counted =
         axum::middleware::from_fn_with_state(state.metrics.clone(), crate::metrics::count_requests);
-    let api = Router::new()
-        .route("/buildinfo", get(buildinfo))
-        .route(
-            "/users/first",
-            get(users::first_user_status).post(users::create_first_user),
-        )
-        .route("/users/login", post(users::login))
-        .route("/users/logout", post(users::logout))
-        .route("/users/me", get(users::me))
-        .route("/users", get(users::list_users).post(users::create_user))
-        .route(
-            "/tokens",
-            get(tokens::list_tokens).post(tokens::create_token),
-        )
-        .route("/tokens/{name}", delete(tokens::delete_token))
-        .route(
-            "/workspaces",
-            get(workspaces::list_workspaces).post(workspaces::create_workspace),
-        )
-        .route(
-            "/workspaces/{owner}/{name}",
-            get(workspaces::get_workspace).delete(workspaces::delete_workspace),
-        )
-        .route(
-            "/workspaces/{owner}/{name}/agents/{agent}/token",
-            post(workspaces::rotate_agent_token),
-        )
-        .route("/workspaces/{owner}/{name}/connect", post(connect::connect))
-        .route("/netcheck", get(diagnostics::netcheck_targets))
-        .route(
-            "/workspaces/{owner}/{name}/agents/{agent}/logs",
-            get(workspaces::agent_logs),
-        )
-        .route("/agent/control", get(crate::control::control_handler))
-        .route("/debug/relay", get(diagnostics::relay_stats))
-        .route_layer(counted.clone());
+    let api = api_routes().router.route_layer(counted.clone());
     let relay_routes = Router::new()
         .route(iroh_relay::http::RELAY_PATH, get(relay::relay_handler))
         .route(iroh_relay::http::RELAY_PROBE_PATH, get(relay::ping_handler))
@@ -111,8 +193,59 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.request_timeout,
+            request_deadline,
+        ))
         .with_state(state)
         .merge(relay_routes)
+}
+
+/// Answers `503` when a request (its body read included: a client trickling a body
+/// is as slow as one trickling headers) takes longer than `limit`. A WebSocket
+/// upgrade is answered at once, so a channel outlives it.
+async fn request_deadline(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = req.uri().path().to_owned();
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::warn!(path, ?limit, "request timed out");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the request took longer than {}s", limit.as_secs_f64()),
+                "send the whole request promptly; if the coordinator is overloaded, try again",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Revocation on live state: closes `agent_ids`' control channels now (their token
+/// was rotated, their workspace deleted) and drops their endpoints from the relay;
+/// the registry forgets them as their channels end, so the relay admits them no more.
+fn close_agents(state: &AppState, agent_ids: &[String], reason: &str) {
+    let endpoints = state
+        .registry
+        .push(agent_ids, &Push::Close(reason.to_owned()));
+    state.relay.disconnect(&endpoints);
+}
+
+/// Revocation on live state: withdraws what `token_ids` (deleted, or their user
+/// disabled) granted: the relay admission of the clients that got tickets under
+/// them, and, on every live agent, the mesh sessions those tickets opened.
+fn revoke_tokens(state: &AppState, token_ids: Vec<String>) {
+    if token_ids.is_empty() {
+        return;
+    }
+    let clients = state.registry.revoke_clients(&token_ids);
+    state.relay.disconnect(&clients);
+    let agents = state.registry.live_agent_ids();
+    state.registry.push(&agents, &Push::Revoke { token_ids });
 }
 
 /// Runs blocking store or hashing work off the async runtime.

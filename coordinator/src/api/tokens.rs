@@ -75,7 +75,8 @@ pub(super) async fn create_token(
     );
     let record = issued.record.clone();
     let store = state.store.clone();
-    blocking(move || Ok(store.insert_token(&record)?)).await?;
+    let max = Some(state.quotas.api_tokens_per_user);
+    blocking(move || Ok(store.insert_token(&record, max)?)).await?;
     let info =
         token_info(&issued.record).ok_or_else(|| ApiError::internal("token kind mismatch", ""))?;
     Ok((
@@ -96,12 +97,12 @@ pub(super) async fn delete_token(
     let store = state.store.clone();
     let owner = caller.user.username.clone();
     let n = name.clone();
-    let existed = blocking(move || Ok(store.delete_api_token(&owner, &n)?)).await?;
-    if !existed {
+    let Some(id) = blocking(move || Ok(store.delete_api_token(&owner, &n)?)).await? else {
         return Err(ApiError::not_found(
             format!("token {name} not found"),
             "list your tokens with `myco tokens ls`",
         ));
-    }
+    };
+    super::revoke_tokens(&state, vec![id]);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -18,8 +18,6 @@ use crate::registry::MeshRegistry;
 use crate::status::{ConnectionTimes, StatusPolicy, agent_status};
 use crate::store::{AgentRecord, AgentReports, StoredConnection, TokenKind, WorkspaceRecord};
 
-/// Agents in one workspace.
-const MAX_AGENTS: usize = 64;
 /// Apps of one agent.
 const MAX_APPS: usize = 64;
 
@@ -135,17 +133,19 @@ pub(super) async fn list_workspaces(
     ))
 }
 
-fn validate_workspace(spec: &CreateWorkspace) -> ApiResult<()> {
+fn validate_workspace(spec: &CreateWorkspace, max_agents: usize) -> ApiResult<()> {
     if spec.agents.is_empty() {
         return Err(ApiError::bad_request(
             "a workspace needs at least one agent",
             "add an agent, e.g. {\"name\": \"main\"}",
         ));
     }
-    if spec.agents.len() > MAX_AGENTS {
-        return Err(ApiError::bad_request(
+    if spec.agents.len() > max_agents {
+        return Err(ApiError::forbidden(
             format!("too many agents ({})", spec.agents.len()),
-            format!("a workspace holds at most {MAX_AGENTS}"),
+            format!(
+                "a workspace holds at most {max_agents} (the operator's quota, `myco server --max-agents-per-workspace`)"
+            ),
         ));
     }
     let mut seen = std::collections::HashSet::new();
@@ -228,7 +228,7 @@ pub(super) async fn create_workspace(
     caller: Caller,
     ApiJson(spec): ApiJson<CreateWorkspace>,
 ) -> ApiResult<(StatusCode, Json<CreatedWorkspace>)> {
-    validate_workspace(&spec)?;
+    validate_workspace(&spec, state.quotas.agents_per_workspace)?;
     let now = Timestamp::now();
     let ws_id = auth::new_id();
     let mut agents = Vec::with_capacity(spec.agents.len());
@@ -270,8 +270,9 @@ pub(super) async fn create_workspace(
         agents,
     };
     let store = state.store.clone();
+    let max = (!caller.user.admin).then_some(state.quotas.workspaces_per_user);
     let ws = blocking(move || {
-        store.create_workspace(&ws, &tokens)?;
+        store.create_workspace(&ws, &tokens, max)?;
         Ok(ws)
     })
     .await?;
@@ -323,7 +324,14 @@ pub(super) async fn delete_workspace(
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
     let store = state.store.clone();
     let (o, n) = (ws.owner.clone(), ws.name.clone());
-    blocking(move || Ok(store.delete_workspace(&o, &n)?)).await?;
+    let deleted = blocking(move || Ok(store.delete_workspace(&o, &n)?)).await?;
+    let agent_ids: Vec<String> = deleted
+        .iter()
+        .flat_map(|w| &w.agents)
+        .map(|a| a.id.clone())
+        .collect();
+    state.ledger.forget(&agent_ids);
+    super::close_agents(&state, &agent_ids, "the workspace was deleted");
     tracing::info!(owner = %ws.owner, workspace = %ws.name, by = %caller.user.username, "workspace deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -348,6 +356,11 @@ pub(super) async fn rotate_agent_token(
     let record = issued.record;
     let (o, n, a) = (ws.owner.clone(), ws.name.clone(), agent.clone());
     blocking(move || Ok(store.rotate_agent_token(&o, &n, &a, &record)?)).await?;
+    super::close_agents(
+        &state,
+        std::slice::from_ref(&rec.id),
+        "the agent token was rotated; restart the agent with the new one",
+    );
     tracing::info!(owner = %ws.owner, workspace = %ws.name, agent = %agent, "agent token rotated");
     Ok(Json(RotatedAgentToken {
         agent_token: AgentToken {
