@@ -102,9 +102,8 @@ pub fn check(
         && let (Some(old), Some(new), Some(rq)) = (old_cert, &cert, relay_quic)
         && old != new
     {
-        let signed = relay_quic_signature.is_some_and(|sig| {
-            mesh::sign::verify_qad_cert(&key, &rq.cert_der_hex, sig).is_ok()
-        });
+        let signed = relay_quic_signature
+            .is_some_and(|sig| mesh::sign::verify_qad_cert(&key, &rq.cert_der_hex, sig).is_ok());
         if !signed {
             return Err(PinError::QadCertChanged {
                 file: file.display().to_string(),
@@ -214,7 +213,10 @@ mod tests {
         );
         let err = check(Some(&pin), None, &file(), key(2).public(), None, None).unwrap_err();
         assert!(matches!(err, PinError::KeyChanged { .. }));
-        assert!(err.to_string().contains("delete /data/coordinator.pin"), "{err}");
+        assert!(
+            err.to_string().contains("delete /data/coordinator.pin"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -250,7 +252,14 @@ mod tests {
         ));
         let forged = mesh::sign::qad_cert_signature(&key(9), "bb");
         assert!(matches!(
-            check(Some(&pin), None, &file(), k.public(), Some(&rq("bb")), Some(&forged)),
+            check(
+                Some(&pin),
+                None,
+                &file(),
+                k.public(),
+                Some(&rq("bb")),
+                Some(&forged)
+            ),
             Err(PinError::QadCertChanged { .. })
         ));
         let signed = mesh::sign::qad_cert_signature(&k, "bb");

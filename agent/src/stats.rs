@@ -32,7 +32,10 @@ fn issued_before(claims: &mesh::ticket::TicketClaims, revoked_at: Timestamp) -> 
         .expires_at
         .unix_millis()
         .saturating_sub(millis(mesh::ticket::LIFETIME));
-    issued <= revoked_at.unix_millis().saturating_add(millis(REVOKE_SLACK))
+    issued
+        <= revoked_at
+            .unix_millis()
+            .saturating_add(millis(REVOKE_SLACK))
 }
 
 /// What the mesh server tells the stats: connections and sessions.

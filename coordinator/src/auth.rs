@@ -47,7 +47,10 @@ pub fn setup_code() -> String {
 pub fn setup_code_matches(expected: &str, given: &str) -> bool {
     use subtle::ConstantTimeEq;
     let norm = |s: &str| s.trim().to_ascii_lowercase().replace([' ', '-'], "");
-    norm(expected).as_bytes().ct_eq(norm(given).as_bytes()).into()
+    norm(expected)
+        .as_bytes()
+        .ct_eq(norm(given).as_bytes())
+        .into()
 }
 
 /// A new random id for a record (workspace, agent).

@@ -162,71 +162,71 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                 continue;
             }
             match m {
-                    AgentMessage::Addr { addr, proof } => {
-                        if proven != Some(addr.id) {
-                            budget.endpoint_claims += 1;
-                            if budget.endpoint_claims > MAX_ENDPOINT_CLAIMS {
-                                close(&mut socket, "too many endpoint keys on one channel").await;
-                                break "over its limits";
-                            }
-                            if let Err(refusal) =
-                                prove_endpoint(&state, &agent, &challenge, &addr, &proof).await
-                            {
-                                tracing::warn!(endpoint = %addr.id, "agent address refused: {refusal}");
-                                close(&mut socket, &refusal).await;
-                                break "endpoint refused";
-                            }
-                            proven = Some(addr.id);
+                AgentMessage::Addr { addr, proof } => {
+                    if proven != Some(addr.id) {
+                        budget.endpoint_claims += 1;
+                        if budget.endpoint_claims > MAX_ENDPOINT_CLAIMS {
+                            close(&mut socket, "too many endpoint keys on one channel").await;
+                            break "over its limits";
                         }
-                        tracing::info!(endpoint = %addr.id.fmt_short(), addrs = ?addr.addrs, "agent address");
-                        if !state.registry.agent_addr(&agent.agent_id, channel, addr) {
-                            let refusal = "this endpoint id is in use by another live agent";
-                            tracing::warn!("agent address refused: {refusal}");
-                            close(&mut socket, refusal).await;
+                        if let Err(refusal) =
+                            prove_endpoint(&state, &agent, &challenge, &addr, &proof).await
+                        {
+                            tracing::warn!(endpoint = %addr.id, "agent address refused: {refusal}");
+                            close(&mut socket, &refusal).await;
                             break "endpoint refused";
                         }
+                        proven = Some(addr.id);
                     }
-                    AgentMessage::Heartbeat => {
-                        state.ledger.heartbeat(&id, Timestamp::now());
-                        state.metrics.heartbeat();
+                    tracing::info!(endpoint = %addr.id.fmt_short(), addrs = ?addr.addrs, "agent address");
+                    if !state.registry.agent_addr(&agent.agent_id, channel, addr) {
+                        let refusal = "this endpoint id is in use by another live agent";
+                        tracing::warn!("agent address refused: {refusal}");
+                        close(&mut socket, refusal).await;
+                        break "endpoint refused";
                     }
-                    AgentMessage::HostKey { openssh } => {
-                        // Checked above; what is stored is the canonical form.
-                        let Ok(openssh) = mesh::limits::canonical_host_key(&openssh) else {
-                            continue;
-                        };
-                        let store = state.store.clone();
-                        let (ws, id) = (agent.workspace_id.clone(), id.clone());
-                        let saved = tokio::task::spawn_blocking(move || {
-                            store.set_agent_host_key(&ws, &id, &openssh)
-                        })
-                        .await;
-                        match saved {
-                            Ok(Ok(true)) => tracing::info!("agent SSH host key recorded"),
-                            Ok(Ok(false)) => {}
-                            Ok(Err(e)) => {
-                                tracing::warn!("cannot record the agent's SSH host key: {e}")
-                            }
-                            Err(e) => tracing::warn!("cannot record the agent's SSH host key: {e}"),
+                }
+                AgentMessage::Heartbeat => {
+                    state.ledger.heartbeat(&id, Timestamp::now());
+                    state.metrics.heartbeat();
+                }
+                AgentMessage::HostKey { openssh } => {
+                    // Checked above; what is stored is the canonical form.
+                    let Ok(openssh) = mesh::limits::canonical_host_key(&openssh) else {
+                        continue;
+                    };
+                    let store = state.store.clone();
+                    let (ws, id) = (agent.workspace_id.clone(), id.clone());
+                    let saved = tokio::task::spawn_blocking(move || {
+                        store.set_agent_host_key(&ws, &id, &openssh)
+                    })
+                    .await;
+                    match saved {
+                        Ok(Ok(true)) => tracing::info!("agent SSH host key recorded"),
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!("cannot record the agent's SSH host key: {e}")
                         }
+                        Err(e) => tracing::warn!("cannot record the agent's SSH host key: {e}"),
                     }
-                    AgentMessage::Lifecycle {
-                        state: s,
-                        changed_at,
-                    } => {
-                        tracing::info!(lifecycle = %s, "agent lifecycle");
-                        state.ledger.lifecycle(&id, s, changed_at);
-                    }
-                    AgentMessage::AppHealth { changes } => {
-                        state.ledger.app_health(&id, changes);
-                    }
-                    AgentMessage::Stats { stats } => state.ledger.stats(&id, stats),
-                    AgentMessage::Metadata { items } => state.ledger.metadata(&id, items),
-                    AgentMessage::Logs { lines } => state.ledger.logs(&id, lines),
-                    AgentMessage::Netcheck { result } => {
-                        tracing::info!(reason = %result.reason, summary = %result.report.summary(), "agent netcheck");
-                        state.ledger.netcheck(&id, result);
-                    }
+                }
+                AgentMessage::Lifecycle {
+                    state: s,
+                    changed_at,
+                } => {
+                    tracing::info!(lifecycle = %s, "agent lifecycle");
+                    state.ledger.lifecycle(&id, s, changed_at);
+                }
+                AgentMessage::AppHealth { changes } => {
+                    state.ledger.app_health(&id, changes);
+                }
+                AgentMessage::Stats { stats } => state.ledger.stats(&id, stats),
+                AgentMessage::Metadata { items } => state.ledger.metadata(&id, items),
+                AgentMessage::Logs { lines } => state.ledger.logs(&id, lines),
+                AgentMessage::Netcheck { result } => {
+                    tracing::info!(reason = %result.reason, summary = %result.report.summary(), "agent netcheck");
+                    state.ledger.netcheck(&id, result);
+                }
             }
         }
     } else {

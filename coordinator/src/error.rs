@@ -112,7 +112,9 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::OwnsWorkspaces(user) => Self::conflict(
                 format!("user {user} still owns workspaces"),
-                format!("delete them first (`myco ls --all`, `myco delete {user}/WS`), or disable the user instead"),
+                format!(
+                    "delete them first (`myco ls --all`, `myco delete {user}/WS`), or disable the user instead"
+                ),
             ),
             StoreError::FirstUserExists => Self::conflict(
                 "the first user has already been created",

@@ -92,10 +92,12 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
-        let service = app.clone().map_request(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            req.map(axum::body::Body::new)
-        });
+        let service = app
+            .clone()
+            .map_request(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.map(axum::body::Body::new)
+            });
         let mut closing = closing_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -145,7 +147,9 @@ impl PerIp {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
         // Plain counters, each update complete: a panic elsewhere cannot corrupt them.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {

@@ -20,8 +20,8 @@ pub mod status;
 pub mod store;
 mod throttle;
 
-pub use control::HEARTBEAT_INTERVAL;
 pub use api::{Route, route_table};
+pub use control::HEARTBEAT_INTERVAL;
 pub use quota::Quotas;
 pub use server::{Coordinator, ServerConfig, ServerError};
 pub use throttle::LoginLimits;

@@ -95,6 +95,8 @@ struct ScrapeState {
 pub struct RelaySources {
     pub relay: Arc<iroh_relay::server::Metrics>,
     pub qad: Arc<crate::qad::QadServer>,
+    /// The HTTP listener's own counters (connections refused over the caps).
+    pub http: Arc<crate::http::HttpCounters>,
 }
 
 impl CoordinatorMetrics {
@@ -841,6 +843,14 @@ impl Collector for RelayCollector {
                 "relay_qad_connections",
                 "QUIC address discovery connections served",
                 self.0.qad.connections(),
+            ),
+            (
+                "http_refused_connections",
+                "HTTP connections closed at accept: over --max-connections or --max-connections-per-ip",
+                self.0
+                    .http
+                    .refused_connections
+                    .load(std::sync::atomic::Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {

@@ -173,19 +173,10 @@ impl MeshRegistry {
 
     /// Admits a client endpoint to the relay until `until` (its ticket's expiry), for
     /// a user asking with token `token_id`.
-    pub fn allow_client(
-        &self,
-        id: EndpointId,
-        until: Timestamp,
-        now: Timestamp,
-        token_id: &str,
-    ) {
+    pub fn allow_client(&self, id: EndpointId, until: Timestamp, now: Timestamp, token_id: &str) {
         let mut inner = self.lock();
         inner.clients.retain(|_, g| g.until > now);
-        let until = inner
-            .clients
-            .get(&id)
-            .map_or(until, |g| g.until.max(until));
+        let until = inner.clients.get(&id).map_or(until, |g| g.until.max(until));
         inner.clients.insert(
             id,
             ClientGrant {

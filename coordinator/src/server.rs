@@ -291,9 +291,11 @@ impl Coordinator {
     ) -> Result<(), ServerError> {
         let registry = MeshRegistry::default();
         let relay = RelayState::new(registry.clone(), self.store.clone(), self.relay_limit);
+        let http_counters = Arc::new(crate::http::HttpCounters::default());
         let metrics = CoordinatorMetrics::new(RelaySources {
             relay: relay.metrics.clone(),
             qad: self.qad.clone(),
+            http: http_counters.clone(),
         });
         let policy =
             StatusPolicy::for_heartbeat(self.heartbeat_interval, self.agent_connection_timeout);
@@ -369,7 +371,7 @@ impl Coordinator {
             self.listener,
             app,
             self.http_limits,
-            Arc::default(),
+            http_counters,
             stopped(),
         )
         .await

@@ -862,7 +862,11 @@ impl Store {
     }
 
     /// Deletes `owner`'s API token called `name`. Returns its id if it existed.
-    pub fn delete_api_token(&self, owner: &Name, name: &Name) -> Result<Option<String>, StoreError> {
+    pub fn delete_api_token(
+        &self,
+        owner: &Name,
+        name: &Name,
+    ) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_write()?;
         let existed = {
             let mut names = txn.open_table(TOKEN_NAMES)?;
@@ -1006,7 +1010,11 @@ impl Store {
         };
         // Marked before the commit, under this write transaction: a flush's write
         // transaction can only begin after it, and then sees the mark.
-        let ids: Vec<String> = deleted.iter().flat_map(|w| &w.agents).map(|a| a.id.clone()).collect();
+        let ids: Vec<String> = deleted
+            .iter()
+            .flat_map(|w| &w.agents)
+            .map(|a| a.id.clone())
+            .collect();
         let mut marks = self.deleted_agents();
         marks.extend(ids.iter().cloned());
         if let Err(e) = txn.commit() {
@@ -1519,11 +1527,21 @@ mod tests {
             ..AgentStateBatch::default()
         };
         store.write_agent_state(&batch).unwrap();
-        assert!(store.agent_state("1-a").unwrap().0.last_connected_at.is_some());
+        assert!(
+            store
+                .agent_state("1-a")
+                .unwrap()
+                .0
+                .last_connected_at
+                .is_some()
+        );
         store.delete_workspace(&name("alice"), &name("a")).unwrap();
         // A flush that took its batch before the delete writes after it.
         store.write_agent_state(&batch).unwrap();
-        assert_eq!(store.agent_state("1-a").unwrap().0, StoredConnection::default());
+        assert_eq!(
+            store.agent_state("1-a").unwrap().0,
+            StoredConnection::default()
+        );
     }
 
     #[test]
@@ -1578,9 +1596,19 @@ mod tests {
             .unwrap();
         assert!(store.token("3-t").unwrap().is_none());
         assert!(store.token("new").unwrap().is_some());
-        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap().is_some());
+        assert!(
+            store
+                .delete_workspace(&name("bob"), &name("z"))
+                .unwrap()
+                .is_some()
+        );
         assert!(store.token("new").unwrap().is_none());
-        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap().is_none());
+        assert!(
+            store
+                .delete_workspace(&name("bob"), &name("z"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -1609,7 +1637,12 @@ mod tests {
             .rotate_agent_token(&name("bob"), &name("z"), &name("main"), &agent_token("new"))
             .unwrap();
         assert_eq!(changes(), 3);
-        assert!(store.delete_workspace(&name("bob"), &name("z")).unwrap().is_some());
+        assert!(
+            store
+                .delete_workspace(&name("bob"), &name("z"))
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(changes(), 4);
     }
 

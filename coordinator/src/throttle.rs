@@ -81,7 +81,10 @@ impl Throttle {
         }
         if let Err(not_until) = self.per_user.check_key(&username.to_owned()) {
             let wait = not_until.wait_time_from(self.clock.now());
-            tracing::warn!(user = username, "login attempts for this user are rate limited");
+            tracing::warn!(
+                user = username,
+                "login attempts for this user are rate limited"
+            );
             return Err(ApiError::too_many_requests(
                 format!("too many login attempts for user {username}"),
                 "wait and try again",
@@ -161,29 +164,39 @@ mod tests {
         assert_eq!(e.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
         assert!(e.retry_after().unwrap() > Duration::ZERO);
         // Another address is not affected.
-        t.attempt(Some("192.0.2.2".parse().unwrap()), "user9").unwrap();
+        t.attempt(Some("192.0.2.2".parse().unwrap()), "user9")
+            .unwrap();
     }
 
     #[test]
     fn a_username_is_limited_whatever_the_address() {
         let t = Throttle::new(limits(100, 2), 1);
-        t.attempt(Some("192.0.2.1".parse().unwrap()), "alice").unwrap();
-        t.attempt(Some("192.0.2.2".parse().unwrap()), "alice").unwrap();
+        t.attempt(Some("192.0.2.1".parse().unwrap()), "alice")
+            .unwrap();
+        t.attempt(Some("192.0.2.2".parse().unwrap()), "alice")
+            .unwrap();
         let e = t
             .attempt(Some("192.0.2.3".parse().unwrap()), "alice")
             .unwrap_err();
         assert!(e.message().contains("alice"), "{e:?}");
-        t.attempt(Some("192.0.2.3".parse().unwrap()), "bob").unwrap();
+        t.attempt(Some("192.0.2.3".parse().unwrap()), "bob")
+            .unwrap();
     }
 
     #[test]
     fn ipv6_addresses_of_one_prefix_share_a_budget() {
         let t = Throttle::new(limits(1, 100), 1);
-        t.attempt(Some("2001:db8::1".parse().unwrap()), "a").unwrap();
-        assert!(t.attempt(Some("2001:db8::2".parse().unwrap()), "b").is_err());
-        t.attempt(Some("2001:db8:0:1::1".parse().unwrap()), "c").unwrap();
+        t.attempt(Some("2001:db8::1".parse().unwrap()), "a")
+            .unwrap();
+        assert!(
+            t.attempt(Some("2001:db8::2".parse().unwrap()), "b")
+                .is_err()
+        );
+        t.attempt(Some("2001:db8:0:1::1".parse().unwrap()), "c")
+            .unwrap();
         // An IPv4-mapped address counts as the IPv4 one.
-        t.attempt(Some("::ffff:192.0.2.7".parse().unwrap()), "d").unwrap();
+        t.attempt(Some("::ffff:192.0.2.7".parse().unwrap()), "d")
+            .unwrap();
         assert!(t.attempt(Some("192.0.2.7".parse().unwrap()), "e").is_err());
     }
 

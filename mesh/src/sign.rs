@@ -163,7 +163,10 @@ mod tests {
         let k = key(1);
         let c = new_challenge();
         let p = endpoint_proof(&k, &c, "agent-a");
-        assert_eq!(verify_endpoint_proof(&k.public(), &c, "agent-a", &p), Ok(()));
+        assert_eq!(
+            verify_endpoint_proof(&k.public(), &c, "agent-a", &p),
+            Ok(())
+        );
         // Another key, another channel's challenge, another agent: refused.
         assert_eq!(
             verify_endpoint_proof(&key(2).public(), &c, "agent-a", &p),

@@ -247,6 +247,8 @@ pub struct TestEnv {
     pub url: String,
     /// The coordinator's ticket key as `myco server` printed it.
     pub ticket_key: String,
+    /// The first-user setup code, when `myco server` printed one.
+    setup_code: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl TestEnv {
@@ -270,7 +272,12 @@ impl TestEnv {
     /// An admin, users `alice` and `bob`, alice's workspace `dev` and its connected
     /// agent: the setup of every "another user is refused" test.
     pub fn alice_and_bob() -> (Self, AgentProc) {
-        let env = Self::start();
+        Self::alice_and_bob_with(&[])
+    }
+
+    /// Like [`TestEnv::alice_and_bob`], with more `myco server` arguments.
+    pub fn alice_and_bob_with(server_args: &[&str]) -> (Self, AgentProc) {
+        let env = Self::start_with(server_args);
         env.bootstrap("admin");
         env.add_user("admin", "alice");
         env.add_user("admin", "bob");
@@ -305,9 +312,21 @@ impl TestEnv {
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
             url: String::new(),
             ticket_key: String::new(),
+            setup_code: Default::default(),
         };
         env.start_server();
         env
+    }
+
+    /// The first-user setup code `myco server` printed (it does so when its listener
+    /// is not on loopback); waits (bounded) for the line.
+    pub fn setup_code(&self) -> String {
+        let mut code = None;
+        eventually("the server prints its setup code", || {
+            code = self.setup_code.lock().unwrap().clone();
+            code.is_some()
+        });
+        code.unwrap()
     }
 
     /// The env's temp dir (config dirs, agents' data and logs, the store).
@@ -369,8 +388,16 @@ impl TestEnv {
                 }
             }
         }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.by_ref() {});
+        // Keep draining stdout so the server never blocks on a full pipe, noting a
+        // setup code on the way.
+        let setup_code = self.setup_code.clone();
+        std::thread::spawn(move || {
+            for line in lines.by_ref().map_while(Result::ok) {
+                if let Some((_, code)) = line.split_once("--setup-code ") {
+                    *setup_code.lock().unwrap() = Some(code.trim().to_owned());
+                }
+            }
+        });
         self.url = listening.clone();
         self.addr = Some(listening.trim_start_matches("http://").to_owned());
         self.server = Some(Server { child });
@@ -600,7 +627,13 @@ impl TestEnv {
     pub fn login_as(&self, dir: &str, username: &str, password: &str) {
         self.run_with_input(
             dir,
-            &["login", &self.url, "--username", username, "--password-stdin"],
+            &[
+                "login",
+                &self.url,
+                "--username",
+                username,
+                "--password-stdin",
+            ],
             &format!("{password}\n"),
         )
         .ok();

@@ -12,7 +12,14 @@ use tests::TestEnv;
 
 /// The credentials, in the order of a row's statuses.
 const KINDS: [&str; 8] = [
-    "none", "malformed", "expired", "revoked", "other", "agent", "user", "admin",
+    "none",
+    "malformed",
+    "expired",
+    "revoked",
+    "other",
+    "agent",
+    "user",
+    "admin",
 ];
 
 /// One row: the route, a body to send (checked only after authentication), and the
@@ -75,8 +82,16 @@ fn rows() -> Vec<Row> {
         row("GET", "/ping", public_ok),
         // Admins only.
         row("GET", "/metrics", [401, 401, 401, 401, 403, 401, 403, 200]),
-        row("GET", "/api/v1/debug/relay", [401, 401, 401, 401, 403, 401, 403, 200]),
-        row("GET", "/api/v1/users", [401, 401, 401, 401, 403, 401, 403, 200]),
+        row(
+            "GET",
+            "/api/v1/debug/relay",
+            [401, 401, 401, 401, 403, 401, 403, 200],
+        ),
+        row(
+            "GET",
+            "/api/v1/users",
+            [401, 401, 401, 401, 403, 401, 403, 200],
+        ),
         row_with(
             "POST",
             "/api/v1/users",
@@ -84,11 +99,19 @@ fn rows() -> Vec<Row> {
             [401, 401, 401, 401, 403, 401, 403, 201],
         ),
         // Any user, about themselves.
-        row("GET", "/api/v1/users/me", [401, 401, 401, 401, 200, 401, 200, 200]),
+        row(
+            "GET",
+            "/api/v1/users/me",
+            [401, 401, 401, 401, 200, 401, 200, 200],
+        ),
         // What netcheck probes (the relay URL, the QAD ports and certificate), so
         // it can run before a login: public, and nothing in it is secret.
         row("GET", "/api/v1/netcheck", public_ok),
-        row("GET", "/api/v1/tokens", [401, 401, 401, 401, 200, 401, 200, 200]),
+        row(
+            "GET",
+            "/api/v1/tokens",
+            [401, 401, 401, 401, 200, 401, 200, 200],
+        ),
         row_with(
             "POST",
             "/api/v1/tokens",
@@ -100,7 +123,11 @@ fn rows() -> Vec<Row> {
             "/api/v1/tokens/{name}",
             [401, 401, 401, 401, 404, 401, 404, 404],
         ),
-        row("GET", "/api/v1/workspaces", [401, 401, 401, 401, 200, 401, 200, 200]),
+        row(
+            "GET",
+            "/api/v1/workspaces",
+            [401, 401, 401, 401, 200, 401, 200, 200],
+        ),
         row_with(
             "POST",
             "/api/v1/workspaces",
@@ -125,7 +152,11 @@ fn rows() -> Vec<Row> {
             [401, 401, 401, 401, 404, 401, 409, 409],
         ),
         // The agent's channel: only an agent token, and then only as a WebSocket.
-        row("GET", "/api/v1/agent/control", [401, 401, 401, 401, 401, 400, 401, 401]),
+        row(
+            "GET",
+            "/api/v1/agent/control",
+            [401, 401, 401, 401, 401, 400, 401, 401],
+        ),
         // Another user's account: admins only; users about themselves via `me`.
         row(
             "POST",

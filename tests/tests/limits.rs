@@ -20,7 +20,8 @@ fn server_addr(env: &TestEnv) -> SocketAddr {
 /// A connection from `src` that sends part of a request's headers and then nothing.
 fn slow_client(server: SocketAddr, src: &str) -> TcpStream {
     let mut s = connect_from(server, src);
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     s
 }
 
@@ -43,8 +44,7 @@ fn healthz_from(server: SocketAddr, src: &str) -> bool {
     let mut s = connect_from(server, src);
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    if s
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .is_err()
     {
         return false;
@@ -65,9 +65,10 @@ fn slow_clients_cannot_hold_the_listener() {
     let server = server_addr(&env);
     // Four connections that never finish their headers take 127.0.0.1's share...
     let mut slow: Vec<TcpStream> = (0..4).map(|_| slow_client(server, "127.0.0.1")).collect();
-    tests::eventually("a fifth connection from the same address is refused", || {
-        !healthz_from(server, "127.0.0.1")
-    });
+    tests::eventually(
+        "a fifth connection from the same address is refused",
+        || !healthz_from(server, "127.0.0.1"),
+    );
     // ...but not the listener: another address is served meanwhile.
     assert!(healthz_from(server, "127.0.0.2"));
     // The server closes them once the header timeout passes, and the address is
@@ -85,6 +86,19 @@ fn slow_clients_cannot_hold_the_listener() {
     tests::eventually("127.0.0.1 is served again", || {
         healthz_from(server, "127.0.0.1")
     });
+    // The operator sees the refusals.
+    env.bootstrap("admin");
+    let page = env
+        .http()
+        .get("/metrics", Some(&env.token_of("admin")))
+        .body;
+    let refused = page
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("myco_http_refused_connections_total "))
+        .unwrap_or_else(|| panic!("no refused counter: {page}"));
+    assert!(refused.trim().parse::<u64>().unwrap() >= 1, "{refused}");
 }
 
 #[test]
@@ -105,7 +119,10 @@ fn a_relay_client_that_never_shakes_hands_is_dropped() {
     let started = std::time::Instant::now();
     // Read until the server hangs up; it must, well before our 60 s read timeout.
     let r = s.read_to_end(&mut buf);
-    assert!(r.is_ok(), "the relay never dropped the silent client: {r:?}");
+    assert!(
+        r.is_ok(),
+        "the relay never dropped the silent client: {r:?}"
+    );
     let head = String::from_utf8_lossy(&buf);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     eprintln!("silent relay client dropped after {:?}", started.elapsed());
@@ -115,9 +132,7 @@ async fn agent_channel(
     env: &TestEnv,
     token: &str,
 ) -> (
-    tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     CoordinatorMessage,
 ) {
     let url = format!(
@@ -235,4 +250,192 @@ fn an_agent_flooding_its_channel_is_cut_off() {
         }
     });
     assert!(reason.contains("messages a second"), "{reason}");
+}
+
+/// A client of the API whose connections come from the loopback address `src`.
+fn api_from(src: &str) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .local_address(src.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A login attempt from `client`; returns the status, `Retry-After` and the JSON body.
+fn login(
+    client: &reqwest::blocking::Client,
+    env: &TestEnv,
+    username: &str,
+    password: &str,
+) -> (u16, Option<u64>, serde_json::Value) {
+    let resp = client
+        .post(format!("{}/api/v1/users/login", env.url))
+        .json(&serde_json::json!({"username": username, "password": password}))
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (status, retry, resp.json().unwrap())
+}
+
+#[test]
+fn login_floods_get_429_with_retry_after_and_the_rest_keeps_working() {
+    let (env, _agent) =
+        TestEnv::alice_and_bob_with(&["--login-rate-per-ip", "5", "--login-rate-per-user", "3"]);
+    // One address guessing at many users: five tries, then 429 with a wait.
+    let flooder = api_from("127.0.0.2");
+    let answers: Vec<_> = (0..20)
+        .map(|n| login(&flooder, &env, &format!("user{n}"), "guess-guess-guess"))
+        .collect();
+    assert!(answers[..5].iter().all(|a| a.0 == 401), "{answers:?}");
+    let limited: Vec<_> = answers[5..].iter().filter(|a| a.0 == 429).collect();
+    assert!(limited.len() >= 14, "{answers:?}");
+    for (_, retry, body) in &limited {
+        assert!(retry.unwrap() >= 1, "{answers:?}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("too many login attempts from your address"),
+            "{body}"
+        );
+    }
+    // Many addresses guessing at one user: three tries (bob's own login when he was
+    // added was the first), then 429 from anywhere...
+    for n in 0..2 {
+        let (status, ..) = login(
+            &api_from(&format!("127.0.1.{n}")),
+            &env,
+            "bob",
+            "wrong-password",
+        );
+        assert_eq!(status, 401);
+    }
+    let (status, retry, body) = login(&api_from("127.0.1.9"), &env, "bob", "wrong-password");
+    assert_eq!(status, 429, "{body}");
+    assert!(retry.is_some());
+    assert!(
+        body["message"].as_str().unwrap().contains("for user bob"),
+        "{body}"
+    );
+    // ...while another user logs in from another address, the API answers and the
+    // agent stays connected.
+    let (status, _, body) = login(&api_from("127.0.2.1"), &env, "alice", tests::PASSWORD);
+    assert_eq!(status, 200, "{body}");
+    env.run("alice", &["ls"]).ok();
+    assert_eq!(
+        env.wait_agent_status("alice", "dev", "connected")["status"],
+        "connected"
+    );
+}
+
+#[test]
+fn quotas_refuse_one_more_with_a_clear_error() {
+    let env = TestEnv::start_with(&[
+        "--max-workspaces-per-user",
+        "2",
+        "--max-agents-per-workspace",
+        "2",
+        "--max-api-tokens-per-user",
+        "2",
+    ]);
+    env.bootstrap("admin");
+    env.add_user("admin", "alice");
+    env.create_workspace("alice", "one");
+    env.create_workspace("alice", "two");
+    let err = env.run("alice", &["create", "three"]).fails();
+    assert!(
+        err.contains("alice holds 2 workspaces, the most allowed"),
+        "{err}"
+    );
+    // Admins are exempt from the workspace count.
+    for ws in ["a", "b", "c"] {
+        env.create_workspace("admin", ws);
+    }
+    // Room again after a delete.
+    env.run("alice", &["delete", "two", "--yes"]).ok();
+    env.create_workspace("alice", "three");
+
+    let spec = env.dir().join("three-agents.json");
+    std::fs::write(
+        &spec,
+        r#"{"agents": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}"#,
+    )
+    .unwrap();
+    let err = env
+        .run(
+            "admin",
+            &["create", "big", "--from", spec.to_str().unwrap()],
+        )
+        .fails();
+    assert!(err.contains("too many agents (3)"), "{err}");
+
+    env.run("alice", &["tokens", "create", "t1"]).ok();
+    env.run("alice", &["tokens", "create", "t2"]).ok();
+    let err = env.run("alice", &["tokens", "create", "t3"]).fails();
+    assert!(
+        err.contains("alice holds 2 API tokens, the most allowed"),
+        "{err}"
+    );
+    // Another user's quota is their own.
+    env.run("admin", &["tokens", "create", "t1"]).ok();
+}
+
+#[test]
+fn the_first_user_off_loopback_needs_the_setup_code() {
+    // Listening on every interface: whoever reaches it first must not become admin.
+    let env = TestEnv::start_in(None, "0.0.0.0", &["--access-url", "http://127.0.0.1:9"]);
+    let code = env.setup_code();
+    let first = |extra: &[&str]| {
+        let mut args = vec![
+            "login",
+            env.url.as_str(),
+            "--first-user",
+            "--username",
+            "root",
+            "--password-stdin",
+        ];
+        args.extend_from_slice(extra);
+        env.run_with_input("root", &args, &format!("{}\n", tests::PASSWORD))
+    };
+    let err = first(&[]).fails();
+    assert!(err.contains("--setup-code"), "{err}");
+    let err = first(&["--setup-code", "0000-0000-0000-0000-0000"]).fails();
+    assert!(err.contains("wrong setup code"), "{err}");
+    // The raw API says the same, as JSON.
+    let reply = env.http().post_json(
+        "/api/v1/users/first",
+        None,
+        &serde_json::json!({"username": "root", "password": tests::PASSWORD}),
+    );
+    assert!(reply.error(403).contains("needs the setup code"));
+    first(&["--setup-code", &code]).ok();
+    env.run("root", &["whoami"]).ok();
+}
+
+#[test]
+fn a_request_that_trickles_its_body_is_answered_503() {
+    let env = TestEnv::start_with(&["--request-timeout", "1s"]);
+    env.bootstrap("alice");
+    let token = env.token_of("alice");
+    let mut s = TcpStream::connect(server_addr(&env)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Headers in full, then a body that never comes.
+    write!(
+        s,
+        "POST /api/v1/workspaces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\""
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("the request took longer than 1s"), "{text}");
+    // Nothing was created, and the API is fine.
+    let shown = env.run("alice", &["ls", "-o", "json"]).ok().json();
+    assert_eq!(shown.as_array().map_or(0, Vec::len), 0, "{shown}");
 }

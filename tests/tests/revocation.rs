@@ -35,7 +35,12 @@ fn session_ended(mut child: Child) -> String {
         status.is_some()
     });
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!status.unwrap().success(), "{err}");
     err
 }
@@ -96,7 +101,10 @@ fn disabling_a_user_closes_their_sessions_and_enabling_restores_login() {
     assert!(err.contains("revoked"), "{err}");
     // Her API token stays but is refused while she is disabled, saying why.
     let reply = env.http().get("/api/v1/users/me", Some(&api_token));
-    assert!(reply.error(401).contains("user alice is disabled"), "{reply:?}");
+    assert!(
+        reply.error(401).contains("user alice is disabled"),
+        "{reply:?}"
+    );
     // Her login sessions are gone, and logging in again says why not.
     let err = env.run("alice", &["ls"]).fails();
     assert!(err.contains("invalid API token"), "{err}");
@@ -123,7 +131,10 @@ fn disabling_a_user_closes_their_sessions_and_enabling_restores_login() {
     assert_eq!(alice["disabled"], true);
 
     env.run("admin", &["users", "enable", "alice"]).ok();
-    assert_eq!(env.http().get("/api/v1/users/me", Some(&api_token)).status, 200);
+    assert_eq!(
+        env.http().get("/api/v1/users/me", Some(&api_token)).status,
+        200
+    );
     env.login("alice");
     env.run("alice", &["ssh", "dev", "--", "true"]).ok();
 }
@@ -147,7 +158,10 @@ fn logging_out_and_deleting_a_token_close_what_they_opened() {
         .unwrap()
         .to_owned();
     let mut child = env
-        .cmd("nobody", &["ssh", "alice/dev", "--", "echo ready; sleep 600"])
+        .cmd(
+            "nobody",
+            &["ssh", "alice/dev", "--", "echo ready; sleep 600"],
+        )
         .env("MYCO_URL", &env.url)
         .env("MYCO_TOKEN", &token)
         .stdin(Stdio::null())

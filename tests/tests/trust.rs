@@ -14,9 +14,7 @@ async fn rogue_channel(
     env: &TestEnv,
     token: &str,
 ) -> (
-    tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     CoordinatorMessage,
 ) {
     let url = format!(
@@ -125,11 +123,7 @@ fn a_rogue_agent_cannot_take_another_users_agent_endpoint() {
     // endpoint is alice's agent's, so the coordinator refuses it.
     let stolen = env.dir().join("stolen");
     std::fs::create_dir(&stolen).unwrap();
-    std::fs::copy(
-        victim.data_dir.join("agent.key"),
-        stolen.join("agent.key"),
-    )
-    .unwrap();
+    std::fs::copy(victim.data_dir.join("agent.key"), stolen.join("agent.key")).unwrap();
     let rogue = env.start_agent_at(None, &bob_token, &stolen, &[]);
     tests::eventually("the coordinator refuses the copied key", || {
         rogue.log().contains("is another agent's")
@@ -137,7 +131,9 @@ fn a_rogue_agent_cannot_take_another_users_agent_endpoint() {
     let line = env.run("bob", &["ssh", "mine", "--", "true"]).fails();
     assert!(line.contains("is not connected"), "{line}");
     // Alice's workspace is untouched and still hers.
-    let out = env.run("alice", &["ssh", "dev", "--", "echo", "still-mine"]).ok();
+    let out = env
+        .run("alice", &["ssh", "dev", "--", "echo", "still-mine"])
+        .ok();
     assert_eq!(out.stdout.trim(), "still-mine");
 }
 

@@ -24,7 +24,12 @@ pub struct LoginArgs {
     first_user: bool,
     /// With --first-user: the one-time setup code `myco server` printed at start,
     /// which it asks for when it listens beyond loopback (also MYCO_SETUP_CODE).
-    #[arg(long, env = "MYCO_SETUP_CODE", hide_env_values = true, requires = "first_user")]
+    #[arg(
+        long,
+        env = "MYCO_SETUP_CODE",
+        hide_env_values = true,
+        requires = "first_user"
+    )]
     setup_code: Option<String>,
 }
 

@@ -61,7 +61,12 @@ pub struct Args {
     /// What one relay client may send through the relay, in MiB a second, with a
     /// second's worth as burst (0: no limit). Above it the relay reads the client
     /// no faster, so one client cannot take the relay from the others.
-    #[arg(long, env = "MYCO_RELAY_CLIENT_RATE", default_value_t = 100, value_name = "MIB_PER_S")]
+    #[arg(
+        long,
+        env = "MYCO_RELAY_CLIENT_RATE",
+        default_value_t = 100,
+        value_name = "MIB_PER_S"
+    )]
     relay_client_rate: u64,
 
     /// HTTP connections served at once while they send a request; more are closed

@@ -97,14 +97,19 @@ pub async fn run(globals: &Globals, cmd: UsersCommand) -> anyhow::Result<()> {
         }
         UsersCommand::Ls { out } => {
             let users: Vec<User> = client.get("/api/v1/users").await?;
-            output::list(out.format, &users, &["USERNAME", "ADMIN", "CREATED", "STATE"], |u| {
-                vec![
-                    u.username.to_string(),
-                    u.admin.to_string(),
-                    u.created_at.to_string(),
-                    if u.disabled { "disabled" } else { "active" }.to_owned(),
-                ]
-            })
+            output::list(
+                out.format,
+                &users,
+                &["USERNAME", "ADMIN", "CREATED", "STATE"],
+                |u| {
+                    vec![
+                        u.username.to_string(),
+                        u.admin.to_string(),
+                        u.created_at.to_string(),
+                        if u.disabled { "disabled" } else { "active" }.to_owned(),
+                    ]
+                },
+            )
         }
         UsersCommand::Disable { username, out } => {
             let user: User = client

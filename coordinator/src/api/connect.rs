@@ -1,7 +1,6 @@
 //! `POST .../connect`: checks the caller may reach the agent, signs a short-lived
 //! ticket for the client's endpoint and admits that endpoint to the relay.
 
-
 use axum::Json;
 use axum::extract::{Path, State};
 use mesh::Timestamp;
@@ -62,12 +61,9 @@ pub(super) async fn connect(
         expires_at,
     };
     let ticket = mesh::ticket::sign(&state.signing_key, &claims);
-    state.registry.allow_client(
-        req.client_id,
-        expires_at,
-        now,
-        &caller.token.id,
-    );
+    state
+        .registry
+        .allow_client(req.client_id, expires_at, now, &caller.token.id);
     tracing::info!(user = %caller.user.username, agent = %target, client = %req.client_id.fmt_short(), "ticket issued");
     Ok(Json(ConnectInfo {
         agent: target,

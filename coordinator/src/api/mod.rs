@@ -133,8 +133,16 @@ fn api_routes() -> Routes {
     .at(delete.clone(), "/tokens/{name}", tokens::delete_token)
     .at(get.clone(), "/workspaces", workspaces::list_workspaces)
     .at(post.clone(), "/workspaces", workspaces::create_workspace)
-    .at(get.clone(), "/workspaces/{owner}/{name}", workspaces::get_workspace)
-    .at(delete, "/workspaces/{owner}/{name}", workspaces::delete_workspace)
+    .at(
+        get.clone(),
+        "/workspaces/{owner}/{name}",
+        workspaces::get_workspace,
+    )
+    .at(
+        delete,
+        "/workspaces/{owner}/{name}",
+        workspaces::delete_workspace,
+    )
     .at(
         post.clone(),
         "/workspaces/{owner}/{name}/agents/{agent}/token",
@@ -147,7 +155,11 @@ fn api_routes() -> Routes {
         "/workspaces/{owner}/{name}/agents/{agent}/logs",
         workspaces::agent_logs,
     )
-    .at(get.clone(), "/agent/control", crate::control::control_handler)
+    .at(
+        get.clone(),
+        "/agent/control",
+        crate::control::control_handler,
+    )
     .at(get, "/debug/relay", diagnostics::relay_stats)
 }
 

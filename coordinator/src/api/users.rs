@@ -102,23 +102,25 @@ pub(super) async fn create_first_user(
         }
     }
     let store = state.store.clone();
-    let user = state.throttle.hash(move || {
-        if store.has_users()? {
-            return Err(StoreError::FirstUserExists.into());
-        }
-        let hash = auth::hash_password(&body.password)
-            .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
-        let user = UserRecord {
-            username: body.username,
-            password_hash: hash,
-            admin: true,
-            created_at: Timestamp::now(),
-            disabled: false,
-        };
-        store.create_first_user(&user)?;
-        Ok(user)
-    })
-    .await?;
+    let user = state
+        .throttle
+        .hash(move || {
+            if store.has_users()? {
+                return Err(StoreError::FirstUserExists.into());
+            }
+            let hash = auth::hash_password(&body.password)
+                .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
+            let user = UserRecord {
+                username: body.username,
+                password_hash: hash,
+                admin: true,
+                created_at: Timestamp::now(),
+                disabled: false,
+            };
+            store.create_first_user(&user)?;
+            Ok(user)
+        })
+        .await?;
     tracing::info!(user = %user.username, "first user created");
     let session = new_session(state.store.clone(), user).await?;
     Ok((StatusCode::CREATED, Json(session)))
@@ -133,21 +135,23 @@ pub(super) async fn login(
         .throttle
         .attempt(source_ip(&ext), body.username.as_str())?;
     let store = state.store.clone();
-    let user = state.throttle.hash(move || {
-        let user = store.user(body.username.as_str())?;
-        let ok = auth::verify_password(
-            user.as_ref().map(|u| u.password_hash.as_str()),
-            &body.password,
-        );
-        Ok(user.filter(|_| ok))
-    })
-    .await?
-    .ok_or_else(|| {
-        ApiError::unauthorized(
-            "wrong username or password",
-            "check both; an admin can create users with `myco users create`",
-        )
-    })?;
+    let user = state
+        .throttle
+        .hash(move || {
+            let user = store.user(body.username.as_str())?;
+            let ok = auth::verify_password(
+                user.as_ref().map(|u| u.password_hash.as_str()),
+                &body.password,
+            );
+            Ok(user.filter(|_| ok))
+        })
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "wrong username or password",
+                "check both; an admin can create users with `myco users create`",
+            )
+        })?;
     if user.disabled {
         return Err(disabled(&user.username));
     }
@@ -202,11 +206,7 @@ fn not_self(caller: &Caller, target: &Name, what: &str) -> ApiResult<()> {
 
 /// Deletes `target`'s sessions and tokens (but `keep`) and revokes what they
 /// granted on the mesh; returns how many.
-async fn revoke_all(
-    state: &AppState,
-    target: &Name,
-    keep: Option<String>,
-) -> ApiResult<usize> {
+async fn revoke_all(state: &AppState, target: &Name, keep: Option<String>) -> ApiResult<usize> {
     let store = state.store.clone();
     let t = target.clone();
     let ids = blocking(move || Ok(store.delete_user_tokens(t.as_str(), keep.as_deref())?)).await?;
@@ -253,8 +253,7 @@ pub(super) async fn enable_user(
     let target = target_user(&caller, &name)?;
     let store = state.store.clone();
     let t = target.clone();
-    let user =
-        blocking(move || Ok(store.update_user(t.as_str(), |u| u.disabled = false)?)).await?;
+    let user = blocking(move || Ok(store.update_user(t.as_str(), |u| u.disabled = false)?)).await?;
     tracing::info!(user = %target, by = %caller.user.username, "user enabled");
     Ok(Json(user_view(&user)))
 }
@@ -288,7 +287,10 @@ pub(super) async fn revoke_user(
         caller.require_admin()?;
         let store = state.store.clone();
         let t = target.clone();
-        if blocking(move || Ok(store.user(t.as_str())?)).await?.is_none() {
+        if blocking(move || Ok(store.user(t.as_str())?))
+            .await?
+            .is_none()
+        {
             return Err(StoreError::NotFound(format!("user {target}")).into());
         }
     }
@@ -318,24 +320,26 @@ pub(super) async fn change_password(
     let store = state.store.clone();
     let t = target.clone();
     let need_old = own.then(|| body.old_password.clone().unwrap_or_default());
-    state.throttle.hash(move || {
-        let user = store
-            .user(t.as_str())?
-            .ok_or_else(|| StoreError::NotFound(format!("user {t}")))?;
-        if let Some(old) = need_old
-            && !auth::verify_password(Some(&user.password_hash), &old)
-        {
-            return Err(ApiError::forbidden(
-                "the old password is wrong",
-                "give your current password to change it",
-            ));
-        }
-        let hash = auth::hash_password(&body.password)
-            .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
-        store.update_user(t.as_str(), |u| u.password_hash = hash)?;
-        Ok(())
-    })
-    .await?;
+    state
+        .throttle
+        .hash(move || {
+            let user = store
+                .user(t.as_str())?
+                .ok_or_else(|| StoreError::NotFound(format!("user {t}")))?;
+            if let Some(old) = need_old
+                && !auth::verify_password(Some(&user.password_hash), &old)
+            {
+                return Err(ApiError::forbidden(
+                    "the old password is wrong",
+                    "give your current password to change it",
+                ));
+            }
+            let hash = auth::hash_password(&body.password)
+                .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
+            store.update_user(t.as_str(), |u| u.password_hash = hash)?;
+            Ok(())
+        })
+        .await?;
     // Whoever knew the old password may hold a session: end them all but this one.
     let keep = own.then(|| caller.token.id.clone());
     let tokens = revoke_sessions(&state, &target, keep).await?;
@@ -351,7 +355,8 @@ async fn revoke_sessions(
 ) -> ApiResult<usize> {
     let store = state.store.clone();
     let t = target.clone();
-    let ids = blocking(move || Ok(store.delete_user_sessions(t.as_str(), keep.as_deref())?)).await?;
+    let ids =
+        blocking(move || Ok(store.delete_user_sessions(t.as_str(), keep.as_deref())?)).await?;
     let n = ids.len();
     super::revoke_tokens(state, ids);
     Ok(n)
@@ -380,23 +385,25 @@ pub(super) async fn create_user(
     check_username(&body.username)?;
     check_password(&body.password)?;
     let store = state.store.clone();
-    let user = state.throttle.hash(move || {
-        if store.user(body.username.as_str())?.is_some() {
-            return Err(StoreError::Conflict(format!("user {}", body.username)).into());
-        }
-        let hash = auth::hash_password(&body.password)
-            .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
-        let user = UserRecord {
-            username: body.username,
-            password_hash: hash,
-            admin: body.admin,
-            created_at: Timestamp::now(),
-            disabled: false,
-        };
-        store.create_user(&user)?;
-        Ok(user)
-    })
-    .await?;
+    let user = state
+        .throttle
+        .hash(move || {
+            if store.user(body.username.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!("user {}", body.username)).into());
+            }
+            let hash = auth::hash_password(&body.password)
+                .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
+            let user = UserRecord {
+                username: body.username,
+                password_hash: hash,
+                admin: body.admin,
+                created_at: Timestamp::now(),
+                disabled: false,
+            };
+            store.create_user(&user)?;
+            Ok(user)
+        })
+        .await?;
     tracing::info!(user = %user.username, admin = user.admin, by = %caller.user.username, "user created");
     Ok((StatusCode::CREATED, Json(user_view(&user))))
 }
