@@ -223,6 +223,12 @@ fn no_process_of_the_agents_user_reads_its_environment() {
     // (any it runs), so the check below can fail...
     let mut sleeper = user.command(Path::new("/bin/sleep"));
     let mut sleeper = sleeper.arg("600").spawn().unwrap();
+    // Until it has exec'd `sleep`, it is `setpriv` after changing credentials, which
+    // the kernel keeps non-dumpable: wait for the exec.
+    tests::eventually("the sleeper runs sleep", || {
+        std::fs::read_to_string(format!("/proc/{}/comm", sleeper.id()))
+            .is_ok_and(|c| c.trim() == "sleep")
+    });
     let read = |pid: u32| {
         user.command(Path::new("/bin/cat"))
             .arg(format!("/proc/{pid}/environ"))

@@ -322,10 +322,46 @@ fn login_floods_get_429_with_retry_after_and_the_rest_keeps_working() {
         "{body}"
     );
     // ...while another user logs in from another address, the API answers and the
-    // agent stays connected.
+    // agent stays connected, all during a flood from many addresses at once (each
+    // within its own budget, so every guess costs an argon2 check).
+    let flood: Vec<_> = (0..8)
+        .map(|t| {
+            let url = env.url.clone();
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                for a in 0..5 {
+                    let client = api_from(&format!("127.0.3.{}", t * 5 + a));
+                    for n in 0..5 {
+                        let status = client
+                            .post(format!("{url}/api/v1/users/login"))
+                            .json(&serde_json::json!({
+                                "username": format!("u{t}x{a}x{n}"),
+                                "password": "guess-guess-guess",
+                            }))
+                            .send()
+                            .unwrap()
+                            .status()
+                            .as_u16();
+                        statuses.push(status);
+                    }
+                }
+                statuses
+            })
+        })
+        .collect();
     let (status, _, body) = login(&api_from("127.0.2.1"), &env, "alice", tests::PASSWORD);
     assert_eq!(status, 200, "{body}");
     env.run("alice", &["ls"]).ok();
+    assert_eq!(
+        env.wait_agent_status("alice", "dev", "connected")["status"],
+        "connected"
+    );
+    for t in flood {
+        for status in t.join().unwrap() {
+            // Wrong passwords, or told to wait when the hashing threads are all busy.
+            assert!(status == 401 || status == 429, "{status}");
+        }
+    }
     assert_eq!(
         env.wait_agent_status("alice", "dev", "connected")["status"],
         "connected"
@@ -438,4 +474,75 @@ fn a_request_that_trickles_its_body_is_answered_503() {
     // Nothing was created, and the API is fine.
     let shown = env.run("alice", &["ls", "-o", "json"]).ok().json();
     assert_eq!(shown.as_array().map_or(0, Vec::len), 0, "{shown}");
+}
+
+#[test]
+fn a_relay_frame_over_the_limit_ends_that_client_only() {
+    let (env, _agent) = TestEnv::with_agent();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ended = rt.block_on(async {
+        let mut req = format!("{}/relay", env.url.replace("http://", "ws://"))
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            "iroh-relay-v2".parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        // iroh-relay's frame limit is 1 MiB: twice that in one message.
+        let _ = ws.send(Message::Binary(vec![0u8; 2 << 20].into())).await;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+                Err(_) => return "still open after 30 s".to_owned(),
+                Ok(None) | Ok(Some(Err(_))) => return String::new(),
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    return f.map(|f| f.reason.to_string()).unwrap_or_default();
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    });
+    assert_ne!(ended, "still open after 30 s");
+    // The relay serves everyone else as before.
+    let out = env
+        .run("alice", &["ping", "dev", "-n", "2", "--relay-only"])
+        .ok();
+    assert!(out.stdout.contains("relay"), "{}", out.stdout);
+}
+
+#[test]
+fn a_relay_client_is_held_to_its_byte_rate() {
+    // 1 MiB/s per relay client, with a burst of one frame (1 MiB).
+    let env = TestEnv::start_with(&["--relay-client-rate", "1"]);
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let _agent = env.start_agent(&token);
+    env.wait_agent_connected("alice", "dev");
+    for dir in ["up", "down"] {
+        let r = env
+            .run(
+                "alice",
+                &[
+                    "speedtest",
+                    "dev",
+                    "-t",
+                    "3s",
+                    "--relay-only",
+                    "--direction",
+                    dir,
+                    "-o",
+                    "json",
+                ],
+            )
+            .ok()
+            .json();
+        let bytes = r["total_bytes"].as_u64().unwrap();
+        // At most the burst plus 1 MiB for each second (and one more of slack for
+        // the speedtest's own start and end); unlimited, loopback carries far more.
+        assert!(bytes > 0, "{r:#}");
+        assert!(
+            bytes <= 5 << 20,
+            "{dir}: {bytes} bytes relayed in 3 s: {r:#}"
+        );
+    }
 }
