@@ -15,6 +15,9 @@ use crate::api::{
 pub const CONTROL_PATH: &str = "/api/v1/agent/control";
 
 /// Coordinator -> agent.
+// The welcome is large and sent once per channel; the others are few and small, and
+// none is held in bulk, so boxing the welcome would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CoordinatorMessage {
