@@ -101,6 +101,7 @@ impl AppHealthChecker {
     /// The HTTP client cannot be built (no TLS backend or resolver).
     pub(crate) fn new(checks: Vec<Check>) -> Result<Self, String> {
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls((*trust::get().client_config()).clone())
             // The app is in the workspace: no proxy from the environment in between.
             .no_proxy()
             // A redirect is an answer below 500 already; following it would check

@@ -146,7 +146,14 @@ async fn channel(
     request
         .headers_mut()
         .insert(http::header::AUTHORIZATION, auth);
-    let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(request, None, true).await
+    let tls = tokio_tungstenite::Connector::Rustls(trust::get().client_config());
+    let (mut ws, _) = match tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        true,
+        Some(tls),
+    )
+    .await
     {
         Ok(ok) => ok,
         Err(tungstenite::Error::Http(resp)) if resp.status() == http::StatusCode::UNAUTHORIZED => {

@@ -264,7 +264,11 @@ pub(crate) async fn run(
     activity: Arc<MeshActivity>,
     reports: Reports,
 ) {
-    let client = match reqwest::Client::builder().no_proxy().build() {
+    let client = match reqwest::Client::builder()
+        .use_preconfigured_tls((*trust::get().client_config()).clone())
+        .no_proxy()
+        .build()
+    {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::warn!("cannot build an HTTP client; relay latency goes unreported: {e}");

@@ -34,6 +34,7 @@ pub fn normalize_url(url: &str) -> anyhow::Result<String> {
 impl Client {
     pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*trust::get().client_config()).clone())
             .user_agent(concat!("myco/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(std::time::Duration::from_secs(10))
             .timeout(std::time::Duration::from_secs(60))
@@ -106,6 +107,13 @@ impl Client {
                 .body(b);
         }
         let resp = req.send().await.map_err(|e| {
+            let host = reqwest::Url::parse(&self.base)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            if let Some(line) = trust::explain(&host, &e) {
+                return anyhow::anyhow!("cannot reach the coordinator at {}: {line}", self.base);
+            }
             let why = if e.is_connect() {
                 "is `myco server` running there?"
             } else if e.is_timeout() {

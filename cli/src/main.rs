@@ -38,6 +38,11 @@ struct Cli {
     #[arg(long, global = true, env = "MYCO_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
 
+    /// A PEM file of CA certificates to trust for https:// and wss:// besides the
+    /// system's (which SSL_CERT_FILE and SSL_CERT_DIR replace, as for curl).
+    #[arg(long, global = true, env = "MYCO_CA_CERT_FILE")]
+    ca_cert_file: Option<PathBuf>,
+
     /// Log format on stderr.
     #[arg(long, global = true, env = "MYCO_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -207,6 +212,8 @@ fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
 }
 
 async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
+    // Before any client is built: every TLS client of the process shares it.
+    trust::init(cli.ca_cert_file.as_deref())?;
     let globals = Globals {
         url: cli.url,
         token: cli.token,

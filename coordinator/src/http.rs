@@ -45,6 +45,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     counters: Arc<HttpCounters>,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -98,16 +99,62 @@ pub async fn serve(
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req.map(axum::body::Body::new)
             });
-        let mut closing = closing_rx.clone();
+        let closing = closing_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            match tls {
+                None => serve_connection(tcp, peer, service, limits, closing).await,
+                Some(acceptor) => {
+                    // The handshake gets the header deadline too: a client that opens
+                    // TLS a byte a minute holds a slot no longer than one that sends
+                    // headers so.
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => serve_connection(tls, peer, service, limits, closing).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "no TLS handshake in time"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    drop(closing_rx);
+    closing_tx.closed().await;
+    Ok(())
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one accepted connection, plain or TLS, until
+/// it ends or the listener closes.
+async fn serve_connection<I, S>(
+    io: I,
+    peer: SocketAddr,
+    service: S,
+    limits: HttpLimits,
+    mut closing: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            hyper::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    {
+        {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .keep_alive(true);
             let conn = builder
-                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
@@ -123,13 +170,8 @@ pub async fn serve(
                 tracing::debug!(%peer, "connection ended: {e}");
             }
             drop(closing);
-        });
+        }
     }
-    drop(listener);
-    let _ = closing_tx.send(true);
-    drop(closing_rx);
-    closing_tx.closed().await;
-    Ok(())
 }
 
 /// Connections open per IP address.

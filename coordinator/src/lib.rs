@@ -19,9 +19,11 @@ mod server;
 pub mod status;
 pub mod store;
 mod throttle;
+mod tls;
 
 pub use api::{Route, route_table};
 pub use control::HEARTBEAT_INTERVAL;
 pub use quota::Quotas;
 pub use server::{Coordinator, ServerConfig, ServerError};
 pub use throttle::LoginLimits;
+pub use tls::TlsReloader;

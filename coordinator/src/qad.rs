@@ -88,6 +88,16 @@ impl TlsMaterial {
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| pem("key", &key_path, e))?;
         Ok(Self { certs, key })
     }
+
+    /// The chain and its signing key as rustls serves them; refused when the key
+    /// does not fit the certificate.
+    pub fn certified_key(&self) -> Result<rustls::sign::CertifiedKey, QadError> {
+        let signer = rustls::crypto::ring::sign::any_supported_type(&self.key)
+            .map_err(|e| QadError::Tls(e.to_string()))?;
+        let key = rustls::sign::CertifiedKey::new(self.certs.clone(), signer);
+        key.keys_match().map_err(|e| QadError::Tls(e.to_string()))?;
+        Ok(key)
+    }
 }
 
 fn generate(cert: &Path, key: &Path, host: &str) -> Result<(), QadError> {

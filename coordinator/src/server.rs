@@ -31,7 +31,9 @@ pub struct ServerConfig {
     pub relay_quic_address: SocketAddr,
     /// UDP address of the second QAD port netcheck compares against.
     pub relay_quic_probe_address: SocketAddr,
-    /// The operator's TLS certificate and key (PEM) for QAD; self-signed when absent.
+    /// The operator's TLS certificate and key (PEM): the HTTP listener (API, control
+    /// channel, relay) speaks https with them, and QAD serves them. Without them the
+    /// listener is plain HTTP and QAD's certificate is self-signed.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// How often agents heartbeat; they count as disconnected after two missed.
@@ -121,6 +123,8 @@ pub struct Coordinator {
     quotas: crate::quota::Quotas,
     /// Needed to create the first user when the listener is not on loopback.
     setup_code: Option<Arc<str>>,
+    /// The listener's TLS, when the operator gave a certificate.
+    tls: Option<(tokio_rustls::TlsAcceptor, crate::tls::TlsReloader)>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -174,10 +178,15 @@ impl Coordinator {
         // only someone who can read its output may.
         let setup_code = (!config.http_address.ip().is_loopback() && !store.has_users()?)
             .then(|| Arc::from(crate::auth::setup_code()));
+        let https = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => Some(crate::tls::acceptor(c, k)?),
+            _ => None,
+        };
+        let scheme = if https.is_some() { "https" } else { "http" };
         let access_url = config
             .access_url
             .map(|u| u.trim_end_matches('/').to_owned())
-            .unwrap_or_else(|| format!("http://{local_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
         let relay_url: iroh::RelayUrl =
             format!("{access_url}/")
                 .parse()
@@ -231,7 +240,18 @@ impl Coordinator {
             login_limits: config.login_limits,
             quotas: config.quotas,
             setup_code,
+            tls: https,
         })
+    }
+
+    /// Reads the TLS certificate files again (on SIGHUP), when the listener has TLS.
+    pub fn tls_reloader(&self) -> Option<crate::tls::TlsReloader> {
+        self.tls.as_ref().map(|(_, r)| r.clone())
+    }
+
+    /// `https` when the listener speaks TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// The one-time code `myco login --first-user` needs, when the listener is not
@@ -371,6 +391,7 @@ impl Coordinator {
             self.listener,
             app,
             self.http_limits,
+            self.tls.map(|(acceptor, _)| acceptor),
             http_counters,
             stopped(),
         )

@@ -127,12 +127,14 @@ pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> 
     } else {
         PortmapperConfig::Disabled
     });
+    // The roots every client of this process trusts (a relay on https), and the QAD
+    // certificate the coordinator vouched for (pinned, often self-signed).
+    let mut roots = trust::get().roots().to_vec();
     if let Some(q) = &opts.relay_quic {
         let der = hex::decode(&q.cert_der_hex).map_err(|_| EndpointError::Cert)?;
-        builder = builder.ca_tls_config(iroh::tls::CaTlsConfig::custom_roots([
-            rustls_pki_types::CertificateDer::from(der),
-        ]));
+        roots.push(rustls_pki_types::CertificateDer::from(der));
     }
+    builder = builder.ca_tls_config(iroh::tls::CaTlsConfig::custom_roots(roots));
     if opts.relay_only {
         builder = builder.clear_ip_transports();
     } else if let Some(addr) = opts.bind_addr {

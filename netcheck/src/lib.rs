@@ -609,7 +609,11 @@ async fn relays_over_http(
     timeout: Duration,
 ) -> Vec<(String, Result<f64, String>)> {
     // Each request carries `timeout` (`relay_ping`).
-    let client = match reqwest::Client::builder().no_proxy().build() {
+    let client = match reqwest::Client::builder()
+        .use_preconfigured_tls((*trust::get().client_config()).clone())
+        .no_proxy()
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             return targets

@@ -249,6 +249,9 @@ pub struct TestEnv {
     pub ticket_key: String,
     /// The first-user setup code, when `myco server` printed one.
     setup_code: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// More environment for every `myco` command and agent this env starts (a CA
+    /// file to trust, say).
+    pub client_env: Vec<(String, String)>,
 }
 
 impl TestEnv {
@@ -313,6 +316,7 @@ impl TestEnv {
             url: String::new(),
             ticket_key: String::new(),
             setup_code: Default::default(),
+            client_env: Vec::new(),
         };
         env.start_server();
         env
@@ -411,6 +415,16 @@ impl TestEnv {
         }
     }
 
+    /// Sends the server a signal (`HUP`, ...).
+    pub fn signal_server(&self, signal: &str) {
+        let s = self.server.as_ref().expect("the server runs");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &s.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGTERM the server and wait for it to exit; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut s = self.server.take()?;
@@ -457,6 +471,7 @@ impl TestEnv {
             .env("MYCO_MESH_BIND", bind)
             .env("MYCO_PORTMAPPER", "false")
             .env_remove("RUST_LOG")
+            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
             .args(args);
         cmd
     }
@@ -653,9 +668,21 @@ impl TestEnv {
             self.netns.is_none(),
             "the server runs in another network namespace"
         );
+        let mut builder = reqwest::blocking::Client::builder();
+        // The CA the env's clients trust, for a coordinator on https.
+        if let Some((_, ca)) = self
+            .client_env
+            .iter()
+            .find(|(k, _)| k == "MYCO_CA_CERT_FILE")
+        {
+            for cert in reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap()
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
         Api {
             base: self.url.clone(),
-            client: reqwest::blocking::Client::builder()
+            client: builder
                 .timeout(Duration::from_secs(30))
                 // A fresh connection per request: the server drops a connection
                 // after refusing an oversized body, and a pooled one would then fail.

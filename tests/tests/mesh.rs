@@ -48,12 +48,18 @@ fn an_operator_certificate_is_served_and_pinned() {
     std::fs::copy(first.data_dir().join("relay-tls.crt"), &cert).unwrap();
     std::fs::copy(first.data_dir().join("relay-tls.key"), &key).unwrap();
 
-    let env = TestEnv::start_with(&[
-        "--tls-cert",
+    let mut env = TestEnv::start_with(&[
+        "--tls-cert-file",
         cert.to_str().unwrap(),
-        "--tls-key",
+        "--tls-key-file",
         key.to_str().unwrap(),
     ]);
+    // The listener speaks https with it too; the self-signed certificate is its own CA.
+    assert!(env.url.starts_with("https://"), "{}", env.url);
+    env.client_env.push((
+        "MYCO_CA_CERT_FILE".into(),
+        cert.to_str().unwrap().to_owned(),
+    ));
     env.bootstrap("alice");
     let token = env.create_workspace("alice", "dev");
     let _agent2 = env.start_agent(&token);

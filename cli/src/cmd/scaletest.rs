@@ -175,6 +175,7 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
 
     let metrics_path = args.metrics_url.clone();
     let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*trust::get().client_config()).clone())
         .timeout(Duration::from_secs(60))
         .build()?;
     let mut report = Report::default();

@@ -34,14 +34,26 @@ pub struct Args {
     #[arg(long, env = "MYCO_RELAY_QUIC_PROBE_ADDRESS")]
     relay_quic_probe_address: Option<SocketAddr>,
 
-    /// TLS certificate (PEM) for QUIC address discovery; without it a self-signed one
-    /// is generated in the data dir, and peers pin whichever the coordinator serves.
-    #[arg(long, env = "MYCO_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
+    /// TLS certificate chain (PEM): the API, the agents' control channel and the
+    /// relay are served over https with it, and QUIC address discovery serves it.
+    /// Read again on SIGHUP. Without it the listener speaks plain HTTP and QUIC
+    /// address discovery uses a self-signed certificate made in the data dir.
+    #[arg(
+        long,
+        visible_alias = "tls-cert",
+        env = "MYCO_TLS_CERT_FILE",
+        requires = "tls_key_file"
+    )]
+    tls_cert_file: Option<PathBuf>,
 
-    /// TLS private key (PEM) for --tls-cert.
-    #[arg(long, env = "MYCO_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert-file.
+    #[arg(
+        long,
+        visible_alias = "tls-key",
+        env = "MYCO_TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    tls_key_file: Option<PathBuf>,
 
     /// How often agents heartbeat; an agent unheard for two intervals is shown
     /// disconnected (at least 1s).
@@ -145,8 +157,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         data_dir,
         relay_quic_address,
         relay_quic_probe_address,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
+        tls_cert: args.tls_cert_file,
+        tls_key: args.tls_key_file,
         heartbeat_interval: args.heartbeat_interval,
         agent_connection_timeout: (!args.agent_connection_timeout.is_zero())
             .then_some(args.agent_connection_timeout),
@@ -172,9 +184,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let url = coordinator.access_url().to_owned();
     println!(
-        "myco coordinator listening on http://{}",
+        "myco coordinator listening on {}://{}",
+        coordinator.scheme(),
         coordinator.local_addr()
     );
+    if let Some(reloader) = coordinator.tls_reloader() {
+        reload_on_sighup(reloader)?;
+    }
     println!("access URL: {url}");
     println!("relay: {}", coordinator.relay_url());
     println!(
@@ -207,6 +223,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     coordinator.serve(shutdown).await?;
     println!("myco coordinator stopped");
+    Ok(())
+}
+
+/// Reads the TLS certificate files again on every SIGHUP, for renewals; connections
+/// open meanwhile keep going, new ones get the new certificate.
+fn reload_on_sighup(reloader: coordinator::TlsReloader) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reloader.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => tracing::error!("SIGHUP: kept the TLS certificate being served: {e}"),
+            }
+        }
+    });
     Ok(())
 }
 

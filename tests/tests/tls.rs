@@ -1,0 +1,190 @@
+//! TLS end to end, against the real binaries: a coordinator given a certificate
+//! serves the API, the agents' control channel and the relay over https/wss, the
+//! CLI and the agent trust a private CA from `MYCO_CA_CERT_FILE` or `SSL_CERT_FILE`,
+//! a certificate from an unknown CA is refused in one line naming the host, and
+//! SIGHUP swaps the certificate without dropping anyone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tests::TestEnv;
+
+/// A private CA and a server certificate it signed for 127.0.0.1 and localhost,
+/// written as PEM files in `dir`: `(ca.pem, server.pem, server.key)`.
+fn private_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("Myco test CA {name}"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-server.pem")),
+        dir.join(format!("{name}-server.key")),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A coordinator serving https with a certificate of a private CA; its clients
+/// trust that CA through `MYCO_CA_CERT_FILE`.
+fn https_env(dir: &Path) -> (TestEnv, PathBuf) {
+    let (ca, cert, key) = private_ca(dir, "one");
+    let mut env = TestEnv::start_with(&[
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(env.url.starts_with("https://127.0.0.1:"), "{}", env.url);
+    env.client_env
+        .push(("MYCO_CA_CERT_FILE".into(), ca.to_str().unwrap().to_owned()));
+    (env, ca)
+}
+
+#[test]
+fn the_whole_product_works_over_https_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env, _ca) = https_env(dir.path());
+    env.bootstrap("alice");
+    let created = env
+        .run("alice", &["create", "dev", "-o", "json"])
+        .ok()
+        .json();
+    let token = created["agent_tokens"][0]["token"].as_str().unwrap();
+    // The agent: control channel over wss, relay over https.
+    let _agent = env.start_agent(token);
+    let shown = env.wait_agent_connected("alice", "dev");
+    assert!(
+        shown["connection"]["relay_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://"),
+        "{shown:#}"
+    );
+    env.run("alice", &["ping", "dev", "-n", "1"]).ok();
+    // Through the relay, which now speaks TLS.
+    let out = env
+        .run("alice", &["ping", "dev", "-n", "2", "--relay-only"])
+        .ok();
+    assert!(out.stdout.contains("relay https://"), "{}", out.stdout);
+    let out = env
+        .run("alice", &["ssh", "dev", "--", "echo", "over-tls"])
+        .ok();
+    assert_eq!(out.stdout.trim(), "over-tls");
+    // netcheck's HTTPS probe of the relay trusts the same CA.
+    let report = env.run("alice", &["netcheck", "-o", "json"]).ok().json();
+    assert!(report["relays"][0]["http_ms"].is_number(), "{report:#}");
+}
+
+#[test]
+fn ssl_cert_file_is_honoured_like_curl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut env, ca) = https_env(dir.path());
+    env.client_env.clear();
+    env.client_env
+        .push(("SSL_CERT_FILE".into(), ca.to_str().unwrap().to_owned()));
+    env.bootstrap("alice");
+    env.run("alice", &["whoami"]).ok();
+}
+
+#[test]
+fn an_untrusted_certificate_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut env, _ca) = https_env(dir.path());
+    // Trust nothing but another CA.
+    let (other, ..) = private_ca(dir.path(), "other");
+    env.client_env.clear();
+    env.client_env
+        .push(("SSL_CERT_FILE".into(), other.to_str().unwrap().to_owned()));
+    let err = env
+        .run_with_input(
+            "alice",
+            &[
+                "login",
+                &env.url,
+                "--first-user",
+                "--username",
+                "alice",
+                "--password-stdin",
+            ],
+            &format!("{}\n", tests::PASSWORD),
+        )
+        .fails();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("TLS certificate of 127.0.0.1 was refused"),
+        "{err}"
+    );
+    assert!(err.contains("not trusted"), "{err}");
+    assert!(err.contains("other-ca.pem"), "{err}");
+    // A CA file that is not one is named too.
+    env.client_env.clear();
+    env.client_env
+        .push(("MYCO_CA_CERT_FILE".into(), "/nonexistent/ca.pem".into()));
+    let err = env.run("alice", &["whoami"]).fails();
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn sighup_swaps_the_certificate_without_dropping_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, cert, key) = private_ca(dir.path(), "one");
+    let (ca2, cert2, key2) = private_ca(dir.path(), "two");
+    // The server reads fixed paths; the renewal overwrites them.
+    let live_cert = dir.path().join("live.pem");
+    let live_key = dir.path().join("live.key");
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let mut env = TestEnv::start_with(&[
+        "--tls-cert-file",
+        live_cert.to_str().unwrap(),
+        "--tls-key-file",
+        live_key.to_str().unwrap(),
+    ]);
+    // Clients trust both CAs: the agent must ride through the swap.
+    let both = dir.path().join("both.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(&ca1).unwrap() + &std::fs::read_to_string(&ca2).unwrap(),
+    )
+    .unwrap();
+    env.client_env.push((
+        "MYCO_CA_CERT_FILE".into(),
+        both.to_str().unwrap().to_owned(),
+    ));
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let mut agent = env.start_agent(&token);
+    env.wait_agent_connected("alice", "dev");
+
+    std::fs::copy(&cert2, &live_cert).unwrap();
+    std::fs::copy(&key2, &live_key).unwrap();
+    env.signal_server("HUP");
+    // New connections get the new certificate: a client trusting only the second CA
+    // gets in, one trusting only the first no longer does.
+    let only = |ca: &Path| {
+        let mut cmd = env.cmd("alice", &["whoami"]);
+        cmd.env("MYCO_CA_CERT_FILE", ca);
+        tests::run_command(cmd, "").code == Some(0)
+    };
+    tests::eventually("the new certificate is served", || only(&ca2));
+    assert!(!only(&ca1));
+    // The agent's channel stayed up throughout.
+    assert!(agent.child.try_wait().unwrap().is_none());
+    env.run("alice", &["ssh", "dev", "--", "true"]).ok();
+    // A broken renewal keeps what is served.
+    std::fs::write(&live_cert, "garbage").unwrap();
+    env.signal_server("HUP");
+    assert!(only(&ca2));
+}
