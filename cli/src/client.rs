@@ -16,6 +16,44 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// Whether `--insecure-http` allows sending secrets over plain HTTP beyond loopback.
+static INSECURE_HTTP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set once from the global `--insecure-http`.
+pub fn allow_insecure_http(allow: bool) {
+    INSECURE_HTTP.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Refuses to send a password or token to `url` in clear text unless it stays on
+/// this machine (loopback) or the user opted in with `--insecure-http`, in which
+/// case it warns once.
+pub fn check_cleartext(url: &str) -> anyhow::Result<()> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Ok(());
+    };
+    if parsed.scheme() != "http" {
+        return Ok(());
+    }
+    let host = parsed.host_str().unwrap_or("").trim_matches(['[', ']']);
+    let local = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if local {
+        return Ok(());
+    }
+    if !INSECURE_HTTP.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!(
+            "{url} is plain HTTP to another machine: a password or token would cross the network in clear; use https:// (`myco server --tls-cert-file`), or pass --insecure-http to send it anyway"
+        );
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        eprintln!("myco: warning: sending credentials in clear text to {url} (--insecure-http)");
+    });
+    Ok(())
+}
+
 /// Normalizes a coordinator URL given by the user: requires http(s), drops a trailing `/`.
 pub fn normalize_url(url: &str) -> anyhow::Result<String> {
     let url = url.trim().trim_end_matches('/');
@@ -99,7 +137,11 @@ impl Client {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(t) = &self.token {
+            check_cleartext(&self.base)?;
             req = req.bearer_auth(t);
+        } else if body.is_some() {
+            // Login, first user: the body holds a password.
+            check_cleartext(&self.base)?;
         }
         if let Some(b) = body {
             req = req

@@ -43,6 +43,11 @@ struct Cli {
     #[arg(long, global = true, env = "MYCO_CA_CERT_FILE")]
     ca_cert_file: Option<PathBuf>,
 
+    /// Send passwords and tokens over plain http:// to a host that is not loopback
+    /// (they cross the network readable by anyone on the path); warns when it does.
+    #[arg(long, global = true, env = "MYCO_INSECURE_HTTP")]
+    insecure_http: bool,
+
     /// Log format on stderr.
     #[arg(long, global = true, env = "MYCO_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -214,6 +219,7 @@ fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
 async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
     // Before any client is built: every TLS client of the process shares it.
     trust::init(cli.ca_cert_file.as_deref())?;
+    client::allow_insecure_http(cli.insecure_http);
     let globals = Globals {
         url: cli.url,
         token: cli.token,

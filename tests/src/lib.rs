@@ -467,6 +467,11 @@ impl TestEnv {
         } else {
             "127.0.0.1:0"
         };
+        // A coordinator off loopback (the NAT lab's, one on 0.0.0.0) is plain HTTP
+        // in these tests: the CLI must be told that is meant.
+        if self.server_ip != "127.0.0.1" {
+            cmd.env("MYCO_INSECURE_HTTP", "true");
+        }
         cmd.env("MYCO_CONFIG_DIR", self.config_dir(user))
             .env("MYCO_MESH_BIND", bind)
             .env("MYCO_PORTMAPPER", "false")

@@ -425,10 +425,13 @@ fn the_first_user_off_loopback_needs_the_setup_code() {
     // Listening on every interface: whoever reaches it first must not become admin.
     let env = TestEnv::start_in(None, "0.0.0.0", &["--access-url", "http://127.0.0.1:9"]);
     let code = env.setup_code();
+    // Reached over loopback here, so the password may go in clear (tls.rs tests
+    // the refusal beyond it).
+    let url = env.url.replace("0.0.0.0", "127.0.0.1");
     let first = |extra: &[&str]| {
         let mut args = vec![
             "login",
-            env.url.as_str(),
+            url.as_str(),
             "--first-user",
             "--username",
             "root",
@@ -537,12 +540,15 @@ fn a_relay_client_is_held_to_its_byte_rate() {
             .ok()
             .json();
         let bytes = r["total_bytes"].as_u64().unwrap();
-        // At most the burst plus 1 MiB for each second (and one more of slack for
-        // the speedtest's own start and end); unlimited, loopback carries far more.
+        let seconds = r["seconds"].as_f64().unwrap();
+        // At most the burst (1 MiB) plus 1 MiB a second, with two more of slack for
+        // what QUIC buffers at the start and the end; unlimited, loopback carries
+        // hundreds of MiB in that time.
+        let bound = ((seconds + 3.0) * f64::from(1 << 20)) as u64;
         assert!(bytes > 0, "{r:#}");
         assert!(
-            bytes <= 5 << 20,
-            "{dir}: {bytes} bytes relayed in 3 s: {r:#}"
+            bytes <= bound,
+            "{dir}: {bytes} bytes relayed in {seconds} s (bound {bound}): {r:#}"
         );
     }
 }

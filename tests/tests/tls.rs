@@ -188,3 +188,46 @@ fn sighup_swaps_the_certificate_without_dropping_the_agent() {
     env.signal_server("HUP");
     assert!(only(&ca2));
 }
+
+#[test]
+fn secrets_go_over_plain_http_beyond_loopback_only_when_asked() {
+    let env = TestEnv::start_in(None, "0.0.0.0", &["--access-url", "http://127.0.0.1:9"]);
+    let code = env.setup_code();
+    let login = |insecure: bool| {
+        let mut cmd = env.cmd(
+            "root",
+            &[
+                "login",
+                &env.url,
+                "--first-user",
+                "--username",
+                "root",
+                "--password-stdin",
+                "--setup-code",
+                &code,
+            ],
+        );
+        cmd.env_remove("MYCO_INSECURE_HTTP");
+        if insecure {
+            cmd.arg("--insecure-http");
+        }
+        tests::run_command(cmd, &format!("{}\n", tests::PASSWORD))
+    };
+    let refused = login(false);
+    assert_ne!(refused.code, Some(0));
+    assert!(
+        refused.stderr.contains("plain HTTP to another machine")
+            && refused.stderr.contains("--insecure-http"),
+        "{}",
+        refused.stderr
+    );
+    let allowed = login(true);
+    assert_eq!(allowed.code, Some(0), "{}", allowed.stderr);
+    assert!(
+        allowed
+            .stderr
+            .contains("warning: sending credentials in clear text"),
+        "{}",
+        allowed.stderr
+    );
+}

@@ -69,6 +69,8 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         .or_else(|| env_nonempty("MYCO_AGENT_URL"))
         .context("no coordinator URL: pass --url or set MYCO_AGENT_URL")?;
     let url = crate::client::normalize_url(&url)?;
+    // The agent token goes in the control channel's first request.
+    crate::client::check_cleartext(&url)?;
     let token = agent_token(globals, args.token_file.as_deref())?;
     let data_dir = match args.data_dir {
         Some(d) => d,
