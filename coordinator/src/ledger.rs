@@ -1,6 +1,6 @@
 //! The agent state ledger: heartbeats and agent reports land here, in memory, and a
 //! flusher group-commits whatever changed to the store once per flush interval (one
-//! write transaction, never one per heartbeat; DESIGN.md decision 6).
+//! write transaction, never one per heartbeat; ARCHITECTURE.md, decision 6).
 //!
 //! The ledger holds the state of agents with a live control channel, and of agents
 //! whose last changes are not flushed yet; everything else is only in the store.

@@ -5,7 +5,7 @@
 //! Architecture Invariant: a scrape takes `now` once, then reads one store snapshot
 //! (three range scans, no query per agent) and judges every agent against that one
 //! `now`; how long the reading takes cannot change a verdict (Coder's seed bug,
-//! DESIGN.md). Scrapes are serialized, so two scrapes never interleave their views.
+//! ARCHITECTURE.md, decision 7). Scrapes are serialized, so two scrapes never interleave their views.
 //!
 //! The per-agent families (10k agents give ~130k series) are written here directly in
 //! the text syntax both formats share for gauges; prometheus-client's generic encoder

@@ -1,5 +1,5 @@
 //! An agent's connection status as a pure function of its stored connection times, the
-//! timeouts and one `now` (DESIGN.md, Coder's rules). Nothing here reads a clock: the
+//! timeouts and one `now` (Coder's rules; ARCHITECTURE.md, decision 6). Nothing here reads a clock: the
 //! caller takes `now` once per scrape or listing and judges every agent against it, so
 //! how long the judging takes cannot change the verdicts (Coder's seed bug).
 

@@ -74,7 +74,7 @@ pub enum EndpointError {
 }
 
 /// The QUIC transport settings we use everywhere: noq's defaults, except how often the
-/// peer acknowledges. Larger windows bought nothing measurable in DESIGN.md's sweep,
+/// peer acknowledges. Larger windows bought nothing measurable in the sweep in ARCHITECTURE.md (Decisions),
 /// and a 4 MiB stream window with a 16 MiB connection window made bulk downloads abort
 /// here with "too many gaps in stream buffer" (noq's assembler limit).
 ///
