@@ -21,8 +21,12 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 /// Limits of one HTTP listener.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
+    /// Reverse proxies (nginx, Caddy) whose `X-Forwarded-For` is believed: requests
+    /// through them are attributed to the client it names, and their own
+    /// connections count only against `max_connections`.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Connections served at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Of those, from one IP address: one client cannot take them all.
@@ -68,10 +72,14 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
+        let proxy = is_trusted(&limits.trusted_proxies, peer.ip());
         let admitted = permits.clone().try_acquire_owned().ok().and_then(|p| {
+            if proxy {
+                return Some((p, None));
+            }
             per_ip
                 .take(peer.ip(), limits.max_connections_per_ip)
-                .map(|ip| (p, ip))
+                .map(|ip| (p, Some(ip)))
         });
         let Some(permit) = admitted else {
             counters.refused_connections.fetch_add(1, Ordering::Relaxed);
@@ -93,14 +101,21 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
+        let trusted = limits.trusted_proxies.clone();
         let service = app
             .clone()
             .map_request(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
+                let client = if proxy {
+                    forwarded_client(peer, req.headers(), &trusted)
+                } else {
+                    peer
+                };
+                req.extensions_mut().insert(ConnectInfo(client));
                 req.map(axum::body::Body::new)
             });
         let closing = closing_rx.clone();
         let tls = tls.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
@@ -174,6 +189,40 @@ async fn serve_connection<I, S>(
     }
 }
 
+fn is_trusted(proxies: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    proxies.iter().any(|net| net.contains(&ip))
+}
+
+/// The client a trusted proxy forwarded for: the rightmost `X-Forwarded-For` entry
+/// that is not itself a trusted proxy (what a client writes to the left of it is
+/// its own claim); the proxy itself when the header is missing or unreadable.
+fn forwarded_client(
+    peer: SocketAddr,
+    headers: &hyper::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> SocketAddr {
+    let mut client = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for entry in text.rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<std::net::IpAddr>() else {
+                return client;
+            };
+            client = SocketAddr::new(ip, 0);
+            if !is_trusted(trusted, ip) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
 /// Connections open per IP address.
 #[derive(Debug, Default, Clone)]
 struct PerIp(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
@@ -225,4 +274,42 @@ pub fn peer_of(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
     extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| *a)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(values: &[&str]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_address_no_trusted_proxy_wrote() {
+        let proxy: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+        let ip = |h: &[&str]| {
+            forwarded_client(proxy, &headers(h), &trusted)
+                .ip()
+                .to_string()
+        };
+        // What the client wrote itself (the left) is not believed.
+        assert_eq!(ip(&["6.6.6.6, 192.0.2.7"]), "192.0.2.7");
+        // Proxies in a chain are skipped.
+        assert_eq!(ip(&["192.0.2.7, 10.1.2.3"]), "192.0.2.7");
+        assert_eq!(ip(&["192.0.2.7", "10.1.2.3"]), "192.0.2.7");
+        // Nothing, or garbage: the proxy itself.
+        assert_eq!(ip(&[]), "127.0.0.1");
+        assert_eq!(ip(&["not an address"]), "127.0.0.1");
+        assert!(is_trusted(&trusted, "::ffff:10.9.9.9".parse().unwrap()));
+        assert!(!is_trusted(&trusted, "192.0.2.7".parse().unwrap()));
+    }
 }

@@ -56,6 +56,10 @@ pub struct ServerConfig {
     /// Login and first-user attempts allowed per source address and per username.
     pub login_limits: crate::throttle::LoginLimits,
     pub quotas: crate::quota::Quotas,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (rate limits, logs).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Agent binaries (`myco-linux-ARCH`) to serve beside the running one.
+    pub agent_binary_dir: Option<PathBuf>,
 }
 
 /// Why the coordinator could not start or stopped with an error.
@@ -123,6 +127,7 @@ pub struct Coordinator {
     quotas: crate::quota::Quotas,
     /// Needed to create the first user when the listener is not on loopback.
     setup_code: Option<Arc<str>>,
+    agent_binary_dir: Option<PathBuf>,
     /// The listener's TLS, when the operator gave a certificate.
     tls: Option<(tokio_rustls::TlsAcceptor, crate::tls::TlsReloader)>,
 }
@@ -232,6 +237,7 @@ impl Coordinator {
                 bytes_per_second: config.relay_client_bytes_per_second,
             },
             http_limits: crate::http::HttpLimits {
+                trusted_proxies: config.trusted_proxies.into(),
                 max_connections: config.max_connections.max(1),
                 max_connections_per_ip: config.max_connections_per_ip.max(1),
                 header_read_timeout: config.header_read_timeout,
@@ -241,6 +247,7 @@ impl Coordinator {
             quotas: config.quotas,
             setup_code,
             tls: https,
+            agent_binary_dir: config.agent_binary_dir,
         })
     }
 
@@ -340,6 +347,9 @@ impl Coordinator {
             quotas: self.quotas,
             setup_code: self.setup_code.clone(),
             request_timeout: self.request_timeout,
+            agent_binaries: crate::api::bootstrap::AgentBinaries::new(
+                self.agent_binary_dir.clone(),
+            ),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod natlab;
+pub mod pki;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -610,21 +611,27 @@ impl TestEnv {
         self.run_with_input(user, args, "")
     }
 
-    /// Creates the first user, an admin, and logs them in.
+    /// Creates the first user, an admin, and logs them in (with the setup code the
+    /// server printed, when it listens beyond loopback).
     pub fn bootstrap(&self, admin: &str) {
-        self.run_with_input(
+        let ip = self.server_ip.trim_matches(['[', ']']);
+        let loopback = ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+        let code = (!loopback).then(|| self.setup_code());
+        let mut args = vec![
+            "login",
+            &self.url,
+            "--first-user",
+            "--username",
             admin,
-            &[
-                "login",
-                &self.url,
-                "--first-user",
-                "--username",
-                admin,
-                "--password-stdin",
-            ],
-            &format!("{PASSWORD}\n"),
-        )
-        .ok();
+            "--password-stdin",
+        ];
+        if let Some(code) = &code {
+            args.extend(["--setup-code", code.as_str()]);
+        }
+        self.run_with_input(admin, &args, &format!("{PASSWORD}\n"))
+            .ok();
     }
 
     /// As `admin`, creates `user` (not an admin) and logs them in.

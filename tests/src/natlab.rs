@@ -135,8 +135,11 @@ impl Drop for Namespaces {
 pub struct Lab {
     // Fields drop in order: the agent, then the server and the temp dir, then the
     // namespaces with whatever still runs in them.
-    pub agent: AgentProc,
+    /// The agent [`Lab::start`] started (none from [`Lab::start_with`] without one).
+    pub agent: Option<AgentProc>,
     pub env: TestEnv,
+    /// The token of `dev`'s agent.
+    pub agent_token: String,
     core: String,
     client: SideNet,
     agent_side: SideNet,
@@ -154,6 +157,20 @@ impl Lab {
     /// and `nft` are missing; under CI (`CI=true`) missing tools fail the test
     /// instead, as does any failure to build the lab anywhere.
     pub fn start(client: Nat, agent: Nat) -> Option<Lab> {
+        Self::start_with(client, agent, &[], &[], true)
+    }
+
+    /// Like [`Lab::start`], with more `myco server` arguments and client
+    /// environment (a certificate and its CA, say), and the agent started only when
+    /// `start_agent` (else the workspace `dev` exists and its token is
+    /// [`Lab::agent_token`]).
+    pub fn start_with(
+        client: Nat,
+        agent: Nat,
+        server_args: &[&str],
+        client_env: &[(&str, &str)],
+        start_agent: bool,
+    ) -> Option<Lab> {
         if let Err(why) = prerequisites() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true") || why.starts_with("needs root"),
@@ -178,19 +195,35 @@ impl Lab {
         let client = build_side(&mut namespaces, &core, &prefix, Side::Client, client);
         let agent_side = build_side(&mut namespaces, &core, &prefix, Side::Agent, agent);
 
-        let env = TestEnv::start_in(Some(&core), SERVER_IP, &["--heartbeat-interval", "1s"]);
+        let mut args = vec!["--heartbeat-interval", "1s"];
+        args.extend_from_slice(server_args);
+        let mut env = TestEnv::start_in(Some(&core), SERVER_IP, &args);
+        env.client_env.extend(
+            client_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         env.bootstrap("alice");
         let token = env.create_workspace("alice", "dev");
-        let agent = env.start_agent_in(Some(&agent_side.host), &token);
-        env.wait_agent_connected("alice", "dev");
+        let agent = start_agent.then(|| {
+            let agent = env.start_agent_in(Some(&agent_side.host), &token);
+            env.wait_agent_connected("alice", "dev");
+            agent
+        });
         Some(Lab {
             agent,
+            agent_token: token,
             env,
             core,
             client,
             agent_side,
             _namespaces: namespaces,
         })
+    }
+
+    /// The log of the agent [`Lab::start`] started.
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(AgentProc::log).unwrap_or_default()
     }
 
     /// The namespace of `host`, for commands of any kind (`ip netns exec NS ...`).

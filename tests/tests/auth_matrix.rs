@@ -78,6 +78,11 @@ fn rows() -> Vec<Row> {
         // The relay authenticates clients by their endpoint key in its handshake,
         // not by a bearer token: a plain GET is not a relay handshake.
         row("GET", "/relay", [400; 8]),
+        // The agent binary and the init script a workspace image runs: public (the
+        // token comes from the workspace's environment). Placeholders stand for an
+        // architecture this coordinator does not serve.
+        row("GET", "/bin/{file}", [404; 8]),
+        row("GET", "/api/v1/init-script/linux/{arch}", [404; 8]),
         // The relay's probe, which netcheck times: public.
         row("GET", "/ping", public_ok),
         // Admins only.
@@ -215,7 +220,9 @@ fn concrete(path: &str) -> String {
     } else {
         "dev"
     };
-    path.replace("{owner}", "alice")
+    path.replace("{file}", "myco-linux-sparc")
+        .replace("{arch}", "sparc")
+        .replace("{owner}", "alice")
         .replace("{name}", name)
         .replace("{agent}", "main")
 }

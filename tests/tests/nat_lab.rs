@@ -99,7 +99,7 @@ fn expect_direct(lab: &Lab, case: &str) -> Duration {
             panic!(
                 "{case}: no pong via direct within {DIRECT_WITHIN:?}\npongs: {pongs:#?}\nping's stderr: {}\nagent log:\n{}\n{}",
                 ping.stderr(),
-                lab.agent.log(),
+                lab.agent_log(),
                 lab.conntrack()
             );
         };
@@ -388,7 +388,7 @@ fn wait_agent(
         assert!(
             Instant::now() < deadline,
             "timed out waiting until {what}: {value:#}\nagent log:\n{}",
-            lab.agent.log()
+            lab.agent_log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

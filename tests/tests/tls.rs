@@ -7,39 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tests::TestEnv;
-
-/// A private CA and a server certificate it signed for 127.0.0.1 and localhost,
-/// written as PEM files in `dir`: `(ca.pem, server.pem, server.key)`.
-fn private_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("Myco test CA {name}"));
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let paths = (
-        dir.join(format!("{name}-ca.pem")),
-        dir.join(format!("{name}-server.pem")),
-        dir.join(format!("{name}-server.key")),
-    );
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, leaf.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
+use tests::pki::private_ca;
 
 /// A coordinator serving https with a certificate of a private CA; its clients
 /// trust that CA through `MYCO_CA_CERT_FILE`.
 fn https_env(dir: &Path) -> (TestEnv, PathBuf) {
-    let (ca, cert, key) = private_ca(dir, "one");
+    let (ca, cert, key) = private_ca(dir, "one", &["127.0.0.1", "localhost"]);
     let mut env = TestEnv::start_with(&[
         "--tls-cert-file",
         cert.to_str().unwrap(),
@@ -103,7 +77,7 @@ fn an_untrusted_certificate_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let (mut env, _ca) = https_env(dir.path());
     // Trust nothing but another CA.
-    let (other, ..) = private_ca(dir.path(), "other");
+    let (other, ..) = private_ca(dir.path(), "other", &["127.0.0.1", "localhost"]);
     env.client_env.clear();
     env.client_env
         .push(("SSL_CERT_FILE".into(), other.to_str().unwrap().to_owned()));
@@ -139,8 +113,8 @@ fn an_untrusted_certificate_is_refused_in_one_line() {
 #[test]
 fn sighup_swaps_the_certificate_without_dropping_the_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca1, cert, key) = private_ca(dir.path(), "one");
-    let (ca2, cert2, key2) = private_ca(dir.path(), "two");
+    let (ca1, cert, key) = private_ca(dir.path(), "one", &["127.0.0.1", "localhost"]);
+    let (ca2, cert2, key2) = private_ca(dir.path(), "two", &["127.0.0.1", "localhost"]);
     // The server reads fixed paths; the renewal overwrites them.
     let live_cert = dir.path().join("live.pem");
     let live_key = dir.path().join("live.key");

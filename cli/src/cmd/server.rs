@@ -116,9 +116,31 @@ pub struct Args {
     #[arg(long, env = "MYCO_MAX_AGENTS_PER_WORKSPACE", default_value_t = 64)]
     max_agents_per_workspace: usize,
 
+    /// Reverse proxies in front of the coordinator (addresses or CIDRs, comma
+    /// separated, e.g. 127.0.0.1/32): requests through them are attributed to the
+    /// client their X-Forwarded-For names (login rate limits, logs), and their own
+    /// connections are not held to --max-connections-per-ip. Others' X-Forwarded-For
+    /// is ignored.
+    #[arg(long, env = "MYCO_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// A directory of agent binaries named myco-linux-ARCH (amd64, arm64, ...) to
+    /// serve at /bin/ for the init script, beside the running binary for this
+    /// machine's architecture.
+    #[arg(long, env = "MYCO_AGENT_BINARY_DIR")]
+    agent_binary_dir: Option<PathBuf>,
+
     /// Quota: named API tokens one user may hold.
     #[arg(long, env = "MYCO_MAX_API_TOKENS_PER_USER", default_value_t = 100)]
     max_api_tokens_per_user: usize,
+}
+
+/// An address (a /32 or /128) or a CIDR.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not an IP address or CIDR, e.g. 127.0.0.1 or 10.0.0.0/8"))
 }
 
 /// iroh's customary QUIC address discovery port.
@@ -172,6 +194,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             per_ip_per_minute: args.login_rate_per_ip,
             per_user_per_minute: args.login_rate_per_user,
         },
+        agent_binary_dir: args.agent_binary_dir,
+        trusted_proxies: args.trusted_proxies,
         quotas: coordinator::Quotas {
             workspaces_per_user: args.max_workspaces_per_user,
             agents_per_workspace: args.max_agents_per_workspace,

@@ -187,11 +187,14 @@ pub async fn create(globals: &Globals, args: CreateArgs) -> anyhow::Result<()> {
         if n == 1 { "" } else { "s" }
     );
     println!(
-        "start each agent inside the workspace with the line below; its token is shown only this once:"
+        "start each agent inside the workspace with one of the lines below; its token is shown only this once:"
     );
     for t in &created.agent_tokens {
         println!();
         println!("  agent {}:", t.agent);
+        println!("    in an image or a VM (downloads the agent from the coordinator):");
+        println!("    {}", init_command(&created.access_url, &t.token));
+        println!("    where myco is installed:");
         println!("    {}", agent_command(&created.access_url, &t.token));
     }
     Ok(())
@@ -201,6 +204,12 @@ pub async fn create(globals: &Globals, args: CreateArgs) -> anyhow::Result<()> {
 /// arguments, where every local user could read it in the process list.
 fn agent_command(url: &str, token: &str) -> String {
     format!("MYCO_AGENT_TOKEN={token} myco agent --url {url}")
+}
+
+/// The line for an image or a VM: the coordinator's init script fetches, checks and
+/// runs the agent; the token again in the environment (of `sh`), never an argument.
+fn init_command(url: &str, token: &str) -> String {
+    format!("curl -fsSL {url}/api/v1/init-script/linux/amd64 | MYCO_AGENT_TOKEN={token} sh")
 }
 
 pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {

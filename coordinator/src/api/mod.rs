@@ -9,6 +9,7 @@
 //!
 //! [`ErrorBody`]: mesh::api::ErrorBody
 
+pub(crate) mod bootstrap;
 pub(crate) mod callers;
 mod connect;
 mod diagnostics;
@@ -63,6 +64,8 @@ pub(crate) struct AppState {
     pub(crate) setup_code: Option<Arc<str>>,
     /// How long a request may take; see `ServerConfig::request_timeout`.
     pub(crate) request_timeout: Duration,
+    /// The agent binaries `/bin` serves.
+    pub(crate) agent_binaries: bootstrap::AgentBinaries,
 }
 
 /// One route the coordinator serves: what the auth matrix test walks, so a route
@@ -160,7 +163,8 @@ fn api_routes() -> Routes {
         "/agent/control",
         crate::control::control_handler,
     )
-    .at(get, "/debug/relay", diagnostics::relay_stats)
+    .at(get.clone(), "/debug/relay", diagnostics::relay_stats)
+    .at(get, "/init-script/linux/{arch}", bootstrap::init_script)
 }
 
 /// Every route of [`router`], for tests that must cover them all.
@@ -173,6 +177,10 @@ pub fn route_table() -> Vec<Route> {
         Route {
             method: "GET",
             path: "/metrics".into(),
+        },
+        Route {
+            method: "GET",
+            path: "/bin/{file}".into(),
         },
         Route {
             method: "GET",
@@ -200,6 +208,7 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(diagnostics::metrics))
+        .route("/bin/{file}", get(bootstrap::binary))
         .route_layer(counted.clone())
         .nest("/api/v1", api)
         .fallback(no_route)
