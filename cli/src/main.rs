@@ -114,6 +114,54 @@ enum Command {
     /// Load-test a coordinator with simulated agents and check what /metrics says.
     #[command(subcommand)]
     Scaletest(cmd::scaletest::ScaletestCommand),
+    /// Print shell completions: `myco completion bash > /etc/bash_completion.d/myco`.
+    Completion { shell: clap_complete::Shell },
+    /// Write man pages (myco.1, myco-server.1, ...) into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
+}
+
+/// `myco completion SHELL`: completions for the whole command tree, on stdout.
+fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "myco", &mut out);
+    // Written here, not by the generator, so a closed pipe ends quietly.
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
+/// `myco man DIR`: one page per command, as clap_mangen renders them.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    fn write(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        // clap names commands with static strings; a one-shot command may leak a few.
+        let static_name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        clap_mangen::Man::new(cmd.clone().name(static_name))
+            .render(&mut out)
+            .with_context(|| format!("cannot render {name}.1"))?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    write(&cmd, "myco", dir)?;
+    println!("wrote man pages to {}", dir.display());
+    Ok(())
 }
 
 /// Ends `myco` with this exit code and no message (e.g. `myco ssh`'s remote command's).
@@ -238,6 +286,8 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
         Command::Login(args) => cmd::login::login(&globals, args).await,
         Command::Logout => cmd::login::logout(&globals).await,
         Command::Whoami(out) => cmd::login::whoami(&globals, out).await,
+        Command::Completion { shell } => completion(shell),
+        Command::Man { dir } => man_pages(&dir),
         Command::Users(c) => cmd::users::run(&globals, c).await,
         Command::Tokens(c) => cmd::tokens::run(&globals, c).await,
         Command::Create(args) => cmd::workspaces::create(&globals, args).await,
