@@ -1307,3 +1307,71 @@ fn terminate(ssh: &mut std::process::Child) {
         .unwrap();
     let _ = ssh.wait();
 }
+
+#[test]
+fn a_workspace_made_after_config_ssh_works_at_once_and_is_pinned() {
+    let (env, _agent) = TestEnv::with_agent();
+    // The SSH config is a symlink, as dotfile managers make it: edited through it.
+    let real = env.config_dir("alice").join("dotfiles-ssh-config");
+    std::fs::write(&real, "Host work\n  User me\n").unwrap();
+    let link = env.config_dir("alice").join("ssh_config");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    env.run(
+        "alice",
+        &[
+            "config-ssh",
+            "--ssh-config-file",
+            link.to_str().unwrap(),
+            "-y",
+            "--ssh-option",
+            "ServerAliveInterval=15",
+        ],
+    )
+    .ok();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let text = std::fs::read_to_string(&real).unwrap();
+    assert!(
+        text.starts_with("Host work\n") && text.contains("  ServerAliveInterval 15\n"),
+        "{text}"
+    );
+    let err = env
+        .run(
+            "alice",
+            &[
+                "config-ssh",
+                "--ssh-config-file",
+                link.to_str().unwrap(),
+                "-y",
+                "-o",
+                "=yes",
+            ],
+        )
+        .fails();
+    assert!(err.contains("is not an SSH option"), "{err}");
+
+    // A new workspace, no second config-ssh: ssh gets its key from the coordinator.
+    let token = env.create_workspace("alice", "later");
+    let _later = env.start_agent(&token);
+    tests::eventually("the new agent reports its host key", || {
+        env.run("alice", &["show", "later", "-o", "json"])
+            .ok()
+            .json()["agents"][0]["ssh_host_key"]
+            .is_string()
+    });
+    let out = ssh(&link, &["myco.later", "echo", "at-once"], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "at-once");
+    // ...and pins it, so a later change is refused like any other.
+    let pinned = std::fs::read_to_string(env.config_dir("alice").join("known_hosts")).unwrap();
+    assert!(pinned.contains("myco.later"), "{pinned}");
+    let out = ssh(&link, &["myco.later", "true"], b"");
+    assert!(out.status.success(), "{out:?}");
+    // A workspace that does not exist gets no key, and ssh refuses it.
+    let out = ssh(&link, &["myco.nothing", "true"], b"");
+    assert!(!out.status.success(), "{out:?}");
+}

@@ -64,6 +64,10 @@ pub struct SshArgs {
     /// Never ask for a terminal.
     #[arg(short = 'T', long)]
     no_tty: bool,
+    /// For OpenSSH's KnownHostsCommand (config-ssh writes it): print the
+    /// coordinator's record of the host key of a workspace not pinned yet, and pin it.
+    #[arg(long, hide = true, conflicts_with_all = ["command", "stdio"])]
+    known_hosts: bool,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -88,9 +92,15 @@ pub struct ConfigSshArgs {
     /// Do not ask for confirmation.
     #[arg(short = 'y', long = "yes")]
     yes: bool,
+    /// Another option for the `Host myco.*` block, e.g. ForwardAgent=yes. Repeatable.
+    #[arg(short = 'o', long = "ssh-option", value_name = "KEY=VALUE", value_parser = parse_ssh_option)]
+    ssh_options: Vec<String>,
 }
 
 pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
+    if args.known_hosts {
+        return known_hosts_command(globals, &args.target).await;
+    }
     let mut d = dial::dial(globals, &args.target, mesh::alpn::SSH, &args.mesh).await?;
     if !args.stdio {
         let command = match args.command.as_slice() {
@@ -171,6 +181,66 @@ fn default_ssh_config() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".ssh").join("config"))
 }
 
+/// `myco ssh --known-hosts HOST`, OpenSSH's KnownHostsCommand: for a host not in
+/// config-ssh's known_hosts file yet (a workspace made after the last config-ssh),
+/// prints the coordinator's record of its key and pins it in that file, so OpenSSH
+/// checks the agent against it now and a later change is refused like any other.
+/// For a pinned host it prints nothing: the file decides.
+async fn known_hosts_command(globals: &Globals, target: &WorkspaceRef) -> anyhow::Result<()> {
+    let config_dir = crate::session::config_dir(globals)?;
+    let known_path = config_dir.join("known_hosts");
+    let host = format!("{HOST_PREFIX}{target}");
+    let pinned = std::fs::read_to_string(&known_path).unwrap_or_default();
+    let names_of = |line: &str| -> Vec<String> {
+        line.split_whitespace()
+            .next()
+            .map(|n| n.split(',').map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    if pinned.lines().any(|l| names_of(l).contains(&host)) {
+        return Ok(());
+    }
+    let client = Client::authenticated(globals)?;
+    let workspaces: Vec<Workspace> = client.get("/api/v1/workspaces").await?;
+    let Some(line) = known_hosts(&workspaces)
+        .lines()
+        .find(|l| names_of(l).contains(&host))
+        .map(str::to_owned)
+    else {
+        // Nothing recorded: OpenSSH, finding no key, refuses the host.
+        return Ok(());
+    };
+    let mut text = pinned;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&line);
+    text.push('\n');
+    crate::dirs::write_private(&known_path, text.as_bytes())?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Where `path` leads through symlinks, even when the last one dangles.
+fn follow_symlinks(path: &Path) -> anyhow::Result<PathBuf> {
+    let mut path = path.to_owned();
+    for _ in 0..40 {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            return Ok(path);
+        };
+        if !meta.file_type().is_symlink() {
+            return Ok(path);
+        }
+        let link = std::fs::read_link(&path)
+            .with_context(|| format!("cannot read the symlink {}", path.display()))?;
+        path = match path.parent() {
+            Some(dir) if link.is_relative() => dir.join(link),
+            _ => link,
+        };
+    }
+    bail!("{} is a loop of symlinks", path.display())
+}
+
 /// Known-hosts lines for every agent with a reported host key.
 fn known_hosts(workspaces: &[Workspace]) -> String {
     let mut out = String::new();
@@ -193,23 +263,48 @@ fn quote(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
-/// The managed block.
-fn block(myco: &Path, config_dir: &Path, known_hosts: &Path) -> String {
+/// The managed block; `options` are the user's `--ssh-option` lines.
+fn block(myco: &Path, config_dir: &Path, known_hosts: &Path, options: &[String]) -> String {
+    let extra: String = options.iter().map(|o| format!("  {o}\n")).collect();
     format!(
         "{BEGIN}\n\
-         # Managed by `myco config-ssh`; edits here are replaced. Host keys are pinned.\n\
+         # Managed by `myco config-ssh`; edits here are replaced. Host keys are pinned;\n\
+         # a workspace made later is pinned from the coordinator's record at first use.\n\
          Host {HOST_PREFIX}*\n  \
            ProxyCommand {} --config-dir {} ssh --stdio %h\n  \
            UserKnownHostsFile {}\n  \
+           KnownHostsCommand {} --config-dir {} ssh --known-hosts %H\n  \
            StrictHostKeyChecking yes\n  \
            Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n  \
            ConnectTimeout 0\n  \
            LogLevel ERROR\n\
+         {extra}\
          {END}\n",
         quote(myco),
         quote(config_dir),
         quote(known_hosts),
+        quote(myco),
+        quote(config_dir),
     )
+}
+
+/// An `--ssh-option`: `Key Value` or `Key=Value`, one line, as ssh_config takes it.
+fn parse_ssh_option(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let (key, value) = text
+        .split_once(['=', ' '])
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .ok_or_else(|| format!("{text:?} is not an SSH option; write it like ForwardAgent=yes"))?;
+    if key.is_empty()
+        || value.is_empty()
+        || !key.chars().all(|c| c.is_ascii_alphanumeric())
+        || text.contains(['\n', '\r'])
+    {
+        return Err(format!(
+            "{text:?} is not an SSH option; write it like ForwardAgent=yes"
+        ));
+    }
+    Ok(format!("{key} {value}"))
 }
 
 /// `text` with the managed block replaced (or appended), the user's lines untouched.
@@ -244,19 +339,28 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
         Some(p) => p,
         None => default_ssh_config()?,
     };
+    // A config that is a symlink (dotfile managers) is edited where it points, not
+    // replaced by a file.
+    let path = follow_symlinks(&path)?;
     let old = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let new = splice(&old, &block(&myco, &config_dir, &known_path));
+    let new = splice(
+        &old,
+        &block(&myco, &config_dir, &known_path, &args.ssh_options),
+    );
     let hosts = known_hosts(&workspaces);
     if args.dry_run {
         if old == new {
             println!("{} is up to date", path.display());
         } else {
             println!("would write this block to {}:", path.display());
-            print!("{}", block(&myco, &config_dir, &known_path));
+            print!(
+                "{}",
+                block(&myco, &config_dir, &known_path, &args.ssh_options)
+            );
         }
         println!(
             "would pin {} host keys in {}",
@@ -303,7 +407,12 @@ mod tests {
     #[test]
     fn splice_keeps_user_lines_and_is_idempotent() {
         let user = "Host work\n  User me\n";
-        let b = block(Path::new("/bin/myco"), Path::new("/c"), Path::new("/c/kh"));
+        let b = block(
+            Path::new("/bin/myco"),
+            Path::new("/c"),
+            Path::new("/c/kh"),
+            &[],
+        );
         let once = splice(user, &b);
         assert!(once.starts_with(user));
         assert_eq!(splice(&once, &b), once);
@@ -311,6 +420,7 @@ mod tests {
             Path::new("/usr/bin/myco"),
             Path::new("/c"),
             Path::new("/c/kh"),
+            &["ForwardAgent yes".to_owned()],
         );
         let twice = splice(&once, &changed);
         assert!(
