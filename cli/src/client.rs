@@ -124,6 +124,7 @@ impl Client {
     }
 
     /// The API token requests carry, for the rare call that is not JSON (`/metrics`).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
     }

@@ -65,6 +65,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator: HTTP API, store and relay.
+    #[cfg(feature = "server")]
     Server(cmd::server::Args),
     /// Run the workspace agent (inside the workspace): control channel and mesh services.
     ///
@@ -113,6 +114,7 @@ enum Command {
     RotateAgentToken(cmd::workspaces::RotateArgs),
     /// Load-test a coordinator with simulated agents and check what /metrics says.
     #[command(subcommand)]
+    #[cfg(feature = "server")]
     Scaletest(cmd::scaletest::ScaletestCommand),
     /// Print shell completions: `myco completion bash > /etc/bash_completion.d/myco`.
     Completion { shell: clap_complete::Shell },
@@ -164,6 +166,28 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The coordinator and the scaletest: many peers, a multi-threaded runtime.
+#[cfg(feature = "server")]
+fn is_server(command: &Command) -> bool {
+    matches!(command, Command::Server(_) | Command::Scaletest(_))
+}
+
+#[cfg(feature = "server")]
+fn is_coordinator(command: &Command) -> bool {
+    matches!(command, Command::Server(_))
+}
+
+/// The agent-only build has no coordinator and no scaletest.
+#[cfg(not(feature = "server"))]
+fn is_server(_: &Command) -> bool {
+    false
+}
+
+#[cfg(not(feature = "server"))]
+fn is_coordinator(_: &Command) -> bool {
+    false
+}
+
 /// Ends `myco` with this exit code and no message (e.g. `myco ssh`'s remote command's).
 #[derive(Debug)]
 pub struct ExitWith(pub u8);
@@ -197,7 +221,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e.format(&mut Cli::command())),
     };
-    let server = matches!(cli.command, Command::Server(_) | Command::Agent(_));
+    let server = is_coordinator(&cli.command) || matches!(cli.command, Command::Agent(_));
     init_tracing(cli.log_format, server);
     // Only the coordinator, which serves thousands of agents, and the scaletest, which
     // simulates them (its scrapes must not be timed behind their heartbeats), get a
@@ -206,7 +230,7 @@ fn main() -> ExitCode {
     // loopback, and the agent's SSH bulk and keystroke figures improved too
     // (BENCHMARKS.md). The agent's blocking work (SFTP file I/O) and its commands run
     // outside that thread.
-    let many_peers = matches!(cli.command, Command::Server(_) | Command::Scaletest(_));
+    let many_peers = is_server(&cli.command);
     let mut builder = if many_peers {
         tokio::runtime::Builder::new_multi_thread()
     } else {
@@ -275,6 +299,7 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
         config_dir: cli.config_dir,
     };
     match cli.command {
+        #[cfg(feature = "server")]
         Command::Server(args) => cmd::server::run(args).await,
         Command::Agent(args) => cmd::agent::run(&globals, args).await,
         Command::Ping(args) => cmd::ping::run(&globals, args).await,
@@ -296,6 +321,7 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
         Command::Logs(args) => cmd::workspaces::logs(&globals, args).await,
         Command::Delete(args) => cmd::workspaces::delete(&globals, args).await,
         Command::RotateAgentToken(args) => cmd::workspaces::rotate(&globals, args).await,
+        #[cfg(feature = "server")]
         Command::Scaletest(c) => cmd::scaletest::run(&globals, c).await,
     }
 }

@@ -5,7 +5,9 @@ pub mod login;
 pub mod netcheck;
 pub mod ping;
 pub mod port_forward;
+#[cfg(feature = "server")]
 pub mod scaletest;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod speedtest;
 pub mod ssh;
