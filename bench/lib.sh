@@ -14,6 +14,12 @@ trap cleanup EXIT
 # Starts a coordinator on loopback, its first user "bench", workspace "bench" and its
 # agent; sets $url. Everything lives in $work.
 start_myco() {
+  start_coordinator
+  add_agent bench "$MYCO"
+}
+
+# Starts a coordinator on loopback and its first user "bench", logged in; sets $url.
+start_coordinator() {
   export MYCO_CONFIG_DIR="$work/cfg" MYCO_MESH_BIND=127.0.0.1:0 MYCO_PORTMAPPER=false
   # Port 0 for QUIC address discovery too: another coordinator may hold the default.
   "$MYCO" server --http-address 127.0.0.1:0 --relay-quic-address 127.0.0.1:0 --data-dir "$work/data" >"$work/server.out" 2>"$work/server.err" &
@@ -21,7 +27,6 @@ start_myco() {
   for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   url=$(sed -n 's/^myco coordinator listening on //p' "$work/server.out")
   echo "bench-password" | "$MYCO" login "$url" --first-user --username bench --password-stdin >/dev/null
-  add_agent bench "$MYCO"
 }
 
 # add_agent NAME BIN: workspace NAME on the running coordinator, its agent run by the

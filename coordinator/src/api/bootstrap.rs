@@ -33,8 +33,11 @@ pub struct AgentBinaries {
     /// The running binary and the name it is served as.
     own: Option<(String, PathBuf)>,
     /// Checksums by path, with the length and mtime they were made for.
-    sums: Arc<Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, String)>>>,
+    sums: Arc<Mutex<Sums>>,
 }
+
+/// A file's SHA-256 (hex) by path, with the length and mtime it was computed for.
+type Sums = std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
 
 impl AgentBinaries {
     pub fn new(dir: Option<PathBuf>) -> Self {
@@ -107,12 +110,7 @@ impl AgentBinaries {
         Ok(sum)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, String)>,
-    > {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sums> {
         // A cache of complete entries: a panic elsewhere cannot corrupt it.
         self.sums
             .lock()
