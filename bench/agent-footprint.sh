@@ -25,7 +25,8 @@ source bench/lib.sh
 start_coordinator
 
 # start NAME BIN: workspace NAME and its agent run by BIN (token by the environment);
-# prints the agent's pid once it is connected.
+# sets $started to the agent's pid once it is connected. (Not a command substitution:
+# its subshell would run the EXIT trap and take everything down.)
 start() {
   local name=$1 bin=$2 token
   token=$("$MYCO" create "$name" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["agent_tokens"][0]["token"])')
@@ -33,7 +34,7 @@ start() {
   local pid=$!
   pids+=($pid)
   for _ in $(seq 200); do
-    "$MYCO" show "$name" -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") and a.get("ssh_host_key") else 1)' && { echo "$pid"; return 0; }
+    "$MYCO" show "$name" -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") and a.get("ssh_host_key") else 1)' && { started=$pid; return 0; }
     sleep 0.05
   done
   echo "the agent of $name never connected; see $work/agent-$name.err" >&2
@@ -42,8 +43,10 @@ start() {
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
 
-full=$(start full "$MYCO")
-small=$(start small "$AGENT")
+start full "$MYCO"
+full=$started
+start small "$AGENT"
+small=$started
 sleep 5 # past start-up: the first netcheck, the first stats
 f0=$(ticks "$full"); s0=$(ticks "$small")
 sleep "$DURATION"
