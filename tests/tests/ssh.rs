@@ -1374,4 +1374,26 @@ fn a_workspace_made_after_config_ssh_works_at_once_and_is_pinned() {
     // A workspace that does not exist gets no key, and ssh refuses it.
     let out = ssh(&link, &["myco.nothing", "true"], b"");
     assert!(!out.status.success(), "{out:?}");
+
+    // Another prefix for the aliases (Coder's --ssh-host-prefix).
+    let other = env.config_dir("alice").join("other_config");
+    env.run(
+        "alice",
+        &[
+            "config-ssh",
+            "--ssh-config-file",
+            other.to_str().unwrap(),
+            "-y",
+            "--ssh-host-prefix",
+            "dev-",
+        ],
+    )
+    .ok();
+    let out = ssh(&other, &["dev-later", "echo", "prefixed"], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "prefixed");
+    let err = env
+        .run("alice", &["config-ssh", "--ssh-host-prefix", "a b", "-y"])
+        .fails();
+    assert!(err.contains("is not a host prefix"), "{err}");
 }

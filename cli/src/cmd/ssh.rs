@@ -36,8 +36,12 @@ OpenSSH's escapes work at the start of a line: ~. ends the session (exit 255, fo
 link that hangs), ~? lists the escapes, ~~ sends one ~.")]
 pub struct SshArgs {
     /// The agent: [OWNER/]WORKSPACE[.AGENT], or the host alias myco.WORKSPACE[.AGENT].
-    #[arg(value_parser = dial::parse_target, value_name = "WORKSPACE")]
-    target: WorkspaceRef,
+    #[arg(value_name = "WORKSPACE")]
+    target: String,
+    /// The host alias prefix config-ssh wrote (its --ssh-host-prefix), stripped from
+    /// the target.
+    #[arg(long, hide = true, default_value = HOST_PREFIX, value_parser = parse_host_prefix)]
+    host_prefix: String,
     /// The command to run instead of a login shell (put it after `--`).
     #[arg(
         trailing_var_arg = true,
@@ -92,16 +96,25 @@ pub struct ConfigSshArgs {
     /// Do not ask for confirmation.
     #[arg(short = 'y', long = "yes")]
     yes: bool,
+    /// The prefix of the host aliases (`ssh PREFIXWORKSPACE`), e.g. `coder.` or
+    /// `dev-`: letters, digits, `.`, `-` and `_`.
+    #[arg(long, default_value = HOST_PREFIX, value_parser = parse_host_prefix)]
+    ssh_host_prefix: String,
     /// Another option for the `Host myco.*` block, e.g. ForwardAgent=yes. Repeatable.
     #[arg(short = 'o', long = "ssh-option", value_name = "KEY=VALUE", value_parser = parse_ssh_option)]
     ssh_options: Vec<String>,
 }
 
 pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
+    let target: WorkspaceRef = args
+        .target
+        .strip_prefix(args.host_prefix.as_str())
+        .map_or_else(|| dial::parse_target(&args.target), str::parse)
+        .with_context(|| format!("bad workspace {:?}", args.target))?;
     if args.known_hosts {
-        return known_hosts_command(globals, &args.target).await;
+        return known_hosts_command(globals, &target, &args.host_prefix).await;
     }
-    let mut d = dial::dial(globals, &args.target, mesh::alpn::SSH, &args.mesh).await?;
+    let mut d = dial::dial(globals, &target, mesh::alpn::SSH, &args.mesh).await?;
     if !args.stdio {
         let command = match args.command.as_slice() {
             [] => None,
@@ -186,10 +199,14 @@ fn default_ssh_config() -> anyhow::Result<PathBuf> {
 /// prints the coordinator's record of its key and pins it in that file, so OpenSSH
 /// checks the agent against it now and a later change is refused like any other.
 /// For a pinned host it prints nothing: the file decides.
-async fn known_hosts_command(globals: &Globals, target: &WorkspaceRef) -> anyhow::Result<()> {
+async fn known_hosts_command(
+    globals: &Globals,
+    target: &WorkspaceRef,
+    prefix: &str,
+) -> anyhow::Result<()> {
     let config_dir = crate::session::config_dir(globals)?;
     let known_path = config_dir.join("known_hosts");
-    let host = format!("{HOST_PREFIX}{target}");
+    let host = format!("{prefix}{target}");
     let pinned = std::fs::read_to_string(&known_path).unwrap_or_default();
     let names_of = |line: &str| -> Vec<String> {
         line.split_whitespace()
@@ -202,7 +219,7 @@ async fn known_hosts_command(globals: &Globals, target: &WorkspaceRef) -> anyhow
     }
     let client = Client::authenticated(globals)?;
     let workspaces: Vec<Workspace> = client.get("/api/v1/workspaces").await?;
-    let Some(line) = known_hosts(&workspaces)
+    let Some(line) = known_hosts(&workspaces, prefix)
         .lines()
         .find(|l| names_of(l).contains(&host))
         .map(str::to_owned)
@@ -241,17 +258,18 @@ fn follow_symlinks(path: &Path) -> anyhow::Result<PathBuf> {
     bail!("{} is a loop of symlinks", path.display())
 }
 
-/// Known-hosts lines for every agent with a reported host key.
-fn known_hosts(workspaces: &[Workspace]) -> String {
+/// Known-hosts lines for every agent with a reported host key, named as
+/// `PREFIX`WS.AGENT (and `PREFIX`WS for a workspace's only agent).
+fn known_hosts(workspaces: &[Workspace], prefix: &str) -> String {
     let mut out = String::new();
     for ws in workspaces {
         for agent in &ws.agents {
             let Some(key) = &agent.ssh_host_key else {
                 continue;
             };
-            let mut names = vec![format!("{HOST_PREFIX}{}.{}", ws.name, agent.name)];
+            let mut names = vec![format!("{prefix}{}.{}", ws.name, agent.name)];
             if ws.agents.len() == 1 {
-                names.push(format!("{HOST_PREFIX}{}", ws.name));
+                names.push(format!("{prefix}{}", ws.name));
             }
             out.push_str(&format!("{} {key}\n", names.join(",")));
         }
@@ -263,17 +281,30 @@ fn quote(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
-/// The managed block; `options` are the user's `--ssh-option` lines.
-fn block(myco: &Path, config_dir: &Path, known_hosts: &Path, options: &[String]) -> String {
+/// The managed block for hosts `prefix`*; `options` are the user's `--ssh-option`
+/// lines.
+fn block(
+    myco: &Path,
+    config_dir: &Path,
+    known_hosts: &Path,
+    options: &[String],
+    prefix: &str,
+) -> String {
     let extra: String = options.iter().map(|o| format!("  {o}\n")).collect();
+    // `myco ssh` strips the default prefix by itself; another one it is told.
+    let strip = if prefix == HOST_PREFIX {
+        String::new()
+    } else {
+        format!(" --host-prefix {prefix}")
+    };
     format!(
         "{BEGIN}\n\
          # Managed by `myco config-ssh`; edits here are replaced. Host keys are pinned;\n\
          # a workspace made later is pinned from the coordinator's record at first use.\n\
-         Host {HOST_PREFIX}*\n  \
-           ProxyCommand {} --config-dir {} ssh --stdio %h\n  \
+         Host {prefix}*\n  \
+           ProxyCommand {} --config-dir {} ssh --stdio{strip} %h\n  \
            UserKnownHostsFile {}\n  \
-           KnownHostsCommand {} --config-dir {} ssh --known-hosts %H\n  \
+           KnownHostsCommand {} --config-dir {} ssh --known-hosts{strip} %H\n  \
            StrictHostKeyChecking yes\n  \
            Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n  \
            ConnectTimeout 0\n  \
@@ -286,6 +317,21 @@ fn block(myco: &Path, config_dir: &Path, known_hosts: &Path, options: &[String])
         quote(myco),
         quote(config_dir),
     )
+}
+
+/// A host alias prefix: safe in an ssh_config `Host` pattern and in a command line.
+fn parse_host_prefix(text: &str) -> Result<String, String> {
+    if text.is_empty()
+        || text.len() > 32
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(format!(
+            "{text:?} is not a host prefix; use up to 32 letters, digits, '.', '-' or '_', e.g. myco."
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 /// An `--ssh-option`: `Key Value` or `Key=Value`, one line, as ssh_config takes it.
@@ -349,9 +395,15 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
     };
     let new = splice(
         &old,
-        &block(&myco, &config_dir, &known_path, &args.ssh_options),
+        &block(
+            &myco,
+            &config_dir,
+            &known_path,
+            &args.ssh_options,
+            &args.ssh_host_prefix,
+        ),
     );
-    let hosts = known_hosts(&workspaces);
+    let hosts = known_hosts(&workspaces, &args.ssh_host_prefix);
     if args.dry_run {
         if old == new {
             println!("{} is up to date", path.display());
@@ -359,7 +411,13 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
             println!("would write this block to {}:", path.display());
             print!(
                 "{}",
-                block(&myco, &config_dir, &known_path, &args.ssh_options)
+                block(
+                    &myco,
+                    &config_dir,
+                    &known_path,
+                    &args.ssh_options,
+                    &args.ssh_host_prefix,
+                )
             );
         }
         println!(
@@ -393,9 +451,10 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
         println!("{} is up to date", path.display());
     }
     println!(
-        "pinned {} host keys in {}; connect with `ssh {HOST_PREFIX}WORKSPACE`",
+        "pinned {} host keys in {}; connect with `ssh {}WORKSPACE`",
         hosts.lines().count(),
-        known_path.display()
+        known_path.display(),
+        args.ssh_host_prefix
     );
     Ok(())
 }
@@ -421,6 +480,7 @@ mod tests {
             Path::new("/c"),
             Path::new("/c/kh"),
             &["ForwardAgent yes".to_owned()],
+            HOST_PREFIX,
         );
         let twice = splice(&once, &changed);
         assert!(
