@@ -62,6 +62,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once per process; boxing the server's many flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator: HTTP API, store and relay.

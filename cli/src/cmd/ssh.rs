@@ -471,6 +471,7 @@ mod tests {
             Path::new("/c"),
             Path::new("/c/kh"),
             &[],
+            HOST_PREFIX,
         );
         let once = splice(user, &b);
         assert!(once.starts_with(user));
