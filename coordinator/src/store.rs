@@ -781,20 +781,17 @@ impl Store {
         Ok(user)
     }
 
-    /// Deletes every login session and API token of `username` but `keep` (a token
-    /// id); returns the ids deleted.
-    pub fn delete_user_tokens(
-        &self,
-        username: &str,
-        keep: Option<&str>,
-    ) -> Result<Vec<String>, StoreError> {
+    /// Deletes every login session and API token of `username`; returns the ids
+    /// deleted.
+    pub fn delete_user_tokens(&self, username: &str) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_write()?;
-        let ids = Self::remove_user_tokens(&txn, username, keep, false)?;
+        let ids = Self::remove_user_tokens(&txn, username, None, false)?;
         txn.commit()?;
         Ok(ids)
     }
 
-    /// Like [`Store::delete_user_tokens`], login sessions only.
+    /// Like [`Store::delete_user_tokens`], login sessions only, and all but `keep`
+    /// (a token id).
     pub fn delete_user_sessions(
         &self,
         username: &str,

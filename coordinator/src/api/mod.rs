@@ -266,8 +266,19 @@ fn revoke_tokens(state: &AppState, token_ids: Vec<String>) {
     let clients = state.registry.revoke_clients(&token_ids);
     state.relay.disconnect(&clients);
     let agents = state.registry.live_agent_ids();
-    state.registry.push(&agents, &Push::Revoke { token_ids });
+    // In bounded messages: a user may have piled up many sessions.
+    for chunk in token_ids.chunks(REVOKE_CHUNK) {
+        state.registry.push(
+            &agents,
+            &Push::Revoke {
+                token_ids: chunk.to_vec(),
+            },
+        );
+    }
 }
+
+/// Token ids in one `Revoke` message (about 20 KiB of JSON).
+const REVOKE_CHUNK: usize = 1000;
 
 /// Runs blocking store or hashing work off the async runtime.
 async fn blocking<T: Send + 'static>(

@@ -204,14 +204,47 @@ fn not_self(caller: &Caller, target: &Name, what: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Deletes `target`'s sessions and tokens (but `keep`) and revokes what they
-/// granted on the mesh; returns how many.
-async fn revoke_all(state: &AppState, target: &Name, keep: Option<String>) -> ApiResult<usize> {
+/// Which of a user's tokens [`revoke_user_tokens`] ends.
+enum Revocation {
+    /// Every login session and API token, deleted.
+    All,
+    /// The login sessions but `keep` (the caller's own), deleted; API tokens stay.
+    SessionsBut(Option<String>),
+    /// The login sessions, deleted, and what the API tokens opened on the mesh
+    /// closed; the tokens stay in the store (a disabled user's are refused, and
+    /// work again once enabled).
+    Disable,
+}
+
+/// Ends `target`'s tokens as `which` says and closes what they granted on the
+/// mesh, in one revocation; returns how many tokens were deleted.
+async fn revoke_user_tokens(
+    state: &AppState,
+    target: &Name,
+    which: Revocation,
+) -> ApiResult<usize> {
     let store = state.store.clone();
     let t = target.clone();
-    let ids = blocking(move || Ok(store.delete_user_tokens(t.as_str(), keep.as_deref())?)).await?;
-    let n = ids.len();
-    super::revoke_tokens(state, ids);
+    let (deleted, kept) = blocking(move || {
+        Ok(match which {
+            Revocation::All => (store.delete_user_tokens(t.as_str())?, Vec::new()),
+            Revocation::SessionsBut(keep) => (
+                store.delete_user_sessions(t.as_str(), keep.as_deref())?,
+                Vec::new(),
+            ),
+            Revocation::Disable => (
+                store.delete_user_sessions(t.as_str(), None)?,
+                store
+                    .api_tokens(Some(&t))?
+                    .into_iter()
+                    .map(|k| k.id)
+                    .collect(),
+            ),
+        })
+    })
+    .await?;
+    let n = deleted.len();
+    super::revoke_tokens(state, [deleted, kept].concat());
     Ok(n)
 }
 
@@ -228,17 +261,7 @@ pub(super) async fn disable_user(
     let store = state.store.clone();
     let t = target.clone();
     let user = blocking(move || Ok(store.update_user(t.as_str(), |u| u.disabled = true)?)).await?;
-    // API tokens stay (refused while disabled) so enabling restores them; their mesh
-    // sessions close all the same.
-    let store = state.store.clone();
-    let t = target.clone();
-    let api_tokens: Vec<String> = blocking(move || Ok(store.api_tokens(Some(&t))?))
-        .await?
-        .into_iter()
-        .map(|t| t.id)
-        .collect();
-    revoke_sessions(&state, &target, None).await?;
-    super::revoke_tokens(&state, api_tokens);
+    revoke_user_tokens(&state, &target, Revocation::Disable).await?;
     tracing::info!(user = %target, by = %caller.user.username, "user disabled");
     Ok(Json(user_view(&user)))
 }
@@ -294,7 +317,7 @@ pub(super) async fn revoke_user(
             return Err(StoreError::NotFound(format!("user {target}")).into());
         }
     }
-    let tokens = revoke_all(&state, &target, None).await?;
+    let tokens = revoke_user_tokens(&state, &target, Revocation::All).await?;
     tracing::info!(user = %target, by = %caller.user.username, tokens, "sessions and tokens revoked");
     Ok(Json(api::Revoked { tokens }))
 }
@@ -342,24 +365,9 @@ pub(super) async fn change_password(
         .await?;
     // Whoever knew the old password may hold a session: end them all but this one.
     let keep = own.then(|| caller.token.id.clone());
-    let tokens = revoke_sessions(&state, &target, keep).await?;
+    let tokens = revoke_user_tokens(&state, &target, Revocation::SessionsBut(keep)).await?;
     tracing::info!(user = %target, by = %caller.user.username, "password changed");
     Ok(Json(api::Revoked { tokens }))
-}
-
-/// Like [`revoke_all`], sessions only: API tokens survive a password change.
-async fn revoke_sessions(
-    state: &AppState,
-    target: &Name,
-    keep: Option<String>,
-) -> ApiResult<usize> {
-    let store = state.store.clone();
-    let t = target.clone();
-    let ids =
-        blocking(move || Ok(store.delete_user_sessions(t.as_str(), keep.as_deref())?)).await?;
-    let n = ids.len();
-    super::revoke_tokens(state, ids);
-    Ok(n)
 }
 
 pub(super) async fn me(caller: Caller) -> Json<api::User> {
