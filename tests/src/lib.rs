@@ -666,6 +666,37 @@ impl TestEnv {
         .ok();
     }
 
+    /// `myco config-ssh` as `user` into `ssh_config` in their config dir; returns
+    /// its path.
+    pub fn config_ssh(&self, user: &str) -> PathBuf {
+        let cfg = self.config_dir(user).join("ssh_config");
+        self.run(
+            user,
+            &[
+                "config-ssh",
+                "--ssh-config-file",
+                cfg.to_str().unwrap(),
+                "-y",
+            ],
+        )
+        .ok();
+        cfg
+    }
+
+    /// OpenSSH's client with config `cfg` in batch mode, its ProxyCommand seeing
+    /// this env's client environment and a loopback mesh; stdin empty.
+    pub fn openssh(&self, cfg: &Path) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(cfg)
+            .args(["-o", "BatchMode=yes"])
+            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
+            .env("MYCO_MESH_BIND", "127.0.0.1:0")
+            .env("MYCO_PORTMAPPER", "false")
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// The session token `user`'s CLI saved.
     pub fn token_of(&self, user: &str) -> String {
         let text = std::fs::read_to_string(self.config_dir(user).join("session.json")).unwrap();

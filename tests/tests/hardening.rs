@@ -249,28 +249,15 @@ fn no_process_of_the_agents_user_reads_its_environment() {
 
     // An SSH session (a child of the agent, the same user) cannot either, while its
     // own process is an ordinary one (exec made it dumpable again).
-    let cfg = env.config_dir("alice").join("ssh_config");
-    env.run(
-        "alice",
-        &[
-            "config-ssh",
-            "--ssh-config-file",
-            cfg.to_str().unwrap(),
-            "-y",
-        ],
-    )
-    .ok();
-    let out = Command::new("ssh")
-        .arg("-F")
-        .arg(&cfg)
-        .args(["-o", "BatchMode=yes", "myco.dev"])
+    let cfg = env.config_ssh("alice");
+    let out = env
+        .openssh(&cfg)
+        .arg("myco.dev")
         .arg(format!(
             "test $PPID = {pid} || echo not-the-agent; \
              cat /proc/$PPID/environ >/dev/null 2>&1 && echo agent-readable || echo agent-hidden; \
              cat /proc/$$/environ >/dev/null && echo self-readable"
         ))
-        .env("MYCO_MESH_BIND", "127.0.0.1:0")
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

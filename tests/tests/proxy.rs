@@ -150,25 +150,10 @@ fn everything_works_through_nginx_terminating_tls() {
     );
 
     // OpenSSH through config-ssh.
-    let cfg = env.config_dir("alice").join("ssh_config");
-    env.run(
-        "alice",
-        &[
-            "config-ssh",
-            "--ssh-config-file",
-            cfg.to_str().unwrap(),
-            "-y",
-        ],
-    )
-    .ok();
-    let ssh = Command::new("ssh")
-        .arg("-F")
-        .arg(&cfg)
-        .args(["-o", "BatchMode=yes", "myco.dev", "echo", "through-nginx"])
-        .env("MYCO_CA_CERT_FILE", &ca)
-        .env("MYCO_MESH_BIND", "127.0.0.1:0")
-        .env("MYCO_PORTMAPPER", "false")
-        .stdin(Stdio::null())
+    let cfg = env.config_ssh("alice");
+    let ssh = env
+        .openssh(&cfg)
+        .args(["myco.dev", "echo", "through-nginx"])
         .output()
         .unwrap();
     assert!(ssh.status.success(), "{ssh:?}");

@@ -6,22 +6,6 @@ use std::process::{Command, Stdio};
 
 use tests::{TestEnv, eventually, free_port, sha256_hex, wait_pane};
 
-/// `myco config-ssh` into a temp SSH config; returns its path.
-fn configure(env: &TestEnv, user: &str) -> std::path::PathBuf {
-    let cfg = env.config_dir(user).join("ssh_config");
-    env.run(
-        user,
-        &[
-            "config-ssh",
-            "--ssh-config-file",
-            cfg.to_str().unwrap(),
-            "-y",
-        ],
-    )
-    .ok();
-    cfg
-}
-
 fn ssh(cfg: &std::path::Path, args: &[&str], stdin: &[u8]) -> std::process::Output {
     let mut child = Command::new("ssh")
         .arg("-F")
@@ -41,7 +25,7 @@ fn ssh(cfg: &std::path::Path, args: &[&str], stdin: &[u8]) -> std::process::Outp
 #[test]
 fn exec_exit_code_env_and_bulk_through_real_ssh() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
 
     let out = ssh(
         &cfg,
@@ -125,7 +109,7 @@ fn a_session_gets_the_variables_of_an_openssh_login() {
         ("SSH_CONNECTION", "192.0.2.1 1 192.0.2.2 22"),
         ("SSH_CLIENT", "192.0.2.1 1 22"),
     ]);
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let (name, shell) = passwd_entry();
     let home = std::env::var("HOME").unwrap();
 
@@ -173,7 +157,7 @@ fn a_session_gets_the_variables_of_an_openssh_login() {
 #[test]
 fn a_changed_host_key_makes_ssh_refuse() {
     let (env, agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     assert!(ssh(&cfg, &["myco.dev", "true"], b"").status.success());
     let before =
         env.run("alice", &["show", "dev", "-o", "json"]).ok().json()["agents"][0]["ssh_host_key"]
@@ -214,7 +198,7 @@ fn a_changed_host_key_makes_ssh_refuse() {
     );
 
     // Re-pinning from the coordinator's record lets it in again.
-    configure(&env, "alice");
+    env.config_ssh("alice");
     assert!(ssh(&cfg, &["myco.dev", "true"], b"").status.success());
 }
 
@@ -247,14 +231,14 @@ fn config_ssh_keeps_user_lines_and_others_are_refused() {
         )
         .fails();
     assert!(line.contains("pass -y"), "{line}");
-    configure(&env, "alice");
-    configure(&env, "alice");
+    env.config_ssh("alice");
+    env.config_ssh("alice");
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(text.starts_with("Host work\n  User me\n"), "{text}");
     assert_eq!(text.matches("Host myco.*").count(), 1, "{text}");
 
     // Bob pins nothing of alice's and cannot reach her agent.
-    let bob_cfg = configure(&env, "bob");
+    let bob_cfg = env.config_ssh("bob");
     assert_eq!(
         std::fs::read_to_string(env.config_dir("bob").join("known_hosts")).unwrap(),
         ""
@@ -290,7 +274,7 @@ fn http_server() -> u16 {
 #[test]
 fn local_forwarding_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let remote = http_server();
     let local = free_port();
     forward_and_fetch(
@@ -304,7 +288,7 @@ fn local_forwarding_carries_http() {
 #[test]
 fn remote_forwarding_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // The server runs on the laptop; the workspace side connects to the forwarded port.
     let laptop = http_server();
     let in_workspace = free_port();
@@ -370,7 +354,7 @@ fn forward_and_fetch(cfg: &std::path::Path, flag: &str, spec: &str, local: u16) 
 #[test]
 fn interactive_pty_session_follows_resizes() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let session = format!("myco-test-{}", std::process::id());
     let tmux = |args: &[&str]| {
         let st = Command::new("tmux")
@@ -435,7 +419,7 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 #[test]
 fn scp_both_ways_keeps_contents() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // The agent runs on this machine, so "remote" paths are local temp paths.
     let work = tempfile::tempdir().unwrap();
     let up = work.path().join("up.bin");
@@ -498,7 +482,7 @@ fn sftp_batch(cfg: &std::path::Path, dir: &std::path::Path, script: &str) -> std
 #[test]
 fn sftp_batch_mkdir_put_get_rename_rm() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let work = tempfile::tempdir().unwrap();
     let remote = work.path().join("remote");
     let local = work.path().join("a.bin");
@@ -544,7 +528,7 @@ fn sftp_batch_mkdir_put_get_rename_rm() {
 #[test]
 fn sftp_df_hard_links_copies_owner_names_and_scp_to_a_users_home() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let work = tempfile::tempdir().unwrap();
     let remote = work.path().join("remote");
     let local = work.path().join("a.bin");
@@ -609,7 +593,7 @@ fn sftp_df_hard_links_copies_owner_names_and_scp_to_a_users_home() {
 #[test]
 fn agent_forwarding_lists_the_local_agents_key() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let work = tempfile::tempdir().unwrap();
     let key = work.path().join("id_ed25519");
     let st = Command::new("ssh-keygen")
@@ -685,7 +669,7 @@ fn agent_forwarding_lists_the_local_agents_key() {
 #[test]
 fn a_command_killed_by_a_signal_is_reported_as_such() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // The agent sends exit-signal, as sshd does; OpenSSH's client then has no exit
     // status to pass on and exits 255 (`myco ssh` turns it into 128 + the signal).
     let out = ssh(&cfg, &["myco.dev", "echo before; kill -TERM $$"], b"");
@@ -696,7 +680,7 @@ fn a_command_killed_by_a_signal_is_reported_as_such() {
 #[test]
 fn a_slow_reader_does_not_deadlock_a_session() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // 20 MB through `cat` and back while the local reader waits: the client's window
     // fills, `cat` stops reading, and the agent must still take the window adjust
     // that arrives once the reader starts.
@@ -728,7 +712,7 @@ fn a_slow_reader_does_not_deadlock_a_session() {
 #[test]
 fn the_agents_idle_timeout_reaches_openssh_with_its_reason() {
     let (env, _agent) = TestEnv::with_agent_env(&[("MYCO_SSH_IDLE_TIMEOUT", "2s")]);
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let out = ssh(&cfg, &["myco.dev", "sleep 60"], b"");
     assert_eq!(out.status.code(), Some(255), "ssh's own failure: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -765,7 +749,7 @@ fn over_ssh(tool: &str, cfg: &std::path::Path, dir: &std::path::Path, args: &[&s
 #[test]
 fn rsync_and_git_work_through_real_ssh() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // The agent runs on this machine, so "remote" paths are local temp paths.
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
@@ -881,7 +865,7 @@ fn get_through_socks(proxy: u16, target: u16) -> Option<String> {
 #[test]
 fn socks_stdio_forwarding_and_shared_connections_through_real_ssh() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let server = http_server();
 
     let socks = free_port();
@@ -994,7 +978,7 @@ fn forwarding(cfg: &std::path::Path, flag: &str, spec: &str) -> std::process::Ch
 #[test]
 fn unix_socket_forwarding_both_ways() {
     let (env, _agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let work = tempfile::tempdir().unwrap();
     // A Unix socket server that answers each connection's line upper-cased. The agent
     // runs on this machine, so both "sides" are here.
@@ -1068,7 +1052,7 @@ fn ssh_output(cfg: &std::path::Path, args: &[String]) -> std::process::Output {
 #[test]
 fn environment_requests_past_the_limit_are_refused() {
     let (env, agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // 200 variables asked for: the first 128 (the agent's limit, as sshd's) are set.
     let vars: Vec<String> = (0..200).map(|i| format!("LIMIT_{i:03}={i}")).collect();
     let out = ssh_output(
@@ -1113,7 +1097,7 @@ fn environment_requests_past_the_limit_are_refused() {
 #[test]
 fn remote_forwards_past_the_limit_are_refused() {
     let (env, agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let laptop = http_server();
     let work = tempfile::tempdir().unwrap();
     // 31 TCP ports (the agent picks each: port 0) and a Unix socket: 32, the limit.
@@ -1188,7 +1172,7 @@ fn echoed(port: u16) -> Option<std::net::TcpStream> {
 #[test]
 fn channels_past_the_limit_are_refused_and_freed_ones_reused() {
     let (env, agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let remote = echo_server();
     let local = free_port();
     let mut tunnel = Command::new("ssh")
@@ -1273,7 +1257,7 @@ fn remote_forward_on(cfg: &std::path::Path, addr: &str) -> (std::process::Child,
 #[test]
 fn remote_forwards_listen_on_loopback_whatever_the_client_asks() {
     let (env, agent) = TestEnv::with_agent();
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     // `*` reaches the agent as "", every interface (RFC 4254).
     for asked in ["0.0.0.0", "*"] {
         let (mut ssh, port) = remote_forward_on(&cfg, asked);
@@ -1292,7 +1276,7 @@ fn remote_forwards_listen_on_loopback_whatever_the_client_asks() {
 #[test]
 fn gateway_ports_lets_remote_forwards_listen_where_asked() {
     let (env, _agent) = TestEnv::with_agent_env(&[("MYCO_SSH_GATEWAY_PORTS", "true")]);
-    let cfg = configure(&env, "alice");
+    let cfg = env.config_ssh("alice");
     let (mut ssh, port) = remote_forward_on(&cfg, "0.0.0.0");
     assert_eq!(listening_on(port), ["00000000"]);
     terminate(&mut ssh);
