@@ -26,6 +26,25 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
     long_about = None
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "MYCO_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// The client flags also work before the command (`myco --url U whoami`), as they
+    /// always have; hidden there, since they mean nothing to `server`, `completion`
+    /// and `man` (see [`cli_command`]).
+    #[command(flatten)]
+    client: ClientArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How a command reaches the coordinator: the flags of every command that talks to
+/// it, and only of those (`myco server --help` does not list them).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Coordinator options")]
+pub struct ClientArgs {
     /// URL of the coordinator; defaults to the one you logged in to.
     #[arg(long, global = true, env = "MYCO_URL")]
     url: Option<String>,
@@ -34,10 +53,40 @@ struct Cli {
     #[arg(long, global = true, env = "MYCO_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+impl ClientArgs {
+    /// These flags given after the command, else those given before it.
+    fn or(self, top: ClientArgs) -> ClientArgs {
+        ClientArgs {
+            url: self.url.or(top.url),
+            token: self.token.or(top.token),
+            session: SessionArgs {
+                config_dir: self.session.config_dir.or(top.session.config_dir),
+                tls: self.session.tls.or(top.session.tls),
+            },
+        }
+    }
+}
+
+/// Where the saved session lives and whom https:// trusts: [`ClientArgs`] less the
+/// URL and token, which `myco login` takes its own way.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Coordinator options")]
+pub struct SessionArgs {
     /// Where the session file lives (default: $XDG_CONFIG_HOME/myco, i.e. ~/.config/myco).
     #[arg(long, global = true, env = "MYCO_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
 
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Whom https:// and wss:// trust, and whether credentials may cross plain http://.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
     /// A PEM file of CA certificates to trust for https:// and wss:// besides the
     /// system's (which SSL_CERT_FILE and SSL_CERT_DIR replace, as for curl).
     #[arg(long, global = true, env = "MYCO_CA_CERT_FILE")]
@@ -47,13 +96,65 @@ struct Cli {
     /// (they cross the network readable by anyone on the path); warns when it does.
     #[arg(long, global = true, env = "MYCO_INSECURE_HTTP")]
     insecure_http: bool,
+}
 
-    /// Log format on stderr.
-    #[arg(long, global = true, env = "MYCO_LOG_FORMAT", default_value = "text")]
-    log_format: LogFormat,
+impl TlsArgs {
+    fn or(self, top: TlsArgs) -> TlsArgs {
+        TlsArgs {
+            ca_cert_file: self.ca_cert_file.or(top.ca_cert_file),
+            insecure_http: self.insecure_http || top.insecure_http,
+        }
+    }
 
+    /// Before any client is built: every TLS client of the process shares it.
+    fn apply(&self) -> anyhow::Result<()> {
+        trust::init(self.ca_cert_file.as_deref())?;
+        client::allow_insecure_http(self.insecure_http);
+        Ok(())
+    }
+}
+
+/// A command that talks to the coordinator: its own arguments and [`ClientArgs`].
+#[derive(Debug, clap::Args)]
+struct Client<A: clap::Args> {
+    #[command(flatten)]
+    args: A,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// `myco login`, which names the coordinator by argument and makes the session.
+#[derive(Debug, clap::Args)]
+struct Session<A: clap::Args> {
+    #[command(flatten)]
+    args: A,
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+/// A group of commands that talk to the coordinator (`myco users ...`).
+#[derive(Debug, clap::Args)]
+struct ClientGroup<S: clap::Subcommand> {
     #[command(subcommand)]
-    command: Command,
+    command: S,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// The ids of the client flags, hidden and not global before the command.
+const CLIENT_FLAGS: [&str; 5] = [
+    "url",
+    "token",
+    "config_dir",
+    "ca_cert_file",
+    "insecure_http",
+];
+
+/// The command tree as `myco` parses it, completes it and documents it.
+fn cli_command() -> clap::Command {
+    CLIENT_FLAGS.iter().fold(Cli::command(), |cmd, id| {
+        cmd.mut_arg(*id, |a| a.global(false).hide(true))
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -75,49 +176,46 @@ enum Command {
     /// script short.
     Agent(cmd::agent::Args),
     /// Ping an agent over the mesh, showing whether each pong went direct or via the relay.
-    Ping(cmd::ping::Args),
+    Ping(Client<cmd::ping::Args>),
     /// Check this machine's network: UDP, public address, NAT kind, port mapping, relay
     /// latency; says what stands in the way of direct connections.
-    Netcheck(cmd::netcheck::Args),
+    Netcheck(Client<cmd::netcheck::Args>),
     /// Measure throughput to or from an agent over the mesh.
-    Speedtest(cmd::speedtest::Args),
+    Speedtest(Client<cmd::speedtest::Args>),
     /// Forward local TCP and UDP ports to ports in a workspace over the mesh.
-    PortForward(cmd::port_forward::Args),
+    PortForward(Client<cmd::port_forward::Args>),
     /// Open a shell or run a command on an agent over SSH (`--stdio`: the raw SSH stream,
     /// for OpenSSH's ProxyCommand).
-    Ssh(cmd::ssh::SshArgs),
+    Ssh(Client<cmd::ssh::SshArgs>),
     /// Write a `Host myco.*` block into your SSH config and pin the agents' host keys.
-    ConfigSsh(cmd::ssh::ConfigSshArgs),
+    ConfigSsh(Client<cmd::ssh::ConfigSshArgs>),
     /// Log in to a coordinator and save the session (creates the first user with --first-user).
-    Login(cmd::login::LoginArgs),
+    Login(Session<cmd::login::LoginArgs>),
     /// Revoke the saved session and delete it.
-    Logout,
+    Logout(ClientArgs),
     /// Show who you are logged in as, and where.
-    Whoami(output::OutputArgs),
+    Whoami(Client<output::OutputArgs>),
     /// Manage users: admins create, disable, enable and delete them; anyone changes
     /// their own password or revokes their own sessions and tokens.
-    #[command(subcommand)]
-    Users(cmd::users::UsersCommand),
+    Users(ClientGroup<cmd::users::UsersCommand>),
     /// Manage your named API tokens.
-    #[command(subcommand)]
-    Tokens(cmd::tokens::TokensCommand),
+    Tokens(ClientGroup<cmd::tokens::TokensCommand>),
     /// Create a workspace and print each agent's token and start command.
-    Create(cmd::workspaces::CreateArgs),
+    Create(Client<cmd::workspaces::CreateArgs>),
     /// List workspaces.
     #[command(visible_alias = "list")]
-    Ls(cmd::workspaces::ListArgs),
+    Ls(Client<cmd::workspaces::ListArgs>),
     /// Show one workspace with its agents: status, lifecycle, apps' health, metadata.
-    Show(cmd::workspaces::ShowArgs),
+    Show(Client<cmd::workspaces::ShowArgs>),
     /// Print an agent's startup and shutdown script output.
-    Logs(cmd::workspaces::LogsArgs),
+    Logs(Client<cmd::workspaces::LogsArgs>),
     /// Delete a workspace and revoke its agents' tokens.
-    Delete(cmd::workspaces::DeleteArgs),
+    Delete(Client<cmd::workspaces::DeleteArgs>),
     /// Replace an agent's token (the old one stops working) and print the new one.
-    RotateAgentToken(cmd::workspaces::RotateArgs),
+    RotateAgentToken(Client<cmd::workspaces::RotateArgs>),
     /// Load-test a coordinator with simulated agents and check what /metrics says.
-    #[command(subcommand)]
     #[cfg(feature = "server")]
-    Scaletest(cmd::scaletest::ScaletestCommand),
+    Scaletest(ClientGroup<cmd::scaletest::ScaletestCommand>),
     /// Print shell completions: `myco completion bash > /etc/bash_completion.d/myco`.
     Completion { shell: clap_complete::Shell },
     /// Write man pages (myco.1, myco-server.1, ...) into a directory.
@@ -130,10 +228,9 @@ enum Command {
 
 /// `myco completion SHELL`: completions for the whole command tree, on stdout.
 fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
-    use clap::CommandFactory;
     use std::io::Write;
     let mut out = Vec::new();
-    clap_complete::generate(shell, &mut Cli::command(), "myco", &mut out);
+    clap_complete::generate(shell, &mut cli_command(), "myco", &mut out);
     // Written here, not by the generator, so a closed pipe ends quietly.
     std::io::stdout().write_all(&out)?;
     Ok(())
@@ -142,9 +239,8 @@ fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
 /// `myco man DIR`: one page per command, as clap_mangen renders them.
 fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
-    use clap::CommandFactory;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut cmd = Cli::command();
+    let mut cmd = cli_command();
     cmd.build();
     fn write(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
         let path = dir.join(format!("{name}.1"));
@@ -214,14 +310,18 @@ pub struct Globals {
 }
 
 fn main() -> ExitCode {
-    let matches = match Cli::command().try_get_matches() {
+    let matches = match cli_command().try_get_matches() {
         Ok(m) => m,
         Err(e) => return usage_error(e),
     };
+    if let Some(line) = misplaced_client_flag(&matches) {
+        eprintln!("myco: {line}");
+        return ExitCode::from(2);
+    }
     let token_in_argv = token_on_command_line(&matches);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e.format(&mut Cli::command())),
+        Err(e) => return usage_error(e.format(&mut cli_command())),
     };
     let server = is_coordinator(&cli.command) || matches!(cli.command, Command::Agent(_));
     init_tracing(cli.log_format, server);
@@ -277,12 +377,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// A client flag typed before a command that does not talk to the coordinator
+/// (`myco --url U server`), which would otherwise be ignored without a word.
+fn misplaced_client_flag(matches: &clap::ArgMatches) -> Option<String> {
+    let (name, _) = matches.subcommand()?;
+    if !matches!(name, "server" | "completion" | "man") {
+        return None;
+    }
+    let id = CLIENT_FLAGS
+        .iter()
+        .find(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))?;
+    Some(format!(
+        "--{} means nothing for `myco {name}`; drop it (see `myco {name} --help`)",
+        id.replace('_', "-")
+    ))
+}
+
 /// Whether the global `--token` came from the command line, at the top or after a
 /// subcommand.
 fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
     let mut m = Some(matches);
     while let Some(here) = m {
-        if here.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
+        let has_token = here.ids().any(|id| id == "token");
+        if has_token && here.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
             return true;
         }
         m = here.subcommand().map(|(_, sub)| sub);
@@ -291,40 +408,49 @@ fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
 }
 
 async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
-    // Before any client is built: every TLS client of the process shares it.
-    trust::init(cli.ca_cert_file.as_deref())?;
-    client::allow_insecure_http(cli.insecure_http);
-    let globals = Globals {
-        url: cli.url,
-        token: cli.token,
-        token_in_argv,
-        config_dir: cli.config_dir,
+    let top = cli.client;
+    // A client command: its flags, else those given before it; trust set up first.
+    let globals = |client: ClientArgs| -> anyhow::Result<Globals> {
+        let client = client.or(top.clone());
+        client.session.tls.apply()?;
+        Ok(Globals {
+            url: client.url,
+            token: client.token,
+            token_in_argv,
+            config_dir: client.session.config_dir,
+        })
     };
     match cli.command {
         #[cfg(feature = "server")]
         Command::Server(args) => cmd::server::run(args).await,
-        Command::Agent(args) => cmd::agent::run(&globals, args).await,
-        Command::Ping(args) => cmd::ping::run(&globals, args).await,
-        Command::Netcheck(args) => cmd::netcheck::run(&globals, args).await,
-        Command::Speedtest(args) => cmd::speedtest::run(&globals, args).await,
-        Command::PortForward(args) => cmd::port_forward::run(&globals, args).await,
-        Command::Ssh(args) => cmd::ssh::ssh(&globals, args).await,
-        Command::ConfigSsh(args) => cmd::ssh::config_ssh(&globals, args).await,
-        Command::Login(args) => cmd::login::login(&globals, args).await,
-        Command::Logout => cmd::login::logout(&globals).await,
-        Command::Whoami(out) => cmd::login::whoami(&globals, out).await,
+        Command::Agent(args) => cmd::agent::run(args, top, token_in_argv).await,
+        Command::Ping(c) => cmd::ping::run(&globals(c.client)?, c.args).await,
+        Command::Netcheck(c) => cmd::netcheck::run(&globals(c.client)?, c.args).await,
+        Command::Speedtest(c) => cmd::speedtest::run(&globals(c.client)?, c.args).await,
+        Command::PortForward(c) => cmd::port_forward::run(&globals(c.client)?, c.args).await,
+        Command::Ssh(c) => cmd::ssh::ssh(&globals(c.client)?, c.args).await,
+        Command::ConfigSsh(c) => cmd::ssh::config_ssh(&globals(c.client)?, c.args).await,
+        Command::Login(c) => {
+            let client = ClientArgs {
+                session: c.session,
+                ..ClientArgs::default()
+            };
+            cmd::login::login(&globals(client)?, c.args).await
+        }
+        Command::Logout(client) => cmd::login::logout(&globals(client)?).await,
+        Command::Whoami(c) => cmd::login::whoami(&globals(c.client)?, c.args).await,
         Command::Completion { shell } => completion(shell),
         Command::Man { dir } => man_pages(&dir),
-        Command::Users(c) => cmd::users::run(&globals, c).await,
-        Command::Tokens(c) => cmd::tokens::run(&globals, c).await,
-        Command::Create(args) => cmd::workspaces::create(&globals, args).await,
-        Command::Ls(args) => cmd::workspaces::list(&globals, args).await,
-        Command::Show(args) => cmd::workspaces::show(&globals, args).await,
-        Command::Logs(args) => cmd::workspaces::logs(&globals, args).await,
-        Command::Delete(args) => cmd::workspaces::delete(&globals, args).await,
-        Command::RotateAgentToken(args) => cmd::workspaces::rotate(&globals, args).await,
+        Command::Users(g) => cmd::users::run(&globals(g.client)?, g.command).await,
+        Command::Tokens(g) => cmd::tokens::run(&globals(g.client)?, g.command).await,
+        Command::Create(c) => cmd::workspaces::create(&globals(c.client)?, c.args).await,
+        Command::Ls(c) => cmd::workspaces::list(&globals(c.client)?, c.args).await,
+        Command::Show(c) => cmd::workspaces::show(&globals(c.client)?, c.args).await,
+        Command::Logs(c) => cmd::workspaces::logs(&globals(c.client)?, c.args).await,
+        Command::Delete(c) => cmd::workspaces::delete(&globals(c.client)?, c.args).await,
+        Command::RotateAgentToken(c) => cmd::workspaces::rotate(&globals(c.client)?, c.args).await,
         #[cfg(feature = "server")]
-        Command::Scaletest(c) => cmd::scaletest::run(&globals, c).await,
+        Command::Scaletest(g) => cmd::scaletest::run(&globals(g.client)?, g.command).await,
     }
 }
 
@@ -431,6 +557,36 @@ fn init_tracing(format: LogFormat, server: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command of the tree builds: no two arguments share an id (clap checks
+    /// a command only when it is used or documented).
+    #[test]
+    fn command_tree_is_consistent() {
+        cli_command().debug_assert();
+        let mut cmd = cli_command();
+        cmd.build();
+        // The agent takes its own --url and --token (MYCO_AGENT_URL, MYCO_AGENT_TOKEN).
+        let meaningful: [(&str, &[&str]); 3] = [
+            ("server", &[]),
+            ("completion", &[]),
+            ("agent", &["url", "token", "ca_cert_file", "insecure_http"]),
+        ];
+        for (name, flags) in meaningful {
+            let sub = cmd.find_subcommand(name).unwrap();
+            let listed: Vec<&str> = sub
+                .get_arguments()
+                .filter(|a| !a.is_hide_set())
+                .map(|a| a.get_id().as_str())
+                .filter(|id| CLIENT_FLAGS.contains(id))
+                .collect();
+            assert_eq!(listed, flags, "myco {name} --help");
+        }
+        let ls = cmd.find_subcommand("ls").unwrap();
+        let listed = ls
+            .get_arguments()
+            .filter(|a| CLIENT_FLAGS.contains(&a.get_id().as_str()));
+        assert_eq!(listed.count(), CLIENT_FLAGS.len(), "myco ls --help");
+    }
 
     #[test]
     fn one_line_drops_causes_already_said() {

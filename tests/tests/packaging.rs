@@ -100,3 +100,52 @@ fn completions_parse_and_every_command_has_a_man_page() {
         assert!(text.contains(".SH NAME"), "{page}: {text}");
     }
 }
+
+/// `--help` lists what means something for the command: the coordinator and the
+/// agent do not show the CLI's session flags, and a client flag typed before
+/// `server` is refused rather than ignored.
+#[test]
+fn help_lists_only_the_flags_of_the_command() {
+    let help = |args: &[&str]| {
+        let out = Command::new(myco_bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let server = help(&["server", "--help"]);
+    for flag in [
+        "--url",
+        "--token",
+        "--config-dir",
+        "--ca-cert-file",
+        "--insecure-http",
+    ] {
+        assert!(
+            !server.contains(&format!("{flag} ")),
+            "server lists {flag}:\n{server}"
+        );
+    }
+    assert!(server.contains("--tls-cert-file"), "{server}");
+    let agent = help(&["agent", "--help"]);
+    assert!(!agent.contains("--config-dir"), "{agent}");
+    assert!(!agent.contains("saved session"), "{agent}");
+    assert!(agent.contains("MYCO_AGENT_TOKEN"), "{agent}");
+    let ls = help(&["ls", "--help"]);
+    assert!(
+        ls.contains("Coordinator options") && ls.contains("--config-dir"),
+        "{ls}"
+    );
+    let users = help(&["users", "disable", "--help"]);
+    assert!(users.contains("--url"), "{users}");
+
+    let out = Command::new(myco_bin())
+        .args(["--url", "http://127.0.0.1:9", "server"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--url means nothing for `myco server`"),
+        "{err}"
+    );
+}

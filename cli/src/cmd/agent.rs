@@ -6,15 +6,21 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::Globals;
+use crate::{ClientArgs, TlsArgs};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "The coordinator URL comes from the global --url or MYCO_AGENT_URL. The agent token \
-comes from MYCO_AGENT_TOKEN or --token-file (or the global --token, which every local user can read \
-in the process list); `myco create` prints the exact line to run."
+    after_help = "The agent token comes from MYCO_AGENT_TOKEN or --token-file (--token puts it in \
+the process list, where every local user can read it); `myco create` prints the exact line to run."
 )]
 pub struct Args {
+    /// URL of the coordinator (`myco server`'s --access-url).
+    #[arg(long, env = "MYCO_AGENT_URL")]
+    url: Option<String>,
+    /// The agent token `myco create` printed. Prefer MYCO_AGENT_TOKEN or --token-file:
+    /// on the command line every local user can read it.
+    #[arg(long, env = "MYCO_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Read the agent token from this file (surrounding whitespace trimmed), so it is
     /// in neither the process list nor the agent's environment.
     #[arg(long, env = "MYCO_AGENT_TOKEN_FILE", value_name = "PATH")]
@@ -48,13 +54,13 @@ pub struct Args {
     /// without it they listen on loopback only, whatever the client asks.
     #[arg(long, env = "MYCO_SSH_GATEWAY_PORTS")]
     ssh_gateway_ports: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
-fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
+/// `top` holds the client flags given before the command (`myco --url U agent`),
+/// which the agent has always taken.
+pub async fn run(args: Args, top: ClientArgs, token_in_argv: bool) -> anyhow::Result<()> {
     // Before anything secret is read: no other process of this user (the sessions
     // the agent starts included) may read its memory, environment or open files
     // through /proc or ptrace. Commands it starts are dumpable again after exec.
@@ -63,15 +69,24 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
             "cannot make the agent non-dumpable; processes of the same user can read its memory: {e}"
         );
     }
-    let url = globals
+    let top = ClientArgs {
+        url: args.url.clone(),
+        session: crate::SessionArgs {
+            tls: args.tls.clone(),
+            ..Default::default()
+        },
+        ..ClientArgs::default()
+    }
+    .or(top);
+    top.session.tls.apply()?;
+    let url = top
         .url
-        .clone()
-        .or_else(|| env_nonempty("MYCO_AGENT_URL"))
+        .filter(|u| !u.is_empty())
         .context("no coordinator URL: pass --url or set MYCO_AGENT_URL")?;
     let url = crate::client::normalize_url(&url)?;
     // The agent token goes in the control channel's first request.
     crate::client::check_cleartext(&url)?;
-    let token = agent_token(globals, args.token_file.as_deref())?;
+    let token = agent_token(args.token, token_in_argv, args.token_file.as_deref())?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => crate::dirs::xdg_dir("XDG_DATA_HOME", ".local/share", "myco-agent", "--data-dir")?,
@@ -92,39 +107,32 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agent token: from `--token-file`, `MYCO_AGENT_TOKEN` or the global `--token`
-/// (`MYCO_TOKEN`), exactly one of them.
-fn agent_token(globals: &Globals, token_file: Option<&Path>) -> anyhow::Result<String> {
-    let from_env = env_nonempty("MYCO_AGENT_TOKEN");
-    let global = globals.token.clone().filter(|t| !t.is_empty());
-    let global_name = if globals.token_in_argv {
+/// The agent token: from `--token-file` (`MYCO_AGENT_TOKEN_FILE`) or `--token`
+/// (`MYCO_AGENT_TOKEN`), exactly one of them.
+fn agent_token(
+    token: Option<String>,
+    in_argv: bool,
+    token_file: Option<&Path>,
+) -> anyhow::Result<String> {
+    let token = token.filter(|t| !t.is_empty());
+    let name = if in_argv {
         "--token"
     } else {
-        "MYCO_TOKEN"
+        "MYCO_AGENT_TOKEN"
     };
     if let Some(path) = token_file {
-        if from_env.is_some() || global.is_some() {
-            let other = if from_env.is_some() {
-                "MYCO_AGENT_TOKEN"
-            } else {
-                global_name
-            };
-            bail!(
-                "the agent token is given twice, by --token-file and by {other}; give it one way"
-            );
+        if token.is_some() {
+            bail!("the agent token is given twice, by --token-file and by {name}; give it one way");
         }
         return read_token_file(path);
     }
-    if let Some(token) = global {
-        if globals.token_in_argv {
-            tracing::warn!(
-                "--token puts the agent token in the process list, where every local user can read it; \
+    if in_argv {
+        tracing::warn!(
+            "--token puts the agent token in the process list, where every local user can read it; \
 set MYCO_AGENT_TOKEN or use --token-file instead"
-            );
-        }
-        return Ok(token);
+        );
     }
-    from_env.context(
+    token.context(
         "no agent token: set MYCO_AGENT_TOKEN or pass --token-file (`myco create` prints the token)",
     )
 }
