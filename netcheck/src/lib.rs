@@ -514,10 +514,14 @@ async fn qad(
     addr: SocketAddr,
     cert_der: &[u8],
 ) -> Result<(SocketAddr, Duration), String> {
+    // As the mesh does: the pinned certificate (often self-signed), and the roots
+    // every client of this process trusts, for an operator's certificate that a CA
+    // signed (a pinned leaf that is not self-signed anchors nothing).
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls_pki_types::CertificateDer::from(cert_der.to_vec()))
         .map_err(|e| format!("the relay's QAD certificate is unusable: {e}"))?;
+    roots.add_parsable_certificates(trust::get().roots().iter().cloned());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
