@@ -81,6 +81,7 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
     state.metrics.channel_opened();
     tracing::info!(channel, "agent connected");
     let challenge = mesh::sign::new_challenge();
+    let relay_quic = state.relay_quic.relay_quic();
     let welcome = CoordinatorMessage::Welcome {
         coordinator_key: state.signing_key.public(),
         workspace_id: agent.workspace_id.clone(),
@@ -88,13 +89,13 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
         challenge: challenge.clone(),
         relay_quic_signature: Some(mesh::sign::qad_cert_signature(
             &state.signing_key,
-            &state.relay_quic.cert_der_hex,
+            &relay_quic.cert_der_hex,
         )),
         relay_url: state.relay_url.clone(),
         agent: agent.target.clone(),
         heartbeat_interval_ms: u64::try_from(state.heartbeat_interval.as_millis())
             .unwrap_or(15_000),
-        relay_quic: Some(state.relay_quic.clone()),
+        relay_quic: Some(relay_quic),
         manifest: agent.manifest.clone(),
     };
     let sent = match serde_json::to_string(&welcome) {

@@ -1,18 +1,22 @@
 //! QUIC address discovery (QAD): iroh-relay's QUIC server on its own UDP port tells
 //! each peer the address its packets arrive from, so a peer behind NAT learns its
 //! public address and can hole-punch. QUIC needs TLS: the operator's certificate
-//! (`--tls-cert`/`--tls-key`), or a self-signed one generated in the data dir. Peers
-//! pin whatever certificate the coordinator tells them on the control channel or with
-//! a connection ticket, so no public CA is involved.
+//! (`--tls-cert-file`/`--tls-key-file`, reloaded on SIGHUP with the HTTP listener's),
+//! or a self-signed one generated in the data dir. Peers pin whatever certificate the
+//! coordinator tells them on the control channel or with a connection ticket, so no
+//! public CA is involved.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use iroh_relay::server::{QuicConfig, Server, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::tls::CurrentCert;
 
 /// File names of the generated certificate and key inside the data dir.
 pub const CERT_FILE: &str = "relay-tls.crt";
@@ -130,6 +134,26 @@ fn generate(cert: &Path, key: &Path, host: &str) -> Result<(), QadError> {
     Ok(())
 }
 
+/// Where QAD listens and the certificate it serves now, as clients learn them (in
+/// the agents' welcome, a ticket, netcheck's targets): read per message, so a
+/// certificate reloaded on SIGHUP is what the next client pins.
+#[derive(Debug, Clone)]
+pub struct QadInfo {
+    pub port: u16,
+    pub probe_port: u16,
+    pub cert: Arc<CurrentCert>,
+}
+
+impl QadInfo {
+    pub fn relay_quic(&self) -> mesh::control::RelayQuic {
+        mesh::control::RelayQuic {
+            port: self.port,
+            probe_port: Some(self.probe_port),
+            cert_der_hex: self.cert.leaf_hex(),
+        }
+    }
+}
+
 /// The running QAD servers: the relay's, and a second one on another port so netcheck
 /// can tell whether a NAT's mapping varies by destination.
 pub struct QadServer {
@@ -152,7 +176,7 @@ impl QadServer {
 pub async fn start(
     bind: SocketAddr,
     probe_bind: SocketAddr,
-    tls: &TlsMaterial,
+    tls: &Arc<CurrentCert>,
 ) -> Result<QadServer, QadError> {
     let (server, addr) = start_one(bind, tls, "--relay-quic-address").await?;
     let (probe, probe_addr) = start_one(probe_bind, tls, "--relay-quic-probe-address").await?;
@@ -166,16 +190,15 @@ pub async fn start(
 
 async fn start_one(
     bind: SocketAddr,
-    tls: &TlsMaterial,
+    tls: &Arc<CurrentCert>,
     flag: &'static str,
 ) -> Result<(Server, SocketAddr), QadError> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server_config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| QadError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(tls.certs.clone(), tls.key.clone_key())
-        .map_err(|e| QadError::Tls(e.to_string()))?;
+        .with_cert_resolver(tls.clone());
     let mut quic = QuicConfig::new(bind);
     quic.server_config = Some(server_config);
     let mut config = ServerConfig::default();

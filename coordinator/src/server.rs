@@ -110,7 +110,7 @@ pub enum ServerError {
 pub struct Coordinator {
     store: Arc<Store>,
     qad: Arc<crate::qad::QadServer>,
-    relay_quic: mesh::control::RelayQuic,
+    relay_quic: crate::qad::QadInfo,
     signing_key: Arc<iroh::SecretKey>,
     relay_url: iroh::RelayUrl,
     listener: tokio::net::TcpListener,
@@ -183,11 +183,15 @@ impl Coordinator {
         // only someone who can read its output may.
         let setup_code = (!config.http_address.ip().is_loopback() && !store.has_users()?)
             .then(|| Arc::from(crate::auth::setup_code()));
-        let https = match (&config.tls_cert, &config.tls_key) {
-            (Some(c), Some(k)) => Some(crate::tls::acceptor(c, k)?),
+        let operator_tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             _ => None,
         };
-        let scheme = if https.is_some() { "https" } else { "http" };
+        let scheme = if operator_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let access_url = config
             .access_url
             .map(|u| u.trim_end_matches('/').to_owned())
@@ -209,16 +213,22 @@ impl Coordinator {
             &config.data_dir,
             &host,
         )?;
+        // One certificate for the HTTP listener and QAD, reloaded for both at once.
+        let cert = crate::tls::CurrentCert::new(tls.certified_key()?);
+        let https = match operator_tls {
+            Some((c, k)) => Some(crate::tls::acceptor(&c, &k, cert.clone())?),
+            None => None,
+        };
         let qad = crate::qad::start(
             config.relay_quic_address,
             config.relay_quic_probe_address,
-            &tls,
+            &cert,
         )
         .await?;
-        let relay_quic = mesh::control::RelayQuic {
+        let relay_quic = crate::qad::QadInfo {
             port: qad.addr.port(),
-            probe_port: Some(qad.probe_addr.port()),
-            cert_der_hex: hex::encode(tls.certs[0].as_ref()),
+            probe_port: qad.probe_addr.port(),
+            cert,
         };
         Ok(Self {
             store: Arc::new(store),

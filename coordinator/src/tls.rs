@@ -1,7 +1,9 @@
-//! TLS for the HTTP listener (API, agents' control channel, relay, `/metrics`): the
-//! operator's certificate and key (PEM), served by rustls, and read again on SIGHUP
-//! without dropping a connection (certificates are renewed every 60-90 days). A
-//! reload that fails keeps the certificate being served and says why.
+//! TLS for the HTTP listener (API, agents' control channel, relay, `/metrics`) and
+//! QUIC address discovery: the operator's certificate and key (PEM), served by
+//! rustls, and read again on SIGHUP without dropping a connection (certificates are
+//! renewed every 60-90 days). Both listeners resolve the certificate through one
+//! [`CurrentCert`], so a reload reaches both at once. A reload that fails keeps the
+//! certificate being served and says why.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -13,16 +15,29 @@ use crate::qad::{QadError, TlsMaterial};
 
 /// The certificate served now; swapped whole by [`TlsReloader::reload`].
 #[derive(Debug)]
-struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+pub(crate) struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+
+impl CurrentCert {
+    pub(crate) fn new(key: CertifiedKey) -> Arc<Self> {
+        Arc::new(Self(RwLock::new(Arc::new(key))))
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The leaf certificate, DER in hex: what clients pin for QAD.
+    pub(crate) fn leaf_hex(&self) -> String {
+        self.get().cert.first().map(hex::encode).unwrap_or_default()
+    }
+}
 
 impl ResolvesServerCert for CurrentCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.0
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
-        )
+        Some(self.get())
     }
 }
 
@@ -56,14 +71,13 @@ fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, QadError> {
     material.certified_key()
 }
 
-/// The listener's acceptor and the handle that reloads its certificate.
+/// The HTTP listener's acceptor, serving `current`, and the handle that reloads it
+/// from the files.
 pub(crate) fn acceptor(
     cert_file: &Path,
     key_file: &Path,
+    current: Arc<CurrentCert>,
 ) -> Result<(tokio_rustls::TlsAcceptor, TlsReloader), QadError> {
-    let current = Arc::new(CurrentCert(RwLock::new(Arc::new(certified_key(
-        cert_file, key_file,
-    )?))));
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -8,6 +8,16 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 /// names or IP addresses), written as PEM files in `dir`:
 /// `(NAME-ca.pem, NAME-server.pem, NAME-server.key)`.
 pub fn private_ca(dir: &Path, name: &str, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    make(dir, name, names, false)
+}
+
+/// [`private_ca`], but the server certificate expired in 2021: what a coordinator
+/// serves when its renewal came too late.
+pub fn private_ca_expired(dir: &Path, name: &str, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    make(dir, name, names, true)
+}
+
+fn make(dir: &Path, name: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf, PathBuf) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -16,10 +26,13 @@ pub fn private_ca(dir: &Path, name: &str, names: &[&str]) -> (PathBuf, PathBuf, 
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let mut leaf =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    if expired {
+        leaf.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        leaf.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let leaf = leaf.signed_by(&key, &issuer).unwrap();
     let paths = (
         dir.join(format!("{name}-ca.pem")),
         dir.join(format!("{name}-server.pem")),

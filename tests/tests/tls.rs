@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use tests::TestEnv;
-use tests::pki::private_ca;
+use tests::pki::{private_ca, private_ca_expired};
 
 /// A coordinator serving https with a certificate of a private CA; its clients
 /// trust that CA through `MYCO_CA_CERT_FILE`.
@@ -59,6 +59,8 @@ fn the_whole_product_works_over_https_with_a_private_ca() {
     // netcheck's HTTPS probe of the relay trusts the same CA.
     let report = env.run("alice", &["netcheck", "-o", "json"]).ok().json();
     assert!(report["relays"][0]["http_ms"].is_number(), "{report:#}");
+    // And QAD, whose certificate the CA signed, with the pin the coordinator gave.
+    assert!(report["relays"][0]["quic_ms"].is_number(), "{report:#}");
 }
 
 #[test]
@@ -161,6 +163,55 @@ fn sighup_swaps_the_certificate_without_dropping_the_agent() {
     std::fs::write(&live_cert, "garbage").unwrap();
     env.signal_server("HUP");
     assert!(only(&ca2));
+}
+
+/// A renewal that came after the certificate expired: SIGHUP brings back the API and
+/// QUIC address discovery too (one certificate for both), which clients pin by the
+/// certificate the coordinator names now.
+#[test]
+fn sighup_renews_an_expired_certificate_for_quic_address_discovery_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["127.0.0.1", "localhost"];
+    let (ca1, cert, key) = private_ca_expired(dir.path(), "old", &names);
+    let (ca2, cert2, key2) = private_ca(dir.path(), "new", &names);
+    let live_cert = dir.path().join("live.pem");
+    let live_key = dir.path().join("live.key");
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let mut env = TestEnv::start_with(&[
+        "--tls-cert-file",
+        live_cert.to_str().unwrap(),
+        "--tls-key-file",
+        live_key.to_str().unwrap(),
+    ]);
+    let both = dir.path().join("both.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(&ca1).unwrap() + &std::fs::read_to_string(&ca2).unwrap(),
+    )
+    .unwrap();
+    env.client_env.push((
+        "MYCO_CA_CERT_FILE".into(),
+        both.to_str().unwrap().to_owned(),
+    ));
+    let netcheck = || env.run("nobody", &["netcheck", "-o", "json", "--url", &env.url]);
+    let expired = netcheck().fails();
+    assert!(expired.contains("expired"), "{expired}");
+
+    std::fs::copy(&cert2, &live_cert).unwrap();
+    std::fs::copy(&key2, &live_key).unwrap();
+    env.signal_server("HUP");
+    tests::eventually("the renewed certificate is served", || {
+        netcheck().code == Some(0)
+    });
+    let report = netcheck().ok().json();
+    let relay = &report["relays"][0];
+    assert!(relay["http_ms"].is_number(), "{report:#}");
+    assert!(
+        relay["quic_ms"].is_number(),
+        "QAD still serves the expired certificate: {report:#}"
+    );
+    assert_eq!(report["udp"], true, "{report:#}");
 }
 
 #[test]

@@ -70,7 +70,7 @@ pub(super) async fn connect(
         agent_addr: addr,
         ticket,
         relay_url: state.relay_url.clone(),
-        relay_quic: Some(state.relay_quic.clone()),
+        relay_quic: Some(state.relay_quic.relay_quic()),
         expires_at,
         ssh_host_key: agent.ssh_host_key.clone(),
     }))

@@ -15,7 +15,7 @@ use crate::error::ApiResult;
 pub(super) async fn netcheck_targets(State(state): State<AppState>) -> Json<api::NetcheckTargets> {
     Json(api::NetcheckTargets {
         relay_url: state.relay_url.clone(),
-        relay_quic: Some(state.relay_quic.clone()),
+        relay_quic: Some(state.relay_quic.relay_quic()),
     })
 }
 

@@ -49,7 +49,7 @@ pub(crate) struct AppState {
     pub(crate) relay_url: RelayUrl,
     pub(crate) relay: RelayState,
     /// QUIC address discovery: what peers are told, and the server for its counters.
-    pub(crate) relay_quic: mesh::control::RelayQuic,
+    pub(crate) relay_quic: crate::qad::QadInfo,
     pub(crate) qad: Arc<crate::qad::QadServer>,
     /// Heartbeats and agent reports, group-committed to the store.
     pub(crate) ledger: AgentLedger,
