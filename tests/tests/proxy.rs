@@ -1,6 +1,6 @@
 //! Behind a TLS-terminating reverse proxy, against the real binaries and Debian's
-//! nginx: the coordinator listens on loopback in plain HTTP, nginx serves
-//! `https://` in front with the configuration README gives, and login, create, the
+//! nginx and Caddy: the coordinator listens on loopback in plain HTTP, the proxy
+//! serves `https://` in front with the configuration README gives, and login, create, the
 //! agent's control channel and the relay (WebSocket upgrades), a Prometheus scrape
 //! and OpenSSH through `config-ssh` all go through it. Rate limits see the client's
 //! address through the proxy, and only from a trusted one.
@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 
 use tests::{TestEnv, free_port};
 
-/// nginx in the foreground with its own prefix dir; killed when dropped.
-struct Nginx(Child);
+/// The proxy in the foreground with its own dir; killed when dropped.
+struct Proxy(Child);
 
-impl Drop for Nginx {
+impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -78,36 +78,80 @@ fn nix_is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn start_nginx(dir: &Path, conf: &str, port: u16) -> Option<Nginx> {
-    if Command::new("nginx").arg("-v").output().is_err() {
+/// The site block README gives, for `port` in front of `upstream`, with global
+/// options that keep Caddy to its dir: no admin API, no port 80 redirect, no
+/// attempt at a certificate of its own.
+fn caddy_conf(dir: &Path, port: u16, upstream: &str, cert: &Path, key: &Path) -> String {
+    format!(
+        r#"{{
+    admin off
+    auto_https disable_redirects
+    http_port {http}
+    storage file_system {{
+        root {d}/caddy
+    }}
+}}
+https://127.0.0.1:{port} {{
+    tls {cert} {key}
+    reverse_proxy {upstream}
+}}
+"#,
+        http = free_port(),
+        d = dir.display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+/// Debian's nginx or Caddy, with `conf` in `dir`, once it listens on `port`; `None`
+/// (a skip, said why) where it is not installed, outside CI.
+fn start_proxy(kind: &str, dir: &Path, conf: &str, port: u16) -> Option<Proxy> {
+    if Command::new(kind).arg("-v").output().is_err()
+        && Command::new(kind).arg("version").output().is_err()
+    {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "nginx must be installed under CI (bash .ci/test installs it)"
+            "{kind} must be installed under CI (bash .ci/test installs it)"
         );
-        eprintln!("skipping: needs nginx (Debian package nginx-light)");
+        eprintln!("skipping: needs {kind} (Debian package nginx-light or caddy)");
         return None;
     }
-    let path = dir.join("nginx.conf");
+    let path = dir.join(format!("{kind}.conf"));
     std::fs::write(&path, conf).unwrap();
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&path)
+    let mut cmd = Command::new(kind);
+    match kind {
+        "nginx" => cmd.arg("-p").arg(dir).arg("-c").arg(&path),
+        _ => cmd
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&path)
+            .env("HOME", dir)
+            .env("XDG_DATA_HOME", dir)
+            .env("XDG_CONFIG_HOME", dir),
+    };
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{kind}.log"))).unwrap())
         .spawn()
         .unwrap();
-    let nginx = Nginx(child);
-    tests::eventually("nginx listens", || {
+    let proxy = Proxy(child);
+    tests::eventually(&format!("{kind} listens"), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    Some(nginx)
+    Some(proxy)
 }
 
 #[test]
 fn everything_works_through_nginx_terminating_tls() {
+    everything_works_through("nginx");
+}
+
+#[test]
+fn everything_works_through_caddy_terminating_tls() {
+    everything_works_through("caddy");
+}
+
+fn everything_works_through(kind: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = tests::pki::private_ca(dir.path(), "proxy", &["127.0.0.1", "localhost"]);
     let port = free_port();
@@ -121,14 +165,14 @@ fn everything_works_through_nginx_terminating_tls() {
         "3",
     ]);
     let upstream = env.url.trim_start_matches("http://").to_owned();
-    let Some(_nginx) = start_nginx(
-        dir.path(),
-        &nginx_conf(dir.path(), port, &upstream, &cert, &key),
-        port,
-    ) else {
+    let conf = match kind {
+        "nginx" => nginx_conf(dir.path(), port, &upstream, &cert, &key),
+        _ => caddy_conf(dir.path(), port, &upstream, &cert, &key),
+    };
+    let Some(_proxy) = start_proxy(kind, dir.path(), &conf, port) else {
         return;
     };
-    // Every client goes through nginx from here on.
+    // Every client goes through the proxy from here on.
     env.url = public.clone();
     env.client_env
         .push(("MYCO_CA_CERT_FILE".into(), ca.to_str().unwrap().to_owned()));
@@ -153,13 +197,16 @@ fn everything_works_through_nginx_terminating_tls() {
     let cfg = env.config_ssh("alice");
     let ssh = env
         .openssh(&cfg)
-        .args(["myco.dev", "echo", "through-nginx"])
+        .args(["myco.dev", "echo", "through-the-proxy"])
         .output()
         .unwrap();
     assert!(ssh.status.success(), "{ssh:?}");
-    assert_eq!(String::from_utf8_lossy(&ssh.stdout).trim(), "through-nginx");
+    assert_eq!(
+        String::from_utf8_lossy(&ssh.stdout).trim(),
+        "through-the-proxy"
+    );
 
-    // A real Prometheus scrapes /metrics through nginx, with an admin's token.
+    // A real Prometheus scrapes /metrics through the proxy, with an admin's token.
     let admin_token = env.token_of("alice");
     let prom_port = free_port();
     let config = dir.path().join("prometheus.yml");
@@ -184,16 +231,19 @@ fn everything_works_through_nginx_terminating_tls() {
         .spawn()
         .expect("prometheus is installed (.ci/test installs Debian's package)");
     let client = reqwest::blocking::Client::new();
-    tests::eventually("Prometheus scrapes the coordinator through nginx", || {
-        client
-            .get(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
-            .query(&[("query", "myco_agents_up")])
-            .send()
-            .ok()
-            .and_then(|r| r.json::<serde_json::Value>().ok())
-            .and_then(|v| v["data"]["result"].as_array().cloned())
-            .is_some_and(|r| r.iter().any(|s| s["value"][1] == "1"))
-    });
+    tests::eventually(
+        "Prometheus scrapes the coordinator through the proxy",
+        || {
+            client
+                .get(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
+                .query(&[("query", "myco_agents_up")])
+                .send()
+                .ok()
+                .and_then(|r| r.json::<serde_json::Value>().ok())
+                .and_then(|v| v["data"]["result"].as_array().cloned())
+                .is_some_and(|r| r.iter().any(|s| s["value"][1] == "1"))
+        },
+    );
     let _ = prom.kill();
     let _ = prom.wait();
 
