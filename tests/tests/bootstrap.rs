@@ -49,6 +49,20 @@ fn the_coordinator_serves_its_agent_and_an_init_script() {
         "{reply:?}"
     );
     assert_eq!(api.get("/api/v1/init-script/linux/sparc", None).status, 404);
+    // `uname -m`'s name for the machine is ours too: the printed line says
+    // `.../linux/$(uname -m)`, one line for every machine.
+    let by_uname = api
+        .client
+        .get(format!(
+            "{}/api/v1/init-script/linux/{}",
+            env.url,
+            std::env::consts::ARCH
+        ))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(by_uname.contains(&format!("ARCH='{arch}'")), "{by_uname}");
     let script = api
         .client
         .get(format!("{}/api/v1/init-script/linux/{arch}", env.url))

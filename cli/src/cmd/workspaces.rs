@@ -209,7 +209,7 @@ fn agent_command(url: &str, token: &str) -> String {
 /// The line for an image or a VM: the coordinator's init script fetches, checks and
 /// runs the agent; the token again in the environment (of `sh`), never an argument.
 fn init_command(url: &str, token: &str) -> String {
-    format!("curl -fsSL {url}/api/v1/init-script/linux/amd64 | MYCO_AGENT_TOKEN={token} sh")
+    format!("curl -fsSL {url}/api/v1/init-script/linux/$(uname -m) | MYCO_AGENT_TOKEN={token} sh")
 }
 
 pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {

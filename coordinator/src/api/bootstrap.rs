@@ -17,16 +17,18 @@ use sha2::{Digest, Sha256};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 
-/// The architecture names of `uname -m` the script maps to ours.
+/// The architecture names of `uname -m` (and Rust's) and ours. The init script's URL
+/// takes either, so one line (`.../linux/$(uname -m)`) fits every machine.
 const ARCHES: &[(&str, &str)] = &[
     ("x86_64", "amd64"),
     ("aarch64", "arm64"),
     ("armv7l", "armv7"),
 ];
 
-/// Where agent binaries come from: the operator's `--agent-binary-dir`, else the
-/// running `myco` itself (one binary is coordinator and agent) for this machine's
-/// architecture.
+/// Where agent binaries come from: the operator's `--agent-binary-dir`, else, for
+/// this machine's architecture, the agent-only build installed beside the running
+/// `myco` as `myco-agent` (a fifth smaller; BENCHMARKS.md), else the running `myco`
+/// itself (one binary is coordinator and agent).
 #[derive(Debug, Clone)]
 pub struct AgentBinaries {
     dir: Option<PathBuf>,
@@ -39,16 +41,26 @@ pub struct AgentBinaries {
 /// A file's SHA-256 (hex) by path, with the length and mtime it was computed for.
 type Sums = std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, String)>;
 
+/// The file name of the agent-only build (`cargo build -p cli --no-default-features`)
+/// when it is installed beside `myco`.
+pub const AGENT_ONLY_NAME: &str = "myco-agent";
+
 impl AgentBinaries {
     pub fn new(dir: Option<PathBuf>) -> Self {
-        let arch = match std::env::consts::ARCH {
-            "x86_64" => Some("amd64"),
-            "aarch64" => Some("arm64"),
-            _ => None,
-        };
-        let own = arch
-            .zip(std::env::current_exe().ok())
-            .map(|(a, exe)| (format!("myco-linux-{a}"), exe));
+        let own_arch = ARCHES
+            .iter()
+            .find(|(machine, _)| *machine == std::env::consts::ARCH)
+            .map(|(_, arch)| *arch);
+        Self::with_exe(dir, own_arch, std::env::current_exe().ok())
+    }
+
+    /// [`AgentBinaries::new`] for a given running binary `exe` of architecture `arch`.
+    fn with_exe(dir: Option<PathBuf>, arch: Option<&str>, exe: Option<PathBuf>) -> Self {
+        let own = arch.zip(exe).map(|(a, exe)| {
+            let small = exe.with_file_name(AGENT_ONLY_NAME);
+            let served = if small.is_file() { small } else { exe };
+            (format!("myco-linux-{a}"), served)
+        });
         Self {
             dir,
             own,
@@ -182,11 +194,15 @@ pub(super) async fn init_script(
     State(state): State<AppState>,
     UrlPath(arch): UrlPath<String>,
 ) -> ApiResult<Response> {
+    let arch = ARCHES
+        .iter()
+        .find(|(machine, _)| *machine == arch)
+        .map_or(arch.as_str(), |(_, ours)| ours);
     let name = format!("myco-linux-{arch}");
     if state.agent_binaries.path(&name).is_none() {
         return Err(unknown(&state.agent_binaries, &name));
     }
-    let script = render_script(&state.access_url, &arch);
+    let script = render_script(&state.access_url, arch);
     Ok(([(header::CONTENT_TYPE, "text/x-shellscript")], script).into_response())
 }
 
@@ -316,6 +332,20 @@ mod tests {
         assert!(s.contains("x86_64) want=amd64 ;;"));
         let s = render_script("http://x/'; rm -rf /", "amd64");
         assert!(s.contains(r"MYCO_URL='http://x/'\''; rm -rf /'"), "{s}");
+    }
+
+    #[test]
+    fn the_agent_only_build_beside_myco_is_served_before_myco() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let exe = dir.path().join("myco");
+        std::fs::write(&exe, b"full").unwrap_or_default();
+        let b = AgentBinaries::with_exe(None, Some("amd64"), Some(exe.clone()));
+        assert_eq!(b.path("myco-linux-amd64"), Some(exe));
+        let small = dir.path().join(AGENT_ONLY_NAME);
+        std::fs::write(&small, b"small").unwrap_or_default();
+        let b = AgentBinaries::with_exe(None, Some("amd64"), Some(dir.path().join("myco")));
+        assert_eq!(b.path("myco-linux-amd64"), Some(small));
+        assert_eq!(b.names(), ["myco-linux-amd64"]);
     }
 
     #[test]
