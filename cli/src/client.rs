@@ -135,6 +135,16 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<reqwest::Response> {
+        self.send_as(method, path, body, "application/json").await
+    }
+
+    async fn send_as(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &'static str,
+    ) -> anyhow::Result<reqwest::Response> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(t) = &self.token {
@@ -146,7 +156,7 @@ impl Client {
         }
         if let Some(b) = body {
             req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(b);
         }
         let resp = req.send().await.map_err(|e| {
@@ -201,6 +211,32 @@ impl Client {
             .transpose()
             .context("cannot encode the request")?;
         decode(self.send(method, path, bytes).await?).await
+    }
+
+    /// PUT of a tar archive (a template), decoding a JSON answer.
+    pub async fn put_archive<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        archive: Vec<u8>,
+    ) -> anyhow::Result<T> {
+        decode(
+            self.send_as(Method::PUT, path, Some(archive), "application/x-tar")
+                .await?,
+        )
+        .await
+    }
+
+    /// `method` whose answer may have a JSON body (`Some`) or none (`204`).
+    pub async fn call_maybe<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<Option<T>> {
+        let resp = self.send(method, path, None).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        decode(resp).await.map(Some)
     }
 
     /// POST or DELETE whose answer has no body.

@@ -209,8 +209,21 @@ enum Command {
     Show(Client<cmd::workspaces::ShowArgs>),
     /// Print an agent's startup and shutdown script output.
     Logs(Client<cmd::workspaces::LogsArgs>),
-    /// Delete a workspace and revoke its agents' tokens.
+    /// Delete a workspace and revoke its agents' tokens (a template's: after its
+    /// delete build has removed its machine).
     Delete(Client<cmd::workspaces::DeleteArgs>),
+    /// Start a template's stopped workspace: a start build, its output on stderr.
+    Start(Client<cmd::lifecycle::TransitionArgs>),
+    /// Stop a template's workspace: a stop build, its output on stderr.
+    Stop(Client<cmd::lifecycle::TransitionArgs>),
+    /// Stop, then start, a template's workspace.
+    Restart(Client<cmd::lifecycle::TransitionArgs>),
+    /// Cancel a workspace's build (the latest by default).
+    Cancel(Client<cmd::lifecycle::CancelArgs>),
+    /// List a workspace's builds (start, stop, delete), newest first.
+    Builds(Client<cmd::lifecycle::BuildsArgs>),
+    /// Manage templates: push (admins), ls, show, delete (admins).
+    Templates(ClientGroup<cmd::lifecycle::TemplatesCommand>),
     /// Replace an agent's token (the old one stops working) and print the new one.
     RotateAgentToken(Client<cmd::workspaces::RotateArgs>),
     /// Load-test a coordinator with simulated agents and check what /metrics says.
@@ -448,6 +461,12 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
         Command::Show(c) => cmd::workspaces::show(&globals(c.client)?, c.args).await,
         Command::Logs(c) => cmd::workspaces::logs(&globals(c.client)?, c.args).await,
         Command::Delete(c) => cmd::workspaces::delete(&globals(c.client)?, c.args).await,
+        Command::Start(c) => cmd::lifecycle::start(&globals(c.client)?, c.args).await,
+        Command::Stop(c) => cmd::lifecycle::stop(&globals(c.client)?, c.args).await,
+        Command::Restart(c) => cmd::lifecycle::restart(&globals(c.client)?, c.args).await,
+        Command::Cancel(c) => cmd::lifecycle::cancel(&globals(c.client)?, c.args).await,
+        Command::Builds(c) => cmd::lifecycle::builds(&globals(c.client)?, c.args).await,
+        Command::Templates(g) => cmd::lifecycle::templates(&globals(g.client)?, g.command).await,
         Command::RotateAgentToken(c) => cmd::workspaces::rotate(&globals(c.client)?, c.args).await,
         #[cfg(feature = "server")]
         Command::Scaletest(g) => cmd::scaletest::run(&globals(g.client)?, g.command).await,

@@ -23,6 +23,17 @@ pub(crate) struct ApiError {
     retry_after: Option<std::time::Duration>,
 }
 
+/// `message: detail`, for logs of work done off a request (builds).
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.detail.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.message, self.detail)
+        }
+    }
+}
+
 impl ApiError {
     pub(crate) fn new(
         status: StatusCode,
@@ -120,6 +131,15 @@ impl From<StoreError> for ApiError {
                 "the first user has already been created",
                 "log in with `myco login URL`, or ask an admin to create your user",
             ),
+            StoreError::TemplateInUse(what) => Self::conflict(
+                what,
+                "`myco ls --all` lists the workspaces and their templates",
+            ),
+            e @ StoreError::NoTemplate(_) => Self::conflict(
+                e.to_string(),
+                "create it with `myco create WS --template NAME` to have its machine built",
+            ),
+            StoreError::Busy(what) => Self::conflict(what, "`myco builds WS` shows it"),
             other => Self::internal("the coordinator's store failed", other.to_string()),
         }
     }

@@ -6,11 +6,13 @@
 mod api;
 mod auth;
 mod bucket;
+mod builds;
 mod control;
 mod error;
 mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod provision;
 mod qad;
 mod quota;
 mod registry;

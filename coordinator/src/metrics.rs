@@ -74,6 +74,7 @@ struct Inner {
     flush_seconds: Histogram,
     collection_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
+    builds_failed: Counter,
     /// What the last scrape read and rendered; held for the whole scrape, so scrapes
     /// are serialized.
     scrape: Mutex<ScrapeState>,
@@ -150,6 +151,12 @@ impl CoordinatorMetrics {
             "HTTP requests answered, by method, route and status code",
             http_requests.clone(),
         );
+        let builds_failed = Counter::default();
+        registry.register(
+            "workspace_build_failures",
+            "Workspace builds that failed: the command failed or timed out, or its provisioner was lost",
+            builds_failed.clone(),
+        );
         registry.register_collector(Box::new(RelayCollector(relay)));
         Self(Arc::new(Inner {
             registry,
@@ -161,6 +168,7 @@ impl CoordinatorMetrics {
             flush_seconds,
             collection_seconds,
             http_requests,
+            builds_failed,
             scrape: Mutex::new(ScrapeState::default()),
         }))
     }
@@ -184,6 +192,10 @@ impl CoordinatorMetrics {
         let records = batch.connections.len() + batch.reports.len() + lines;
         self.0.flushed_records.inc_by(records as u64);
         self.0.flush_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn build_failed(&self) {
+        self.0.builds_failed.inc();
     }
 
     pub fn http_request(&self, labels: HttpLabels) {
@@ -874,6 +886,8 @@ mod tests {
     fn populate(store: &Store, n: usize, last: Timestamp) {
         for i in 0..n {
             let ws = WorkspaceRecord {
+                template: None,
+                latest_build: None,
                 id: format!("w{i}"),
                 owner: Name::new("alice").unwrap(),
                 name: Name::new(&format!("ws{i}")).unwrap(),
@@ -928,6 +942,7 @@ mod tests {
             flush_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             collection_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             http_requests: Family::default(),
+            builds_failed: Counter::default(),
             scrape: Mutex::new(ScrapeState::default()),
         }))
     }
@@ -985,6 +1000,8 @@ mod tests {
     /// health check and one that has none.
     fn workspace(id: &str, agents: &[&str]) -> WorkspaceRecord {
         WorkspaceRecord {
+            template: None,
+            latest_build: None,
             id: id.to_owned(),
             owner: Name::new("alice").unwrap(),
             name: Name::new(id).unwrap(),

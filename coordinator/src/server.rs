@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Agent binaries (`myco-linux-ARCH`) to serve beside the running one.
     pub agent_binary_dir: Option<PathBuf>,
+    /// Builds the coordinator runs itself at once (0: only external provisioners).
+    pub provisioners: usize,
 }
 
 /// Why the coordinator could not start or stopped with an error.
@@ -128,6 +130,8 @@ pub struct Coordinator {
     /// Needed to create the first user when the listener is not on loopback.
     setup_code: Option<Arc<str>>,
     agent_binary_dir: Option<PathBuf>,
+    provisioners: usize,
+    data_dir: PathBuf,
     /// The listener's TLS, when the operator gave a certificate.
     tls: Option<(tokio_rustls::TlsAcceptor, crate::tls::TlsReloader)>,
 }
@@ -258,6 +262,8 @@ impl Coordinator {
             setup_code,
             tls: https,
             agent_binary_dir: config.agent_binary_dir,
+            provisioners: config.provisioners,
+            data_dir: config.data_dir.clone(),
         })
     }
 
@@ -360,7 +366,20 @@ impl Coordinator {
             agent_binaries: crate::api::bootstrap::AgentBinaries::new(
                 self.agent_binary_dir.clone(),
             ),
+            builds: crate::builds::BuildQueue::default(),
         };
+        // Builds this coordinator was running when it last stopped ended with it.
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || crate::builds::recover(&store)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::warn!(
+                builds = n,
+                "failed the builds that were running when the coordinator stopped"
+            ),
+            Ok(Err(e)) => return Err(ServerError::Store(e)),
+            Err(e) => tracing::error!("cannot look for interrupted builds: {e}"),
+        }
+        crate::builds::spawn(state.clone(), self.provisioners, self.data_dir.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();

@@ -54,6 +54,9 @@ const AGENT_LOGS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ag
 /// endpoint id (hex) -> agent id: one endpoint belongs to one agent.
 const AGENT_ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("agent_endpoints");
 const CHANGES: TableDefinition<&str, u64> = TableDefinition::new("changes");
+
+mod lifecycle;
+pub use lifecycle::{ClaimedJob, JobRecord, TemplateVersionRecord};
 const WORKSPACES_CHANGED: &str = "workspaces";
 
 /// Script log lines kept per agent; older ones are dropped as new ones arrive.
@@ -93,6 +96,17 @@ pub enum StoreError {
     /// A user to delete still owns workspaces.
     #[error("user {0} still owns workspaces")]
     OwnsWorkspaces(String),
+    /// A template to delete is used by workspaces (named).
+    #[error("{0}")]
+    TemplateInUse(String),
+    /// A workspace made without a template has no machine to start or stop.
+    #[error(
+        "workspace {0} was made without a template; there is no machine to start, stop or build"
+    )]
+    NoTemplate(String),
+    /// A build of the workspace has not ended.
+    #[error("{0}")]
+    Busy(String),
     /// The owner already has as many of these as their quota allows.
     #[error("{what} of {owner}: the quota of {max} is reached")]
     Quota {
@@ -195,6 +209,22 @@ pub struct WorkspaceRecord {
     pub name: Name,
     pub created_at: Timestamp,
     pub agents: Vec<AgentRecord>,
+    /// What it was made from; `None`: made without a template (no builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<mesh::api::TemplateRef>,
+    /// Its latest build, which its state follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_build: Option<mesh::api::Build>,
+}
+
+impl WorkspaceRecord {
+    /// Its state: from its latest build; `running` without a template.
+    pub fn state(&self) -> mesh::api::WorkspaceState {
+        self.latest_build.as_ref().map_or(
+            mesh::api::WorkspaceState::Running,
+            mesh::api::WorkspaceState::of,
+        )
+    }
 }
 
 /// When an agent's control channels came and went; what its status is judged from.
@@ -604,6 +634,12 @@ impl Store {
         txn.open_table(AGENT_LOGS)?;
         txn.open_table(AGENT_ENDPOINTS)?;
         txn.open_table(CHANGES)?;
+        txn.open_table(lifecycle::TEMPLATES)?;
+        txn.open_table(lifecycle::TEMPLATE_VERSIONS)?;
+        txn.open_table(lifecycle::TEMPLATE_ARCHIVES)?;
+        txn.open_table(lifecycle::BUILDS)?;
+        txn.open_table(lifecycle::BUILD_LOGS)?;
+        txn.open_table(lifecycle::JOBS)?;
         txn.commit()?;
         Ok(Self {
             db,
@@ -896,7 +932,12 @@ impl Store {
             }
             check_quota(&names, "workspaces", &ws.owner, max_workspaces)?;
             names.insert(key.as_str(), ws.id.as_str())?;
-            WorkspacesMut::open(&txn)?.insert(ws)?;
+            let mut ws = ws.clone();
+            if ws.template.is_some() {
+                let (owner, at) = (ws.owner.clone(), ws.created_at);
+                lifecycle::queue_in(&txn, &mut ws, mesh::api::Transition::Start, Some(owner), at)?;
+            }
+            WorkspacesMut::open(&txn)?.insert(&ws)?;
             let mut tokens = txn.open_table(TOKENS)?;
             for t in agent_tokens {
                 tokens.insert(t.id.as_str(), encode(t).as_slice())?;
@@ -970,41 +1011,75 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Deletes a workspace and its agents' tokens. Returns the deleted record.
+    /// Deletes a workspace and its agents' tokens at once, whatever its builds
+    /// (workspaces made without a template, and an admin's forced delete). Returns
+    /// the deleted record.
     pub fn delete_workspace(
         &self,
         owner: &Name,
         name: &Name,
     ) -> Result<Option<WorkspaceRecord>, StoreError> {
         let txn = self.db.begin_write()?;
-        let deleted = {
-            let mut names = txn.open_table(WORKSPACE_NAMES)?;
+        let id = {
+            let names = txn.open_table(WORKSPACE_NAMES)?;
             let Some(id) = names
-                .remove(name_key(owner, name).as_str())?
+                .get(name_key(owner, name).as_str())?
                 .map(|v| v.value().to_owned())
             else {
                 return Ok(None);
             };
-            let ws = WorkspacesMut::open(&txn)?.remove(id.as_str())?;
-            let mut tokens = txn.open_table(TOKENS)?;
-            let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
-            let mut reports = txn.open_table(AGENT_REPORTS)?;
-            let mut logs = txn.open_table(AGENT_LOGS)?;
-            let mut endpoints = txn.open_table(AGENT_ENDPOINTS)?;
-            for agent in ws.iter().flat_map(|w| &w.agents) {
-                if let Some(e) = &agent.endpoint_id {
-                    endpoints.remove(e.as_str())?;
-                }
-                tokens.remove(agent.token_id.as_str())?;
-                connections.remove(agent.id.as_str())?;
-                reports.remove(agent.id.as_str())?;
-                logs.retain_in(
-                    (agent.id.as_str(), 0)..=(agent.id.as_str(), u64::MAX),
-                    |_, _| false,
-                )?;
-            }
-            ws
+            id
         };
+        let deleted = self.delete_workspace_in(&txn, &id)?;
+        self.commit_deletion(txn, deleted.as_ref())?;
+        Ok(deleted)
+    }
+
+    /// Removes workspace `id` and everything of it in `txn`; the caller commits with
+    /// [`Store::commit_deletion`].
+    fn delete_workspace_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        id: &str,
+    ) -> Result<Option<WorkspaceRecord>, StoreError> {
+        let ws = WorkspacesMut::open(txn)?.remove(id)?;
+        let Some(ws) = ws else {
+            return Ok(None);
+        };
+        txn.open_table(WORKSPACE_NAMES)?
+            .remove(name_key(&ws.owner, &ws.name).as_str())?;
+        let mut tokens = txn.open_table(TOKENS)?;
+        let mut connections = txn.open_table(AGENT_CONNECTIONS)?;
+        let mut reports = txn.open_table(AGENT_REPORTS)?;
+        let mut logs = txn.open_table(AGENT_LOGS)?;
+        let mut endpoints = txn.open_table(AGENT_ENDPOINTS)?;
+        for agent in &ws.agents {
+            if let Some(e) = &agent.endpoint_id {
+                endpoints.remove(e.as_str())?;
+            }
+            tokens.remove(agent.token_id.as_str())?;
+            connections.remove(agent.id.as_str())?;
+            reports.remove(agent.id.as_str())?;
+            logs.retain_in(
+                (agent.id.as_str(), 0)..=(agent.id.as_str(), u64::MAX),
+                |_, _| false,
+            )?;
+        }
+        txn.open_table(lifecycle::JOBS)?.remove(id)?;
+        txn.open_table(lifecycle::BUILDS)?
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        txn.open_table(lifecycle::BUILD_LOGS)?
+            .retain_in((id, 0, 0)..=(id, u64::MAX, u64::MAX), |_, _| false)?;
+        Ok(Some(ws))
+    }
+
+    /// Commits a transaction that deleted `deleted`, marking its agents so that no
+    /// flush of their state races the delete.
+    fn commit_deletion(
+        &self,
+        txn: redb::WriteTransaction,
+        deleted: Option<&WorkspaceRecord>,
+    ) -> Result<(), StoreError> {
         // Marked before the commit, under this write transaction: a flush's write
         // transaction can only begin after it, and then sees the mark.
         let ids: Vec<String> = deleted
@@ -1020,7 +1095,7 @@ impl Store {
             }
             return Err(e.into());
         }
-        Ok(deleted)
+        Ok(())
     }
 
     /// Records that agent `agent_id` of workspace `workspace_id` holds the key of
@@ -1429,6 +1504,8 @@ mod tests {
 
     fn ws(owner: &str, n: &str, id: &str) -> WorkspaceRecord {
         WorkspaceRecord {
+            template: None,
+            latest_build: None,
             id: id.into(),
             owner: name(owner),
             name: name(n),

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Name, Timestamp};
 
+mod lifecycle;
+pub use lifecycle::*;
+
 /// Every API error body: what went wrong, and detail on why or what to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -405,7 +408,13 @@ pub struct LogLine {
 #[serde(deny_unknown_fields)]
 pub struct CreateWorkspace {
     pub name: Name,
+    /// Empty with a template, which gives the agents.
+    #[serde(default)]
     pub agents: Vec<AgentSpec>,
+    /// Made from this template's latest version: its machine is built by a start
+    /// build at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Name>,
 }
 
 /// An agent as the API shows it.
@@ -541,6 +550,13 @@ pub struct Workspace {
     pub name: Name,
     pub created_at: Timestamp,
     pub agents: Vec<Agent>,
+    /// From its latest build; `running` for a workspace made without a template.
+    #[serde(default)]
+    pub state: WorkspaceState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_build: Option<Build>,
 }
 
 /// An agent's token, shown once when the workspace is created or the token rotated.

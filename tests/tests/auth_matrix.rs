@@ -195,6 +195,51 @@ fn rows() -> Vec<Row> {
             "/api/v1/users/logout",
             [401, 401, 401, 401, 400, 401, 400, 400],
         ),
+        // Builds: alice's workspace was made without a template, so it has none
+        // and cannot have one.
+        row_with(
+            "POST",
+            "/api/v1/workspaces/{owner}/{name}/builds",
+            json!({"transition": "start"}),
+            [401, 401, 401, 401, 404, 401, 409, 409],
+        ),
+        row(
+            "GET",
+            "/api/v1/workspaces/{owner}/{name}/builds",
+            [401, 401, 401, 401, 404, 401, 200, 200],
+        ),
+        row(
+            "GET",
+            "/api/v1/workspaces/{owner}/{name}/builds/{number}/logs",
+            [401, 401, 401, 401, 404, 401, 404, 404],
+        ),
+        row(
+            "POST",
+            "/api/v1/workspaces/{owner}/{name}/builds/{number}/cancel",
+            [401, 401, 401, 401, 404, 401, 404, 404],
+        ),
+        // Templates: everyone logged in reads them; admins push and delete (an
+        // empty body is no template).
+        row(
+            "GET",
+            "/api/v1/templates",
+            [401, 401, 401, 401, 200, 401, 200, 200],
+        ),
+        row(
+            "GET",
+            "/api/v1/templates/{name}",
+            [401, 401, 401, 401, 404, 401, 404, 404],
+        ),
+        row(
+            "PUT",
+            "/api/v1/templates/{name}",
+            [401, 401, 401, 401, 403, 401, 403, 400],
+        ),
+        row(
+            "DELETE",
+            "/api/v1/templates/{name}",
+            [401, 401, 401, 401, 403, 401, 403, 404],
+        ),
         // Last: they end the workspace. Alice rotates, then deletes; the admin
         // comes after and finds it gone.
         row(
@@ -225,6 +270,7 @@ fn concrete(path: &str) -> String {
         .replace("{owner}", "alice")
         .replace("{name}", name)
         .replace("{agent}", "main")
+        .replace("{number}", "1")
 }
 
 fn api_token(env: &TestEnv, user: &str, name: &str, lifetime: &str) -> String {

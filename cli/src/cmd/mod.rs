@@ -1,6 +1,7 @@
 //! One module per group of `myco` commands.
 
 pub mod agent;
+pub mod lifecycle;
 pub mod login;
 pub mod netcheck;
 pub mod ping;

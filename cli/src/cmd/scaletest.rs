@@ -368,6 +368,7 @@ async fn create_workspaces(
         let spec = CreateWorkspace {
             name: Name::new(&name)?,
             agents,
+            template: None,
         };
         let created: CreatedWorkspace = client
             .post("/api/v1/workspaces", &spec)

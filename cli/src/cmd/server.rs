@@ -130,6 +130,12 @@ pub struct Args {
     #[arg(long, env = "MYCO_AGENT_BINARY_DIR")]
     agent_binary_dir: Option<PathBuf>,
 
+    /// Workspace builds this coordinator runs itself at once (its templates'
+    /// provisioner commands, as the user running it); 0: none, only external
+    /// `myco provisioner`s.
+    #[arg(long, env = "MYCO_PROVISIONERS", default_value_t = 3)]
+    provisioners: usize,
+
     /// Quota: named API tokens one user may hold.
     #[arg(long, env = "MYCO_MAX_API_TOKENS_PER_USER", default_value_t = 100)]
     max_api_tokens_per_user: usize,
@@ -195,6 +201,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             per_user_per_minute: args.login_rate_per_user,
         },
         agent_binary_dir: args.agent_binary_dir,
+        provisioners: args.provisioners,
         trusted_proxies: args.trusted_proxies,
         quotas: coordinator::Quotas {
             workspaces_per_user: args.max_workspaces_per_user,

@@ -31,6 +31,13 @@ pub struct CreateArgs {
     /// Read agents, apps, health checks and scripts from a TOML or JSON file.
     #[arg(long, value_name = "FILE")]
     from: Option<PathBuf>,
+    /// Make it from a template (`myco templates ls`): its agents, and a machine its
+    /// provisioner builds now (the start build's output follows on stderr).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["agents", "apps", "from"])]
+    template: Option<String>,
+    /// With --template: return once the start build is queued.
+    #[arg(long, requires = "template")]
+    no_wait: bool,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -56,6 +63,13 @@ pub struct ShowArgs {
 pub struct LogsArgs {
     /// The agent: [OWNER/]WORKSPACE[.AGENT] (AGENT may be left out when there is one).
     agent: WorkspaceRef,
+    /// A build's output instead (the latest without N): what the template's
+    /// provisioner command printed.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
+    build: Option<u64>,
+    /// With --build: keep printing until the build ends.
+    #[arg(short, long, requires = "build")]
+    follow: bool,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -67,6 +81,13 @@ pub struct DeleteArgs {
     /// Do not ask for confirmation.
     #[arg(short = 'y', long = "yes")]
     yes: bool,
+    /// A template's workspace: remove it at once, without its delete build (its
+    /// machine, if any, is left to you).
+    #[arg(long)]
+    orphan: bool,
+    /// A template's workspace: return once its delete build is queued.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +126,13 @@ fn read_spec_file(path: &Path) -> anyhow::Result<Vec<AgentSpec>> {
 /// Builds the workspace spec from `--from`, `--agent` and `--app`.
 fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
     let name = Name::new(&args.name).context("bad workspace name")?;
+    if let Some(t) = &args.template {
+        return Ok(CreateWorkspace {
+            name,
+            agents: Vec::new(),
+            template: Some(Name::new(t).context("bad --template")?),
+        });
+    }
     let mut agents = match &args.from {
         Some(p) => read_spec_file(p)?,
         None => Vec::new(),
@@ -146,7 +174,11 @@ fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
             healthcheck: None,
         });
     }
-    Ok(CreateWorkspace { name, agents })
+    Ok(CreateWorkspace {
+        name,
+        agents,
+        template: None,
+    })
 }
 
 /// Parses `[AGENT:]SLUG=URL`.
@@ -175,6 +207,9 @@ pub async fn create(globals: &Globals, args: CreateArgs) -> anyhow::Result<()> {
     let spec = build_spec(&args)?;
     let client = Client::authenticated(globals)?;
     let created: CreatedWorkspace = client.post("/api/v1/workspaces", &spec).await?;
+    if created.workspace.template.is_some() {
+        return created_from_template(&client, created, &args).await;
+    }
     if args.out.format == Format::Json {
         return output::json(&created);
     }
@@ -196,6 +231,39 @@ pub async fn create(globals: &Globals, args: CreateArgs) -> anyhow::Result<()> {
         println!("    {}", init_command(&created.access_url, &t.token));
         println!("    where myco is installed:");
         println!("    {}", agent_command(&created.access_url, &t.token));
+    }
+    Ok(())
+}
+
+/// A template's workspace: its start build runs; its output follows on stderr.
+async fn created_from_template(
+    client: &Client,
+    created: CreatedWorkspace,
+    args: &CreateArgs,
+) -> anyhow::Result<()> {
+    let ws = &created.workspace;
+    let r = WorkspaceRef {
+        owner: Some(ws.owner.clone()),
+        workspace: ws.name.clone(),
+        agent: None,
+    };
+    let number = ws.latest_build.as_ref().map_or(1, |b| b.number);
+    if args.out.format != Format::Json {
+        eprintln!(
+            "created workspace {r} from template {}; building it (build {number})",
+            ws.template.as_ref().map_or("?", |t| t.name.as_str())
+        );
+    }
+    if !args.no_wait {
+        let build = super::lifecycle::follow(client, &r, number, 0, &mut std::io::stderr()).await?;
+        super::lifecycle::ended_well(&r, &build)?;
+    }
+    if args.out.format == Format::Json {
+        let ws: Workspace = client.get(&ws_path(&r)).await?;
+        return output::json(&ws);
+    }
+    if !args.no_wait {
+        println!("{r}: running; `myco ssh {}` to get in", ws.name);
     }
     Ok(())
 }
@@ -232,6 +300,7 @@ pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {
                 for a in &w.agents {
                     rows.push(vec![
                         format!("{}/{}", w.owner, w.name),
+                        w.state.as_str().to_owned(),
                         a.name.to_string(),
                         a.status.to_string(),
                         a.lifecycle_state.to_string(),
@@ -244,6 +313,7 @@ pub async fn list(globals: &Globals, args: ListArgs) -> anyhow::Result<()> {
             output::table(
                 &[
                     "WORKSPACE",
+                    "STATE",
                     "AGENT",
                     "STATUS",
                     "LIFECYCLE",
@@ -397,6 +467,11 @@ async fn agent_of(client: &Client, r: &WorkspaceRef) -> anyhow::Result<Name> {
 pub async fn logs(globals: &Globals, args: LogsArgs) -> anyhow::Result<()> {
     let client = Client::authenticated(globals)?;
     let r = &args.agent;
+    if let Some(n) = args.build {
+        let number = (n != 0).then_some(n);
+        let json = args.out.format == Format::Json;
+        return super::lifecycle::build_logs(&client, r, number, args.follow, json).await;
+    }
     let agent = agent_of(&client, r).await?;
     let lines: Vec<LogLine> = client
         .get(&format!("{}/agents/{agent}/logs", ws_path(r)))
@@ -444,7 +519,37 @@ pub async fn delete(globals: &Globals, args: DeleteArgs) -> anyhow::Result<()> {
         }
     }
     let client = Client::authenticated(globals)?;
-    client.call(reqwest::Method::DELETE, &ws_path(r)).await?;
+    let path = if args.orphan {
+        format!("{}?orphan=true", ws_path(r))
+    } else {
+        ws_path(r)
+    };
+    let build: Option<mesh::api::Build> = client.call_maybe(reqwest::Method::DELETE, &path).await?;
+    // A template's workspace goes when its delete build succeeds.
+    if let Some(build) = build {
+        if args.no_wait {
+            eprintln!(
+                "queued build {} (delete) of {r}; follow it with `myco logs {r} --build {} --follow`",
+                build.number, build.number
+            );
+            return Ok(());
+        }
+        let followed =
+            super::lifecycle::follow(&client, r, build.number, 0, &mut std::io::stderr()).await;
+        match followed {
+            Ok(build) => super::lifecycle::ended_well(r, &build)?,
+            // A delete that succeeded takes the workspace and its builds with it.
+            Err(e) => {
+                let gone = client
+                    .get::<Workspace>(&ws_path(r))
+                    .await
+                    .is_err_and(|e| e.to_string().contains("not found"));
+                if !gone {
+                    return Err(e);
+                }
+            }
+        }
+    }
     println!("deleted workspace {r}");
     Ok(())
 }
@@ -482,6 +587,8 @@ mod tests {
             agents: agents.iter().map(|s| s.to_string()).collect(),
             apps: apps.iter().map(|s| s.to_string()).collect(),
             from: None,
+            template: None,
+            no_wait: false,
             out: OutputArgs {
                 format: Format::Table,
             },

@@ -10,9 +10,11 @@
 //! [`ErrorBody`]: mesh::api::ErrorBody
 
 pub(crate) mod bootstrap;
+mod builds;
 pub(crate) mod callers;
 mod connect;
 mod diagnostics;
+mod templates;
 mod tokens;
 mod users;
 mod workspaces;
@@ -66,6 +68,8 @@ pub(crate) struct AppState {
     pub(crate) request_timeout: Duration,
     /// The agent binaries `/bin` serves.
     pub(crate) agent_binaries: bootstrap::AgentBinaries,
+    /// Wakes the coordinator's own provisioners when a build is queued.
+    pub(crate) builds: crate::builds::BuildQueue,
 }
 
 /// One route the coordinator serves: what the auth matrix test walks, so a route
@@ -130,7 +134,11 @@ fn api_routes() -> Routes {
     .at(post.clone(), "/users/{name}/disable", users::disable_user)
     .at(post.clone(), "/users/{name}/enable", users::enable_user)
     .at(post.clone(), "/users/{name}/revoke", users::revoke_user)
-    .at(put, "/users/{name}/password", users::change_password)
+    .at(
+        put.clone(),
+        "/users/{name}/password",
+        users::change_password,
+    )
     .at(get.clone(), "/tokens", tokens::list_tokens)
     .at(post.clone(), "/tokens", tokens::create_token)
     .at(delete.clone(), "/tokens/{name}", tokens::delete_token)
@@ -142,7 +150,7 @@ fn api_routes() -> Routes {
         workspaces::get_workspace,
     )
     .at(
-        delete,
+        delete.clone(),
         "/workspaces/{owner}/{name}",
         workspaces::delete_workspace,
     )
@@ -151,7 +159,35 @@ fn api_routes() -> Routes {
         "/workspaces/{owner}/{name}/agents/{agent}/token",
         workspaces::rotate_agent_token,
     )
-    .at(post, "/workspaces/{owner}/{name}/connect", connect::connect)
+    .at(
+        post.clone(),
+        "/workspaces/{owner}/{name}/connect",
+        connect::connect,
+    )
+    .at(
+        post.clone(),
+        "/workspaces/{owner}/{name}/builds",
+        builds::create_build,
+    )
+    .at(
+        get.clone(),
+        "/workspaces/{owner}/{name}/builds",
+        builds::list_builds,
+    )
+    .at(
+        get.clone(),
+        "/workspaces/{owner}/{name}/builds/{number}/logs",
+        builds::build_logs,
+    )
+    .at(
+        post,
+        "/workspaces/{owner}/{name}/builds/{number}/cancel",
+        builds::cancel_build,
+    )
+    .at(get.clone(), "/templates", templates::list_templates)
+    .at(get.clone(), "/templates/{name}", templates::get_template)
+    .at(put, "/templates/{name}", templates::push_template)
+    .at(delete, "/templates/{name}", templates::delete_template)
     .at(get.clone(), "/netcheck", diagnostics::netcheck_targets)
     .at(
         get.clone(),
@@ -249,7 +285,7 @@ async fn request_deadline(
 /// Revocation on live state: closes `agent_ids`' control channels now (their token
 /// was rotated, their workspace deleted) and drops their endpoints from the relay;
 /// the registry forgets them as their channels end, so the relay admits them no more.
-fn close_agents(state: &AppState, agent_ids: &[String], reason: &str) {
+pub(crate) fn close_agents(state: &AppState, agent_ids: &[String], reason: &str) {
     let endpoints = state
         .registry
         .push(agent_ids, &Push::Close(reason.to_owned()));
@@ -281,7 +317,7 @@ fn revoke_tokens(state: &AppState, token_ids: Vec<String>) {
 const REVOKE_CHUNK: usize = 1000;
 
 /// Runs blocking store or hashing work off the async runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use mesh::Timestamp;
 use mesh::api::{self, AgentToken, CreateWorkspace, CreatedWorkspace, RotatedAgentToken};
+use mesh::{Name, Timestamp};
 use serde::Deserialize;
 
 use super::callers::Caller;
@@ -94,6 +94,9 @@ fn workspace_view(w: &WorkspaceRecord, cx: &ViewContext<'_>) -> api::Workspace {
                 }
             })
             .collect(),
+        state: w.state(),
+        template: w.template.clone(),
+        latest_build: w.latest_build.clone(),
     }
 }
 
@@ -134,22 +137,27 @@ pub(super) async fn list_workspaces(
 }
 
 fn validate_workspace(spec: &CreateWorkspace, max_agents: usize) -> ApiResult<()> {
-    if spec.agents.is_empty() {
+    validate_agents(&spec.agents, max_agents)
+}
+
+/// The checks every workspace's agents pass, from a request or a template.
+pub(super) fn validate_agents(agents: &[api::AgentSpec], max_agents: usize) -> ApiResult<()> {
+    if agents.is_empty() {
         return Err(ApiError::bad_request(
             "a workspace needs at least one agent",
             "add an agent, e.g. {\"name\": \"main\"}",
         ));
     }
-    if spec.agents.len() > max_agents {
+    if agents.len() > max_agents {
         return Err(ApiError::forbidden(
-            format!("too many agents ({})", spec.agents.len()),
+            format!("too many agents ({})", agents.len()),
             format!(
                 "a workspace holds at most {max_agents} (the operator's quota, `myco server --max-agents-per-workspace`)"
             ),
         ));
     }
     let mut seen = std::collections::HashSet::new();
-    for agent in &spec.agents {
+    for agent in agents {
         if !seen.insert(&agent.name) {
             return Err(ApiError::bad_request(
                 format!("agent name {} is used twice", agent.name),
@@ -226,8 +234,44 @@ fn check_url(what: &str, url: &str) -> ApiResult<()> {
 pub(super) async fn create_workspace(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(spec): ApiJson<CreateWorkspace>,
+    ApiJson(mut spec): ApiJson<CreateWorkspace>,
 ) -> ApiResult<(StatusCode, Json<CreatedWorkspace>)> {
+    let template = match spec.template.take() {
+        Some(name) => {
+            if !spec.agents.is_empty() {
+                return Err(ApiError::bad_request(
+                    "a workspace made from a template gets its agents from the template",
+                    "leave out --agent, --app and --from with --template",
+                ));
+            }
+            let store = state.store.clone();
+            let n = name.clone();
+            let rec = blocking(move || Ok(store.template(&n, None)?))
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        format!("template {name} not found"),
+                        "list them with `myco templates ls`",
+                    )
+                })?;
+            spec.agents = if rec.spec.agents.is_empty() {
+                vec![api::AgentSpec {
+                    name: Name::new("main").map_err(|e| ApiError::internal("", e.to_string()))?,
+                    apps: Vec::new(),
+                    startup_script: None,
+                    shutdown_script: None,
+                    metadata: Vec::new(),
+                }]
+            } else {
+                rec.spec.agents.clone()
+            };
+            Some(api::TemplateRef {
+                name,
+                version: rec.version,
+            })
+        }
+        None => None,
+    };
     validate_workspace(&spec, state.quotas.agents_per_workspace)?;
     let now = Timestamp::now();
     let ws_id = auth::new_id();
@@ -268,6 +312,8 @@ pub(super) async fn create_workspace(
         name: spec.name,
         created_at: now,
         agents,
+        template,
+        latest_build: None,
     };
     let store = state.store.clone();
     let max = (!caller.user.admin).then_some(state.quotas.workspaces_per_user);
@@ -277,6 +323,17 @@ pub(super) async fn create_workspace(
     })
     .await?;
     tracing::info!(owner = %ws.owner, workspace = %ws.name, "workspace created");
+    // A template's workspace: its start build was queued with it; its provisioner
+    // gets the agents' tokens, so none is shown.
+    let (ws, shown) = if ws.template.is_some() {
+        state.builds.queued();
+        let store = state.store.clone();
+        let id = ws.id.clone();
+        let stored = blocking(move || Ok(store.workspace_by_id(&id)?)).await?;
+        (stored.unwrap_or(ws), Vec::new())
+    } else {
+        (ws, shown)
+    };
     Ok((
         StatusCode::CREATED,
         Json(CreatedWorkspace {
@@ -316,12 +373,32 @@ pub(super) async fn get_workspace(
     Ok(Json(workspace_view(&ws, &cx)))
 }
 
+#[derive(Deserialize)]
+pub(super) struct DeleteQuery {
+    /// Remove the record without running the template's delete build (whose
+    /// machine, if any, is left for the operator).
+    #[serde(default)]
+    orphan: bool,
+}
+
+/// `DELETE /api/v1/workspaces/{owner}/{name}`: at once for a workspace made without a
+/// template (204); for a template's, its delete build is queued (202, the build),
+/// and the workspace goes when that succeeds; `?orphan=true` removes it at once.
 pub(super) async fn delete_workspace(
     State(state): State<AppState>,
     caller: Caller,
     Path((owner, name)): Path<(String, String)>,
-) -> ApiResult<StatusCode> {
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request("bad query string", e.body_text()))?;
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    if ws.template.is_some() && !query.orphan {
+        return Ok(super::builds::delete_by_build(&state, &caller, &ws)
+            .await?
+            .into_response());
+    }
     let store = state.store.clone();
     let (o, n) = (ws.owner.clone(), ws.name.clone());
     let deleted = blocking(move || Ok(store.delete_workspace(&o, &n)?)).await?;
@@ -333,7 +410,7 @@ pub(super) async fn delete_workspace(
     state.ledger.forget(&agent_ids);
     super::close_agents(&state, &agent_ids, "the workspace was deleted");
     tracing::info!(owner = %ws.owner, workspace = %ws.name, by = %caller.user.username, "workspace deleted");
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(super) async fn rotate_agent_token(

@@ -1,0 +1,202 @@
+//! Builds of a workspace made from a template: queue one (start, stop, delete),
+//! list them, read one's output (waiting for more with `wait`), cancel one.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use mesh::Timestamp;
+use mesh::api::{self, Build, BuildLogs, CreateBuild, Transition, WorkspaceState};
+use serde::Deserialize;
+
+use super::callers::Caller;
+use super::{AppState, blocking, find_workspace};
+use crate::error::{ApiError, ApiJson, ApiResult};
+use crate::store::WorkspaceRecord;
+
+/// Builds listed at most.
+const BUILDS_SHOWN: usize = 100;
+/// Output lines returned by one request at most.
+const LOG_LINES_PER_REQUEST: usize = 5_000;
+/// The longest a logs request waits for new output.
+const MAX_WAIT: Duration = Duration::from_secs(25);
+/// How often a waiting logs request looks again.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Whether `transition` makes sense in the workspace's state; a 409 that says what
+/// to do when not.
+fn check_transition(ws: &WorkspaceRecord, transition: Transition) -> ApiResult<()> {
+    use WorkspaceState as S;
+    if ws.template.is_none() {
+        return Err(
+            crate::store::StoreError::NoTemplate(format!("{}/{}", ws.owner, ws.name)).into(),
+        );
+    }
+    let state = ws.state();
+    let allowed = match transition {
+        Transition::Start => matches!(state, S::Stopped | S::Failed),
+        Transition::Stop => matches!(state, S::Running | S::Failed),
+        Transition::Delete => !matches!(state, S::Deleted),
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(ApiError::conflict(
+        format!(
+            "workspace {}/{} is {}; it cannot {}",
+            ws.owner,
+            ws.name,
+            state.as_str(),
+            transition.as_str()
+        ),
+        match state {
+            S::Running => "it is running already".to_owned(),
+            S::Stopped => "it is stopped already; `myco start` it".to_owned(),
+            _ => format!(
+                "wait for build {} to end (`myco logs {} --build --follow`)",
+                ws.latest_build.as_ref().map_or(0, |b| b.number),
+                ws.name
+            ),
+        },
+    ))
+}
+
+/// Queues a build of `ws` and wakes the provisioners.
+pub(super) async fn queue(
+    state: &AppState,
+    ws: &WorkspaceRecord,
+    transition: Transition,
+    initiator: Option<mesh::Name>,
+) -> ApiResult<Build> {
+    check_transition(ws, transition)?;
+    let store = state.store.clone();
+    let id = ws.id.clone();
+    let build =
+        blocking(move || Ok(store.queue_build(&id, transition, initiator, Timestamp::now())?))
+            .await?;
+    state.builds.queued();
+    tracing::info!(owner = %ws.owner, workspace = %ws.name, build = build.number, transition = transition.as_str(), "build queued");
+    Ok(build)
+}
+
+/// `POST /api/v1/workspaces/{owner}/{name}/builds`.
+pub(super) async fn create_build(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<CreateBuild>,
+) -> ApiResult<(StatusCode, Json<Build>)> {
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let build = queue(
+        &state,
+        &ws,
+        req.transition,
+        Some(caller.user.username.clone()),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(build)))
+}
+
+/// `GET /api/v1/workspaces/{owner}/{name}/builds`: newest first.
+pub(super) async fn list_builds(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<Build>>> {
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let store = state.store.clone();
+    Ok(Json(
+        blocking(move || Ok(store.builds(&ws.id, BUILDS_SHOWN)?)).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct LogsQuery {
+    /// Lines after this one (0: from the start).
+    #[serde(default)]
+    after: u64,
+    /// Seconds to wait for a line when there is none yet and the build runs.
+    #[serde(default)]
+    wait: u64,
+}
+
+fn build_number(text: &str) -> ApiResult<u64> {
+    text.parse().map_err(|_| {
+        ApiError::bad_request(
+            format!("bad build number {text:?} in path"),
+            "builds are numbered 1, 2, ... (`myco builds WS`)",
+        )
+    })
+}
+
+/// `GET /api/v1/workspaces/{owner}/{name}/builds/{number}/logs?after=N&wait=S`.
+pub(super) async fn build_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name, number)): Path<(String, String, String)>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<BuildLogs>> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request("bad query string", e.body_text()))?;
+    let number = build_number(&number)?;
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let wait = Duration::from_secs(query.wait).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let store = state.store.clone();
+        let id = ws.id.clone();
+        let found = blocking(move || {
+            Ok(store.build_logs(&id, number, query.after, LOG_LINES_PER_REQUEST)?)
+        })
+        .await?;
+        let Some((build, lines)) = found else {
+            return Err(ApiError::not_found(
+                format!("build {number} of {}/{} not found", ws.owner, ws.name),
+                format!("`myco builds {}` lists them", ws.name),
+            ));
+        };
+        if !lines.is_empty() || build.status.is_done() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(BuildLogs { build, lines }));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// `POST /api/v1/workspaces/{owner}/{name}/builds/{number}/cancel`: a pending build
+/// ends at once; a running one when its provisioner next hears (seconds).
+pub(super) async fn cancel_build(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name, number)): Path<(String, String, String)>,
+) -> ApiResult<(StatusCode, Json<Build>)> {
+    let number = build_number(&number)?;
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    let store = state.store.clone();
+    let id = ws.id.clone();
+    let build = blocking(move || {
+        store.cancel_build(&id, number, Timestamp::now())?;
+        Ok(store.build(&id, number)?)
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("build {number} not found"), ""))?;
+    tracing::info!(owner = %ws.owner, workspace = %ws.name, build = number, by = %caller.user.username, "build cancel asked");
+    Ok((StatusCode::ACCEPTED, Json(build)))
+}
+
+/// What `DELETE /api/v1/workspaces/...` answers for a template's workspace: its
+/// delete build, which removes the workspace when it succeeds.
+pub(super) async fn delete_by_build(
+    state: &AppState,
+    caller: &Caller,
+    ws: &WorkspaceRecord,
+) -> ApiResult<(StatusCode, Json<api::Build>)> {
+    let build = queue(
+        state,
+        ws,
+        Transition::Delete,
+        Some(caller.user.username.clone()),
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(build)))
+}

@@ -1,0 +1,335 @@
+//! The coordinator's own provisioners (`--provisioners N`, the embedded default):
+//! N workers that claim queued builds from the store, run them with
+//! [`crate::provision::run`] and record how they ended; and the reaper, which fails
+//! a build whose provisioner stopped renewing its lease.
+//!
+//! A build the coordinator was running when it was killed is failed, with the
+//! reason, when it starts again ([`recover`]): its shell died with it (parent-death
+//! signal), what that started is killed then (found by the build's tag in its
+//! environment), and running it again blindly could repeat half of it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::Timestamp;
+use mesh::api::{BuildStatus, Transition};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::api::AppState;
+use crate::provision::{self, BuildInput, Outcome};
+use crate::store::{ClaimedJob, Store, StoreError, TokenKind};
+
+/// The name the coordinator's own provisioners claim jobs under.
+pub(crate) const OWN: &str = "coordinator";
+
+/// How long a claim lasts without renewal, and how often it is renewed.
+pub(crate) const LEASE: Duration = Duration::from_secs(30);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// How often an idle worker looks for work without being woken.
+const IDLE_POLL: Duration = Duration::from_secs(2);
+
+/// Output lines are written to the store in batches, at least this often.
+const LOG_FLUSH: Duration = Duration::from_millis(200);
+
+/// Wakes idle workers when a build is queued.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BuildQueue(Arc<Notify>);
+
+impl BuildQueue {
+    pub(crate) fn queued(&self) {
+        self.0.notify_waiters();
+    }
+}
+
+/// Fails the builds the coordinator's own provisioners held when it stopped.
+pub(crate) fn recover(store: &Store) -> Result<usize, StoreError> {
+    let now = Timestamp::now();
+    let mut failed = 0;
+    for job in store.jobs()? {
+        if job.claimed_by.as_deref() == Some(OWN) {
+            // Its shell died with the coordinator; what it started may not have.
+            let killed = provision::kill_leftovers(&job.workspace_id, job.number);
+            if killed > 0 {
+                tracing::warn!(
+                    build = job.number,
+                    processes = killed,
+                    "killed what an interrupted build left running"
+                );
+            }
+            let (done, _) = store.finish_build(
+                &job.workspace_id,
+                job.number,
+                Some(OWN),
+                BuildStatus::Failed,
+                Some(
+                    "the coordinator stopped while this build ran (its command was killed); \
+                     run it again"
+                        .into(),
+                ),
+                now,
+            )?;
+            failed += usize::from(done);
+        }
+    }
+    Ok(failed)
+}
+
+/// Starts `n` workers and the reaper; they run until the process ends.
+pub(crate) fn spawn(state: AppState, n: usize, data_dir: PathBuf) {
+    for i in 0..n {
+        let state = state.clone();
+        let dir = data_dir.clone();
+        tokio::spawn(async move { worker(i, state, dir).await });
+    }
+    tokio::spawn(reaper(state));
+}
+
+async fn worker(i: usize, state: AppState, data_dir: PathBuf) {
+    let queue = state.builds.clone();
+    loop {
+        let woken = queue.0.notified();
+        let store = state.store.clone();
+        let claimed = crate::api::blocking(move || {
+            let now = Timestamp::now();
+            Ok(store.claim_job(OWN, &BTreeMap::new(), now, now.saturating_add(LEASE))?)
+        })
+        .await;
+        match claimed {
+            Ok(Some(job)) => {
+                tracing::info!(worker = i, workspace = %job.workspace.name, build = job.job.number, transition = job.job.transition.as_str(), "build started");
+                run_claimed(&state, job, &data_dir).await;
+            }
+            Ok(None) => {
+                let _ = tokio::time::timeout(IDLE_POLL, woken).await;
+            }
+            Err(e) => {
+                tracing::error!(worker = i, "cannot look for builds: {}", e);
+                tokio::time::sleep(IDLE_POLL).await;
+            }
+        }
+    }
+}
+
+async fn run_claimed(state: &AppState, claimed: ClaimedJob, data_dir: &std::path::Path) {
+    let ClaimedJob {
+        job,
+        workspace,
+        spec,
+        archive,
+    } = claimed;
+    let ws_id = job.workspace_id.clone();
+    let number = job.number;
+    let finish = |status: BuildStatus, reason: Option<String>| {
+        let store = state.store.clone();
+        let ws_id = ws_id.clone();
+        async move {
+            crate::api::blocking(move || {
+                Ok(store.finish_build(
+                    &ws_id,
+                    number,
+                    Some(OWN),
+                    status,
+                    reason,
+                    Timestamp::now(),
+                )?)
+            })
+            .await
+        }
+    };
+    // A start gets new agent tokens, handed to the machine it makes.
+    let mut agent_tokens = Vec::new();
+    if job.transition == Transition::Start {
+        let now = Timestamp::now();
+        let mut records = Vec::new();
+        for a in &workspace.agents {
+            let issued = crate::auth::issue_token(
+                TokenKind::Agent {
+                    workspace_id: ws_id.clone(),
+                    agent_id: a.id.clone(),
+                },
+                now,
+                None,
+            );
+            records.push((a.id.clone(), issued.record));
+            agent_tokens.push((a.name.to_string(), issued.text));
+        }
+        let store = state.store.clone();
+        let id = ws_id.clone();
+        if let Err(e) =
+            crate::api::blocking(move || Ok(store.replace_agent_tokens(&id, &records)?)).await
+        {
+            let _ = finish(
+                BuildStatus::Failed,
+                Some(format!("cannot issue agent tokens: {}", e)),
+            )
+            .await;
+            return;
+        }
+        let ids: Vec<String> = workspace.agents.iter().map(|a| a.id.clone()).collect();
+        crate::api::close_agents(
+            state,
+            &ids,
+            "the workspace is starting again with new tokens",
+        );
+    }
+    let timeout = spec
+        .build_timeout()
+        .unwrap_or(mesh::api::DEFAULT_BUILD_TIMEOUT);
+    let root = data_dir.join("provisioner");
+    let input = BuildInput {
+        transition: job.transition,
+        workspace_id: ws_id.clone(),
+        workspace_name: workspace.name.to_string(),
+        owner: workspace.owner.to_string(),
+        number,
+        access_url: state.access_url.clone(),
+        agent_tokens,
+        archive,
+        run: spec.provisioner.run.clone(),
+        timeout,
+        work_dir: root.join("builds").join(format!("{ws_id}-{number}")),
+        state_dir: root.join("state").join(&ws_id),
+    };
+    let state_dir = input.state_dir.clone();
+    let (line_tx, line_rx) = mpsc::channel(1024);
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let writer = tokio::spawn(write_logs(
+        state.store.clone(),
+        ws_id.clone(),
+        number,
+        line_rx,
+    ));
+    let renewer = tokio::spawn(renew(state.store.clone(), ws_id.clone(), number, cancel_tx));
+    let outcome = provision::run(input, line_tx, cancel_rx).await;
+    renewer.abort();
+    let _ = writer.await;
+    let (status, reason) = match outcome {
+        Outcome::Succeeded => (BuildStatus::Succeeded, None),
+        Outcome::Failed(why) => (BuildStatus::Failed, Some(why)),
+        Outcome::Canceled => (BuildStatus::Canceled, Some("canceled".to_owned())),
+    };
+    tracing::info!(workspace = %workspace.name, build = number, status = ?status, reason = reason.as_deref().unwrap_or(""), "build ended");
+    if status == BuildStatus::Failed {
+        state.metrics.build_failed();
+    }
+    match finish(status, reason).await {
+        Ok((_, Some(deleted))) => {
+            let ids: Vec<String> = deleted.agents.iter().map(|a| a.id.clone()).collect();
+            state.ledger.forget(&ids);
+            crate::api::close_agents(state, &ids, "the workspace was deleted");
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(state_dir)).await;
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(build = number, "cannot record how the build ended: {}", e),
+    }
+}
+
+/// Writes output lines to the store in batches until the sender is gone.
+async fn write_logs(
+    store: Arc<Store>,
+    ws_id: String,
+    number: u64,
+    mut rx: mpsc::Receiver<(Timestamp, String)>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        let more = tokio::select! {
+            line = rx.recv() => match line {
+                Some(l) => { batch.push(l); true }
+                None => false,
+            },
+            () = tokio::time::sleep(LOG_FLUSH), if !batch.is_empty() => true,
+        };
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(l) => batch.push(l),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() && (!more || batch.len() >= 64 || rx.is_empty()) {
+            let lines = std::mem::take(&mut batch);
+            let store = store.clone();
+            let id = ws_id.clone();
+            if let Err(e) =
+                crate::api::blocking(move || Ok(store.append_build_logs(&id, number, &lines)?))
+                    .await
+            {
+                tracing::warn!(build = number, "cannot keep build output: {}", e);
+            }
+        }
+        if !more {
+            return;
+        }
+    }
+}
+
+/// Renews the build's lease until aborted; a cancel request, or a lease lost to
+/// the reaper, stops the command.
+async fn renew(store: Arc<Store>, ws_id: String, number: u64, cancel: watch::Sender<bool>) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let store = store.clone();
+        let id = ws_id.clone();
+        let renewed = crate::api::blocking(move || {
+            let until = Timestamp::now().saturating_add(LEASE);
+            Ok(store.renew_job(&id, number, OWN, until)?)
+        })
+        .await;
+        match renewed {
+            Ok(Some(false)) => {}
+            Ok(Some(true)) | Ok(None) => {
+                let _ = cancel.send(true);
+                return;
+            }
+            Err(e) => tracing::warn!(build = number, "cannot renew the build's lease: {}", e),
+        }
+    }
+}
+
+/// Fails builds whose provisioner has not renewed its lease in time.
+async fn reaper(state: AppState) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let store = state.store.clone();
+        let result = crate::api::blocking(move || {
+            let now = Timestamp::now();
+            let mut failed = 0usize;
+            for job in store.jobs()? {
+                if let (Some(by), Some(until)) = (&job.claimed_by, job.lease_until)
+                    && until < now
+                {
+                    let (done, _) = store.finish_build(
+                        &job.workspace_id,
+                        job.number,
+                        Some(by),
+                        BuildStatus::Failed,
+                        Some(format!(
+                            "provisioner {by} stopped answering (no lease renewal for {}s); run it again",
+                            LEASE.as_secs()
+                        )),
+                        now,
+                    )?;
+                    failed += usize::from(done);
+                }
+            }
+            Ok(failed)
+        })
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    builds = n,
+                    "failed builds whose provisioner stopped answering"
+                );
+                for _ in 0..n {
+                    state.metrics.build_failed();
+                }
+            }
+            Err(e) => tracing::warn!("cannot check build leases: {}", e),
+        }
+    }
+}

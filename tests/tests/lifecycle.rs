@@ -1,0 +1,361 @@
+//! Workspaces made from templates, against the real binaries: templates pushed and
+//! versioned, builds run by the coordinator's own provisioners (the example
+//! `process` template makes a real agent process), a failing or hanging command, a
+//! cancel, and a coordinator killed with -9 in the middle of a build.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tests::{TestEnv, eventually};
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/templates")
+        .join(name)
+}
+
+/// A template directory whose provisioner runs `run`.
+fn template_dir(dir: &Path, name: &str, extra: &str, run: &str) -> PathBuf {
+    let t = dir.join(name);
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(
+        t.join("template.toml"),
+        format!("[provisioner]\nrun = {run:?}\n{extra}\n"),
+    )
+    .unwrap();
+    t
+}
+
+fn push(env: &TestEnv, dir: &Path) -> Value {
+    env.run(
+        "admin",
+        &["templates", "push", dir.to_str().unwrap(), "-o", "json"],
+    )
+    .ok()
+    .json()
+}
+
+fn state(env: &TestEnv, user: &str, ws: &str) -> String {
+    env.run(user, &["show", ws, "-o", "json"]).ok().json()["state"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn latest_build(env: &TestEnv, user: &str, ws: &str) -> Value {
+    env.run(user, &["builds", ws, "-o", "json"]).ok().json()[0].clone()
+}
+
+/// Whether a process group `pgid` has a member left (from /proc: field 5 of stat).
+fn group_alive(pgid: &str) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+            // After the command's name in parentheses: state, ppid, pgrp.
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(str::to_owned))
+                .is_some_and(|g| g == pgid)
+        })
+    })
+}
+
+fn process_template_env() -> TestEnv {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    env.add_user("admin", "alice");
+    let pushed = push(&env, &example("process"));
+    assert_eq!(pushed["name"], "process");
+    assert_eq!(pushed["version"], 1);
+    env
+}
+
+#[test]
+fn a_template_workspace_is_built_stopped_started_and_deleted_with_its_machine() {
+    let env = process_template_env();
+    let out = env
+        .run("alice", &["create", "dev", "--template", "process"])
+        .ok();
+    assert!(out.stderr.contains("starting the agent"), "{out:#?}");
+    assert!(out.stdout.contains("running"), "{out:#?}");
+    assert_eq!(state(&env, "alice", "dev"), "running");
+    env.wait_agent_connected("alice", "dev");
+    let hi = env.run("alice", &["ssh", "dev", "--", "echo", "hi"]).ok();
+    assert_eq!(hi.stdout.trim(), "hi");
+    let shown = env.run("alice", &["show", "dev", "-o", "json"]).ok().json();
+    assert_eq!(shown["template"]["name"], "process");
+    let ws_id = shown["id"].as_str().unwrap().to_owned();
+    let state_dir = env.data_dir().join("provisioner/state").join(&ws_id);
+    let pgid = std::fs::read_to_string(state_dir.join("agent.pid")).unwrap();
+    let pgid = pgid.trim();
+    assert!(group_alive(pgid));
+
+    // Stop: the machine is gone, the agent with it.
+    env.run("alice", &["stop", "dev"]).ok();
+    assert_eq!(state(&env, "alice", "dev"), "stopped");
+    assert!(
+        !group_alive(pgid),
+        "the agent's process group outlived stop"
+    );
+    env.wait_agent_status("alice", "dev", "disconnected");
+    // Stopping a stopped workspace says what to do.
+    let line = env.run("alice", &["stop", "dev"]).fails();
+    assert!(
+        line.contains("stopped") && line.contains("myco start"),
+        "{line}"
+    );
+
+    // Start again: a new machine, new agent tokens, SSH works.
+    env.run("alice", &["start", "dev"]).ok();
+    env.wait_agent_connected("alice", "dev");
+    let again = env
+        .run("alice", &["ssh", "dev", "--", "echo", "again"])
+        .ok();
+    assert_eq!(again.stdout.trim(), "again");
+    let builds = env
+        .run("alice", &["builds", "dev", "-o", "json"])
+        .ok()
+        .json();
+    let transitions: Vec<&str> = builds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["transition"].as_str().unwrap())
+        .collect();
+    assert_eq!(transitions, ["start", "stop", "start"]);
+    assert!(
+        builds
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["status"] == "succeeded"),
+        "{builds:#}"
+    );
+    let log = env.run("alice", &["logs", "dev", "--build", "2"]).ok();
+    assert!(log.stdout.contains("stopping the agent"), "{log:#?}");
+
+    // Delete: the machine, its state dir and the workspace go.
+    let pgid = std::fs::read_to_string(state_dir.join("agent.pid")).unwrap();
+    env.run("alice", &["delete", "-y", "dev"]).ok();
+    assert!(!group_alive(pgid.trim()));
+    assert!(!state_dir.exists());
+    let list = env.run("alice", &["ls", "-o", "json"]).ok().json();
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list:#}");
+    // The template is no longer used, so it may go.
+    env.run("admin", &["templates", "delete", "process"]).ok();
+}
+
+#[test]
+fn a_failing_provisioner_leaves_the_workspace_failed_with_its_output() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    let dir = tempfile::tempdir().unwrap();
+    let t = template_dir(
+        dir.path(),
+        "broken",
+        "",
+        "echo making the machine; echo no quota left >&2; exit 3",
+    );
+    push(&env, &t);
+    let out = env.run("admin", &["create", "dev", "--template", "broken"]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    let last = out.stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("myco: build 1 (start) of admin/dev failed"),
+        "{last}"
+    );
+    assert!(last.contains("exited with status 3"), "{last}");
+    assert!(last.contains("myco logs admin/dev --build 1"), "{last}");
+    assert!(out.stderr.contains("no quota left"), "{out:#?}");
+    assert_eq!(state(&env, "admin", "dev"), "failed");
+    let list = env.run("admin", &["ls", "-o", "json"]).ok().json();
+    assert_eq!(list[0]["state"], "failed");
+    // The output stays readable.
+    let log = env.run("admin", &["logs", "dev", "--build"]).ok().stdout;
+    assert!(log.contains("making the machine"), "{log}");
+    assert!(log.contains("no quota left"), "{log}");
+    let build = latest_build(&env, "admin", "dev");
+    assert_eq!(build["status"], "failed");
+    assert!(
+        build["reason"].as_str().unwrap().contains("status 3"),
+        "{build:#}"
+    );
+    // A template in use cannot be deleted; the workspace can, by its delete build
+    // (which fails too), or as an orphan.
+    let line = env.run("admin", &["templates", "delete", "broken"]).fails();
+    assert!(line.contains("admin/dev"), "{line}");
+    env.run("admin", &["delete", "-y", "--orphan", "dev"]).ok();
+    env.run("admin", &["templates", "delete", "broken"]).ok();
+}
+
+#[test]
+fn a_build_times_out_or_is_canceled_and_its_command_is_stopped() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("{}", tests::free_port() as u32 + 100_000);
+    let t = template_dir(
+        dir.path(),
+        "slow",
+        "timeout = \"2s\"",
+        &format!("echo begun; sleep {marker}"),
+    );
+    // `timeout` belongs in [provisioner]: the extra line lands there.
+    push(&env, &t);
+    let out = env.run("admin", &["create", "dev", "--template", "slow"]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("timed out after 2s"), "{out:#?}");
+    let sleeping = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &format!("sleep {marker}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    eventually("the timed-out command is stopped", || !sleeping());
+
+    // A cancel stops a running command within seconds.
+    std::fs::write(
+        t.join("template.toml"),
+        format!("[provisioner]\nrun = \"echo begun; sleep {marker}\"\n"),
+    )
+    .unwrap();
+    push(&env, &t);
+    env.run(
+        "admin",
+        &["create", "two", "--template", "slow", "--no-wait"],
+    )
+    .ok();
+    eventually("the build runs", &sleeping);
+    env.run("admin", &["cancel", "two"]).ok();
+    eventually("the canceled command is stopped", || !sleeping());
+    eventually("the build is canceled", || {
+        latest_build(&env, "admin", "two")["status"] == "canceled"
+    });
+    assert_eq!(state(&env, "admin", "two"), "failed");
+}
+
+#[test]
+fn a_coordinator_killed_mid_build_fails_the_build_clearly_after_restart() {
+    let mut env = TestEnv::start();
+    env.bootstrap("admin");
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("{}", tests::free_port() as u32 + 200_000);
+    let t = template_dir(
+        dir.path(),
+        "hang",
+        "",
+        &format!("echo begun; sleep {marker}"),
+    );
+    push(&env, &t);
+    env.run(
+        "admin",
+        &["create", "dev", "--template", "hang", "--no-wait"],
+    )
+    .ok();
+    eventually("the build has begun", || {
+        env.run("admin", &["logs", "dev", "--build"])
+            .stdout
+            .contains("begun")
+    });
+    assert_eq!(state(&env, "admin", "dev"), "starting");
+    env.kill9();
+    env.start_server();
+    // Its command, and what it started, are stopped: the shell died with the
+    // coordinator, the rest when it came back.
+    let sleeping = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &format!("sleep {marker}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    eventually("the build's processes are stopped", || !sleeping());
+    let build = latest_build(&env, "admin", "dev");
+    assert_eq!(build["status"], "failed", "{build:#}");
+    assert!(
+        build["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the coordinator stopped while this build ran"),
+        "{build:#}"
+    );
+    assert_eq!(state(&env, "admin", "dev"), "failed");
+    // What it printed before is kept.
+    let log = env.run("admin", &["logs", "dev", "--build"]).ok().stdout;
+    assert!(log.contains("begun"), "{log}");
+}
+
+#[test]
+fn bad_templates_are_refused_with_what_to_fix() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    env.add_user("admin", "alice");
+    let dir = tempfile::tempdir().unwrap();
+    // No template.toml.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let line = env
+        .run("admin", &["templates", "push", empty.to_str().unwrap()])
+        .fails();
+    assert!(line.contains("template.toml"), "{line}");
+    // A bad duration, named.
+    let t = template_dir(dir.path(), "bad", "[schedule]\nttl = \"soonish\"", "true");
+    let line = env
+        .run("admin", &["templates", "push", t.to_str().unwrap()])
+        .fails();
+    assert!(line.contains("[schedule] ttl \"soonish\""), "{line}");
+    // Only admins push.
+    let ok = template_dir(dir.path(), "fine", "", "true");
+    let line = env
+        .run("alice", &["templates", "push", ok.to_str().unwrap()])
+        .fails();
+    assert!(line.contains("admin"), "{line}");
+    // A hand-made archive whose entry climbs out of the template: refused by the
+    // coordinator, whatever the CLI would have sent.
+    let mut header = tar::Header::new_gnu();
+    let spec = b"[provisioner]\nrun = \"true\"\n";
+    header.set_size(spec.len() as u64);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_data(&mut header, "template.toml", &spec[..])
+        .unwrap();
+    let mut evil = tar::Header::new_gnu();
+    evil.set_size(1);
+    evil.set_mode(0o644);
+    evil.set_entry_type(tar::EntryType::Regular);
+    let name = b"../../escape";
+    evil.as_old_mut().name[..name.len()].copy_from_slice(name);
+    evil.set_cksum();
+    b.append(&evil, &b"x"[..]).unwrap();
+    let archive = b.into_inner().unwrap();
+    let admin = env.token_of("admin");
+    let reply = env.http().request(
+        "PUT",
+        "/api/v1/templates/evil",
+        Some(&admin),
+        Some(("application/x-tar", archive)),
+    );
+    let message = reply.error(400);
+    assert!(message.contains("outside"), "{reply:?}");
+    // Too big: refused before it is read whole.
+    let big = vec![0u8; mesh::api::TEMPLATE_ARCHIVE_MAX + 1];
+    let reply = env.http().request(
+        "PUT",
+        "/api/v1/templates/big",
+        Some(&admin),
+        Some(("application/x-tar", big)),
+    );
+    assert_eq!(reply.status, 413, "{reply:?}");
+    // Nothing of these was kept.
+    let list = env
+        .run("admin", &["templates", "ls", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list:#}");
+    // A workspace without a template has no builds to run.
+    env.create_workspace("alice", "plain");
+    let line = env.run("alice", &["start", "plain"]).fails();
+    assert!(line.contains("without a template"), "{line}");
+}
