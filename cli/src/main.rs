@@ -222,6 +222,8 @@ enum Command {
     Cancel(Client<cmd::lifecycle::CancelArgs>),
     /// List a workspace's builds (start, stop, delete), newest first.
     Builds(Client<cmd::lifecycle::BuildsArgs>),
+    /// When a template's workspace stops and starts by itself: show, stop, extend, start.
+    Schedule(ClientGroup<cmd::lifecycle::ScheduleCommand>),
     /// Manage templates: push (admins), ls, show, delete (admins).
     Templates(ClientGroup<cmd::lifecycle::TemplatesCommand>),
     /// Replace an agent's token (the old one stops working) and print the new one.
@@ -466,6 +468,7 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
         Command::Restart(c) => cmd::lifecycle::restart(&globals(c.client)?, c.args).await,
         Command::Cancel(c) => cmd::lifecycle::cancel(&globals(c.client)?, c.args).await,
         Command::Builds(c) => cmd::lifecycle::builds(&globals(c.client)?, c.args).await,
+        Command::Schedule(g) => cmd::lifecycle::schedule(&globals(g.client)?, g.command).await,
         Command::Templates(g) => cmd::lifecycle::templates(&globals(g.client)?, g.command).await,
         Command::RotateAgentToken(c) => cmd::workspaces::rotate(&globals(c.client)?, c.args).await,
         #[cfg(feature = "server")]

@@ -5,6 +5,7 @@
 
 mod api;
 mod auth;
+mod autostop;
 mod bucket;
 mod builds;
 mod control;
@@ -17,6 +18,7 @@ mod qad;
 mod quota;
 mod registry;
 mod relay;
+pub mod schedule;
 mod server;
 pub mod status;
 pub mod store;

@@ -44,6 +44,12 @@ use crate::store::{
     WorkspaceSummary,
 };
 
+/// The label of the workspaces-by-state gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
 /// Labels of one HTTP request count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 pub struct HttpLabels {
@@ -75,6 +81,9 @@ struct Inner {
     collection_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
     builds_failed: Counter,
+    auto_stops: Counter,
+    auto_starts: Counter,
+    workspaces: Family<StateLabel, Gauge>,
     /// What the last scrape read and rendered; held for the whole scrape, so scrapes
     /// are serialized.
     scrape: Mutex<ScrapeState>,
@@ -157,6 +166,24 @@ impl CoordinatorMetrics {
             "Workspace builds that failed: the command failed or timed out, or its provisioner was lost",
             builds_failed.clone(),
         );
+        let auto_stops = Counter::default();
+        registry.register(
+            "workspace_auto_stops",
+            "Workspaces stopped by the coordinator: their deadline passed without activity",
+            auto_stops.clone(),
+        );
+        let auto_starts = Counter::default();
+        registry.register(
+            "workspace_auto_starts",
+            "Workspaces started by the coordinator on their auto-start schedule",
+            auto_starts.clone(),
+        );
+        let workspaces = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "workspaces",
+            "Workspaces by state (as of the schedule ticker's last look, every 2s)",
+            workspaces.clone(),
+        );
         registry.register_collector(Box::new(RelayCollector(relay)));
         Self(Arc::new(Inner {
             registry,
@@ -169,6 +196,9 @@ impl CoordinatorMetrics {
             collection_seconds,
             http_requests,
             builds_failed,
+            auto_stops,
+            auto_starts,
+            workspaces,
             scrape: Mutex::new(ScrapeState::default()),
         }))
     }
@@ -196,6 +226,30 @@ impl CoordinatorMetrics {
 
     pub fn build_failed(&self) {
         self.0.builds_failed.inc();
+    }
+
+    pub fn auto_stop(&self) {
+        self.0.auto_stops.inc();
+    }
+
+    pub fn auto_start(&self) {
+        self.0.auto_starts.inc();
+    }
+
+    /// Sets the workspaces-by-state gauge; every state is present, 0 when none.
+    pub fn workspaces_by_state(
+        &self,
+        counts: &std::collections::HashMap<mesh::api::WorkspaceState, u64>,
+    ) {
+        for state in mesh::api::WorkspaceState::ALL {
+            let n = counts.get(&state).copied().unwrap_or(0);
+            self.0
+                .workspaces
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn http_request(&self, labels: HttpLabels) {
@@ -888,6 +942,11 @@ mod tests {
             let ws = WorkspaceRecord {
                 template: None,
                 latest_build: None,
+                ttl_ms: None,
+                activity_bump_ms: None,
+                deadline: None,
+                autostart: None,
+                next_start: None,
                 id: format!("w{i}"),
                 owner: Name::new("alice").unwrap(),
                 name: Name::new(&format!("ws{i}")).unwrap(),
@@ -943,6 +1002,9 @@ mod tests {
             collection_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 4)),
             http_requests: Family::default(),
             builds_failed: Counter::default(),
+            auto_stops: Counter::default(),
+            auto_starts: Counter::default(),
+            workspaces: Family::default(),
             scrape: Mutex::new(ScrapeState::default()),
         }))
     }
@@ -1002,6 +1064,11 @@ mod tests {
         WorkspaceRecord {
             template: None,
             latest_build: None,
+            ttl_ms: None,
+            activity_bump_ms: None,
+            deadline: None,
+            autostart: None,
+            next_start: None,
             id: id.to_owned(),
             owner: Name::new("alice").unwrap(),
             name: Name::new(id).unwrap(),

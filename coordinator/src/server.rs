@@ -380,6 +380,7 @@ impl Coordinator {
             Err(e) => tracing::error!("cannot look for interrupted builds: {e}"),
         }
         crate::builds::spawn(state.clone(), self.provisioners, self.data_dir.clone());
+        crate::autostop::spawn(state.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();

@@ -56,7 +56,7 @@ const AGENT_ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("agent
 const CHANGES: TableDefinition<&str, u64> = TableDefinition::new("changes");
 
 mod lifecycle;
-pub use lifecycle::{ClaimedJob, JobRecord, TemplateVersionRecord};
+pub use lifecycle::{ClaimedJob, JobRecord, TemplateVersionRecord, WorkspaceChange};
 const WORKSPACES_CHANGED: &str = "workspaces";
 
 /// Script log lines kept per agent; older ones are dropped as new ones arrive.
@@ -215,6 +215,20 @@ pub struct WorkspaceRecord {
     /// Its latest build, which its state follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_build: Option<mesh::api::Build>,
+    /// Auto-stop this long (ms) after its start without activity; `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Activity keeps it up at least this long (ms) after it is seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_bump_ms: Option<u64>,
+    /// When a running workspace with a TTL is stopped unless used before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// Auto-start schedule (`Mon-Fri 09:00 Europe/Berlin`) and its next occurrence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start: Option<Timestamp>,
 }
 
 impl WorkspaceRecord {
@@ -1506,6 +1520,11 @@ mod tests {
         WorkspaceRecord {
             template: None,
             latest_build: None,
+            ttl_ms: None,
+            activity_bump_ms: None,
+            deadline: None,
+            autostart: None,
+            next_start: None,
             id: id.into(),
             owner: name(owner),
             name: name(n),

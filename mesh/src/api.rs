@@ -415,6 +415,9 @@ pub struct CreateWorkspace {
     /// build at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<Name>,
+    /// With a template: its TTL instead of the template's ("manual": none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// An agent as the API shows it.
@@ -557,6 +560,9 @@ pub struct Workspace {
     pub template: Option<TemplateRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_build: Option<Build>,
+    /// A template's workspace: when it stops and starts by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<WorkspaceSchedule>,
 }
 
 /// An agent's token, shown once when the workspace is created or the token rotated.

@@ -218,6 +218,12 @@ fn rows() -> Vec<Row> {
             "/api/v1/workspaces/{owner}/{name}/builds/{number}/cancel",
             [401, 401, 401, 401, 404, 401, 404, 404],
         ),
+        row_with(
+            "PUT",
+            "/api/v1/workspaces/{owner}/{name}/schedule",
+            json!({"ttl": "1h"}),
+            [401, 401, 401, 401, 404, 401, 409, 409],
+        ),
         // Templates: everyone logged in reads them; admins push and delete (an
         // empty body is no template).
         row(

@@ -359,3 +359,163 @@ fn bad_templates_are_refused_with_what_to_fix() {
     let line = env.run("alice", &["start", "plain"]).fails();
     assert!(line.contains("without a template"), "{line}");
 }
+
+/// The process template with its schedule replaced.
+fn process_with(dir: &Path, schedule: &str) -> PathBuf {
+    let t = dir.join("quick");
+    std::fs::create_dir_all(&t).unwrap();
+    let src = example("process");
+    std::fs::copy(src.join("provision.sh"), t.join("provision.sh")).unwrap();
+    std::fs::write(
+        t.join("template.toml"),
+        format!("[provisioner]\nrun = \"./provision.sh\"\n\n[schedule]\n{schedule}\n"),
+    )
+    .unwrap();
+    t
+}
+
+fn scheduled_env() -> TestEnv {
+    // Agents report their sessions every heartbeat.
+    let env = TestEnv::start_with(&["--heartbeat-interval", "1s"]);
+    env.bootstrap("admin");
+    env
+}
+
+#[test]
+fn an_idle_workspace_stops_by_itself_at_its_ttl_and_its_machine_is_gone() {
+    let env = scheduled_env();
+    push(&env, &example("process"));
+    // The template says 8h; this workspace 20s.
+    env.run(
+        "admin",
+        &["create", "dev", "--template", "process", "--ttl", "20s"],
+    )
+    .ok();
+    env.wait_agent_connected("admin", "dev");
+    let shown = env
+        .run("admin", &["schedule", "show", "dev", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(shown["ttl"], "20s", "{shown:#}");
+    assert!(shown["deadline"].is_string(), "{shown:#}");
+    let id = env.run("admin", &["show", "dev", "-o", "json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pidfile = env
+        .data_dir()
+        .join("provisioner/state")
+        .join(&id)
+        .join("agent.pid");
+    let pgid = std::fs::read_to_string(&pidfile).unwrap();
+    tests::eventually_within(
+        std::time::Duration::from_secs(60),
+        "it stops by itself",
+        || state(&env, "admin", "dev") == "stopped",
+    );
+    let build = latest_build(&env, "admin", "dev");
+    assert_eq!(build["transition"], "stop");
+    // Nobody asked: the schedule did.
+    assert!(build.get("initiator").is_none(), "{build:#}");
+    assert!(
+        !group_alive(pgid.trim()),
+        "the machine outlived the auto-stop"
+    );
+    let admin = env.token_of("admin");
+    let metrics = || {
+        let reply = env.http().get("/metrics", Some(&admin));
+        reply.body.as_str().unwrap_or_default().to_owned()
+    };
+    assert!(
+        metrics().contains("myco_workspace_auto_stops_total 1"),
+        "{}",
+        metrics()
+    );
+    // The gauge is as of the ticker's last look.
+    eventually("/metrics counts it stopped", || {
+        metrics().contains("myco_workspaces{state=\"stopped\"} 1")
+    });
+}
+
+#[test]
+fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
+    let env = scheduled_env();
+    let dir = tempfile::tempdir().unwrap();
+    push(
+        &env,
+        &process_with(dir.path(), "ttl = \"6s\"\nactivity_bump = \"4s\""),
+    );
+    env.run("admin", &["create", "dev", "--template", "quick"])
+        .ok();
+    env.wait_agent_connected("admin", "dev");
+    // A session that lasts well past the TTL.
+    let mut session = env.cmd("admin", &["ssh", "dev", "--", "sleep", "16"]);
+    let mut child = session
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert_eq!(
+            state(&env, "admin", "dev"),
+            "running",
+            "stopped {:?} into an open session",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(started.elapsed() > std::time::Duration::from_secs(10));
+    // The session ended: the bump runs out, and it stops.
+    tests::eventually_within(
+        std::time::Duration::from_secs(40),
+        "it stops after the session",
+        || state(&env, "admin", "dev") == "stopped",
+    );
+}
+
+#[test]
+fn schedules_are_set_shown_and_checked() {
+    let env = scheduled_env();
+    push(&env, &example("process"));
+    env.run("admin", &["create", "dev", "--template", "process"])
+        .ok();
+    let out = env
+        .run(
+            "admin",
+            &["schedule", "start", "dev", "Mon-Fri 09:00 Europe/Berlin"],
+        )
+        .ok();
+    assert!(
+        out.stdout.contains("Mon-Fri 09:00 Europe/Berlin"),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("next start:"), "{out:#?}");
+    let line = env
+        .run("admin", &["schedule", "start", "dev", "Mon-Fry 09:00"])
+        .fails();
+    assert!(line.contains("bad days"), "{line}");
+    env.run("admin", &["schedule", "stop", "dev", "manual"])
+        .ok();
+    let s = env
+        .run("admin", &["schedule", "show", "dev", "-o", "json"])
+        .ok()
+        .json();
+    assert!(
+        s.get("ttl").is_none() && s.get("deadline").is_none(),
+        "{s:#}"
+    );
+    env.run("admin", &["schedule", "extend", "dev", "2h"]).ok();
+    let s = env
+        .run("admin", &["schedule", "show", "dev", "-o", "json"])
+        .ok()
+        .json();
+    assert!(s["deadline"].is_string(), "{s:#}");
+    env.run("admin", &["stop", "dev"]).ok();
+    let line = env
+        .run("admin", &["schedule", "extend", "dev", "1h"])
+        .fails();
+    assert!(line.contains("stopped"), "{line}");
+    env.run("admin", &["delete", "-y", "dev"]).ok();
+}

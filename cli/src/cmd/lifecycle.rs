@@ -547,3 +547,113 @@ pub async fn build_logs(
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ScheduleCommand {
+    /// Show when a workspace stops and starts by itself.
+    Show {
+        /// The workspace: [OWNER/]WORKSPACE.
+        workspace: WorkspaceRef,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Stop it after this long without activity ("8h", "30m"), or "manual" for
+    /// never; a running workspace's deadline becomes now + this.
+    Stop {
+        workspace: WorkspaceRef,
+        /// A duration or "manual".
+        after: String,
+    },
+    /// Move a running workspace's deadline to now + this.
+    Extend {
+        workspace: WorkspaceRef,
+        /// A duration ("2h").
+        by: String,
+    },
+    /// Start it on a schedule, e.g. "Mon-Fri 09:00 Europe/Berlin" (days Mon..Sun,
+    /// ranges, commas or "daily"; HH:MM; an IANA time zone, default UTC), or
+    /// "manual" for never.
+    Start {
+        workspace: WorkspaceRef,
+        /// The schedule or "manual".
+        when: String,
+    },
+}
+
+pub async fn schedule(globals: &Globals, cmd: ScheduleCommand) -> anyhow::Result<()> {
+    use mesh::api::{ScheduleChange, WorkspaceSchedule};
+    let client = Client::authenticated(globals)?;
+    let (r, change, out) = match cmd {
+        ScheduleCommand::Show { workspace, out } => (workspace, None, out),
+        ScheduleCommand::Stop { workspace, after } => (
+            workspace,
+            Some(ScheduleChange {
+                ttl: Some(after),
+                ..Default::default()
+            }),
+            OutputArgs {
+                format: Format::Table,
+            },
+        ),
+        ScheduleCommand::Extend { workspace, by } => (
+            workspace,
+            Some(ScheduleChange {
+                extend: Some(by),
+                ..Default::default()
+            }),
+            OutputArgs {
+                format: Format::Table,
+            },
+        ),
+        ScheduleCommand::Start { workspace, when } => (
+            workspace,
+            Some(ScheduleChange {
+                autostart: Some(when),
+                ..Default::default()
+            }),
+            OutputArgs {
+                format: Format::Table,
+            },
+        ),
+    };
+    let ws = workspace(&client, &r).await?;
+    let schedule: WorkspaceSchedule = match change {
+        Some(c) => {
+            client
+                .request(
+                    reqwest::Method::PUT,
+                    &format!("{}/schedule", ws_path(&r)),
+                    Some(&c),
+                )
+                .await?
+        }
+        None => ws
+            .schedule
+            .with_context(|| format!("{r} was made without a template; it has no schedule"))?,
+    };
+    if out.format == Format::Json {
+        return output::json(&schedule);
+    }
+    println!("{r}:");
+    println!(
+        "  auto-stop:  {}",
+        schedule
+            .ttl
+            .as_deref()
+            .map_or("manual".to_owned(), |t| format!(
+                "{t} after start without activity (activity keeps it up {})",
+                schedule.activity_bump
+            ))
+    );
+    if let Some(d) = schedule.deadline {
+        println!("  stops at:   {d}");
+    }
+    println!(
+        "  auto-start: {}",
+        schedule.autostart.as_deref().unwrap_or("manual")
+    );
+    if let Some(n) = schedule.next_start {
+        println!("  next start: {n}");
+    }
+    Ok(())
+}

@@ -369,6 +369,7 @@ async fn create_workspaces(
             name: Name::new(&name)?,
             agents,
             template: None,
+            ttl: None,
         };
         let created: CreatedWorkspace = client
             .post("/api/v1/workspaces", &spec)

@@ -35,6 +35,10 @@ pub struct CreateArgs {
     /// provisioner builds now (the start build's output follows on stderr).
     #[arg(long, value_name = "NAME", conflicts_with_all = ["agents", "apps", "from"])]
     template: Option<String>,
+    /// With --template: stop it after this long without activity instead of the
+    /// template's TTL ("8h"; "manual": never).
+    #[arg(long, value_name = "DUR", requires = "template")]
+    ttl: Option<String>,
     /// With --template: return once the start build is queued.
     #[arg(long, requires = "template")]
     no_wait: bool,
@@ -131,6 +135,7 @@ fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
             name,
             agents: Vec::new(),
             template: Some(Name::new(t).context("bad --template")?),
+            ttl: args.ttl.clone(),
         });
     }
     let mut agents = match &args.from {
@@ -178,6 +183,7 @@ fn build_spec(args: &CreateArgs) -> anyhow::Result<CreateWorkspace> {
         name,
         agents,
         template: None,
+        ttl: None,
     })
 }
 
@@ -588,6 +594,7 @@ mod tests {
             apps: apps.iter().map(|s| s.to_string()).collect(),
             from: None,
             template: None,
+            ttl: None,
             no_wait: false,
             out: OutputArgs {
                 format: Format::Table,

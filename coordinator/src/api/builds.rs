@@ -200,3 +200,90 @@ pub(super) async fn delete_by_build(
     .await?;
     Ok((StatusCode::ACCEPTED, Json(build)))
 }
+
+/// `PUT /api/v1/workspaces/{owner}/{name}/schedule`: the TTL ("manual": none), an
+/// extension of a running workspace's deadline, the auto-start schedule ("manual":
+/// none). Answers the schedule as it now is.
+pub(super) async fn set_schedule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((owner, name)): Path<(String, String)>,
+    ApiJson(change): ApiJson<api::ScheduleChange>,
+) -> ApiResult<Json<api::WorkspaceSchedule>> {
+    let ws = find_workspace(&state, &caller, &owner, &name).await?;
+    if ws.template.is_none() {
+        return Err(
+            crate::store::StoreError::NoTemplate(format!("{}/{}", ws.owner, ws.name)).into(),
+        );
+    }
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let bad = |e: String, detail: &str| ApiError::bad_request(e, detail.to_owned());
+    let ttl = match change.ttl.as_deref() {
+        None => None,
+        Some("manual") => Some(None),
+        Some(t) => {
+            let d = api::parse_duration("stop after", t)
+                .map_err(|e| bad(e, "or \"manual\" for no auto-stop"))?;
+            if d.is_zero() {
+                return Err(bad(
+                    "stop after 0s would stop it at once".into(),
+                    "use `myco stop`",
+                ));
+            }
+            Some(Some(d))
+        }
+    };
+    let extend = change
+        .extend
+        .as_deref()
+        .map(|t| api::parse_duration("extend", t).map_err(|e| bad(e, "")))
+        .transpose()?;
+    if extend.is_some() && ws.state() != WorkspaceState::Running {
+        return Err(ApiError::conflict(
+            format!(
+                "workspace {}/{} is {}; only a running one has a deadline to extend",
+                ws.owner,
+                ws.name,
+                ws.state().as_str()
+            ),
+            "",
+        ));
+    }
+    let autostart = match change.autostart.as_deref() {
+        None => None,
+        Some("manual") => Some(None),
+        Some(text) => Some(Some(
+            crate::schedule::Autostart::parse(text).map_err(|e| bad(e, ""))?,
+        )),
+    };
+    let now = Timestamp::now();
+    let store = state.store.clone();
+    let id = ws.id.clone();
+    let updated = blocking(move || {
+        let change: crate::store::WorkspaceChange = Box::new(move |w| {
+            let running = w.state() == WorkspaceState::Running;
+            if let Some(ttl) = ttl {
+                w.ttl_ms = ttl.map(ms);
+                // A running workspace's deadline follows at once.
+                if running {
+                    w.deadline = ttl.map(|d| now.saturating_add(d));
+                }
+            }
+            if let Some(d) = extend
+                && running
+            {
+                w.deadline = Some(now.saturating_add(d));
+            }
+            if let Some(a) = autostart {
+                w.next_start = a.as_ref().and_then(|a| a.next_after(now));
+                w.autostart = a.map(|a| a.as_str().to_owned());
+            }
+        });
+        store.update_workspaces(vec![(id.clone(), change)])?;
+        Ok(store.workspace_by_id(&id)?)
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("the workspace is gone", ""))?;
+    tracing::info!(owner = %ws.owner, workspace = %ws.name, by = %caller.user.username, "schedule changed");
+    Ok(Json(super::workspaces::schedule_view(&updated)))
+}

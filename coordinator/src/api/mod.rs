@@ -184,6 +184,11 @@ fn api_routes() -> Routes {
         "/workspaces/{owner}/{name}/builds/{number}/cancel",
         builds::cancel_build,
     )
+    .at(
+        put.clone(),
+        "/workspaces/{owner}/{name}/schedule",
+        builds::set_schedule,
+    )
     .at(get.clone(), "/templates", templates::list_templates)
     .at(get.clone(), "/templates/{name}", templates::get_template)
     .at(put, "/templates/{name}", templates::push_template)

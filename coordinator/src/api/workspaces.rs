@@ -97,6 +97,24 @@ fn workspace_view(w: &WorkspaceRecord, cx: &ViewContext<'_>) -> api::Workspace {
         state: w.state(),
         template: w.template.clone(),
         latest_build: w.latest_build.clone(),
+        schedule: w.template.as_ref().map(|_| schedule_view(w)),
+    }
+}
+
+fn ms_text(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+/// A template's workspace's schedule as the API shows it.
+pub(super) fn schedule_view(w: &WorkspaceRecord) -> api::WorkspaceSchedule {
+    api::WorkspaceSchedule {
+        ttl: w.ttl_ms.map(ms_text),
+        activity_bump: ms_text(w.activity_bump_ms.unwrap_or_else(|| {
+            u64::try_from(api::DEFAULT_ACTIVITY_BUMP.as_millis()).unwrap_or(u64::MAX)
+        })),
+        deadline: w.deadline,
+        autostart: w.autostart.clone(),
+        next_start: w.next_start,
     }
 }
 
@@ -265,12 +283,41 @@ pub(super) async fn create_workspace(
             } else {
                 rec.spec.agents.clone()
             };
-            Some(api::TemplateRef {
-                name,
-                version: rec.version,
-            })
+            let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            let ttl = match spec.ttl.as_deref() {
+                Some("manual") => None,
+                Some(text) => Some(
+                    api::parse_duration("--ttl", text)
+                        .map_err(|e| ApiError::bad_request(e, "or \"manual\" for no auto-stop"))?,
+                ),
+                None => rec.spec.ttl().unwrap_or(None),
+            };
+            let bump = rec
+                .spec
+                .activity_bump()
+                .unwrap_or(api::DEFAULT_ACTIVITY_BUMP);
+            Some((
+                api::TemplateRef {
+                    name,
+                    version: rec.version,
+                },
+                ttl.map(ms),
+                ms(bump),
+            ))
         }
-        None => None,
+        None => {
+            if spec.ttl.is_some() {
+                return Err(ApiError::bad_request(
+                    "a TTL needs a template",
+                    "a workspace made without a template has no machine to stop",
+                ));
+            }
+            None
+        }
+    };
+    let (template, ttl_ms, activity_bump_ms) = match template {
+        Some((t, ttl, bump)) => (Some(t), ttl, Some(bump)),
+        None => (None, None, None),
     };
     validate_workspace(&spec, state.quotas.agents_per_workspace)?;
     let now = Timestamp::now();
@@ -314,6 +361,11 @@ pub(super) async fn create_workspace(
         agents,
         template,
         latest_build: None,
+        ttl_ms,
+        activity_bump_ms,
+        deadline: None,
+        autostart: None,
+        next_start: None,
     };
     let store = state.store.clone();
     let max = (!caller.user.admin).then_some(state.quotas.workspaces_per_user);

@@ -43,6 +43,9 @@ pub struct TemplateVersionRecord {
     pub spec: TemplateSpec,
 }
 
+/// A change to one workspace record, applied in a write transaction.
+pub type WorkspaceChange = Box<dyn FnOnce(&mut WorkspaceRecord) + Send>;
+
 /// A build waiting for a provisioner or run by one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -210,6 +213,59 @@ impl Store {
         };
         txn.commit()?;
         Ok(build)
+    }
+
+    /// Queues a build as [`Store::queue_build`] does, by the coordinator itself,
+    /// if `guard` still holds for the stored workspace (`Ok(None)` when not);
+    /// `update` changes it in the same transaction (an auto-start moves its next
+    /// start).
+    pub fn queue_build_if(
+        &self,
+        workspace_id: &str,
+        transition: Transition,
+        now: Timestamp,
+        guard: impl FnOnce(&WorkspaceRecord) -> bool,
+        update: impl FnOnce(&mut WorkspaceRecord),
+    ) -> Result<Option<Build>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let build = {
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            let Some(mut ws) = workspaces.get(workspace_id)? else {
+                return Ok(None);
+            };
+            if !guard(&ws) {
+                return Ok(None);
+            }
+            let build = queue_in(&txn, &mut ws, transition, None, now)?;
+            update(&mut ws);
+            workspaces.insert(&ws)?;
+            build
+        };
+        txn.commit()?;
+        Ok(Some(build))
+    }
+
+    /// Changes workspaces' schedules in one transaction: each `(id, change)` is
+    /// applied to the stored record, if it is still there.
+    pub fn update_workspaces(
+        &self,
+        changes: Vec<(String, WorkspaceChange)>,
+    ) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut workspaces = WorkspacesMut::open(&txn)?;
+            for (id, change) in changes {
+                if let Some(mut ws) = workspaces.get(&id)? {
+                    change(&mut ws);
+                    workspaces.insert(&ws)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// The builds of a workspace, newest first, at most `limit`.
@@ -499,6 +555,17 @@ impl Store {
             } else {
                 let mut workspaces = WorkspacesMut::open(&txn)?;
                 if let Some(mut ws) = workspaces.get(workspace_id)? {
+                    // A started machine gets its deadline; anything else has none.
+                    ws.deadline = if build.transition == Transition::Start
+                        && status == BuildStatus::Succeeded
+                    {
+                        crate::schedule::deadline_after_start(
+                            now,
+                            ws.ttl_ms.map(std::time::Duration::from_millis),
+                        )
+                    } else {
+                        None
+                    };
                     ws.latest_build = Some(build);
                     workspaces.insert(&ws)?;
                 }

@@ -293,6 +293,41 @@ impl WorkspaceState {
     }
 }
 
+/// When a template's workspace stops and starts by itself (`myco schedule show`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceSchedule {
+    /// Stops this long after its start without activity; `None`: runs until stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// Activity keeps it up at least this long after it is seen.
+    pub activity_bump: String,
+    /// When it stops unless used before (running workspaces with a TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// Auto-start schedule, e.g. `Mon-Fri 09:00 Europe/Berlin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<String>,
+    /// Its next occurrence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start: Option<Timestamp>,
+}
+
+/// `PUT .../schedule`: each field given changes that part.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleChange {
+    /// A duration ("8h") or "manual" (no auto-stop). A running workspace's
+    /// deadline becomes now + this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// A duration: a running workspace's deadline becomes now + this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extend: Option<String>,
+    /// A schedule (`Mon-Fri 09:00 Europe/Berlin`) or "manual" (no auto-start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<String>,
+}
+
 /// `POST .../builds`: run a transition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
