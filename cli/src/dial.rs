@@ -42,6 +42,10 @@ pub struct MeshArgs {
     /// (shows the upgrade; for diagnosis).
     #[arg(long, hide = true)]
     pub relay_first: bool,
+    /// A template's stopped workspace is started first (its build's output on
+    /// stderr) and then connected to; with this it is refused instead.
+    #[arg(long)]
+    pub no_start: bool,
 }
 
 /// A ticketed connection to an agent, with a record of its path changes.
@@ -151,6 +155,96 @@ pub async fn agent_reason(conn: &Connection) -> Option<String> {
     close_reason(conn).filter(|r| !r.is_empty())
 }
 
+async fn connect(
+    client: &Client,
+    target: &WorkspaceRef,
+    key: &iroh::SecretKey,
+) -> anyhow::Result<ConnectInfo> {
+    let owner = target.owner.as_ref().map_or("me", |o| o.as_str());
+    client
+        .post(
+            &format!("/api/v1/workspaces/{owner}/{}/connect", target.workspace),
+            &ConnectRequest {
+                agent: target.agent.clone(),
+                client_id: key.public(),
+            },
+        )
+        .await
+}
+
+/// A template's workspace that is stopped (or failed) is started, one that is
+/// building is waited for, with the build's output on stderr; true when either
+/// happened, false when the workspace is not in such a state.
+async fn start_if_stopped(
+    client: &Client,
+    target: &WorkspaceRef,
+    no_start: bool,
+) -> anyhow::Result<bool> {
+    use mesh::api::{Transition, Workspace, WorkspaceState as S};
+    let ws_ref = WorkspaceRef {
+        agent: None,
+        ..target.clone()
+    };
+    let Ok(ws) = client
+        .get::<Workspace>(&crate::cmd::workspaces::ws_path(&ws_ref))
+        .await
+    else {
+        return Ok(false);
+    };
+    if ws.template.is_none() {
+        return Ok(false);
+    }
+    match ws.state {
+        S::Stopped | S::Failed if no_start => bail!(
+            "workspace {ws_ref} is {}; start it with `myco start {ws_ref}`, or leave out --no-start",
+            ws.state.as_str()
+        ),
+        S::Stopped | S::Failed => {
+            eprintln!(
+                "myco: workspace {ws_ref} is {}; starting it",
+                ws.state.as_str()
+            );
+            crate::cmd::lifecycle::transition(client, &ws_ref, Transition::Start, false).await?;
+            Ok(true)
+        }
+        S::Pending | S::Starting => {
+            let number = ws.latest_build.as_ref().map_or(0, |b| b.number);
+            eprintln!("myco: workspace {ws_ref} is starting (build {number}); waiting");
+            let build =
+                crate::cmd::lifecycle::follow(client, &ws_ref, number, 0, &mut std::io::stderr())
+                    .await?;
+            crate::cmd::lifecycle::ended_well(&ws_ref, &build)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// How long a started workspace's agent may take to connect.
+const AGENT_START_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Asks for a ticket until the freshly started agent is connected.
+async fn wait_for_agent(
+    client: &Client,
+    target: &WorkspaceRef,
+    key: &iroh::SecretKey,
+) -> anyhow::Result<ConnectInfo> {
+    eprintln!("myco: waiting for the agent of {target} to connect");
+    let deadline = Instant::now() + AGENT_START_WAIT;
+    loop {
+        match connect(client, target, key).await {
+            Ok(info) => return Ok(info),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!(
+                    "the workspace started, but its agent did not connect in {} s",
+                    AGENT_START_WAIT.as_secs()
+                )));
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+        }
+    }
+}
+
 pub async fn dial(
     globals: &Globals,
     target: &WorkspaceRef,
@@ -163,16 +257,16 @@ pub async fn dial(
     // `myco ssh --stdio` at once) must not be one endpoint id to the mesh, where their
     // connections to the same agent would disturb each other's paths.
     let key = iroh::SecretKey::generate();
-    let owner = target.owner.as_ref().map_or("me", |o| o.as_str());
-    let info: ConnectInfo = client
-        .post(
-            &format!("/api/v1/workspaces/{owner}/{}/connect", target.workspace),
-            &ConnectRequest {
-                agent: target.agent.clone(),
-                client_id: key.public(),
-            },
-        )
-        .await?;
+    let info = match connect(&client, target, &key).await {
+        Ok(info) => info,
+        // Not connectable: a template's workspace may be stopped, or starting.
+        Err(e) => {
+            if !start_if_stopped(&client, target, args.no_start).await? {
+                return Err(e);
+            }
+            wait_for_agent(&client, target, &key).await?
+        }
+    };
     let mesh = mesh::endpoint::bind(EndpointOptions {
         secret_key: key,
         relay_url: info.relay_url.clone(),

@@ -519,3 +519,40 @@ fn schedules_are_set_shown_and_checked() {
     assert!(line.contains("stopped"), "{line}");
     env.run("admin", &["delete", "-y", "dev"]).ok();
 }
+
+#[test]
+fn ssh_to_a_stopped_workspace_starts_it_first() {
+    let env = process_template_env();
+    env.run("alice", &["create", "dev", "--template", "process"])
+        .ok();
+    env.run("alice", &["stop", "dev"]).ok();
+    // Refused when asked not to start it.
+    let line = env
+        .run("alice", &["ssh", "--no-start", "dev", "--", "echo", "hi"])
+        .fails();
+    assert!(
+        line.contains("is stopped") && line.contains("myco start"),
+        "{line}"
+    );
+    assert_eq!(state(&env, "alice", "dev"), "stopped");
+    // Started, with its progress on stderr, then connected.
+    let out = env.run("alice", &["ssh", "dev", "--", "echo", "hi"]).ok();
+    assert_eq!(out.stdout.trim(), "hi");
+    assert!(out.stderr.contains("starting it"), "{out:#?}");
+    assert!(out.stderr.contains("starting the agent"), "{out:#?}");
+    assert_eq!(state(&env, "alice", "dev"), "running");
+    // OpenSSH through config-ssh (what IDEs drive) does the same.
+    env.run("alice", &["stop", "dev"]).ok();
+    let cfg = env.config_ssh("alice");
+    let ssh = env
+        .openssh(&cfg)
+        .args(["myco.dev", "echo", "through-openssh"])
+        .output()
+        .unwrap();
+    assert!(ssh.status.success(), "{ssh:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&ssh.stdout).trim(),
+        "through-openssh"
+    );
+    assert_eq!(state(&env, "alice", "dev"), "running");
+}
