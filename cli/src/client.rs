@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::Globals;
 use crate::session;
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -224,6 +225,29 @@ impl Client {
                 .await?,
         )
         .await
+    }
+
+    /// POST with a JSON body whose answer may be JSON (`Some`) or empty (`204`).
+    #[cfg(feature = "server")]
+    pub async fn post_maybe<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<Option<T>> {
+        let bytes = serde_json::to_vec(body).context("cannot encode the request")?;
+        let resp = self.send(Method::POST, path, Some(bytes)).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        decode(resp).await.map(Some)
+    }
+
+    /// POST with a JSON body whose answer is empty.
+    #[cfg(feature = "server")]
+    pub async fn post_empty<B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(body).context("cannot encode the request")?;
+        self.send(Method::POST, path, Some(bytes)).await?;
+        Ok(())
     }
 
     /// `method` whose answer may have a JSON body (`Some`) or none (`204`).

@@ -224,6 +224,13 @@ enum Command {
     Builds(Client<cmd::lifecycle::BuildsArgs>),
     /// When a template's workspace stops and starts by itself: show, stop, extend, start.
     Schedule(ClientGroup<cmd::lifecycle::ScheduleCommand>),
+    /// Run workspace builds for a coordinator, away from it (where the cloud
+    /// credentials live), with a key from `myco provisioner-keys create`.
+    #[cfg(feature = "server")]
+    Provisioner(cmd::provisioner::Args),
+    /// Manage external provisioners' keys (admins).
+    #[cfg(feature = "server")]
+    ProvisionerKeys(ClientGroup<cmd::provisioner::KeysCommand>),
     /// Manage templates: push (admins), ls, show, delete (admins).
     Templates(ClientGroup<cmd::lifecycle::TemplatesCommand>),
     /// Replace an agent's token (the old one stops working) and print the new one.
@@ -469,6 +476,10 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
         Command::Cancel(c) => cmd::lifecycle::cancel(&globals(c.client)?, c.args).await,
         Command::Builds(c) => cmd::lifecycle::builds(&globals(c.client)?, c.args).await,
         Command::Schedule(g) => cmd::lifecycle::schedule(&globals(g.client)?, g.command).await,
+        #[cfg(feature = "server")]
+        Command::Provisioner(args) => cmd::provisioner::run(args).await,
+        #[cfg(feature = "server")]
+        Command::ProvisionerKeys(g) => cmd::provisioner::keys(&globals(g.client)?, g.command).await,
         Command::Templates(g) => cmd::lifecycle::templates(&globals(g.client)?, g.command).await,
         Command::RotateAgentToken(c) => cmd::workspaces::rotate(&globals(c.client)?, c.args).await,
         #[cfg(feature = "server")]

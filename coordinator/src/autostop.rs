@@ -175,3 +175,121 @@ async fn once(state: &AppState) -> Result<(), crate::error::ApiError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{AgentRecord, AgentReports, StoredConnection};
+    use mesh::Name;
+    use mesh::api::{Build, BuildStatus, TemplateRef};
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_unix_millis(ms)
+    }
+
+    /// `n` running template workspaces, one agent each, deadlines spread over the
+    /// next hour; every tenth in use.
+    fn snapshot(n: usize, now: Timestamp) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for i in 0..n {
+            let id = format!("w{i}");
+            let agent = format!("a{i}");
+            snap.workspaces.push(WorkspaceRecord {
+                id: id.clone(),
+                owner: Name::new("alice").unwrap_or_else(|e| panic!("{e}")),
+                name: Name::new(&format!("ws{i}")).unwrap_or_else(|e| panic!("{e}")),
+                created_at: at(1),
+                agents: vec![AgentRecord {
+                    id: agent.clone(),
+                    name: Name::new("main").unwrap_or_else(|e| panic!("{e}")),
+                    created_at: at(1),
+                    token_id: format!("t{i}"),
+                    apps: vec![],
+                    startup_script: None,
+                    shutdown_script: None,
+                    metadata: vec![],
+                    ssh_host_key: None,
+                    endpoint_id: None,
+                }],
+                template: Some(TemplateRef {
+                    name: Name::new("process").unwrap_or_else(|e| panic!("{e}")),
+                    version: 1,
+                }),
+                latest_build: Some(Build {
+                    number: 1,
+                    transition: Transition::Start,
+                    status: BuildStatus::Succeeded,
+                    reason: None,
+                    template_version: 1,
+                    initiator: None,
+                    provisioner: None,
+                    created_at: at(1),
+                    started_at: Some(at(1)),
+                    ended_at: Some(at(2)),
+                }),
+                ttl_ms: Some(3_600_000),
+                activity_bump_ms: Some(3_600_000),
+                deadline: Some(
+                    now.saturating_add(Duration::from_millis((i as u64 * 360) % 3_600_000)),
+                ),
+                autostart: None,
+                next_start: None,
+            });
+            snap.connections
+                .insert(agent.clone(), StoredConnection::default());
+            snap.reports.insert(agent, AgentReports::default());
+        }
+        snap
+    }
+
+    #[test]
+    fn one_tick_stops_what_is_due_and_bumps_what_is_used() {
+        let now = at(10_000_000);
+        let mut snap = snapshot(4, now);
+        snap.workspaces[0].deadline = Some(at(9_000_000));
+        snap.workspaces[1].deadline = Some(at(9_000_000));
+        let d = decide(&snap, now, |ws| ws.id == "w1");
+        assert_eq!(d.stops, ["w0"]);
+        assert_eq!(d.bumps, [("w1".to_owned(), at(10_000_000 + 3_600_000))]);
+        assert_eq!(d.by_state.get(&WorkspaceState::Running), Some(&4));
+    }
+
+    /// `bench/lifecycle.sh` runs this: the cost of one tick's judging of 10,000
+    /// workspaces, against reading them (what every tick and every scrape does).
+    #[test]
+    #[ignore = "a benchmark; bench/lifecycle.sh runs it"]
+    fn bench_judging_ten_thousand_workspaces() {
+        const N: usize = 10_000;
+        const ROUNDS: u32 = 50;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = crate::store::Store::open(&dir.path().join("store.redb"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = Timestamp::now();
+        let snap = snapshot(N, now);
+        for ws in &snap.workspaces {
+            let mut plain = ws.clone();
+            // Stored without a template: create_workspace would queue a build.
+            plain.template = None;
+            store
+                .create_workspace(&plain, &[], None)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..ROUNDS {
+            std::hint::black_box(store.snapshot(None).unwrap_or_else(|e| panic!("{e}")));
+        }
+        let read = started.elapsed() / ROUNDS;
+        let started = std::time::Instant::now();
+        for _ in 0..ROUNDS {
+            std::hint::black_box(decide(&snap, now, |ws| ws.id.ends_with('0')));
+        }
+        let judge = started.elapsed() / ROUNDS;
+        println!(
+            "workspaces={N} snapshot_ms={:.2} judge_ms={:.3} judge_over_snapshot={:.3} tick_cpu_share_at_2s={:.4}",
+            read.as_secs_f64() * 1e3,
+            judge.as_secs_f64() * 1e3,
+            judge.as_secs_f64() / read.as_secs_f64(),
+            (read + judge).as_secs_f64() / TICK.as_secs_f64()
+        );
+    }
+}

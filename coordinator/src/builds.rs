@@ -42,6 +42,85 @@ impl BuildQueue {
     pub(crate) fn queued(&self) {
         self.0.notify_waiters();
     }
+
+    /// Resolves at the next [`BuildQueue::queued`] after this call.
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.notified()
+    }
+}
+
+/// A start build's new agent tokens (the old ones stop working), for the machine it
+/// makes: each agent's name and token. Other builds get none.
+pub(crate) async fn start_tokens(
+    state: &AppState,
+    claimed: &ClaimedJob,
+) -> Result<Vec<(String, String)>, crate::error::ApiError> {
+    if claimed.job.transition != Transition::Start {
+        return Ok(Vec::new());
+    }
+    let now = Timestamp::now();
+    let mut records = Vec::new();
+    let mut tokens = Vec::new();
+    for a in &claimed.workspace.agents {
+        let issued = crate::auth::issue_token(
+            TokenKind::Agent {
+                workspace_id: claimed.job.workspace_id.clone(),
+                agent_id: a.id.clone(),
+            },
+            now,
+            None,
+        );
+        records.push((a.id.clone(), issued.record));
+        tokens.push((a.name.to_string(), issued.text));
+    }
+    let store = state.store.clone();
+    let id = claimed.job.workspace_id.clone();
+    crate::api::blocking(move || Ok(store.replace_agent_tokens(&id, &records)?)).await?;
+    let ids: Vec<String> = claimed
+        .workspace
+        .agents
+        .iter()
+        .map(|a| a.id.clone())
+        .collect();
+    crate::api::close_agents(
+        state,
+        &ids,
+        "the workspace is starting again with new tokens",
+    );
+    Ok(tokens)
+}
+
+/// Ends build `number` of `ws_id` held by `by`; false when it is not theirs. A
+/// failure is counted; a successful delete takes the workspace's agents off the
+/// mesh.
+pub(crate) async fn finish(
+    state: &AppState,
+    ws_id: &str,
+    number: u64,
+    by: &str,
+    status: BuildStatus,
+    reason: Option<String>,
+) -> Result<bool, crate::error::ApiError> {
+    let store = state.store.clone();
+    let (id, b) = (ws_id.to_owned(), by.to_owned());
+    let r = reason.clone();
+    let (ended, deleted) = crate::api::blocking(move || {
+        Ok(store.finish_build(&id, number, Some(&b), status, r, Timestamp::now())?)
+    })
+    .await?;
+    if !ended {
+        return Ok(false);
+    }
+    tracing::info!(workspace = ws_id, build = number, provisioner = by, status = ?status, reason = reason.as_deref().unwrap_or(""), "build ended");
+    if status == BuildStatus::Failed {
+        state.metrics.build_failed();
+    }
+    if let Some(deleted) = deleted {
+        let ids: Vec<String> = deleted.agents.iter().map(|a| a.id.clone()).collect();
+        state.ledger.forget(&ids);
+        crate::api::close_agents(state, &ids, "the workspace was deleted");
+    }
+    Ok(true)
 }
 
 /// Fails the builds the coordinator's own provisioners held when it stopped.
@@ -114,6 +193,8 @@ async fn worker(i: usize, state: AppState, data_dir: PathBuf) {
 }
 
 async fn run_claimed(state: &AppState, claimed: ClaimedJob, data_dir: &std::path::Path) {
+    // A start gets new agent tokens, handed to the machine it makes.
+    let agent_tokens = start_tokens(state, &claimed).await;
     let ClaimedJob {
         job,
         workspace,
@@ -122,59 +203,14 @@ async fn run_claimed(state: &AppState, claimed: ClaimedJob, data_dir: &std::path
     } = claimed;
     let ws_id = job.workspace_id.clone();
     let number = job.number;
-    let finish = |status: BuildStatus, reason: Option<String>| {
-        let store = state.store.clone();
-        let ws_id = ws_id.clone();
-        async move {
-            crate::api::blocking(move || {
-                Ok(store.finish_build(
-                    &ws_id,
-                    number,
-                    Some(OWN),
-                    status,
-                    reason,
-                    Timestamp::now(),
-                )?)
-            })
-            .await
-        }
-    };
-    // A start gets new agent tokens, handed to the machine it makes.
-    let mut agent_tokens = Vec::new();
-    if job.transition == Transition::Start {
-        let now = Timestamp::now();
-        let mut records = Vec::new();
-        for a in &workspace.agents {
-            let issued = crate::auth::issue_token(
-                TokenKind::Agent {
-                    workspace_id: ws_id.clone(),
-                    agent_id: a.id.clone(),
-                },
-                now,
-                None,
-            );
-            records.push((a.id.clone(), issued.record));
-            agent_tokens.push((a.name.to_string(), issued.text));
-        }
-        let store = state.store.clone();
-        let id = ws_id.clone();
-        if let Err(e) =
-            crate::api::blocking(move || Ok(store.replace_agent_tokens(&id, &records)?)).await
-        {
-            let _ = finish(
-                BuildStatus::Failed,
-                Some(format!("cannot issue agent tokens: {}", e)),
-            )
-            .await;
+    let agent_tokens = match agent_tokens {
+        Ok(t) => t,
+        Err(e) => {
+            let why = format!("cannot issue agent tokens: {e}");
+            let _ = finish(state, &ws_id, number, OWN, BuildStatus::Failed, Some(why)).await;
             return;
         }
-        let ids: Vec<String> = workspace.agents.iter().map(|a| a.id.clone()).collect();
-        crate::api::close_agents(
-            state,
-            &ids,
-            "the workspace is starting again with new tokens",
-        );
-    }
+    };
     let timeout = spec
         .build_timeout()
         .unwrap_or(mesh::api::DEFAULT_BUILD_TIMEOUT);
@@ -211,19 +247,12 @@ async fn run_claimed(state: &AppState, claimed: ClaimedJob, data_dir: &std::path
         Outcome::Failed(why) => (BuildStatus::Failed, Some(why)),
         Outcome::Canceled => (BuildStatus::Canceled, Some("canceled".to_owned())),
     };
-    tracing::info!(workspace = %workspace.name, build = number, status = ?status, reason = reason.as_deref().unwrap_or(""), "build ended");
-    if status == BuildStatus::Failed {
-        state.metrics.build_failed();
-    }
-    match finish(status, reason).await {
-        Ok((_, Some(deleted))) => {
-            let ids: Vec<String> = deleted.agents.iter().map(|a| a.id.clone()).collect();
-            state.ledger.forget(&ids);
-            crate::api::close_agents(state, &ids, "the workspace was deleted");
+    match finish(state, &ws_id, number, OWN, status, reason).await {
+        Ok(true) if job.transition == Transition::Delete && status == BuildStatus::Succeeded => {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(state_dir)).await;
         }
         Ok(_) => {}
-        Err(e) => tracing::error!(build = number, "cannot record how the build ended: {}", e),
+        Err(e) => tracing::error!(build = number, "cannot record how the build ended: {e}"),
     }
 }
 

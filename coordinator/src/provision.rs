@@ -278,7 +278,7 @@ async fn run_command(
     };
     let pgid = child.id().and_then(|p| i32::try_from(p).ok());
     let (done_tx, done_rx) = watch::channel(false);
-    let mut readers = Vec::new();
+    let mut readers = tokio::task::JoinSet::new();
     for out in [
         child
             .stdout
@@ -292,11 +292,7 @@ async fn run_command(
     .into_iter()
     .flatten()
     {
-        readers.push(tokio::spawn(read_lines(
-            out,
-            lines.clone(),
-            done_rx.clone(),
-        )));
+        readers.spawn(read_lines(out, lines.clone(), done_rx.clone()));
     }
     let deadline = tokio::time::sleep(input.timeout);
     tokio::pin!(deadline);
@@ -322,10 +318,15 @@ async fn run_command(
             Outcome::Canceled
         }
     };
-    tokio::time::sleep(DRAIN_AFTER_EXIT).await;
-    let _ = done_tx.send(true);
-    for r in readers {
-        let _ = r.await;
+    // Output still in the pipes is read to its end; a pipe held open by what the
+    // command left running is given up after a moment.
+    let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        let _ = done_tx.send(true);
+        while readers.join_next().await.is_some() {}
     }
     outcome
 }

@@ -56,7 +56,9 @@ const AGENT_ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("agent
 const CHANGES: TableDefinition<&str, u64> = TableDefinition::new("changes");
 
 mod lifecycle;
-pub use lifecycle::{ClaimedJob, JobRecord, TemplateVersionRecord, WorkspaceChange};
+pub use lifecycle::{
+    ClaimedJob, JobRecord, ProvisionerKey, TemplateVersionRecord, WorkspaceChange,
+};
 const WORKSPACES_CHANGED: &str = "workspaces";
 
 /// Script log lines kept per agent; older ones are dropped as new ones arrive.
@@ -157,6 +159,8 @@ pub enum TokenKind {
         workspace_id: String,
         agent_id: String,
     },
+    /// The key of an external provisioner (`myco provisioner-keys create NAME`).
+    Provisioner { name: Name },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -654,6 +658,7 @@ impl Store {
         txn.open_table(lifecycle::BUILDS)?;
         txn.open_table(lifecycle::BUILD_LOGS)?;
         txn.open_table(lifecycle::JOBS)?;
+        txn.open_table(lifecycle::PROVISIONER_KEYS)?;
         txn.commit()?;
         Ok(Self {
             db,
@@ -869,7 +874,9 @@ impl Store {
             let owner = match &t.kind {
                 TokenKind::Session { user } => user,
                 TokenKind::Api { user, .. } if !sessions_only => user,
-                TokenKind::Api { .. } | TokenKind::Agent { .. } => continue,
+                TokenKind::Api { .. } | TokenKind::Agent { .. } | TokenKind::Provisioner { .. } => {
+                    continue;
+                }
             };
             if owner.as_str() == username && Some(t.id.as_str()) != keep {
                 gone.push(t);

@@ -224,6 +224,48 @@ fn rows() -> Vec<Row> {
             json!({"ttl": "1h"}),
             [401, 401, 401, 401, 404, 401, 409, 409],
         ),
+        // Provisioner keys: admins only (an empty name is no name).
+        row_with(
+            "POST",
+            "/api/v1/provisioner-keys",
+            json!({"name": "matrix"}),
+            [401, 401, 401, 401, 403, 401, 403, 201],
+        ),
+        row(
+            "GET",
+            "/api/v1/provisioner-keys",
+            [401, 401, 401, 401, 403, 401, 403, 200],
+        ),
+        row(
+            "DELETE",
+            "/api/v1/provisioner-keys/{name}",
+            [401, 401, 401, 401, 403, 401, 403, 404],
+        ),
+        // The provisioner's own routes take only a provisioner key.
+        row_with(
+            "POST",
+            "/api/v1/provisioner/acquire",
+            json!({"instance": "x", "tags": {}}),
+            [401, 401, 401, 401, 401, 401, 401, 401],
+        ),
+        row_with(
+            "POST",
+            "/api/v1/provisioner/jobs/{workspace}/{number}/logs",
+            json!({"instance": "x", "lines": []}),
+            [401, 401, 401, 401, 401, 401, 401, 401],
+        ),
+        row_with(
+            "POST",
+            "/api/v1/provisioner/jobs/{workspace}/{number}/renew",
+            json!({"instance": "x"}),
+            [401, 401, 401, 401, 401, 401, 401, 401],
+        ),
+        row_with(
+            "POST",
+            "/api/v1/provisioner/jobs/{workspace}/{number}/finish",
+            json!({"instance": "x", "status": "succeeded"}),
+            [401, 401, 401, 401, 401, 401, 401, 401],
+        ),
         // Templates: everyone logged in reads them; admins push and delete (an
         // empty body is no template).
         row(
@@ -277,6 +319,7 @@ fn concrete(path: &str) -> String {
         .replace("{name}", name)
         .replace("{agent}", "main")
         .replace("{number}", "1")
+        .replace("{workspace}", "no-such-workspace")
 }
 
 fn api_token(env: &TestEnv, user: &str, name: &str, lifetime: &str) -> String {

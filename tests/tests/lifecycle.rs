@@ -556,3 +556,100 @@ fn ssh_to_a_stopped_workspace_starts_it_first() {
     );
     assert_eq!(state(&env, "alice", "dev"), "running");
 }
+
+#[test]
+fn twenty_workspaces_through_two_external_provisioners_each_build_run_once() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs.log");
+    // Tagged: the coordinator's own provisioners (no tags) leave it alone.
+    let t = template_dir(
+        dir.path(),
+        "remote",
+        "tags = { pool = \"ext\" }",
+        "echo \"$MYCO_WORKSPACE_NAME $MYCO_BUILD_NUMBER $PROVISIONER_NAME\" >> \"$RUNS\"; sleep 0.3",
+    );
+    push(&env, &t);
+    let mut procs = Vec::new();
+    for name in ["p1", "p2"] {
+        let key = env
+            .run("admin", &["provisioner-keys", "create", name])
+            .ok()
+            .stdout
+            .trim()
+            .to_owned();
+        let mut cmd = std::process::Command::new(tests::myco_bin());
+        cmd.args([
+            "provisioner",
+            "--url",
+            &env.url,
+            "--tag",
+            "pool=ext",
+            "--data-dir",
+        ])
+        .arg(dir.path().join(name))
+        .env("MYCO_PROVISIONER_KEY", &key)
+        .env("RUNS", &runs)
+        .env("PROVISIONER_NAME", name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap());
+        procs.push(KillOnDrop(cmd.spawn().unwrap()));
+    }
+    for i in 0..20 {
+        env.run(
+            "admin",
+            &[
+                "create",
+                &format!("w{i}"),
+                "--template",
+                "remote",
+                "--no-wait",
+            ],
+        )
+        .ok();
+    }
+    tests::eventually_within(std::time::Duration::from_secs(60), "all 20 run", || {
+        let list = env.run("admin", &["ls", "-o", "json"]).ok().json();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "running")
+            .count()
+            == 20
+    });
+    let log = std::fs::read_to_string(&runs).unwrap();
+    let mut lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 20, "{log}");
+    let by = |p: &str| lines.iter().filter(|l| l.ends_with(p)).count();
+    assert!(
+        by(" p1") > 0 && by(" p2") > 0,
+        "one provisioner did all: {log}"
+    );
+    lines.sort_unstable();
+    lines.dedup_by_key(|l| l.rsplit_once(' ').map(|(w, _)| w.to_owned()));
+    assert_eq!(lines.len(), 20, "a build ran twice: {log}");
+    let build = latest_build(&env, "admin", "w7");
+    assert!(
+        build["provisioner"].as_str().unwrap().starts_with('p'),
+        "{build:#}"
+    );
+    // A wrong key is refused in words.
+    let mut bad = std::process::Command::new(tests::myco_bin());
+    bad.args(["provisioner-keys", "ls"])
+        .env("MYCO_CONFIG_DIR", env.config_dir("nobody"))
+        .env("MYCO_URL", &env.url)
+        .env("MYCO_TOKEN", "myco_nonsense");
+    let out = tests::run_command(bad, "");
+    assert_ne!(out.code, Some(0));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -63,8 +63,12 @@ fn completions_parse_and_every_command_has_a_man_page() {
     assert!(out.status.success());
     let script = String::from_utf8(out.stdout).unwrap();
     assert!(script.contains("config-ssh"), "{script}");
+    // From a file: the script is longer than one argument may be.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &script).unwrap();
     let check = Command::new("bash")
-        .args(["-n", "-c", &script])
+        .arg("-n")
+        .arg(file.path())
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");

@@ -7,6 +7,8 @@ pub mod netcheck;
 pub mod ping;
 pub mod port_forward;
 #[cfg(feature = "server")]
+pub mod provisioner;
+#[cfg(feature = "server")]
 pub mod scaletest;
 #[cfg(feature = "server")]
 pub mod server;

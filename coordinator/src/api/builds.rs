@@ -141,7 +141,10 @@ pub(super) async fn build_logs(
         query.map_err(|e| ApiError::bad_request("bad query string", e.body_text()))?;
     let number = build_number(&number)?;
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
-    let wait = Duration::from_secs(query.wait).min(MAX_WAIT);
+    // Within the request timeout, which would answer 503 otherwise.
+    let wait = Duration::from_secs(query.wait)
+        .min(MAX_WAIT)
+        .min(state.request_timeout / 2);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let store = state.store.clone();

@@ -58,7 +58,7 @@ impl FromRequestParts<AppState> for Caller {
                 TokenKind::Session { user } | TokenKind::Api { user, .. } => {
                     store.user(user.as_str())?
                 }
-                TokenKind::Agent { .. } => None,
+                TokenKind::Agent { .. } | TokenKind::Provisioner { .. } => None,
             };
             Ok((Some(token), user))
         })
@@ -163,6 +163,42 @@ impl FromRequestParts<AppState> for AgentCaller {
             },
             agent_id,
             workspace_id: ws.id.clone(),
+        })
+    }
+}
+
+/// An external provisioner: the name of its key (`myco provisioner-keys create`).
+pub(crate) struct ProvisionerCaller {
+    pub(crate) name: mesh::Name,
+}
+
+impl FromRequestParts<AppState> for ProvisionerCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let invalid = || {
+            ApiError::unauthorized(
+                "invalid provisioner key",
+                "create one with `myco provisioner-keys create NAME` (admins) and pass it as MYCO_PROVISIONER_KEY",
+            )
+        };
+        let text = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(invalid)?
+            .to_owned();
+        let store = state.store.clone();
+        let found = blocking(move || {
+            Ok(auth::find_token(&store, &text)?.and_then(|t| match t.kind {
+                TokenKind::Provisioner { name } => Some(name),
+                _ => None,
+            }))
+        })
+        .await?;
+        Ok(ProvisionerCaller {
+            name: found.ok_or_else(invalid)?,
         })
     }
 }

@@ -14,6 +14,7 @@ mod builds;
 pub(crate) mod callers;
 mod connect;
 mod diagnostics;
+mod provisioners;
 mod templates;
 mod tokens;
 mod users;
@@ -180,7 +181,7 @@ fn api_routes() -> Routes {
         builds::build_logs,
     )
     .at(
-        post,
+        post.clone(),
         "/workspaces/{owner}/{name}/builds/{number}/cancel",
         builds::cancel_build,
     )
@@ -188,6 +189,29 @@ fn api_routes() -> Routes {
         put.clone(),
         "/workspaces/{owner}/{name}/schedule",
         builds::set_schedule,
+    )
+    .at(post.clone(), "/provisioner-keys", provisioners::create_key)
+    .at(get.clone(), "/provisioner-keys", provisioners::list_keys)
+    .at(
+        delete.clone(),
+        "/provisioner-keys/{name}",
+        provisioners::delete_key,
+    )
+    .at(post.clone(), "/provisioner/acquire", provisioners::acquire)
+    .at(
+        post.clone(),
+        "/provisioner/jobs/{workspace}/{number}/logs",
+        provisioners::job_logs,
+    )
+    .at(
+        post.clone(),
+        "/provisioner/jobs/{workspace}/{number}/renew",
+        provisioners::renew,
+    )
+    .at(
+        post,
+        "/provisioner/jobs/{workspace}/{number}/finish",
+        provisioners::finish,
     )
     .at(get.clone(), "/templates", templates::list_templates)
     .at(get.clone(), "/templates/{name}", templates::get_template)

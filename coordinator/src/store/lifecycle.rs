@@ -28,6 +28,9 @@ pub(super) const BUILDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::
 /// (workspace id, build number, line number) -> [`StoredLogLine`].
 pub(super) const BUILD_LOGS: TableDefinition<(&str, u64, u64), &[u8]> =
     TableDefinition::new("build_logs");
+/// Provisioner key name -> [`ProvisionerKey`] (its token lives in `tokens`).
+pub(super) const PROVISIONER_KEYS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("provisioner_keys");
 /// Workspace id -> [`JobRecord`]: the build not yet ended.
 pub(super) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
@@ -41,6 +44,15 @@ pub struct TemplateVersionRecord {
     pub sha256: String,
     pub size_bytes: u64,
     pub spec: TemplateSpec,
+}
+
+/// An external provisioner's key, as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvisionerKey {
+    pub name: Name,
+    pub token_id: String,
+    pub created_at: Timestamp,
+    pub created_by: Name,
 }
 
 /// A change to one workspace record, applied in a write transaction.
@@ -624,6 +636,59 @@ impl Store {
         }
         txn.commit()?;
         Ok(false)
+    }
+
+    /// Keeps a provisioner key and its token; refused when the name is taken.
+    pub fn create_provisioner_key(
+        &self,
+        key: &ProvisionerKey,
+        token: &TokenRecord,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut keys = txn.open_table(PROVISIONER_KEYS)?;
+            if keys.get(key.name.as_str())?.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "provisioner key {}",
+                    key.name
+                )));
+            }
+            keys.insert(key.name.as_str(), encode(key).as_slice())?;
+            txn.open_table(TOKENS)?
+                .insert(token.id.as_str(), encode(token).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn provisioner_keys(&self) -> Result<Vec<ProvisionerKey>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let keys = txn.open_table(PROVISIONER_KEYS)?;
+        let mut out = Vec::new();
+        for row in keys.iter()? {
+            let (k, v) = row?;
+            out.push(decode("provisioner_keys", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a provisioner key and its token: the provisioner is refused from
+    /// its next request, and its running builds are failed when their lease ends.
+    pub fn delete_provisioner_key(&self, name: &Name) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let Some(key) = txn
+                .open_table(PROVISIONER_KEYS)?
+                .remove(name.as_str())?
+                .map(|v| decode::<ProvisionerKey>("provisioner_keys", name.as_str(), v.value()))
+                .transpose()?
+            else {
+                return Ok(false);
+            };
+            txn.open_table(TOKENS)?.remove(key.token_id.as_str())?;
+        }
+        txn.commit()?;
+        Ok(true)
     }
 
     /// Every job not yet ended.

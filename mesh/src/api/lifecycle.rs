@@ -17,7 +17,7 @@ pub const TEMPLATE_FILE: &str = "template.toml";
 pub const TEMPLATE_ARCHIVE_MAX: usize = 8 * 1024 * 1024;
 
 /// A build's output lines kept at most; later ones are counted, not kept.
-pub const BUILD_LOG_LINES_MAX: u64 = 50_000;
+pub const BUILD_LOG_LINES_MAX: u64 = 10_000;
 
 /// The longest build output line kept, in bytes; longer ones are cut.
 pub const BUILD_LOG_LINE_MAX: usize = 4096;
@@ -349,6 +349,102 @@ pub struct BuildLogLine {
     pub at: Timestamp,
     pub text: String,
 }
+
+/// `POST /api/v1/provisioner-keys` (admins).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProvisionerKey {
+    pub name: Name,
+}
+
+/// A provisioner key as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvisionerKeyInfo {
+    pub name: Name,
+    pub created_at: Timestamp,
+    pub created_by: Name,
+}
+
+/// The key, shown once.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedProvisionerKey {
+    pub name: Name,
+    pub key: String,
+}
+
+impl std::fmt::Debug for CreatedProvisionerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedProvisionerKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /api/v1/provisioner/acquire`: a provisioner process asks for a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireJob {
+    /// This process (random per run), so two processes with one key are told apart.
+    pub instance: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A job for an external provisioner: everything `provision::run` needs.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ProvisionerJob {
+    pub workspace_id: String,
+    pub workspace_name: Name,
+    pub owner: Name,
+    pub number: u64,
+    pub transition: Transition,
+    pub access_url: String,
+    pub run: String,
+    pub timeout_ms: u64,
+    /// Each agent's name and new token (start builds).
+    pub agent_tokens: Vec<(String, String)>,
+    /// The template directory as a tar archive, hex.
+    pub archive_hex: String,
+}
+
+impl std::fmt::Debug for ProvisionerJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProvisionerJob")
+            .field("workspace_id", &self.workspace_id)
+            .field("number", &self.number)
+            .field("transition", &self.transition)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST .../provisioner/jobs/{workspace}/{number}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobLogs {
+    pub instance: String,
+    pub lines: Vec<(Timestamp, String)>,
+}
+
+/// `POST .../renew`, and `.../finish` with an outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobUpdate {
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<BuildStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The answer to a renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Renewed {
+    /// Stop the command: someone canceled the build.
+    pub cancel: bool,
+}
+
+/// A batch of output lines an external provisioner may send at once.
+pub const JOB_LOG_BATCH_MAX: usize = 1000;
 
 /// Build output as one line, cut at [`BUILD_LOG_LINE_MAX`] bytes on a character
 /// boundary, invalid UTF-8 replaced.
