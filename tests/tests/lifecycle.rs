@@ -653,3 +653,67 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_build_whose_external_provisioner_died_is_failed_when_its_lease_runs_out() {
+    let env = TestEnv::start();
+    env.bootstrap("admin");
+    let dir = tempfile::tempdir().unwrap();
+    // `exec`: the command is the shell, which dies with its provisioner.
+    let t = template_dir(
+        dir.path(),
+        "remote",
+        "tags = { pool = \"ext\" }",
+        "echo begun; exec sleep 300",
+    );
+    push(&env, &t);
+    let key = env
+        .run("admin", &["provisioner-keys", "create", "doomed"])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+    let mut cmd = std::process::Command::new(tests::myco_bin());
+    cmd.args([
+        "provisioner",
+        "--url",
+        &env.url,
+        "--tag",
+        "pool=ext",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("p"))
+    .env("MYCO_PROVISIONER_KEY", &key)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut provisioner = KillOnDrop(cmd.spawn().unwrap());
+    env.run(
+        "admin",
+        &["create", "dev", "--template", "remote", "--no-wait"],
+    )
+    .ok();
+    eventually("the provisioner runs the build", || {
+        env.run("admin", &["logs", "dev", "--build"])
+            .stdout
+            .contains("begun")
+    });
+    assert_eq!(state(&env, "admin", "dev"), "starting");
+    provisioner.0.kill().unwrap();
+    provisioner.0.wait().unwrap();
+    // The lease (30 s) runs out; the reaper fails the build, saying why.
+    tests::eventually_within(
+        std::time::Duration::from_secs(60),
+        "the build is failed",
+        || latest_build(&env, "admin", "dev")["status"] == "failed",
+    );
+    let build = latest_build(&env, "admin", "dev");
+    assert!(
+        build["reason"]
+            .as_str()
+            .unwrap()
+            .contains("provisioner doomed/"),
+        "{build:#}"
+    );
+    assert_eq!(state(&env, "admin", "dev"), "failed");
+}
