@@ -119,7 +119,8 @@ pub(super) async fn acquire(
     ApiJson(req): ApiJson<api::AcquireJob>,
 ) -> ApiResult<Response> {
     let by = holder(&caller, &req.instance)?;
-    let deadline = tokio::time::Instant::now() + ACQUIRE_WAIT;
+    // Within the request timeout, which would answer 503 otherwise.
+    let deadline = tokio::time::Instant::now() + ACQUIRE_WAIT.min(state.request_timeout / 2);
     loop {
         let woken = state.builds.notified();
         let store = state.store.clone();
