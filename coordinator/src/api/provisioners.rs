@@ -197,9 +197,9 @@ pub(super) async fn job_logs(
     let ws2 = ws.clone();
     let held = blocking(move || {
         // Only the holder writes its build's output.
-        let held = store.jobs()?.iter().any(|j| {
-            j.workspace_id == ws2 && j.number == n && j.claimed_by.as_deref() == Some(&by)
-        });
+        let held = store
+            .job(&ws2)?
+            .is_some_and(|j| j.number == n && j.claimed_by.as_deref() == Some(&by));
         if held {
             store.append_build_logs(&ws2, n, &lines)?;
         }

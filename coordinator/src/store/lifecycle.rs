@@ -93,6 +93,17 @@ struct StoredLogLine {
     text: String,
 }
 
+/// The job of a workspace in `table` (read or write).
+fn read_job(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    workspace_id: &str,
+) -> Result<Option<JobRecord>, StoreError> {
+    table
+        .get(workspace_id)?
+        .map(|v| decode("jobs", workspace_id, v.value()))
+        .transpose()
+}
+
 fn job_matches(job: &JobRecord, tags: &BTreeMap<String, String>) -> bool {
     job.tags.iter().all(|(k, v)| tags.get(k) == Some(v))
 }
@@ -478,11 +489,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let cancel = {
             let mut jobs = txn.open_table(JOBS)?;
-            let Some(mut job) = jobs
-                .get(workspace_id)?
-                .map(|v| decode::<JobRecord>("jobs", workspace_id, v.value()))
-                .transpose()?
-            else {
+            let Some(mut job) = read_job(&jobs, workspace_id)? else {
                 return Ok(None);
             };
             if job.number != number || job.claimed_by.as_deref() != Some(by) {
@@ -538,11 +545,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let deleted = {
             let mut jobs = txn.open_table(JOBS)?;
-            let Some(job) = jobs
-                .get(workspace_id)?
-                .map(|v| decode::<JobRecord>("jobs", workspace_id, v.value()))
-                .transpose()?
-            else {
+            let Some(job) = read_job(&jobs, workspace_id)? else {
                 return Ok((false, None));
             };
             if job.number != number || by.is_some_and(|b| job.claimed_by.as_deref() != Some(b)) {
@@ -597,13 +600,7 @@ impl Store {
         number: u64,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let job = {
-            let txn = self.db.begin_read()?;
-            txn.open_table(JOBS)?
-                .get(workspace_id)?
-                .map(|v| decode::<JobRecord>("jobs", workspace_id, v.value()))
-                .transpose()?
-        };
+        let job = self.job(workspace_id)?;
         let Some(job) = job.filter(|j| j.number == number) else {
             return Err(StoreError::NotFound(format!(
                 "a build {number} that has not ended"
@@ -623,10 +620,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         {
             let mut jobs = txn.open_table(JOBS)?;
-            let job = jobs
-                .get(workspace_id)?
-                .map(|v| decode::<JobRecord>("jobs", workspace_id, v.value()))
-                .transpose()?;
+            let job = read_job(&jobs, workspace_id)?;
             if let Some(mut j) = job
                 && j.number == number
             {
@@ -691,6 +685,12 @@ impl Store {
         Ok(true)
     }
 
+    /// A workspace's job, if a build of it has not ended.
+    pub fn job(&self, workspace_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        read_job(&txn.open_table(JOBS)?, workspace_id)
+    }
+
     /// Every job not yet ended.
     pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -717,8 +717,7 @@ pub(super) fn queue_in(
         return Err(StoreError::NoTemplate(format!("{}/{}", ws.owner, ws.name)));
     };
     let mut jobs = txn.open_table(JOBS)?;
-    if let Some(running) = jobs.get(ws.id.as_str())? {
-        let job: JobRecord = decode("jobs", &ws.id, running.value())?;
+    if let Some(job) = read_job(&jobs, &ws.id)? {
         return Err(StoreError::Busy(format!(
             "build {} ({}) of {}/{} has not ended; wait for it or cancel it",
             job.number,
