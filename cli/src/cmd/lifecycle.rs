@@ -409,20 +409,25 @@ async fn run_transition(
     Ok(())
 }
 
+/// Build `number` of `ws`, or its latest.
+fn build_number(ws: &Workspace, r: &WorkspaceRef, number: Option<u64>) -> anyhow::Result<u64> {
+    match number {
+        Some(n) => Ok(n),
+        None => ws
+            .latest_build
+            .as_ref()
+            .map(|b| b.number)
+            .with_context(|| format!("{r} has no builds: it was made without a template")),
+    }
+}
+
 /// `myco cancel WS`: a pending build ends at once, a running one's command is
 /// stopped within seconds (SIGTERM, then SIGKILL).
 pub async fn cancel(globals: &Globals, args: CancelArgs) -> anyhow::Result<()> {
     let client = Client::authenticated(globals)?;
     let r = &args.workspace;
     let ws = workspace(&client, r).await?;
-    let number = match args.build {
-        Some(n) => n,
-        None => ws
-            .latest_build
-            .as_ref()
-            .map(|b| b.number)
-            .with_context(|| format!("{r} has no builds: it was made without a template"))?,
-    };
+    let number = build_number(&ws, r, args.build)?;
     let build: Build = client
         .post(
             &format!("{}/builds/{number}/cancel", ws_path(r)),
@@ -503,14 +508,7 @@ pub async fn build_logs(
     json: bool,
 ) -> anyhow::Result<()> {
     let ws = workspace(client, r).await?;
-    let number = match number {
-        Some(n) => n,
-        None => ws
-            .latest_build
-            .as_ref()
-            .map(|b| b.number)
-            .with_context(|| format!("{r} has no builds: it was made without a template"))?,
-    };
+    let number = build_number(&ws, r, number)?;
     if follow_it {
         let build = follow(client, r, number, 0, &mut std::io::stdout()).await?;
         return ended_well(r, &build);
@@ -583,37 +581,32 @@ pub enum ScheduleCommand {
 pub async fn schedule(globals: &Globals, cmd: ScheduleCommand) -> anyhow::Result<()> {
     use mesh::api::{ScheduleChange, WorkspaceSchedule};
     let client = Client::authenticated(globals)?;
-    let (r, change, out) = match cmd {
-        ScheduleCommand::Show { workspace, out } => (workspace, None, out),
+    let table = OutputArgs {
+        format: Format::Table,
+    };
+    let change = |c: ScheduleChange| (Some(c), table.clone());
+    let (r, (change, out)) = match cmd {
+        ScheduleCommand::Show { workspace, out } => (workspace, (None, out)),
         ScheduleCommand::Stop { workspace, after } => (
             workspace,
-            Some(ScheduleChange {
+            change(ScheduleChange {
                 ttl: Some(after),
                 ..Default::default()
             }),
-            OutputArgs {
-                format: Format::Table,
-            },
         ),
         ScheduleCommand::Extend { workspace, by } => (
             workspace,
-            Some(ScheduleChange {
+            change(ScheduleChange {
                 extend: Some(by),
                 ..Default::default()
             }),
-            OutputArgs {
-                format: Format::Table,
-            },
         ),
         ScheduleCommand::Start { workspace, when } => (
             workspace,
-            Some(ScheduleChange {
+            change(ScheduleChange {
                 autostart: Some(when),
                 ..Default::default()
             }),
-            OutputArgs {
-                format: Format::Table,
-            },
         ),
     };
     let ws = workspace(&client, &r).await?;
