@@ -572,6 +572,7 @@ fn twenty_workspaces_through_two_external_provisioners_each_build_run_once() {
     );
     push(&env, &t);
     let mut procs = Vec::new();
+    let mut keys = Vec::new();
     for name in ["p1", "p2"] {
         let key = env
             .run("admin", &["provisioner-keys", "create", name])
@@ -596,7 +597,38 @@ fn twenty_workspaces_through_two_external_provisioners_each_build_run_once() {
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap());
         procs.push(KillOnDrop(cmd.spawn().unwrap()));
+        keys.push(key);
     }
+    // What a provisioner sends is bounded: its instance name, and its output lines
+    // per batch (each line is cut, as the coordinator's own builds' are).
+    let api = env.http();
+    let send = |path: &str, body: serde_json::Value| {
+        api.request(
+            "POST",
+            path,
+            Some(&keys[0]),
+            Some(("application/json", serde_json::to_vec(&body).unwrap())),
+        )
+    };
+    let reply = send(
+        "/api/v1/provisioner/acquire",
+        serde_json::json!({"instance": "not an instance!", "tags": {}}),
+    );
+    assert!(reply.error(400).contains("instance"), "{reply:?}");
+    let lines: Vec<Value> = (0..=mesh::api::JOB_LOG_BATCH_MAX)
+        .map(|_| serde_json::json!(["2026-01-01T00:00:00Z", "x"]))
+        .collect();
+    let reply = send(
+        "/api/v1/provisioner/jobs/nothing/1/logs",
+        serde_json::json!({"instance": "i", "lines": lines}),
+    );
+    assert!(reply.error(400).contains("lines in one batch"), "{reply:?}");
+    // A job it does not hold is not its to write.
+    let reply = send(
+        "/api/v1/provisioner/jobs/nothing/1/logs",
+        serde_json::json!({"instance": "i", "lines": [["2026-01-01T00:00:00Z", "x"]]}),
+    );
+    assert_eq!(reply.status, 409, "{reply:?}");
     for i in 0..20 {
         env.run(
             "admin",
