@@ -62,6 +62,14 @@ fn group_alive(pgid: &str) -> bool {
     })
 }
 
+/// Whether a process whose command line holds `pattern` runs.
+fn process_running(pattern: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn process_template_env() -> TestEnv {
     let env = TestEnv::start();
     env.bootstrap("admin");
@@ -207,12 +215,7 @@ fn a_build_times_out_or_is_canceled_and_its_command_is_stopped() {
     let out = env.run("admin", &["create", "dev", "--template", "slow"]);
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert!(out.stderr.contains("timed out after 2s"), "{out:#?}");
-    let sleeping = || {
-        std::process::Command::new("pgrep")
-            .args(["-f", &format!("sleep {marker}")])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let sleeping = || process_running(&format!("sleep {marker}"));
     eventually("the timed-out command is stopped", || !sleeping());
 
     // A cancel stops a running command within seconds.
@@ -264,12 +267,7 @@ fn a_coordinator_killed_mid_build_fails_the_build_clearly_after_restart() {
     env.start_server();
     // Its command, and what it started, are stopped: the shell died with the
     // coordinator, the rest when it came back.
-    let sleeping = || {
-        std::process::Command::new("pgrep")
-            .args(["-f", &format!("sleep {marker}")])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let sleeping = || process_running(&format!("sleep {marker}"));
     eventually("the build's processes are stopped", || !sleeping());
     let build = latest_build(&env, "admin", "dev");
     assert_eq!(build["status"], "failed", "{build:#}");
