@@ -106,6 +106,22 @@ impl TlsArgs {
         }
     }
 
+    /// These settings as flags for a `myco` that OpenSSH starts later (config-ssh's
+    /// ProxyCommand), which gets neither this shell's environment nor its directory.
+    pub fn flags(&self) -> anyhow::Result<Vec<String>> {
+        use anyhow::Context as _;
+        let mut flags = Vec::new();
+        if let Some(ca) = &self.ca_cert_file {
+            let ca = std::path::absolute(ca)
+                .with_context(|| format!("cannot resolve {}", ca.display()))?;
+            flags.push(format!("--ca-cert-file \"{}\"", ca.display()));
+        }
+        if self.insecure_http {
+            flags.push("--insecure-http".to_owned());
+        }
+        Ok(flags)
+    }
+
     /// Before any client is built: every TLS client of the process shares it.
     fn apply(&self) -> anyhow::Result<()> {
         trust::init(self.ca_cert_file.as_deref())?;
@@ -329,6 +345,7 @@ pub struct Globals {
     /// local user can read it in the process list.
     pub token_in_argv: bool,
     pub config_dir: Option<PathBuf>,
+    pub tls: TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -440,6 +457,7 @@ async fn run(cli: Cli, token_in_argv: bool) -> anyhow::Result<()> {
             token: client.token,
             token_in_argv,
             config_dir: client.session.config_dir,
+            tls: client.session.tls,
         })
     };
     match cli.command {

@@ -281,15 +281,28 @@ fn quote(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
-/// The managed block for hosts `prefix`*; `options` are the user's `--ssh-option`
-/// lines.
-fn block(
-    myco: &Path,
-    config_dir: &Path,
-    known_hosts: &Path,
-    options: &[String],
-    prefix: &str,
-) -> String {
+/// What the managed block is made of.
+struct BlockParts<'a> {
+    myco: &'a Path,
+    config_dir: &'a Path,
+    known_hosts: &'a Path,
+    /// `myco`'s TLS flags ([`crate::TlsArgs::flags`]), each already quoted.
+    tls_flags: &'a [String],
+    /// The user's `--ssh-option` lines.
+    options: &'a [String],
+    prefix: &'a str,
+}
+
+/// The managed block for hosts `prefix`*.
+fn block(parts: &BlockParts) -> String {
+    let BlockParts {
+        myco,
+        config_dir,
+        known_hosts,
+        tls_flags,
+        options,
+        prefix,
+    } = *parts;
     let extra: String = options.iter().map(|o| format!("  {o}\n")).collect();
     // `myco ssh` strips the default prefix by itself; another one it is told.
     let strip = if prefix == HOST_PREFIX {
@@ -297,14 +310,17 @@ fn block(
     } else {
         format!(" --host-prefix {prefix}")
     };
+    // What trusts the coordinator goes with the commands: OpenSSH runs them without
+    // this shell's environment (an IDE's ssh has none of it).
+    let tls: String = tls_flags.iter().map(|f| format!(" {f}")).collect();
     format!(
         "{BEGIN}\n\
          # Managed by `myco config-ssh`; edits here are replaced. Host keys are pinned;\n\
          # a workspace made later is pinned from the coordinator's record at first use.\n\
          Host {prefix}*\n  \
-           ProxyCommand {} --config-dir {} ssh --stdio{strip} %h\n  \
+           ProxyCommand {} --config-dir {}{tls} ssh --stdio{strip} %h\n  \
            UserKnownHostsFile {}\n  \
-           KnownHostsCommand {} --config-dir {} ssh --known-hosts{strip} %H\n  \
+           KnownHostsCommand {} --config-dir {}{tls} ssh --known-hosts{strip} %H\n  \
            StrictHostKeyChecking yes\n  \
            Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n  \
            ConnectTimeout 0\n  \
@@ -393,32 +409,23 @@ pub async fn config_ssh(globals: &Globals, args: ConfigSshArgs) -> anyhow::Resul
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let new = splice(
-        &old,
-        &block(
-            &myco,
-            &config_dir,
-            &known_path,
-            &args.ssh_options,
-            &args.ssh_host_prefix,
-        ),
-    );
+    let tls_flags = globals.tls.flags()?;
+    let parts = BlockParts {
+        myco: &myco,
+        config_dir: &config_dir,
+        known_hosts: &known_path,
+        tls_flags: &tls_flags,
+        options: &args.ssh_options,
+        prefix: &args.ssh_host_prefix,
+    };
+    let new = splice(&old, &block(&parts));
     let hosts = known_hosts(&workspaces, &args.ssh_host_prefix);
     if args.dry_run {
         if old == new {
             println!("{} is up to date", path.display());
         } else {
             println!("would write this block to {}:", path.display());
-            print!(
-                "{}",
-                block(
-                    &myco,
-                    &config_dir,
-                    &known_path,
-                    &args.ssh_options,
-                    &args.ssh_host_prefix,
-                )
-            );
+            print!("{}", block(&parts));
         }
         println!(
             "would pin {} host keys in {}",
@@ -466,28 +473,30 @@ mod tests {
     #[test]
     fn splice_keeps_user_lines_and_is_idempotent() {
         let user = "Host work\n  User me\n";
-        let b = block(
-            Path::new("/bin/myco"),
-            Path::new("/c"),
-            Path::new("/c/kh"),
-            &[],
-            HOST_PREFIX,
-        );
+        let parts = BlockParts {
+            myco: Path::new("/bin/myco"),
+            config_dir: Path::new("/c"),
+            known_hosts: Path::new("/c/kh"),
+            tls_flags: &[],
+            options: &[],
+            prefix: HOST_PREFIX,
+        };
+        let b = block(&parts);
         let once = splice(user, &b);
         assert!(once.starts_with(user));
         assert_eq!(splice(&once, &b), once);
-        let changed = block(
-            Path::new("/usr/bin/myco"),
-            Path::new("/c"),
-            Path::new("/c/kh"),
-            &["ForwardAgent yes".to_owned()],
-            HOST_PREFIX,
-        );
+        let changed = block(&BlockParts {
+            myco: Path::new("/usr/bin/myco"),
+            options: &["ForwardAgent yes".to_owned()],
+            tls_flags: &["--insecure-http".to_owned()],
+            ..parts
+        });
         let twice = splice(&once, &changed);
         assert!(
             twice.starts_with(user)
                 && twice.contains("/usr/bin/myco")
                 && !twice.contains("\"/bin/myco\"")
+                && twice.contains("--config-dir \"/c\" --insecure-http ssh --stdio %h")
         );
         assert_eq!(twice.matches(BEGIN).count(), 1);
     }
