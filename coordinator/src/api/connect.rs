@@ -48,6 +48,14 @@ pub(super) async fn connect(
                 "start it inside the workspace with `myco agent --url URL --token TOKEN`",
             )
         })?;
+    // The agent's home relay is ours (its welcome named it), but an address it
+    // published before it reached the relay lacks it; a client that got only direct
+    // addresses it cannot reach would never try the relay.
+    let addr = if addr.relay_urls().next().is_none() {
+        addr.with_relay_url(state.relay_url.clone())
+    } else {
+        addr
+    };
     let now = Timestamp::now();
     let expires_at = now.saturating_add(TICKET_LIFETIME);
     let claims = TicketClaims {
