@@ -3,6 +3,7 @@
 //! config dir; on loopback, or in the network namespaces of a [`natlab::Lab`].
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod hostaddr;
 pub mod natlab;
 pub mod pki;
 
@@ -161,7 +162,13 @@ impl Output {
             !self.stderr.contains("RUST_BACKTRACE"),
             "backtrace: {self:#?}"
         );
-        let lines: Vec<&str> = self.stderr.lines().collect();
+        // Less the warning that plain HTTP off loopback (which the env opted into
+        // with MYCO_INSECURE_HTTP) prints before whatever the command does.
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.starts_with("myco: warning: sending credentials in clear text"))
+            .collect();
         assert_eq!(lines.len(), 1, "want one line on stderr: {self:#?}");
         assert!(lines[0].starts_with("myco: "), "{self:#?}");
         lines[0].to_owned()
@@ -461,25 +468,30 @@ impl TestEnv {
                 cmd.env_remove(k);
             }
         }
-        // Mesh traffic stays on loopback, or in a namespace on its IPv4 interfaces
-        // (the NAT lab has no IPv6), and never asks a gateway for ports.
-        let bind = if netns.is_some() {
-            "0.0.0.0:0"
-        } else {
-            "127.0.0.1:0"
-        };
         // A coordinator off loopback (the NAT lab's, one on 0.0.0.0) is plain HTTP
         // in these tests: the CLI must be told that is meant.
         if self.server_ip != "127.0.0.1" {
             cmd.env("MYCO_INSECURE_HTTP", "true");
         }
         cmd.env("MYCO_CONFIG_DIR", self.config_dir(user))
-            .env("MYCO_MESH_BIND", bind)
+            .env("MYCO_MESH_BIND", self.mesh_bind(netns))
             .env("MYCO_PORTMAPPER", "false")
             .env_remove("RUST_LOG")
             .envs(self.client_env.iter().map(|(k, v)| (k, v)))
             .args(args);
         cmd
+    }
+
+    /// Where a client's mesh socket binds: on loopback (or on this host's address off
+    /// loopback that the coordinator listens on, which namespaces on this host
+    /// reach), or in namespace `netns` on its IPv4 interfaces (the NAT lab has no
+    /// IPv6).
+    fn mesh_bind(&self, netns: Option<&str>) -> String {
+        match (netns, self.server_ip.as_str()) {
+            (Some(_), _) => "0.0.0.0:0".to_owned(),
+            (None, "0.0.0.0") => "127.0.0.1:0".to_owned(),
+            (None, ip) => format!("{ip}:0"),
+        }
     }
 
     /// Creates workspace `name` as `user` with one agent; returns the agent's token.
@@ -691,7 +703,7 @@ impl TestEnv {
             .arg(cfg)
             .args(["-o", "BatchMode=yes"])
             .envs(self.client_env.iter().map(|(k, v)| (k, v)))
-            .env("MYCO_MESH_BIND", "127.0.0.1:0")
+            .env("MYCO_MESH_BIND", self.mesh_bind(None))
             .env("MYCO_PORTMAPPER", "false")
             .stdin(Stdio::null());
         cmd

@@ -456,7 +456,7 @@ impl Lab {
 }
 
 /// Why this process cannot build a lab, if it cannot.
-fn prerequisites() -> Result<(), String> {
+pub(crate) fn prerequisites() -> Result<(), String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     // "Uid:\treal\teffective\tsaved\tfs"
     let euid = status
@@ -602,7 +602,7 @@ fn nft(ns: &str, ruleset: &str) {
     assert_eq!(out.code, Some(0), "nft in {ns} failed: {out:#?}\n{ruleset}");
 }
 
-fn must(cmd: &mut Command) {
+pub(crate) fn must(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),

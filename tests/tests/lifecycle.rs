@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tests::hostaddr::HostAddress;
 use tests::{TestEnv, eventually};
 
 fn example(name: &str) -> PathBuf {
@@ -62,6 +63,17 @@ fn group_alive(pgid: &str) -> bool {
     })
 }
 
+/// Whether network namespace `name` exists.
+fn netns_exists(name: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(name))
+}
+
 /// Whether a process whose command line holds `pattern` runs.
 fn process_running(pattern: &str) -> bool {
     std::process::Command::new("pgrep")
@@ -70,8 +82,53 @@ fn process_running(pattern: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn process_template_env() -> TestEnv {
-    let env = TestEnv::start();
+/// A coordinator for the `process` template. When this process may make network
+/// namespaces it listens on a host address off loopback, which the template's
+/// namespaces reach; else on loopback, and the template shares the host's network.
+/// Dropping it deletes the machines its workspaces left (agents, namespaces).
+struct Env {
+    env: TestEnv,
+    /// Whether the template's machines get network namespaces of their own.
+    namespaces: bool,
+    _addr: Option<HostAddress>,
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.env.data_dir().join("provisioner/state")) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let _ = std::process::Command::new("sh")
+                .arg(example("process").join("provision.sh"))
+                .env("MYCO_TRANSITION", "delete")
+                .env("MYCO_WORKSPACE_ID", dir.file_name())
+                .env("MYCO_STATE_DIR", dir.path())
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn lifecycle_env(server_args: &[&str]) -> Env {
+    let addr = HostAddress::add();
+    let ip = addr.as_ref().map_or("127.0.0.1", |a| a.ip.as_str());
+    Env {
+        env: TestEnv::start_in(None, ip, server_args),
+        namespaces: addr.is_some(),
+        _addr: addr,
+    }
+}
+
+fn process_template_env() -> Env {
+    let env = lifecycle_env(&[]);
     env.bootstrap("admin");
     env.add_user("admin", "alice");
     let pushed = push(&env, &example("process"));
@@ -99,14 +156,29 @@ fn a_template_workspace_is_built_stopped_started_and_deleted_with_its_machine() 
     let pgid = std::fs::read_to_string(state_dir.join("agent.pid")).unwrap();
     let pgid = pgid.trim();
     assert!(group_alive(pgid));
+    let netns = format!("myco-{ws_id}");
+    if env.namespaces {
+        // The machine has a network of its own, and SSH reached it through the mesh.
+        assert!(netns_exists(&netns));
+        let theirs = std::fs::read_link(format!("/proc/{pgid}/ns/net")).unwrap();
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(theirs, ours, "the agent shares the host's network");
+        assert!(out.stderr.contains("network namespace"), "{out:#?}");
+    } else {
+        assert!(
+            out.stderr.contains("sharing the host's network"),
+            "{out:#?}"
+        );
+    }
 
-    // Stop: the machine is gone, the agent with it.
+    // Stop: the machine is gone, the agent and its namespace with it.
     env.run("alice", &["stop", "dev"]).ok();
     assert_eq!(state(&env, "alice", "dev"), "stopped");
     assert!(
         !group_alive(pgid),
         "the agent's process group outlived stop"
     );
+    assert!(!netns_exists(&netns), "the namespace outlived stop");
     env.wait_agent_status("alice", "dev", "disconnected");
     // Stopping a stopped workspace says what to do.
     let line = env.run("alice", &["stop", "dev"]).fails();
@@ -372,9 +444,9 @@ fn process_with(dir: &Path, schedule: &str) -> PathBuf {
     t
 }
 
-fn scheduled_env() -> TestEnv {
+fn scheduled_env() -> Env {
     // Agents report their sessions every heartbeat.
-    let env = TestEnv::start_with(&["--heartbeat-interval", "1s"]);
+    let env = lifecycle_env(&["--heartbeat-interval", "1s"]);
     env.bootstrap("admin");
     env
 }
@@ -441,13 +513,15 @@ fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
     let dir = tempfile::tempdir().unwrap();
     push(
         &env,
-        &process_with(dir.path(), "ttl = \"6s\"\nactivity_bump = \"4s\""),
+        // Long enough for the agent to connect and report the session first on a
+        // loaded machine (the deadline counts from the build's end).
+        &process_with(dir.path(), "ttl = \"12s\"\nactivity_bump = \"4s\""),
     );
     env.run("admin", &["create", "dev", "--template", "quick"])
         .ok();
     env.wait_agent_connected("admin", "dev");
     // A session that lasts well past the TTL.
-    let mut session = env.cmd("admin", &["ssh", "dev", "--", "sleep", "16"]);
+    let mut session = env.cmd("admin", &["ssh", "dev", "--", "sleep", "22"]);
     let mut child = session
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -464,7 +538,7 @@ fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    assert!(started.elapsed() > std::time::Duration::from_secs(10));
+    assert!(started.elapsed() > std::time::Duration::from_secs(16));
     // The session ended: the bump runs out, and it stops.
     tests::eventually_within(
         std::time::Duration::from_secs(40),
@@ -553,6 +627,14 @@ fn ssh_to_a_stopped_workspace_starts_it_first() {
         "through-openssh"
     );
     assert_eq!(state(&env, "alice", "dev"), "running");
+    // From loopback, which cannot reach a namespace's address, so through the relay
+    // only, dialed the moment the new agent connects: the first address it published
+    // may not name the relay yet, the ticket still does.
+    env.run("alice", &["stop", "dev"]).ok();
+    let mut cmd = env.cmd("alice", &["ssh", "dev", "--", "echo", "relayed"]);
+    cmd.env("MYCO_MESH_BIND", "127.0.0.1:0");
+    let out = tests::run_command(cmd, "").ok();
+    assert_eq!(out.stdout.trim(), "relayed");
 }
 
 #[test]
