@@ -547,6 +547,66 @@ fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
     );
 }
 
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_stopped_workspace_starts_by_itself_at_its_auto_start_time() {
+    let env = scheduled_env();
+    push(&env, &example("process"));
+    env.run("admin", &["create", "dev", "--template", "process"])
+        .ok();
+    env.run("admin", &["stop", "dev"]).ok();
+    // The next whole minute at least 15 s away (schedules name minutes).
+    let now = unix_now();
+    let mut at = (now / 60 + 1) * 60;
+    if at - now < 15 {
+        at += 60;
+    }
+    let hhmm = format!("{:02}:{:02}", (at / 3600) % 24, (at / 60) % 60);
+    env.run(
+        "admin",
+        &["schedule", "start", "dev", &format!("daily {hhmm} UTC")],
+    )
+    .ok();
+    // Not before its time...
+    while unix_now() + 2 < at {
+        assert_eq!(state(&env, "admin", "dev"), "stopped", "started early");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // ...and soon after it (the ticker looks every 2 s).
+    tests::eventually_within(
+        std::time::Duration::from_secs(30),
+        "it starts by itself",
+        || state(&env, "admin", "dev") == "running",
+    );
+    let build = latest_build(&env, "admin", "dev");
+    assert_eq!(build["transition"], "start");
+    assert!(build.get("initiator").is_none(), "{build:#}");
+    env.wait_agent_connected("admin", "dev");
+    let hi = env.run("admin", &["ssh", "dev", "--", "echo", "hi"]).ok();
+    assert_eq!(hi.stdout.trim(), "hi");
+    let admin = env.token_of("admin");
+    let metrics = env.http().get("/metrics", Some(&admin));
+    let text = metrics.body.as_str().unwrap_or_default();
+    assert!(
+        text.contains("myco_workspace_auto_starts_total 1"),
+        "{text}"
+    );
+    // The next start is tomorrow's.
+    let shown = env
+        .run("admin", &["schedule", "show", "dev", "-o", "json"])
+        .ok()
+        .json();
+    let next = shown["next_start"].as_str().unwrap_or_default().to_owned();
+    assert!(next.contains(&format!("T{hhmm}:00")), "{shown:#}");
+}
+
 #[test]
 fn schedules_are_set_shown_and_checked() {
     let env = scheduled_env();
