@@ -254,12 +254,18 @@ if [ -z "${MYCO_AGENT_TOKEN:-}" ] && [ -z "${MYCO_AGENT_TOKEN_FILE:-}" ]; then
   fail "no agent token: set MYCO_AGENT_TOKEN or MYCO_AGENT_TOKEN_FILE (myco create prints it)"
 fi
 
+# wget's own timeout (-T) crashes Debian's static busybox 1.35; `timeout` bounds it
+# where there is one.
+limit=""
+if command -v timeout >/dev/null 2>&1; then
+  limit="timeout 600"
+fi
 if command -v curl >/dev/null 2>&1; then
   fetch() { curl -fsSL --connect-timeout 10 -o "$2" "$1"; }
 elif command -v wget >/dev/null 2>&1; then
-  fetch() { wget -q -T 10 -O "$2" "$1"; }
+  fetch() { $limit wget -q -O "$2" "$1"; }
 elif command -v busybox >/dev/null 2>&1; then
-  fetch() { busybox wget -q -T 10 -O "$2" "$1"; }
+  fetch() { $limit busybox wget -q -O "$2" "$1"; }
 else
   fail "neither curl nor wget nor busybox is installed; install one of them"
 fi
