@@ -264,13 +264,7 @@ async fn run_command(
         if let [(_, token)] = input.agent_tokens.as_slice() {
             cmd.env("MYCO_AGENT_TOKEN", token);
         }
-        cmd.env(
-            "MYCO_INIT_SCRIPT",
-            format!(
-                "curl -fsSL {}/api/v1/init-script/linux/$(uname -m) | sh",
-                input.access_url
-            ),
-        );
+        cmd.env("MYCO_INIT_SCRIPT", init_line(&input.access_url));
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -398,6 +392,18 @@ async fn read_lines(
             .send((Timestamp::now(), mesh::api::build_log_text(&line)))
             .await;
     }
+}
+
+/// The `sh` line that fetches the coordinator's init script and runs it, with
+/// whichever of curl, wget and busybox the machine has (an image may have only
+/// one), as the init script itself then fetches the agent.
+fn init_line(access_url: &str) -> String {
+    let url = format!("{access_url}/api/v1/init-script/linux/$(uname -m)");
+    format!(
+        "if command -v curl >/dev/null 2>&1; then curl -fsSL \"{url}\"; \
+         elif command -v wget >/dev/null 2>&1; then wget -qO- \"{url}\"; \
+         else busybox wget -qO- \"{url}\"; fi | sh"
+    )
 }
 
 #[cfg(test)]
