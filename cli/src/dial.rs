@@ -174,7 +174,8 @@ async fn connect(
 
 /// A template's workspace that is stopped (or failed) is started, one that is
 /// building is waited for, with the build's output on stderr; true when either
-/// happened, false when the workspace is not in such a state.
+/// happened or when it was started a moment ago and its agent is yet to connect
+/// (`myco create` or `myco start`, then `myco ssh`), false otherwise.
 async fn start_if_stopped(
     client: &Client,
     target: &WorkspaceRef,
@@ -215,6 +216,20 @@ async fn start_if_stopped(
                     .await?;
             crate::cmd::lifecycle::ended_well(&ws_ref, &build)?;
             Ok(true)
+        }
+        S::Running => {
+            let agent = match &target.agent {
+                Some(name) => ws.agents.iter().find(|a| a.name == *name),
+                None => ws.agents.first().filter(|_| ws.agents.len() == 1),
+            };
+            let connected = agent.is_none_or(|a| a.status == mesh::api::AgentStatus::Connected);
+            let just_started = ws
+                .latest_build
+                .as_ref()
+                .filter(|b| b.transition == Transition::Start)
+                .and_then(|b| b.ended_at)
+                .is_some_and(|t| mesh::Timestamp::now().since(t) < AGENT_START_WAIT);
+            Ok(!connected && just_started)
         }
         _ => Ok(false),
     }
