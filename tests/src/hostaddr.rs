@@ -73,7 +73,8 @@ fn sweep_stale() {
                 .and_then(|i| words.get(i + 1)),
             words
                 .iter()
-                .find_map(|w| w.trim_end_matches('\\').strip_prefix(LABEL_PREFIX)),
+                .find_map(|w| w.trim_end_matches('\\').strip_prefix(LABEL_PREFIX))
+                .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())),
         ) else {
             continue;
         };

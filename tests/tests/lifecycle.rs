@@ -889,3 +889,130 @@ fn a_build_whose_external_provisioner_died_is_failed_when_its_lease_runs_out() {
     );
     assert_eq!(state(&env, "admin", "dev"), "failed");
 }
+
+/// Removes a workspace's podman container and home volume (the podman template's
+/// names), whatever the test did.
+struct PodmanLeftovers(String);
+
+impl Drop for PodmanLeftovers {
+    fn drop(&mut self) {
+        let id = &self.0;
+        let podman = |args: &[&str]| {
+            let _ = std::process::Command::new("podman")
+                .args(args)
+                .env(
+                    "CONTAINERS_CONF",
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("podman.conf"),
+                )
+                .output();
+        };
+        podman(&["rm", "--force", &format!("myco-{id}")]);
+        podman(&["volume", "rm", "--force", &format!("myco-home-{id}")]);
+    }
+}
+
+/// Whether podman's container `name` exists.
+fn container_exists(name: &str) -> bool {
+    std::process::Command::new("podman")
+        .args(["container", "exists", name])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_container_template_runs_the_agent_in_a_podman_container() {
+    let env = process_template_env();
+    if !env.namespaces {
+        eprintln!("skipping: a container cannot reach a coordinator on loopback");
+        return;
+    }
+    let missing: Vec<&str> = ["podman", "busybox"]
+        .into_iter()
+        .filter(|tool| {
+            std::process::Command::new(tool)
+                .arg("--help")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_err()
+        })
+        .collect();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{missing:?} missing under CI; bash .ci/test installs them"
+        );
+        eprintln!("skipping: {missing:?} not installed");
+        return;
+    }
+    // An image made from this host's files: nothing is pulled from a registry.
+    let image = "localhost/myco-test-workspace:latest";
+    let built = std::process::Command::new("sh")
+        .arg(example("podman").join("local-image.sh"))
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{built:?}");
+    // The example, told of that image and of what podman needs on this VM.
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("podman");
+    std::fs::create_dir_all(&t).unwrap();
+    for f in ["template.toml", "provision.sh"] {
+        std::fs::copy(example("podman").join(f), t.join(f)).unwrap();
+    }
+    std::fs::write(t.join("image"), image).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("podman.conf"),
+        t.join("containers.conf"),
+    )
+    .unwrap();
+    push(&env, &t);
+
+    let out = env
+        .run("alice", &["create", "dev", "--template", "podman"])
+        .ok();
+    assert!(out.stderr.contains("starting container"), "{out:#?}");
+    let id = env.run("alice", &["show", "dev", "-o", "json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _leftovers = PodmanLeftovers(id.clone());
+    let container = format!("myco-{id}");
+    assert!(container_exists(&container));
+    // Right after create: `myco ssh` waits for the agent, then runs in the container
+    // (its hostname is the workspace's; its home is the volume).
+    let out = env
+        .run(
+            "alice",
+            &[
+                "ssh",
+                "dev",
+                "--",
+                "hostname && echo kept > ~/file && cat /etc/passwd",
+            ],
+        )
+        .ok();
+    assert!(out.stdout.starts_with("dev\n"), "{out:#?}");
+    assert_eq!(
+        out.stdout.lines().nth(1),
+        Some("root:x:0:0:root:/root:/bin/sh"),
+        "not the image's /etc/passwd: {out:#?}"
+    );
+
+    // Stop: the container is gone; the home volume stays.
+    env.run("alice", &["stop", "dev"]).ok();
+    assert!(!container_exists(&container), "the container outlived stop");
+    // ssh starts it again, and the home is still there.
+    let out = env.run("alice", &["ssh", "dev", "--", "cat ~/file"]).ok();
+    assert_eq!(out.stdout.trim(), "kept", "{out:#?}");
+    assert!(container_exists(&container));
+
+    // Delete: container and volume are gone.
+    env.run("alice", &["delete", "-y", "dev"]).ok();
+    assert!(!container_exists(&container));
+    let volume = std::process::Command::new("podman")
+        .args(["volume", "exists", &format!("myco-home-{id}")])
+        .status()
+        .unwrap();
+    assert!(!volume.success(), "the home volume outlived delete");
+}
