@@ -562,6 +562,9 @@ pub struct Store {
     deleted_agents: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Test hook: every record a snapshot reads takes this long, as on a slow disk.
     read_delay: Option<Duration>,
+    /// Bumped after every commit that adds build output or ends a build, so that
+    /// followers of a build's output wake instead of polling.
+    build_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -664,6 +667,7 @@ impl Store {
             db,
             deleted_agents: Default::default(),
             read_delay: None,
+            build_changes: tokio::sync::watch::Sender::new(0),
         })
     }
 

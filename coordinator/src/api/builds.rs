@@ -21,8 +21,6 @@ const BUILDS_SHOWN: usize = 100;
 const LOG_LINES_PER_REQUEST: usize = 5_000;
 /// The longest a logs request waits for new output.
 const MAX_WAIT: Duration = Duration::from_secs(25);
-/// How often a waiting logs request looks again.
-const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Whether `transition` makes sense in the workspace's state; a 409 that says what
 /// to do when not.
@@ -146,7 +144,10 @@ pub(super) async fn build_logs(
         .min(MAX_WAIT)
         .min(state.request_timeout / 2);
     let deadline = tokio::time::Instant::now() + wait;
+    // Subscribed before each read, so output written after it wakes this request.
+    let mut changes = state.store.build_changes();
     loop {
+        changes.borrow_and_update();
         let store = state.store.clone();
         let id = ws.id.clone();
         let found = blocking(move || {
@@ -162,7 +163,8 @@ pub(super) async fn build_logs(
         if !lines.is_empty() || build.status.is_done() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(BuildLogs { build, lines }));
         }
-        tokio::time::sleep(WAIT_POLL).await;
+        // A closed sender (the store dropped) cannot happen while `state` holds it.
+        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
 }
 

@@ -387,6 +387,7 @@ impl Store {
             }
         }
         txn.commit()?;
+        self.build_changed();
         Ok(())
     }
 
@@ -589,7 +590,18 @@ impl Store {
         };
         let deleted = deleted.flatten();
         self.commit_deletion(txn, deleted.as_ref())?;
+        self.build_changed();
         Ok((true, deleted))
+    }
+
+    /// A receiver that sees a change after every commit that adds build output or
+    /// ends a build (any workspace's: a waiter reads again what it follows).
+    pub fn build_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.build_changes.subscribe()
+    }
+
+    fn build_changed(&self) {
+        self.build_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Cancels build `number`: a pending one at once (true), a running one when its
