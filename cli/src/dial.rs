@@ -246,6 +246,9 @@ async fn wait_for_agent(
 ) -> anyhow::Result<ConnectInfo> {
     eprintln!("myco: waiting for the agent of {target} to connect");
     let deadline = Instant::now() + AGENT_START_WAIT;
+    // An agent on a fast machine connects within a few hundred milliseconds, one
+    // booting a VM within minutes: ask often first, then less.
+    let mut pause = std::time::Duration::from_millis(25);
     loop {
         match connect(client, target, key).await {
             Ok(info) => return Ok(info),
@@ -255,7 +258,10 @@ async fn wait_for_agent(
                     AGENT_START_WAIT.as_secs()
                 )));
             }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
         }
     }
 }
