@@ -698,6 +698,70 @@ fn ssh_to_a_stopped_workspace_starts_it_first() {
 }
 
 #[test]
+fn port_forward_to_a_stopped_workspace_starts_it_first() {
+    use std::io::{BufRead, Read, Write};
+    let env = process_template_env();
+    env.run("alice", &["create", "dev", "--template", "process"])
+        .ok();
+    env.run("alice", &["stop", "dev"]).ok();
+    let (local, remote) = (tests::free_port(), tests::free_port());
+    let mut forward = KillOnDrop(
+        env.cmd(
+            "alice",
+            &["port-forward", "dev", "--tcp", &format!("{local}:{remote}")],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let mut stdout = std::io::BufReader::new(forward.0.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("Forwarding "), "{line:?}");
+    assert_eq!(state(&env, "alice", "dev"), "running");
+    // A service in the (new) machine, reached through the forward.
+    let mut service = KillOnDrop(
+        env.cmd(
+            "alice",
+            &[
+                "ssh",
+                "dev",
+                "--",
+                &format!("echo through-the-forward | exec busybox nc -l -p {remote}"),
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let mut got = String::new();
+    eventually("the service answers through the forward", || {
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", local)) else {
+            return false;
+        };
+        let _ = conn.write_all(b"\n");
+        got.clear();
+        let _ = conn.read_to_string(&mut got);
+        got.contains("through-the-forward")
+    });
+    let _ = service.0.kill();
+    let mut stderr = String::new();
+    let _ = forward.0.kill();
+    forward
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(stderr.contains("starting it"), "{stderr}");
+}
+
+#[test]
 fn twenty_workspaces_through_two_external_provisioners_each_build_run_once() {
     let env = TestEnv::start();
     env.bootstrap("admin");
