@@ -155,10 +155,13 @@ pub async fn agent_reason(conn: &Connection) -> Option<String> {
     close_reason(conn).filter(|r| !r.is_empty())
 }
 
+/// A ticket for `target`'s agent; when it is not connected yet, the coordinator
+/// waits for it up to `wait` seconds (0: answers at once).
 async fn connect(
     client: &Client,
     target: &WorkspaceRef,
     key: &iroh::SecretKey,
+    wait: u64,
 ) -> anyhow::Result<ConnectInfo> {
     let owner = target.owner.as_ref().map_or("me", |o| o.as_str());
     client
@@ -167,6 +170,7 @@ async fn connect(
             &ConnectRequest {
                 agent: target.agent.clone(),
                 client_id: key.public(),
+                wait: (wait > 0).then_some(wait),
             },
         )
         .await
@@ -246,11 +250,10 @@ async fn wait_for_agent(
 ) -> anyhow::Result<ConnectInfo> {
     eprintln!("myco: waiting for the agent of {target} to connect");
     let deadline = Instant::now() + AGENT_START_WAIT;
-    // An agent on a fast machine connects within a few hundred milliseconds, one
-    // booting a VM within minutes: ask often first, then less.
-    let mut pause = std::time::Duration::from_millis(25);
     loop {
-        match connect(client, target, key).await {
+        // The coordinator answers the moment the agent is up, or after (its bound
+        // of) 20 s: then ask again.
+        match connect(client, target, key, 20).await {
             Ok(info) => return Ok(info),
             Err(e) if Instant::now() >= deadline => {
                 return Err(e.context(format!(
@@ -258,10 +261,8 @@ async fn wait_for_agent(
                     AGENT_START_WAIT.as_secs()
                 )));
             }
-            Err(_) => {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_millis(500));
-            }
+            // Not a busy loop when the coordinator answers at once (an older one).
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
     }
 }
@@ -278,7 +279,7 @@ pub async fn dial(
     // `myco ssh --stdio` at once) must not be one endpoint id to the mesh, where their
     // connections to the same agent would disturb each other's paths.
     let key = iroh::SecretKey::generate();
-    let info = match connect(&client, target, &key).await {
+    let info = match connect(&client, target, &key, 0).await {
         Ok(info) => info,
         // Not connectable: a template's workspace may be stopped, or starting.
         Err(e) => {

@@ -67,13 +67,33 @@ impl Inner {
 }
 
 /// Shared, cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct MeshRegistry(Arc<Mutex<Inner>>);
+#[derive(Debug, Clone)]
+pub struct MeshRegistry {
+    inner: Arc<Mutex<Inner>>,
+    /// Bumped after every address an agent publishes, so that a connect waiting for
+    /// an agent to come up wakes instead of polling.
+    addresses: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for MeshRegistry {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            addresses: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
 
 impl MeshRegistry {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves plain maps behind, still usable.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver that sees a change after every address an agent publishes (any
+    /// agent's: a waiter looks again at the one it waits for).
+    pub fn address_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.addresses.subscribe()
     }
 
     /// Registers a new control channel of `agent_id`; returns its channel number and
@@ -148,6 +168,8 @@ impl MeshRegistry {
             if let Some(a) = inner.agents.get_mut(agent_id) {
                 a.addr = Some(addr);
             }
+            drop(inner);
+            self.addresses.send_modify(|n| *n = n.wrapping_add(1));
         }
         true
     }

@@ -183,6 +183,10 @@ pub struct ConnectRequest {
     pub agent: Option<crate::Name>,
     /// The client's endpoint id, which the ticket will name.
     pub client_id: EndpointId,
+    /// Seconds to wait for an agent that is not connected yet (a workspace just
+    /// started); absent or 0: answer at once. The coordinator bounds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<u64>,
 }
 
 /// Which way a speedtest sends its data, seen from the client.

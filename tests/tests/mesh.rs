@@ -183,6 +183,40 @@ fn speedtest_both_ways() {
 }
 
 #[test]
+fn a_connect_may_wait_for_an_agent_that_is_not_up_yet() {
+    let env = TestEnv::start();
+    env.bootstrap("alice");
+    let token = env.create_workspace("alice", "dev");
+    let alice = env.token_of("alice");
+    let client = iroh::SecretKey::generate();
+    let body = |wait: u64| serde_json::json!({ "client_id": client.public(), "wait": wait });
+    // Without a wait (or 0), no agent is a 409 at once.
+    env.http()
+        .post_json("/api/v1/workspaces/me/dev/connect", Some(&alice), &body(0))
+        .error(409);
+    // With one, the answer comes when the agent is up. The request goes out first;
+    // the agent starts a second later.
+    let asked = std::thread::scope(|s| {
+        let asking = s.spawn(|| {
+            env.http().post_json(
+                "/api/v1/workspaces/me/dev/connect",
+                Some(&alice),
+                // Far beyond the coordinator's bound, which it applies.
+                &body(u64::MAX),
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let agent = env.start_agent(&token);
+        (asking.join().unwrap(), agent)
+    });
+    let (reply, _agent) = asked;
+    assert_eq!(reply.status, 200, "{reply:#?}");
+    assert!(reply.body["ticket"].is_string(), "{reply:#?}");
+    // With the host key the agent reported as it came up (SSH needs it).
+    assert!(reply.body["ssh_host_key"].is_string(), "{reply:#?}");
+}
+
+#[test]
 fn other_users_and_missing_agents_are_refused() {
     let env = TestEnv::start();
     env.bootstrap("admin");
