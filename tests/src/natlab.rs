@@ -171,12 +171,7 @@ impl Lab {
         client_env: &[(&str, &str)],
         start_agent: bool,
     ) -> Option<Lab> {
-        if let Err(why) = prerequisites() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true") || why.starts_with("needs root"),
-                "cannot build the NAT lab under CI: {why}"
-            );
-            eprintln!("skipping: {why}");
+        if !can_use_namespaces("build the NAT lab") {
             return None;
         }
         sweep_stale_labs();
@@ -456,7 +451,22 @@ impl Lab {
 }
 
 /// Why this process cannot build a lab, if it cannot.
-pub(crate) fn prerequisites() -> Result<(), String> {
+/// Whether this process may make network namespaces (root, with `ip`, `nft` and
+/// `sysctl`); when not, prints why, as a skip. Under CI (`CI=true`) a missing tool
+/// fails the test instead: `.ci/test` installs them.
+pub(crate) fn can_use_namespaces(to: &str) -> bool {
+    let Err(why) = prerequisites() else {
+        return true;
+    };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true") || why.starts_with("needs root"),
+        "cannot {to} under CI: {why}"
+    );
+    eprintln!("skipping: cannot {to}: {why}");
+    false
+}
+
+fn prerequisites() -> Result<(), String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     // "Uid:\treal\teffective\tsaved\tfs"
     let euid = status

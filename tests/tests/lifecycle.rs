@@ -451,6 +451,20 @@ fn scheduled_env() -> Env {
     env
 }
 
+/// Waits (up to `secs`) until admin's `dev` is `want` (stopped or running) by a
+/// build nobody asked for: the schedule's.
+fn scheduled_build_ends(env: &TestEnv, want: &str, secs: u64) {
+    tests::eventually_within(
+        std::time::Duration::from_secs(secs),
+        &format!("it is {want} by itself"),
+        || state(env, "admin", "dev") == want,
+    );
+    let build = latest_build(env, "admin", "dev");
+    let transition = if want == "stopped" { "stop" } else { "start" };
+    assert_eq!(build["transition"], transition, "{build:#}");
+    assert!(build.get("initiator").is_none(), "{build:#}");
+}
+
 #[test]
 fn an_idle_workspace_stops_by_itself_at_its_ttl_and_its_machine_is_gone() {
     let env = scheduled_env();
@@ -478,15 +492,7 @@ fn an_idle_workspace_stops_by_itself_at_its_ttl_and_its_machine_is_gone() {
         .join(&id)
         .join("agent.pid");
     let pgid = std::fs::read_to_string(&pidfile).unwrap();
-    tests::eventually_within(
-        std::time::Duration::from_secs(60),
-        "it stops by itself",
-        || state(&env, "admin", "dev") == "stopped",
-    );
-    let build = latest_build(&env, "admin", "dev");
-    assert_eq!(build["transition"], "stop");
-    // Nobody asked: the schedule did.
-    assert!(build.get("initiator").is_none(), "{build:#}");
+    scheduled_build_ends(&env, "stopped", 60);
     assert!(
         !group_alive(pgid.trim()),
         "the machine outlived the auto-stop"
@@ -580,14 +586,7 @@ fn a_stopped_workspace_starts_by_itself_at_its_auto_start_time() {
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
     // ...and soon after it (the ticker looks every 2 s).
-    tests::eventually_within(
-        std::time::Duration::from_secs(30),
-        "it starts by itself",
-        || state(&env, "admin", "dev") == "running",
-    );
-    let build = latest_build(&env, "admin", "dev");
-    assert_eq!(build["transition"], "start");
-    assert!(build.get("initiator").is_none(), "{build:#}");
+    scheduled_build_ends(&env, "running", 30);
     env.wait_agent_connected("admin", "dev");
     let hi = env.run("admin", &["ssh", "dev", "--", "echo", "hi"]).ok();
     assert_eq!(hi.stdout.trim(), "hi");
