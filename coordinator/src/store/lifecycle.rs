@@ -11,9 +11,9 @@ use mesh::{Name, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Store, StoreError, TOKENS, TokenRecord, WorkspaceRecord, WorkspacesMut, decode, encode,
-};
+use super::tables::{TOKENS, WORKSPACE_NAMES, WORKSPACES, decode, encode};
+use super::workspaces::WorkspacesMut;
+use super::{Store, StoreError, TokenRecord, WorkspaceRecord};
 
 /// Template name -> latest version number.
 pub(super) const TEMPLATES: TableDefinition<&str, u64> = TableDefinition::new("templates");
@@ -185,8 +185,8 @@ impl Store {
                 return Ok(false);
             }
             let users: Vec<String> = {
-                let names = txn.open_table(super::WORKSPACE_NAMES)?;
-                let workspaces = txn.open_table(super::WORKSPACES)?;
+                let names = txn.open_table(WORKSPACE_NAMES)?;
+                let workspaces = txn.open_table(WORKSPACES)?;
                 let mut users = Vec::new();
                 for row in names.iter()? {
                     let (key, id) = row?;

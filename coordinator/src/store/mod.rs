@@ -1,0 +1,229 @@
+//! The coordinator's store: one redb file in the data dir.
+//!
+//! Architecture Invariant: this is the only module that opens redb. Every write is one
+//! redb transaction committed with `Durability::Immediate` (redb's default), so a write
+//! the API acknowledged survives a `kill -9` of the server.
+//!
+//! Records are JSON in redb tables keyed by id, with name-index tables beside them.
+//! Agents live inside their workspace record, so a single pass over `workspaces`
+//! yields every agent and app (no query per agent).
+//!
+//! What agents report (connection times, lifecycle, app health, stats, metadata, script
+//! logs) lives in tables of its own keyed by agent id, written in batches by the
+//! ledger's group commit ([`Store::write_agent_state`]), so heartbeats never rewrite
+//! workspace records. [`Store::snapshot`] reads workspaces and all of that in one read
+//! transaction.
+//!
+//! Architecture Invariant: workspace records are written only through
+//! `workspaces::WorkspacesMut`, which counts every write transaction that changes one
+//! in the `changes` table; a scrape reads the workspaces again only when that count
+//! moved.
+//!
+//! One module per kind of thing held, each with its part of [`Store`]'s methods:
+//! `tables` (the tables, how records are encoded in them, the name index and quota
+//! check), `records` (users, tokens, workspaces and their agents), `accounts` (users
+//! and tokens), `workspaces`, `agent_state` (what agents report), `scrape` (what
+//! `/metrics` reads) and `lifecycle` (templates, builds and the build queue).
+
+mod accounts;
+mod agent_state;
+#[cfg(test)]
+mod fixtures;
+mod lifecycle;
+mod records;
+mod scrape;
+mod tables;
+mod workspaces;
+
+use std::path::Path;
+use std::time::Duration;
+
+use redb::Database;
+
+use tables::{
+    AGENT_CONNECTIONS, AGENT_ENDPOINTS, AGENT_LOGS, AGENT_REPORTS, CHANGES, TOKEN_NAMES, TOKENS,
+    USERS, WORKSPACE_NAMES, WORKSPACES,
+};
+
+pub use agent_state::{AgentReports, AgentStateBatch, MAX_LOG_LINES, Snapshot, StoredConnection};
+pub use lifecycle::{
+    ClaimedJob, JobRecord, ProvisionerKey, TemplateVersionRecord, WorkspaceChange,
+};
+pub use records::{AgentRecord, TokenKind, TokenRecord, UserRecord, WorkspaceRecord};
+pub use scrape::{
+    AgentSummary, AppSummary, ReportsSummary, ScrapeAgent, ScrapeCache, ScrapeView,
+    WorkspaceSummary,
+};
+pub use workspaces::EndpointClaim;
+
+/// What can go wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (usually another `myco server`) holds the database file.
+    #[error(
+        "the store {0} is in use by another process; stop the other myco server or pick another --data-dir"
+    )]
+    InUse(String),
+    /// The store file could not be created, or made private to its owner (0600).
+    #[error("cannot make the store {0} private to its owner (mode 0600): {1}")]
+    Private(String, #[source] std::io::Error),
+    /// redb failed: I/O, corruption it detected, or a transaction error.
+    #[error("store failure: {0}")]
+    Database(#[from] redb::Error),
+    /// A record could not be decoded; the file was written by an incompatible version.
+    #[error("store record {table}/{key} is unreadable: {source}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The first user exists already.
+    #[error("the first user has already been created")]
+    FirstUserExists,
+    /// A record with this unique name exists already.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The record to change does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A user to delete still owns workspaces.
+    #[error("user {0} still owns workspaces")]
+    OwnsWorkspaces(String),
+    /// A template to delete is used by workspaces (named).
+    #[error("{0}")]
+    TemplateInUse(String),
+    /// A workspace made without a template has no machine to start or stop.
+    #[error(
+        "workspace {0} was made without a template; there is no machine to start, stop or build"
+    )]
+    NoTemplate(String),
+    /// A build of the workspace has not ended.
+    #[error("{0}")]
+    Busy(String),
+    /// The owner already has as many of these as their quota allows.
+    #[error("{what} of {owner}: the quota of {max} is reached")]
+    Quota {
+        what: &'static str,
+        owner: String,
+        max: usize,
+    },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Database(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// The coordinator's database.
+pub struct Store {
+    db: Database,
+    /// Agents whose workspace was deleted since the store opened: the ledger's
+    /// flushes write no rows for them, even one that raced the delete. Agent ids are
+    /// random and never reused, and agents of deleted workspaces cannot reconnect.
+    deleted_agents: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Test hook: every record a snapshot reads takes this long, as on a slow disk.
+    read_delay: Option<Duration>,
+    /// Bumped after every commit that adds build output or ends a build, so that
+    /// followers of a build's output wake instead of polling.
+    build_changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store file and makes sure every table exists.
+    ///
+    /// # Errors
+    /// [`StoreError::InUse`] when another process holds the file; [`StoreError::Database`]
+    /// when redb cannot open or repair it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // redb would create the file 0666 less the umask: made (or narrowed) 0600 first.
+        match mesh::identity::private_file(path) {
+            Ok(None) => {}
+            Ok(Some(old)) => tracing::warn!(
+                path = %path.display(),
+                "the store was open to other users (mode {old:o}); narrowed it to owner only"
+            ),
+            Err(e) => return Err(StoreError::Private(path.display().to_string(), e)),
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::InUse(path.display().to_string())
+            }
+            other => StoreError::Database(other.into()),
+        })?;
+        let txn = db.begin_write()?;
+        txn.open_table(USERS)?;
+        txn.open_table(TOKENS)?;
+        txn.open_table(TOKEN_NAMES)?;
+        txn.open_table(WORKSPACES)?;
+        txn.open_table(WORKSPACE_NAMES)?;
+        txn.open_table(AGENT_CONNECTIONS)?;
+        txn.open_table(AGENT_REPORTS)?;
+        txn.open_table(AGENT_LOGS)?;
+        txn.open_table(AGENT_ENDPOINTS)?;
+        txn.open_table(CHANGES)?;
+        txn.open_table(lifecycle::TEMPLATES)?;
+        txn.open_table(lifecycle::TEMPLATE_VERSIONS)?;
+        txn.open_table(lifecycle::TEMPLATE_ARCHIVES)?;
+        txn.open_table(lifecycle::BUILDS)?;
+        txn.open_table(lifecycle::BUILD_LOGS)?;
+        txn.open_table(lifecycle::JOBS)?;
+        txn.open_table(lifecycle::PROVISIONER_KEYS)?;
+        txn.commit()?;
+        Ok(Self {
+            db,
+            deleted_agents: Default::default(),
+            read_delay: None,
+            build_changes: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Makes every record a snapshot reads take `delay` (tests of slow stores).
+    #[cfg(test)]
+    pub fn slow_reads(&mut self, delay: Duration) {
+        self.read_delay = Some(delay);
+    }
+
+    fn read_delay(&self) {
+        if let Some(d) = self.read_delay {
+            std::thread::sleep(d);
+        }
+    }
+
+    fn deleted_agents(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A plain set, each update complete: a panic elsewhere cannot corrupt it.
+        self.deleted_agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_reports_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _first = Store::open(&path).unwrap();
+        assert!(matches!(Store::open(&path), Err(StoreError::InUse(_))));
+    }
+}
