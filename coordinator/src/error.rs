@@ -1,8 +1,8 @@
 //! `ApiError`, how every failed request is answered: JSON `{"message", "detail"}` with a
 //! fitting status; `ApiJson`, a `Json` extractor whose rejections are such errors.
 //!
-//! Apart from `api` so the control channel, the relay and `/metrics` answer failures the
-//! same way without importing the API's routes.
+//! Apart from `api` so the control channel and the relay answer failures the same way
+//! without importing the API's routes.
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;

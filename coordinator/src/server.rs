@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, MetricsState};
 use crate::ledger::AgentLedger;
-use crate::metrics::{CoordinatorMetrics, MetricsState, RelaySources};
+use crate::metrics::{CoordinatorMetrics, RelaySources};
 use crate::registry::MeshRegistry;
 use crate::relay::RelayState;
 use crate::status::StatusPolicy;
@@ -411,7 +411,7 @@ impl Coordinator {
             });
         }
         if let Some(listener) = self.prometheus {
-            let app = crate::metrics::router(MetricsState {
+            let app = api::prometheus_router(MetricsState {
                 metrics: metrics.clone(),
                 store: self.store.clone(),
                 policy,

@@ -1,14 +1,25 @@
-//! What operators and `myco netcheck` read: `/metrics` (admins), relay statistics
-//! (admins) and the netcheck targets (public).
+//! What operators and `myco netcheck` read: `/metrics` (admins on the API listener,
+//! anyone on a `--prometheus-address` listener), relay statistics (admins) and the
+//! netcheck targets (public).
+//!
+//! `metrics` scrapes and knows nothing of HTTP answers; this module serves its
+//! [`ScrapeBody`](crate::metrics::ScrapeBody) and answers a failed scrape as an [`ApiError`], so the dependency
+//! goes one way, from `api` to `metrics`.
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::response::Response;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use mesh::api;
 
 use super::AppState;
 use super::callers::Caller;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::{CoordinatorMetrics, Format};
+use crate::status::StatusPolicy;
+use crate::store::Store;
 
 /// What `myco netcheck` probes: the relay and both QAD ports. Public, like the relay
 /// and the QAD ports themselves, so a machine can be checked before anyone logs in.
@@ -41,13 +52,53 @@ pub(super) async fn relay_stats(
 pub(super) async fn metrics(
     State(state): State<AppState>,
     caller: Caller,
-    headers: axum::http::HeaderMap,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
-    let ms = crate::metrics::MetricsState {
+    let ms = MetricsState {
         metrics: state.metrics.clone(),
         store: state.store.clone(),
         policy: state.policy,
     };
-    Ok(crate::metrics::scrape_response(ms, &headers).await)
+    Ok(scrape_response(ms, &headers).await)
+}
+
+/// What `/metrics` needs.
+#[derive(Clone)]
+pub(crate) struct MetricsState {
+    pub(crate) metrics: CoordinatorMetrics,
+    pub(crate) store: Arc<Store>,
+    pub(crate) policy: StatusPolicy,
+}
+
+/// The router of a `--prometheus-address` listener: `/metrics` and nothing else, no
+/// authentication (bind it where only the scraper reaches).
+pub(crate) fn prometheus_router(state: MetricsState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(prometheus_metrics))
+        .with_state(state)
+}
+
+/// `GET /metrics` on a `--prometheus-address` listener.
+async fn prometheus_metrics(State(state): State<MetricsState>, headers: HeaderMap) -> Response {
+    scrape_response(state, &headers).await
+}
+
+/// A scrape answered in the format the request asked for.
+async fn scrape_response(state: MetricsState, headers: &HeaderMap) -> Response {
+    let format = Format::from_accept(headers);
+    let scraped = tokio::task::spawn_blocking(move || {
+        state.metrics.scrape(&state.store, &state.policy, format)
+    })
+    .await;
+    match scraped {
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, format.content_type())],
+            axum::body::Body::new(body),
+        )
+            .into_response(),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::internal("the scrape failed", e.to_string()).into_response(),
+    }
 }

@@ -5,7 +5,8 @@
 //! large, unknown route); the error type is [`crate::error::ApiError`].
 //!
 //! One module per resource: `users`, `tokens`, `workspaces`, `connect` (tickets) and
-//! `diagnostics` (`/metrics`, relay stats, netcheck targets); `callers` authenticates.
+//! `diagnostics` (`/metrics`, also on a `--prometheus-address` listener, relay stats,
+//! netcheck targets); `callers` authenticates.
 //!
 //! [`ErrorBody`]: mesh::api::ErrorBody
 
@@ -19,6 +20,8 @@ mod templates;
 mod tokens;
 mod users;
 mod workspaces;
+
+pub(crate) use self::diagnostics::{MetricsState, prometheus_router};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +37,7 @@ use mesh::api::BuildInfo;
 use self::callers::Caller;
 use crate::error::{ApiError, ApiResult, MAX_BODY_BYTES};
 use crate::ledger::AgentLedger;
-use crate::metrics::CoordinatorMetrics;
+use crate::metrics::{CoordinatorMetrics, HttpLabels};
 use crate::registry::{MeshRegistry, Push};
 use crate::relay::{self, RelayState};
 use crate::status::StatusPolicy;
@@ -262,8 +265,7 @@ pub fn route_table() -> Vec<Route> {
 
 pub(crate) fn router(state: AppState) -> Router {
     // Counts requests by their matched route, so it wraps routes, not the router.
-    let counted =
-        axum::middleware::from_fn_with_state(state.metrics.clone(), crate::metrics::count_requests);
+    let counted = axum::middleware::from_fn_with_state(state.metrics.clone(), count_requests);
     let api = api_routes().router.route_layer(counted.clone());
     let relay_routes = Router::new()
         .route(iroh_relay::http::RELAY_PATH, get(relay::relay_handler))
@@ -285,6 +287,26 @@ pub(crate) fn router(state: AppState) -> Router {
         ))
         .with_state(state)
         .merge(relay_routes)
+}
+
+/// Counts every request by method, matched route and status code.
+async fn count_requests(
+    axum::extract::State(metrics): axum::extract::State<CoordinatorMetrics>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    metrics.http_request(HttpLabels {
+        method,
+        route,
+        code: resp.status().as_u16().to_string(),
+    });
+    resp
 }
 
 /// Answers `503` when a request (its body read included: a client trickling a body
