@@ -3,17 +3,24 @@
 //! whose pending stdin read keeps the process alive at exit. A terminal or pipe is
 //! opened again non-blocking and polled on the runtime's own thread (no thread wake-up
 //! per keystroke or packet); anything else is read or written with plain blocking I/O
-//! on a thread of its own.
+//! on a thread of its own. A pipe is read straight into the buffer that goes on to
+//! the QUIC stream, without a copy (BENCHMARKS.md, "The IDE path").
 
 use std::io::{Read, Write};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 /// Bytes read from stdin at a time.
 const CHUNK: usize = 256 * 1024;
+/// Room for a pipe's read (a Linux pipe holds 64 KiB unless resized), and the size of
+/// the buffers reads share: a buffer goes on to the QUIC stream, which keeps it until
+/// the agent has it, so reads fill a fresh one whenever the last is still in flight.
+const PIPE_READ: usize = 64 * 1024;
+const PIPE_BUFFER: usize = 1024 * 1024;
 
 /// Chunks of stdin as they arrive; `None` is end of input (or a read error).
 pub fn stdin_chunks() -> mpsc::Receiver<Option<Bytes>> {
@@ -45,9 +52,12 @@ pub fn stdin_chunks() -> mpsc::Receiver<Option<Bytes>> {
 pub enum Input {
     /// Chunks from [`stdin_chunks`]'s thread.
     Thread(mpsc::Receiver<Option<Bytes>>),
-    /// A terminal or pipe read on the runtime's own thread (see [`Input::stdin`]),
-    /// into a buffer of the size of a read.
+    /// A terminal read on the runtime's own thread (see [`Input::stdin`]), into a
+    /// buffer of the size of a read.
     Polled(AsyncFd<std::fs::File>, Box<[u8]>),
+    /// A pipe read on the runtime's own thread straight into the buffer it is sent
+    /// from.
+    Pipe(pipe::Receiver, BytesMut),
 }
 
 impl Input {
@@ -63,13 +73,13 @@ impl Input {
         if std::io::IsTerminal::is_terminal(&stdin)
             && let Ok(name) = nix::unistd::ttyname(&stdin)
         {
-            match open_again(&name, false) {
+            match open_again(&name) {
                 Ok(fd) => return Self::Polled(fd, vec![0; 4096].into()),
                 Err(e) => tracing::debug!("cannot open {} again: {e}", name.display()),
             }
         } else if is_pipe(&stdin) {
-            match open_again(std::path::Path::new("/proc/self/fd/0"), false) {
-                Ok(fd) => return Self::Polled(fd, vec![0; CHUNK].into()),
+            match std::fs::File::open("/proc/self/fd/0").and_then(pipe::Receiver::from_file) {
+                Ok(rx) => return Self::Pipe(rx, BytesMut::with_capacity(PIPE_BUFFER)),
                 Err(e) => tracing::debug!("cannot open the stdin pipe again: {e}"),
             }
         }
@@ -88,6 +98,16 @@ impl Input {
                     Err(_would_block) => {}
                 }
             },
+            Self::Pipe(rx, buf) => loop {
+                rx.readable().await.ok()?;
+                buf.reserve(PIPE_READ);
+                match rx.try_read_buf(buf) {
+                    Ok(0) => return None,
+                    Ok(_) => return Some(buf.split().freeze()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return None,
+                }
+            },
         }
     }
 }
@@ -99,26 +119,18 @@ fn is_pipe(fd: impl std::os::fd::AsFd) -> bool {
     })
 }
 
-/// Opens a terminal or pipe again, non-blocking, and registers it with the runtime.
-fn open_again(path: &std::path::Path, write: bool) -> std::io::Result<AsyncFd<std::fs::File>> {
+/// Opens a terminal again for reading, non-blocking, and registers it with the runtime.
+fn open_again(path: &std::path::Path) -> std::io::Result<AsyncFd<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY;
     let file = std::fs::OpenOptions::new()
-        .read(!write)
-        .write(write)
+        .read(true)
         .custom_flags(flags.bits())
         .open(path)?;
-    register(
-        file,
-        if write {
-            Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        },
-    )
+    register(file, Interest::READABLE)
 }
 
-/// Registers a terminal or pipe with the runtime. tokio deprecated the safe
+/// Registers a terminal with the runtime. tokio deprecated the safe
 /// constructor because a type's `as_raw_fd` could change under it (tokio#8587); a
 /// `File` owns one descriptor for its whole life, so the reason does not apply, and
 /// the alternative is `unsafe`, which the workspace forbids.
@@ -152,7 +164,8 @@ pub enum Output {
         tx: Option<mpsc::Sender<(Stream, Bytes)>>,
         thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     },
-    Polled(AsyncFd<std::fs::File>),
+    /// Stdout as a pipe, written on the runtime's thread.
+    Pipe(pipe::Sender),
 }
 
 impl Output {
@@ -179,8 +192,11 @@ impl Output {
     /// OpenSSH wakes no other thread on its way; anything else gets a thread.
     pub fn stdout() -> Self {
         if is_pipe(std::io::stdout()) {
-            match open_again(std::path::Path::new("/proc/self/fd/1"), true) {
-                Ok(fd) => return Self::Polled(fd),
+            let again = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/self/fd/1");
+            match again.and_then(pipe::Sender::from_file) {
+                Ok(tx) => return Self::Pipe(tx),
                 Err(e) => tracing::debug!("cannot open the stdout pipe again: {e}"),
             }
         }
@@ -192,15 +208,15 @@ impl Output {
     pub async fn write(&mut self, stream: Stream, data: Bytes) -> std::io::Result<()> {
         let (tx, thread) = match self {
             // `--stdio` writes nothing to stderr; anything that did would go out at once.
-            Self::Polled(_) if matches!(stream, Stream::Stderr) => return write_now(stream, &data),
-            Self::Polled(fd) => {
+            Self::Pipe(_) if matches!(stream, Stream::Stderr) => return write_now(stream, &data),
+            Self::Pipe(tx) => {
                 let mut rest = &data[..];
                 while !rest.is_empty() {
-                    let mut ready = fd.writable().await?;
-                    match ready.try_io(|f| f.get_ref().write(rest)) {
-                        Ok(Ok(n)) => rest = &rest[n..],
-                        Ok(Err(e)) => return Err(e),
-                        Err(_would_block) => {}
+                    tx.writable().await?;
+                    match tx.try_write(rest) {
+                        Ok(n) => rest = &rest[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 return Ok(());

@@ -141,6 +141,9 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
     }
     // Bytes are moved in large chunks: OpenSSH's writes are at most 32 KiB and QUIC
     // hands out about a packet per read, so both sides are gathered before a write.
+    // Stdin is read straight into the buffer the QUIC stream sends, without a copy.
+    // (Reading QUIC's own chunks and writing them with one `writev` instead of
+    // gathering them here cost more in noq than the copy saves: BENCHMARKS.md.)
     let mut input = crate::stdio::Input::stdin();
     let mut output = Output::stdout();
     {
