@@ -178,7 +178,7 @@ impl Client {
             anyhow::anyhow!(
                 "cannot reach the coordinator at {}: {why} ({})",
                 self.base,
-                root_cause(&e)
+                mesh::error::root_cause(&e)
             )
         })?;
         if resp.status().is_success() {
@@ -268,14 +268,6 @@ impl Client {
         self.send(method, path, None).await?;
         Ok(())
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {

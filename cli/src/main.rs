@@ -410,7 +410,7 @@ fn main() -> ExitCode {
             ExitCode::from(e.downcast_ref::<ExitWith>().map_or(1, |c| c.0))
         }
         Err(e) => {
-            eprintln!("myco: {}", one_line(&e));
+            eprintln!("myco: {}", mesh::error::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -553,24 +553,6 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
-/// The error and its causes on one line, as `{:#}` prints them, less the repeats: a
-/// cause whose whole text already ends the line adds nothing (iroh's connect errors
-/// wrap one another transparently, which printed "timed out: timed out: timed out").
-/// Every error line meant for the user goes through here.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.is_empty() {
-            line = text;
-        } else if line != text && !line.ends_with(&format!(": {text}")) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-    }
-    line
-}
-
 /// `myco ... | head` closing the pipe is not a failure.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -639,8 +621,10 @@ mod tests {
         assert_eq!(listed.count(), CLIENT_FLAGS.len(), "myco ls --help");
     }
 
+    /// An `anyhow` chain printed through its `as_ref()` is `{:#}`'s, less the repeats.
     #[test]
     fn one_line_drops_causes_already_said() {
+        let one_line = |e: &anyhow::Error| mesh::error::error_chain(e.as_ref());
         let inner = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
         let e = anyhow::Error::new(inner)
             .context("timed out")

@@ -108,7 +108,7 @@ pub async fn logout(globals: &Globals) -> anyhow::Result<()> {
             println!("removed the local session for {}", saved.url);
             eprintln!(
                 "myco: warning: the coordinator could not revoke it: {}",
-                crate::one_line(&e)
+                mesh::error::error_chain(e.as_ref())
             );
         }
     }

@@ -214,7 +214,7 @@ async fn serve_tcp(listener: TcpListener, route: Route) {
                 let route = route.clone();
                 tokio::spawn(async move {
                     if let Err(e) = tcp_connection(tcp, &route).await {
-                        eprintln!("{}: {}", route.label, crate::one_line(&e));
+                        eprintln!("{}: {}", route.label, mesh::error::error_chain(e.as_ref()));
                     }
                 });
             }
@@ -289,7 +289,7 @@ async fn serve_udp(socket: UdpSocket, route: Route) {
                         eprintln!(
                             "{} from {source}: {}",
                             session.route.label,
-                            crate::one_line(&e)
+                            mesh::error::error_chain(e.as_ref())
                         );
                     }
                     let _ = ended.send((source, id));

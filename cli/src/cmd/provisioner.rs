@@ -191,7 +191,7 @@ async fn worker(client: Client, tags: BTreeMap<String, String>, dir: PathBuf, in
             Err(e) => {
                 tracing::warn!(
                     "cannot ask the coordinator for builds: {}",
-                    crate::one_line(&e)
+                    mesh::error::error_chain(e.as_ref())
                 );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -252,7 +252,10 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
                         lines,
                     };
                     if let Err(e) = client.post_empty(&format!("{base}/logs"), &body).await {
-                        tracing::warn!("cannot send build output: {}", crate::one_line(&e));
+                        tracing::warn!(
+                            "cannot send build output: {}",
+                            mesh::error::error_chain(e.as_ref())
+                        );
                     }
                 }
             }
@@ -280,7 +283,7 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
                         return;
                     }
                     Err(e) => {
-                        let text = crate::one_line(&e);
+                        let text = mesh::error::error_chain(e.as_ref());
                         tracing::warn!("cannot renew the build's lease: {text}");
                         // The coordinator says it is not ours any more: stop.
                         if text.contains("is not this provisioner's") {
@@ -315,7 +318,7 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
                 tracing::warn!(
                     attempt,
                     "cannot report how the build ended: {}",
-                    crate::one_line(&e)
+                    mesh::error::error_chain(e.as_ref())
                 );
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }

@@ -416,7 +416,10 @@ async fn run_agent(ctx: AgentTask, permit: tokio::sync::OwnedSemaphorePermit) {
     if let Err(e) = result
         && !ctx.hang_up.load(Ordering::Relaxed)
     {
-        eprintln!("simulated agent channel ended: {}", crate::one_line(&e));
+        eprintln!(
+            "simulated agent channel ended: {}",
+            mesh::error::error_chain(e.as_ref())
+        );
     }
 }
 
