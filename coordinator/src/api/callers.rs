@@ -11,6 +11,16 @@ use crate::auth;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{TokenKind, TokenRecord, UserRecord};
 
+/// The token of an `Authorization` header value `Bearer <token>`, the one parser of
+/// every extractor here. The scheme is case-insensitive (RFC 7235 section 2.1, which
+/// RFC 6750 keeps) and spaces around the token are not part of it. `None` for another
+/// scheme or no token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The authenticated user behind a request's `Authorization: Bearer` token.
 pub(crate) struct Caller {
     pub(crate) user: UserRecord,
@@ -32,16 +42,13 @@ impl FromRequestParts<AppState> for Caller {
             })?
             .to_str()
             .map_err(|_| ApiError::unauthorized("malformed Authorization header", ""))?;
-        let text = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
+        let text = bearer_token(header)
             .ok_or_else(|| {
                 ApiError::unauthorized(
                     "Authorization header is not a bearer token",
                     "send Authorization: Bearer <token>",
                 )
             })?
-            .trim()
             .to_owned();
         let invalid = || {
             ApiError::unauthorized(
@@ -122,7 +129,7 @@ impl FromRequestParts<AppState> for AgentCaller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .ok_or_else(|| {
                 ApiError::unauthorized(
                     "missing agent token",
@@ -186,7 +193,7 @@ impl FromRequestParts<AppState> for ProvisionerCaller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .ok_or_else(invalid)?
             .to_owned();
         let store = state.store.clone();
@@ -200,5 +207,42 @@ impl FromRequestParts<AppState> for ProvisionerCaller {
         Ok(ProvisionerCaller {
             name: found.ok_or_else(invalid)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("bEaReR abc"), Some("abc"));
+    }
+
+    #[test]
+    fn spaces_around_the_token_are_not_part_of_it() {
+        assert_eq!(bearer_token("Bearer   abc"), Some("abc"));
+        assert_eq!(bearer_token("  Bearer abc  "), Some("abc"));
+        assert_eq!(bearer_token("Bearer abc\t"), Some("abc"));
+    }
+
+    #[test]
+    fn no_token_is_none() {
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearer    "), None);
+        assert_eq!(bearer_token(""), None);
+    }
+
+    #[test]
+    fn other_schemes_are_none() {
+        assert_eq!(bearer_token("Basic YWxpY2U6cHc="), None);
+        assert_eq!(bearer_token("Token abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Bearer-x abc"), None);
+        assert_eq!(bearer_token("abc"), None);
     }
 }
