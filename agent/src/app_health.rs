@@ -131,27 +131,51 @@ impl AppHealthChecker {
     ///
     /// # Cancel safety
     /// Dropping the future abandons the requests in flight.
-    pub(crate) async fn run(mut self, mut changed: impl FnMut(&Name, AppHealth)) {
+    pub(crate) async fn run(self, changed: impl FnMut(&Name, AppHealth)) {
+        let client = self.client.clone();
+        self.run_with(changed, move |check| {
+            let request = client.get(&check.url).timeout(check.timeout());
+            async move {
+                match request.send().await {
+                    Ok(resp) if resp.status().as_u16() < 500 => Ok(()),
+                    Ok(resp) => Err(format!("answered {}", resp.status())),
+                    Err(e) => Err(netcheck::error_chain(&e)),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// [`Self::run`] with the probe passed in, so a test can make one fail or panic.
+    ///
+    /// A probe that panics counts as a failed check, and its app stays on the
+    /// schedule: the task's id, not its output, says which app it probed.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the probes in flight.
+    async fn run_with<F, P>(mut self, mut changed: impl FnMut(&Name, AppHealth), mut probe: F)
+    where
+        F: FnMut(&Check) -> P,
+        P: Future<Output = Result<(), String>> + Send + 'static,
+    {
         let mut probes = JoinSet::new();
+        let mut probing: HashMap<tokio::task::Id, Name> = HashMap::new();
         loop {
             for slug in self.schedule.take_due(Instant::now()) {
                 let Some((check, _)) = self.checks.get(&slug) else {
                     continue;
                 };
-                let request = self.client.get(&check.url).timeout(check.timeout());
-                probes.spawn(async move {
-                    let result = match request.send().await {
-                        Ok(resp) if resp.status().as_u16() < 500 => Ok(()),
-                        Ok(resp) => Err(format!("answered {}", resp.status())),
-                        Err(e) => Err(netcheck::error_chain(&e)),
-                    };
-                    (slug, result)
-                });
+                let handle = probes.spawn(probe(check));
+                probing.insert(handle.id(), slug);
             }
             let due = self.schedule.poll_timeout();
             tokio::select! {
-                Some(done) = probes.join_next() => {
-                    let Ok((slug, result)) = done else { continue };
+                Some(done) = probes.join_next_with_id() => {
+                    let (id, result) = match done {
+                        Ok((id, result)) => (id, result),
+                        Err(e) => (e.id(), Err(format!("the check failed: {e}"))),
+                    };
+                    let Some(slug) = probing.remove(&id) else { continue };
                     self.schedule.finished(&slug, Instant::now());
                     if let Err(e) = &result {
                         tracing::debug!(app = %slug, "health check failed: {e}");
@@ -250,6 +274,39 @@ mod tests {
         assert_eq!(check.timeout(), Duration::from_secs(1));
         let plain: App = serde_json::from_str(r#"{"slug":"web","url":"http://x"}"#).unwrap();
         assert_eq!(Check::of(&plain), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_panics_counts_as_a_failure_and_the_app_is_probed_again() {
+        let slug = Name::new("web").unwrap();
+        let checker = AppHealthChecker::new(vec![Check {
+            slug: slug.clone(),
+            url: "http://127.0.0.1:1/health".into(),
+            interval: Duration::from_secs(1),
+            threshold: 1,
+        }])
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut probes = 0u32;
+        let checking = tokio::spawn(checker.run_with(
+            move |slug, health| {
+                let _ = tx.send((slug.clone(), health));
+            },
+            move |_| {
+                probes += 1;
+                let first = probes == 1;
+                async move {
+                    assert!(!first, "the first probe panics");
+                    Ok(())
+                }
+            },
+        ));
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            (slug.clone(), AppHealth::Unhealthy)
+        );
+        assert_eq!(rx.recv().await.unwrap(), (slug, AppHealth::Healthy));
+        checking.abort();
     }
 
     /// A bare HTTP/1.1 server answering every request with the status in `status`.
