@@ -1,8 +1,17 @@
-//! The account the agent runs as, read from the password database each time a
-//! command starts, as sshd reads it at login: the login shell every session and
-//! script runs through, and the variables a login sets (`USER`, `LOGNAME`, `HOME`,
-//! `SHELL`). A container seldom sets `$SHELL` or `$USER` for its entrypoint, so the
-//! agent's own environment alone would give a bash user `/bin/sh` and no `$USER`.
+//! The account the agent runs as, read from the password database when an SSH
+//! connection starts and when a workspace script starts, as sshd reads it at login:
+//! the login shell every session and script runs through, and the variables a login
+//! sets (`USER`, `LOGNAME`, `HOME`, `SHELL`). A container seldom sets `$SHELL` or
+//! `$USER` for its entrypoint, so the agent's own environment alone would give a bash
+//! user `/bin/sh` and no `$USER`.
+//!
+//! Why per connection and not once at agent start: sshd reads the entry once per
+//! connection (at authentication) and every session of that connection uses it, so a
+//! `chsh` in the workspace (a dotfiles installer switching to zsh) applies to the
+//! next connection. Reading it once at agent start would keep the old shell until the
+//! workspace restarts. The lookup (`getpwuid`, which may go through NSS to LDAP or
+//! sssd, and a `stat` of the shell) runs on the blocking pool ([`Account::lookup`]),
+//! never on the agent's only runtime thread.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,9 +35,29 @@ pub(crate) struct Account {
 }
 
 impl Account {
+    /// [`Self::current`] on the blocking pool. Should that task fail (a panic, or the
+    /// runtime shutting down), the account is taken from the agent's environment.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the lookup to finish on the blocking pool unseen.
+    pub(crate) async fn lookup() -> Self {
+        match tokio::task::spawn_blocking(Self::current).await {
+            Ok(account) => account,
+            Err(e) => {
+                tracing::warn!("cannot read the password database: {e}");
+                Self::from_entry(nix::unistd::getuid(), None)
+            }
+        }
+    }
+
+    /// The account from the password database. Blocks (NSS): call it through
+    /// [`Self::lookup`] on a runtime thread.
     pub(crate) fn current() -> Self {
         let uid = nix::unistd::getuid();
-        let entry = nix::unistd::User::from_uid(uid).ok().flatten();
+        Self::from_entry(uid, nix::unistd::User::from_uid(uid).ok().flatten())
+    }
+
+    fn from_entry(uid: nix::unistd::Uid, entry: Option<nix::unistd::User>) -> Self {
         // The database's shell first (as sshd), unless it is no shell to run
         // ("nologin", or missing from this image); then `$SHELL`; then `/bin/sh`.
         let shell = entry
@@ -103,5 +132,15 @@ mod tests {
         let account = Account::current();
         assert!(!account.name.is_empty());
         assert!(Path::new(&account.shell).is_absolute(), "{account:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lookup_off_the_runtime_thread_finds_the_same_account() {
+        let looked_up = Account::lookup().await;
+        let current = Account::current();
+        assert_eq!(
+            (looked_up.name, looked_up.home, looked_up.shell),
+            (current.name, current.home, current.shell)
+        );
     }
 }

@@ -55,6 +55,7 @@ pub(crate) async fn collect(key: Name, script: &str, timeout: Duration) -> Metad
 /// The script's stdout, or that and why it failed.
 async fn capture(script: &str, timeout: Duration) -> Result<String, (String, String)> {
     let mut child = shell_command(script)
+        .await
         .spawn()
         .map_err(|e| (String::new(), format!("cannot start the script: {e}")))?;
     let mut group = GroupKiller::new(child.id());

@@ -19,9 +19,16 @@ pub(crate) const LINE_MAX: usize = mesh::limits::LOG_LINE_MAX;
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 
 /// `$SHELL -c SCRIPT` in the home dir, in its own process group, with no stdin and
-/// without the variables no workspace process may inherit (the agent's token).
-pub(crate) fn shell_command(script: &str) -> tokio::process::Command {
-    let mut cmd = crate::account::Account::current().command(&["-c", script]);
+/// without the variables no workspace process may inherit (the agent's token). The
+/// account is read afresh for every script, off the runtime thread
+/// ([`crate::account`] says why).
+///
+/// # Cancel safety
+/// Dropping the future abandons the account lookup; nothing has started yet.
+pub(crate) async fn shell_command(script: &str) -> tokio::process::Command {
+    let mut cmd = crate::account::Account::lookup()
+        .await
+        .command(&["-c", script]);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -120,7 +127,7 @@ pub(crate) async fn run<F>(script: &str, timeout: Duration, sink: F) -> ScriptOu
 where
     F: FnMut(String) + Send + 'static,
 {
-    let mut cmd = shell_command(script);
+    let mut cmd = shell_command(script).await;
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -359,9 +366,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn scripts_do_not_inherit_the_agent_token() {
-        let cmd = shell_command("true");
+    #[tokio::test]
+    async fn scripts_do_not_inherit_the_agent_token() {
+        let cmd = shell_command("true").await;
         let removed: Vec<_> = cmd
             .as_std()
             .get_envs()

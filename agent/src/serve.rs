@@ -113,6 +113,7 @@ async fn handle(
         a if a == alpn::SSH => {
             let env = crate::ssh::SessionEnv::from_target(&known.agent);
             let idle_timeout = ssh.inactivity_timeout;
+            let account = crate::account::Account::lookup().await;
             let session = russh::server::run_stream(
                 ssh,
                 tokio::io::join(recv, send),
@@ -123,6 +124,7 @@ async fn handle(
                         bound,
                     },
                     activity.sessions.clone(),
+                    account,
                 ),
             )
             .await

@@ -396,8 +396,8 @@ impl Drop for UnixForward {
 
 /// A socket path from the client: a relative one is taken from the home directory,
 /// where a session starts.
-fn socket_path(path: &str) -> PathBuf {
-    match Account::current().home {
+fn socket_path(home: Option<&Path>, path: &str) -> PathBuf {
+    match home {
         Some(home) => home.join(path),
         None => PathBuf::from(path),
     }
@@ -456,6 +456,9 @@ where
 pub struct SshSession {
     base_env: SessionEnv,
     peer: Peer,
+    /// The account every command runs as, read when the connection started, as sshd
+    /// does ([`crate::account`] says why).
+    account: Account,
     sessions: Arc<SessionCounts>,
     /// The client's open channels, against [`MAX_CHANNELS`].
     open: ChannelCount,
@@ -484,10 +487,16 @@ pub struct SshSession {
 }
 
 impl SshSession {
-    pub fn new(base_env: SessionEnv, peer: Peer, sessions: Arc<SessionCounts>) -> Self {
+    pub(crate) fn new(
+        base_env: SessionEnv,
+        peer: Peer,
+        sessions: Arc<SessionCounts>,
+        account: Account,
+    ) -> Self {
         Self {
             base_env,
             peer,
+            account,
             sessions,
             open: ChannelCount::default(),
             slots: HashMap::new(),
@@ -556,7 +565,7 @@ impl SshSession {
     /// environment requests (but the session kind, which is ours) and the MYCO_*
     /// variables.
     fn command(&mut self, channel: ChannelId, command: Option<&str>) -> tokio::process::Command {
-        let mut cmd = Account::current().command(&match command {
+        let mut cmd = self.account.command(&match command {
             Some(c) => vec!["-c", c],
             None => vec!["-l"],
         });
@@ -928,7 +937,7 @@ impl russh::server::Handler for SshSession {
         match (name, self.channels.remove(&channel)) {
             ("sftp", Some(ch)) => {
                 // Where a shell of the same account starts.
-                let home = Account::current().home.unwrap_or_else(|| "/".into());
+                let home = self.account.home.clone().unwrap_or_else(|| "/".into());
                 crate::sftp::serve(ch, session.handle(), home, self.slots.remove(&channel));
                 session.channel_success(channel)
             }
@@ -1077,7 +1086,7 @@ impl russh::server::Handler for SshSession {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let path = self::socket_path(socket_path);
+        let path = self::socket_path(self.account.home.as_deref(), socket_path);
         let target = path.display().to_string();
         let Some(slot) = self.open.take() else {
             tracing::warn!(
@@ -1109,7 +1118,7 @@ impl russh::server::Handler for SshSession {
         if !self.may_add_remote_forward(socket_path) {
             return Ok(false);
         }
-        let path = self::socket_path(socket_path);
+        let path = self::socket_path(self.account.home.as_deref(), socket_path);
         let listener = match tokio::net::UnixListener::bind(&path) {
             Ok(l) => l,
             Err(e) => {
