@@ -49,6 +49,9 @@ pub enum ControlError {
     /// The mesh endpoint could not be started.
     #[error(transparent)]
     Endpoint(#[from] mesh::endpoint::EndpointError),
+    /// The mesh endpoint closed while the channel ran: nothing can reach the agent.
+    #[error("the agent's mesh endpoint closed; restart the agent")]
+    EndpointClosed,
     /// The coordinator is not the one this agent pinned.
     #[error(transparent)]
     Pin(#[from] crate::pin::PinError),
@@ -280,7 +283,7 @@ async fn channel(
             () = crate::sleep_until(batch_due) => {}
             changed = addrs.updated() => {
                 if changed.is_err() {
-                    return ChannelEnd::Fatal(ControlError::BadUrl("the mesh endpoint closed".into()));
+                    return ChannelEnd::Fatal(ControlError::EndpointClosed);
                 }
             }
             _ = heartbeat.tick() => {
