@@ -11,6 +11,7 @@ use mesh::control::{AgentMessage, CONTROL_PATH, CoordinatorMessage};
 use mesh::endpoint::EndpointOptions;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, http};
 
+use crate::backoff::Backoff;
 use crate::reports::Reports;
 use crate::stats::MeshActivity;
 use crate::{AgentConfig, EndpointCell, Welcome};
@@ -29,11 +30,6 @@ impl std::ops::Deref for ChannelConfig {
         &self.agent
     }
 }
-
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A channel that lived this long resets the backoff.
-const STABLE: Duration = Duration::from_secs(30);
 
 /// Control-channel failures retrying cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +89,9 @@ pub async fn run(
     activity: Arc<MeshActivity>,
 ) -> Result<(), ControlError> {
     let url = control_url(&config.url)?;
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     loop {
-        let started = tokio::time::Instant::now();
+        backoff.started(tokio::time::Instant::now());
         let shared = Shared {
             welcome: &welcome,
             endpoint: &endpoint,
@@ -106,14 +102,9 @@ pub async fn run(
             ChannelEnd::Fatal(e) => return Err(e),
             end => tracing::warn!("control channel: {end}"),
         }
-        if started.elapsed() > STABLE {
-            backoff = BACKOFF_MIN;
-        }
-        // Full jitter within [backoff/2, backoff): agents restarted together spread out.
-        let wait = backoff.mul_f64(0.5 + crate::jitter() / 2.0);
+        let wait = backoff.ended(tokio::time::Instant::now(), crate::jitter());
         tracing::info!(?wait, "reconnecting");
         tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod account;
 mod app_health;
+mod backoff;
 mod control;
 mod forward;
 mod lifecycle;
