@@ -81,8 +81,9 @@ pub(crate) struct Welcome {
 
 /// Holds `None` until the first welcome; closed when the control channel gives up.
 pub(crate) type WelcomeRx = watch::Receiver<Option<Welcome>>;
-/// The mesh endpoint, built on the first welcome and kept across reconnects.
-pub(crate) type EndpointCell = Arc<tokio::sync::OnceCell<mesh::endpoint::MeshEndpoint>>;
+/// The mesh endpoint, built on the first welcome and kept across reconnects; netcheck
+/// waits for it to be built.
+pub(crate) type EndpointCell = Arc<tokio::sync::SetOnce<mesh::endpoint::MeshEndpoint>>;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
