@@ -106,7 +106,10 @@ impl Netchecker {
         else {
             return;
         };
-        crate::sleep_until(self.plan.not_before()).await;
+        // No deadline is no wait here, where `crate::sleep_until(None)` would wait forever.
+        if let Some(at) = self.plan.not_before() {
+            tokio::time::sleep_until(at).await;
+        }
         self.plan.started(Instant::now());
         let t = mesh::endpoint::netcheck_targets(&targets.0, targets.1.as_ref());
         let report = netcheck::run(&t, &self.opts).await;
