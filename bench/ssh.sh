@@ -35,6 +35,11 @@ start_myco
 "$MYCO" config-ssh --ssh-config-file "$work/ssh_config" -y >/dev/null
 viamyco=(ssh -F "$work/ssh_config" -o BatchMode=yes myco.bench)
 mssh=("$MYCO" ssh bench --)
+# What OpenSSH's client negotiates with each server (ssh -vv).
+for side in ossh viamyco; do
+  declare -n cmd=$side
+  echo "$side: $("${cmd[@]}" -vv true 2>&1 | sed -n 's/.*debug1: kex: client->server cipher: \(.*\)/\1/p' | head -1)"
+done
 
 if want a; then
 # (a) Cold logins, interleaved so both sides see the same machine noise.
