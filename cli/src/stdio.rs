@@ -14,12 +14,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-/// Bytes read from stdin at a time.
+/// Bytes [`stdin_chunks`]'s thread reads at a time.
 const CHUNK: usize = 256 * 1024;
-/// Room for a pipe's read (a Linux pipe holds 64 KiB unless resized), and the size of
-/// the buffers reads share: a buffer goes on to the QUIC stream, which keeps it until
-/// the agent has it, so reads fill a fresh one whenever the last is still in flight.
+/// Room made for each read of a stdin pipe (a Linux pipe holds 64 KiB unless resized).
 const PIPE_READ: usize = 64 * 1024;
+/// The size of the buffer a stdin pipe's reads share: each read's bytes go on to the
+/// QUIC stream, which keeps them until the agent has them, so reads fill a fresh
+/// buffer whenever the last one's bytes are still in flight.
 const PIPE_BUFFER: usize = 1024 * 1024;
 
 /// Chunks of stdin as they arrive; `None` is end of input (or a read error).

@@ -143,7 +143,7 @@ pub async fn ssh(globals: &Globals, args: SshArgs) -> anyhow::Result<()> {
     // hands out about a packet per read, so both sides are gathered before a write.
     // Stdin is read straight into the buffer the QUIC stream sends, without a copy.
     // (Reading QUIC's own chunks and writing them with one `writev` instead of
-    // gathering them here cost more in noq than the copy saves: BENCHMARKS.md.)
+    // gathering them here showed no gain: BENCHMARKS.md, "The IDE path".)
     let mut input = crate::stdio::Input::stdin();
     let mut output = Output::stdout();
     {
