@@ -36,11 +36,18 @@ add_agent() {
   token=$("$MYCO" create "$name" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["agent_tokens"][0]["token"])')
   "$bin" agent --url "$url" --token "$token" --data-dir "$work/agent-$name" 2>"$work/agent-$name.err" &
   pids+=($!)
-  for _ in $(seq 200); do
+  wait_for_agent "$name" 30 || { echo "see $work/agent-$name.err" >&2; return 1; }
+}
+
+# wait_for_agent NAME SECONDS: returns once the agent of workspace NAME is connected
+# and has its SSH host key, or fails after SECONDS.
+wait_for_agent() {
+  local name=$1 deadline=$((SECONDS + $2))
+  while ((SECONDS < deadline)); do
     "$MYCO" show "$name" -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") and a.get("ssh_host_key") else 1)' && return 0
     sleep 0.05
   done
-  echo "the agent of $name never connected; see $work/agent-$name.err" >&2
+  echo "the agent of $name never connected" >&2
   return 1
 }
 

@@ -62,10 +62,7 @@ else
 fi
 agent_pid=$!
 pids+=($agent_pid)
-for _ in $(seq 600); do
-  "$MYCO" show bench -o json | python3 -c 'import json,sys; a=json.load(sys.stdin)["agents"][0]; sys.exit(0 if (a.get("connection") or {}).get("relay_url") and a.get("ssh_host_key") else 1)' && break
-  sleep 0.1
-done
+wait_for_agent bench 60 # slower under valgrind
 "$MYCO" config-ssh --ssh-config-file "$work/ssh_config" -y >/dev/null
 # The same block with the ProxyCommand under the tool (its counts in $work/proxy.out).
 tool_prefix "$work/proxy.out"
