@@ -3,6 +3,7 @@
 //! config dir; on loopback, or in the network namespaces of a [`natlab::Lab`].
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod fixtures;
 pub mod hostaddr;
 pub mod natlab;
 pub mod pki;
@@ -62,14 +63,13 @@ pub fn eventually(what: &str, done: impl FnMut() -> bool) {
 /// the system under test).
 #[track_caller]
 pub fn eventually_within(bound: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + bound;
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    fixtures::poll_for(bound, Duration::from_millis(50), what, || {
+        if done() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
 }
 
 /// Hex SHA-256 of `data` as `sha256sum` prints it (digest, two spaces, `-`, newline),
@@ -426,21 +426,13 @@ impl TestEnv {
     /// Sends the server a signal (`HUP`, ...).
     pub fn signal_server(&self, signal: &str) {
         let s = self.server.as_ref().expect("the server runs");
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &s.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        fixtures::signal(s.child.id(), signal);
     }
 
     /// SIGTERM the server and wait for it to exit; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut s = self.server.take()?;
-        let status = Command::new("kill")
-            .args(["-TERM", &s.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        fixtures::signal(s.child.id(), "TERM");
         s.child.wait().unwrap().code()
     }
 
@@ -558,59 +550,61 @@ impl TestEnv {
         }
     }
 
+    /// Waits (bounded, 60 s) until the first agent of `user`'s workspace `ws`, as
+    /// `myco show -o json` has it, satisfies `done`; returns that agent's JSON. A
+    /// failure names `what` and shows the last view. Polls: the coordinator's view
+    /// changes outside the test.
+    #[track_caller]
+    pub fn await_agent(
+        &self,
+        user: &str,
+        ws: &str,
+        what: &str,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        fixtures::poll_for(
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            what,
+            || {
+                let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
+                let agent = shown["agents"][0].clone();
+                if done(&agent) {
+                    Ok(agent)
+                } else {
+                    Err(format!("{shown:#}"))
+                }
+            },
+        )
+    }
+
     /// Waits (bounded) until `user`'s workspace shows its first agent connected with a
     /// direct address; returns that agent's JSON.
+    #[track_caller]
     pub fn wait_agent_connected(&self, user: &str, ws: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
-            let agent = shown["agents"][0].clone();
+        self.await_agent(user, ws, "the agent connects", |agent| {
             let addrs = agent["connection"]["direct_addrs"]
                 .as_array()
                 .map_or(0, Vec::len);
-            if addrs > 0 && agent["connection"]["relay_url"].is_string() {
-                return agent;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "agent never connected: {shown:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            addrs > 0 && agent["connection"]["relay_url"].is_string()
+        })
     }
 
     /// Waits (bounded) until the workspace's first agent shows `status`
     /// (`connected`, `disconnected`, ...); returns that agent's JSON.
+    #[track_caller]
     pub fn wait_agent_status(&self, user: &str, ws: &str, status: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
-            let agent = shown["agents"][0].clone();
-            if agent["status"] == status {
-                return agent;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "agent never became {status}: {shown:#}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.await_agent(user, ws, &format!("the agent is {status}"), |agent| {
+            agent["status"] == status
+        })
     }
 
     /// Waits (bounded) until the workspace shows no connected agent.
+    #[track_caller]
     pub fn wait_agent_gone(&self, user: &str, ws: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let shown = self.run(user, &["show", ws, "-o", "json"]).ok().json();
-            if shown["agents"][0]["connection"].is_null() {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "agent never went away: {shown:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.await_agent(user, ws, "the agent goes away", |agent| {
+            agent["connection"].is_null()
+        });
     }
 
     /// Runs `myco ARGS` as `user` with `stdin` as its input.

@@ -6,12 +6,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
+use tests::fixtures::{poll_for, signal};
 use tests::{TestEnv, eventually, free_port};
 
 /// Creates workspace `name` for alice from a TOML spec; returns its agent's token.
@@ -43,21 +44,9 @@ fn agent_of(env: &TestEnv, ws: &str) -> Value {
     env.run("alice", &["show", ws, "-o", "json"]).ok().json()["agents"][0].clone()
 }
 
-/// Waits (bounded) until the agent of `ws` satisfies `done`; returns it. Polls: the
-/// coordinator's view changes outside the test.
+/// Waits (bounded) until the agent of `ws` satisfies `done`; returns it.
 fn wait_agent(env: &TestEnv, ws: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let agent = agent_of(env, ws);
-        if done(&agent) {
-            return agent;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}: {agent:#}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    env.await_agent("alice", ws, what, done)
 }
 
 /// `myco logs WS -o json` as (source, text) pairs.
@@ -78,14 +67,6 @@ fn logs(env: &TestEnv, ws: &str) -> Vec<(String, String)> {
 
 fn has_line(lines: &[(String, String)], source: &str, text: &str) -> bool {
     lines.iter().any(|(s, t)| s == source && t == text)
-}
-
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 #[test]
@@ -153,7 +134,7 @@ startup_script = { run = "echo waiting; sleep 600", timeout = 1 }
 
     // SIGTERM: the shutdown script runs and its outcome reaches the coordinator
     // before the agent exits.
-    sigterm(&fails_agent.child);
+    signal(fails_agent.child.id(), "TERM");
     let status = fails_agent.child.wait().unwrap();
     assert!(status.success(), "{status}: {}", fails_agent.log());
     wait_agent(&env, "fails", "the agent is off", |a| {
@@ -187,7 +168,7 @@ shutdown_script = {{ run = "echo saving; echo $$ > {}; exec sleep 600", timeout 
         a["lifecycle_state"] == "ready"
     });
 
-    sigterm(&agent.child);
+    signal(agent.child.id(), "TERM");
     let mut script_pid = String::new();
     eventually("the shutdown script runs", || {
         script_pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
@@ -200,7 +181,7 @@ shutdown_script = {{ run = "echo saving; echo $$ > {}; exec sleep 600", timeout 
     });
 
     // The script would run for 10 minutes; the second SIGTERM ends it and the agent.
-    sigterm(&agent.child);
+    signal(agent.child.id(), "TERM");
     let mut status = None;
     eventually("the agent exits", || {
         status = agent.child.try_wait().unwrap();
@@ -430,21 +411,19 @@ fn wait_stats(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let agent = agent_of(env, "dev");
-        if done(&agent) {
-            return agent;
-        }
-        if std::time::Instant::now() > deadline {
+    poll_for(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        what,
+        || {
+            let agent = agent_of(env, "dev");
+            if done(&agent) {
+                return Ok(agent);
+            }
             let said: Vec<String> = procs.iter_mut().map(|p| p.describe()).collect();
-            panic!(
-                "timed out waiting until {what}: {:#}\nprocesses: {said:#?}",
-                agent["stats"]
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            Err(format!("{:#}\nprocesses: {said:#?}", agent["stats"]))
+        },
+    )
 }
 
 #[test]
@@ -523,7 +502,7 @@ fn stats_count_connections_and_sessions_by_kind() {
     // dial, which the counted session shows is done).
     drop(ssh.child.stdin.take());
     drop(vscode.child.stdin.take());
-    sigterm(&forward.child);
+    signal(forward.child.id(), "TERM");
     for p in [&mut ssh, &mut vscode, &mut forward] {
         let _ = p.child.wait();
     }

@@ -270,10 +270,7 @@ fn a_closed_stdout_ends_quietly() {
         .unwrap();
     assert!(first.contains("listening"), "{first}");
     // The reader (and with it the pipe) is gone; then the coordinator is stopped.
-    std::process::Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
+    tests::fixtures::signal(server.id(), "TERM");
     let out = server.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);

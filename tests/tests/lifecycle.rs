@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tests::fixtures::KillOnDrop;
 use tests::hostaddr::HostAddress;
 use tests::{TestEnv, eventually};
 
@@ -878,15 +879,6 @@ fn twenty_workspaces_through_two_external_provisioners_each_build_run_once() {
         .env("MYCO_TOKEN", "myco_nonsense");
     let out = tests::run_command(bad, "");
     assert_ne!(out.code, Some(0));
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -4,17 +4,8 @@
 //! channel ended), and `connected` again when it comes back.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
-use std::process::Command;
-
 use tests::TestEnv;
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill -{sig} {pid}");
-}
+use tests::fixtures::signal;
 
 #[test]
 fn frozen_and_killed_agents_turn_disconnected_and_come_back() {

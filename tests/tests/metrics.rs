@@ -6,8 +6,9 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tests::fixtures::poll_for;
 use tests::{TestEnv, free_port};
 
 /// A running Prometheus; killed when dropped.
@@ -137,23 +138,26 @@ fn prometheus_scrapes_the_connected_agent() {
     let dir = tempfile::tempdir().unwrap();
     let prom_port = free_port();
     let _prom = start_prometheus(dir.path(), &format!("127.0.0.1:{metrics_port}"), prom_port);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let series = loop {
-        let r = query(
-            &client,
-            prom_port,
-            r#"myco_agents_connections{workspace_name="dev",status="connected"}"#,
-        );
-        if !r.is_empty() {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus never returned the agent's series; its log:\n{}",
-            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let series = poll_for(
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        "Prometheus returns the agent's series",
+        || {
+            let r = query(
+                &client,
+                prom_port,
+                r#"myco_agents_connections{workspace_name="dev",status="connected"}"#,
+            );
+            if r.is_empty() {
+                Err(format!(
+                    "nothing yet; its log:\n{}",
+                    std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+                ))
+            } else {
+                Ok(r)
+            }
+        },
+    );
     let m = &series[0]["metric"];
     assert_eq!(m["agent_name"], "main");
     assert_eq!(m["username"], "alice");

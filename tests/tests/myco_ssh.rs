@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tests::fixtures::{self, KillOnDrop};
 use tests::{TestEnv, eventually, eventually_within, sha256_hex, wait_pane};
 
 #[test]
@@ -56,8 +57,10 @@ fn command_exit_code_env_stdin_and_stderr() {
 fn signals_reach_the_command_and_its_signal_is_the_exit_code() {
     let (env, _agent) = TestEnv::with_agent();
     let work = tempfile::tempdir().unwrap();
-    let started = work.path().join("started");
-    // The command marks that it runs, then waits; our SIGINT must reach it.
+    // Each member of the pipeline marks that it runs, then waits; our SIGINT must
+    // reach them all (the whole process group).
+    let first = work.path().join("first");
+    let second = work.path().join("second");
     let child = env
         .cmd(
             "alice",
@@ -65,8 +68,11 @@ fn signals_reach_the_command_and_its_signal_is_the_exit_code() {
                 "ssh",
                 "dev",
                 "--",
-                // A pipeline: the signal must reach the whole process group.
-                &format!("touch {}; sleep 60 | cat", started.display()),
+                &format!(
+                    "(touch {}; exec sleep 60) | (touch {}; exec cat)",
+                    first.display(),
+                    second.display()
+                ),
             ],
         )
         .stdin(Stdio::null())
@@ -74,13 +80,10 @@ fn signals_reach_the_command_and_its_signal_is_the_exit_code() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("the remote command started", || started.exists());
-    // The pipeline starts right after the file appears; let it.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    eventually("both commands of the pipeline run", || {
+        first.exists() && second.exists()
+    });
+    fixtures::signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "128 + SIGINT: {out:?}");
 }
@@ -205,7 +208,7 @@ fn output_to_a_pipe_goes_on_while_myco_logs() {
     let (env, _agent) = TestEnv::with_agent();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("stderr");
-    let mut child = env
+    let child = env
         .cmd(
             "alice",
             &[
@@ -222,20 +225,21 @@ fn output_to_a_pipe_goes_on_while_myco_logs() {
         .spawn()
         .unwrap();
     // Bounded, and the child killed if it hangs (a hung child would outlive the test).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("myco ssh hung");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let mut child = KillOnDrop(child);
+    let status = fixtures::poll_for(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "myco ssh exits",
+        || {
+            child
+                .0
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "it hangs".to_owned())
+        },
+    );
     let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    std::io::Read::read_to_string(&mut child.0.stdout.take().unwrap(), &mut stdout).unwrap();
     assert!(status.success(), "{stdout}");
     assert_eq!(stdout, "1\n2\n3\n");
     assert!(std::fs::read_to_string(&log).unwrap().contains("DEBUG"));
@@ -497,10 +501,7 @@ fn a_stopping_agent_tells_its_ssh_clients_why_and_ends_their_commands() {
         .unwrap();
     let pid = sleeper_pid(&pidfile);
     // SIGTERM, and no shutdown script: the agent stops at once.
-    Command::new("kill")
-        .args(["-TERM", &agent.child.id().to_string()])
-        .status()
-        .unwrap();
+    tests::fixtures::signal(agent.child.id(), "TERM");
     let out = client.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -514,12 +515,12 @@ fn a_stopping_agent_tells_its_ssh_clients_why_and_ends_their_commands() {
 #[test]
 fn an_agent_that_does_not_answer_is_reported_in_one_line() {
     let (env, agent) = TestEnv::with_agent();
-    let pid = agent.child.id().to_string();
+    let pid = agent.child.id();
     // Stopped, not gone: the coordinator still lists it as connected, so the client
     // dials and gets no answer (QUIC's handshake gives up after its 30 s idle timeout).
-    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    fixtures::signal(pid, "STOP");
     let out = env.run("alice", &["ssh", "dev", "--", "true"]);
-    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    fixtures::signal(pid, "CONT");
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(
         out.stderr

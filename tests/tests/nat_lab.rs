@@ -379,19 +379,14 @@ fn wait_agent(
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
+    tests::fixtures::poll_for(within, Duration::from_millis(200), what, || {
         let value = lab.agent_shown()[field].clone();
         if done(&value) {
-            return value;
+            Ok(value)
+        } else {
+            Err(format!("{value:#}\nagent log:\n{}", lab.agent_log()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}: {value:#}\nagent log:\n{}",
-            lab.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    })
 }
 
 /// Like [`wait_agent`] for its stats.

@@ -6,10 +6,11 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use tests::fixtures::{http_server, read_message};
 use tests::{TestEnv, free_port};
 
 /// A running `myco port-forward`; killed when dropped.
@@ -61,11 +62,7 @@ impl Forward {
 
     /// SIGTERM, as Ctrl-C would; returns the exit code and everything on stderr.
     fn stop(mut self) -> (Option<i32>, String) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        tests::fixtures::signal(self.child.id(), "TERM");
         self.wait()
     }
 
@@ -81,67 +78,6 @@ impl Drop for Forward {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// An HTTP/1.1 server with keep-alive on loopback, standing in for a dev server in the
-/// workspace: `GET /hello` answers a greeting, `POST /echo` answers the body.
-fn http_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut writer = conn;
-                while let Some((head, body)) = read_message(&mut reader) {
-                    let reply = if head.starts_with("GET /hello ") {
-                        b"hello from the workspace".to_vec()
-                    } else if head.starts_with("POST /echo ") {
-                        body
-                    } else {
-                        b"unknown".to_vec()
-                    };
-                    let ok = write!(
-                        writer,
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
-                        reply.len()
-                    )
-                    .and_then(|()| writer.write_all(&reply));
-                    if ok.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
-/// Reads one HTTP message: its first line and its body (by content-length). `None`
-/// at a clean end of the connection.
-fn read_message(r: &mut impl BufRead) -> Option<(String, Vec<u8>)> {
-    let mut first = String::new();
-    if r.read_line(&mut first).ok()? == 0 {
-        return None;
-    }
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).ok()?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).ok()?;
-    Some((first.trim_end().to_owned(), body))
 }
 
 /// A keep-alive HTTP client connection through the forward.
@@ -169,9 +105,9 @@ impl HttpClient {
         )
         .unwrap();
         self.writer.write_all(body).unwrap();
-        let (status, body) = read_message(&mut self.reader).expect("a response");
-        assert_eq!(status, "HTTP/1.1 200 OK");
-        body
+        let response = read_message(&mut self.reader).expect("a response");
+        assert_eq!(response.head, "HTTP/1.1 200 OK");
+        response.body
     }
 }
 
@@ -397,11 +333,7 @@ fn losing_the_agent_ends_the_forward_with_a_reason() {
     let local = free_port().to_string();
     let mut fwd = Forward::start(&env, "alice", &["dev", "--tcp", &local], 1);
     // A graceful stop closes the agent's connections, so the client hears of it at once.
-    let status = Command::new("kill")
-        .args(["-TERM", &agent.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    tests::fixtures::signal(agent.child.id(), "TERM");
     agent.child.wait().unwrap();
     let (code, stderr) = fwd.wait();
     assert_eq!(code, Some(1), "{stderr}");

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use tests::fixtures::{self, echo_server, http_server};
 use tests::{TestEnv, eventually, free_port, sha256_hex, wait_pane};
 
 fn ssh(cfg: &std::path::Path, args: &[&str], stdin: &[u8]) -> std::process::Output {
@@ -174,20 +175,12 @@ fn a_changed_host_key_makes_ssh_refuse() {
         .unwrap()
         .to_owned();
     let _agent = env.start_agent(&token);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let now = env.run("alice", &["show", "dev", "-o", "json"]).ok().json();
-        if now["agents"][0]["ssh_host_key"] != before
-            && now["agents"][0]["connection"]["relay_url"].is_string()
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new host key never reached the coordinator"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    env.await_agent(
+        "alice",
+        "dev",
+        "the new host key reaches the coordinator",
+        |agent| agent["ssh_host_key"] != before && agent["connection"]["relay_url"].is_string(),
+    );
 
     let out = ssh(&cfg, &["myco.dev", "echo should-not-run"], b"");
     assert!(!out.status.success(), "{out:?}");
@@ -249,28 +242,6 @@ fn config_ssh_keeps_user_lines_and_others_are_refused() {
     assert!(!out.status.success(), "{out:?}");
 }
 
-/// A one-route HTTP server on loopback, standing in for a dev server in the workspace.
-fn http_server() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = std::io::Read::read(&mut conn, &mut buf);
-                let body = "hello from the workspace";
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn local_forwarding_carries_http() {
     let (env, _agent) = TestEnv::with_agent();
@@ -320,20 +291,18 @@ fn forward_and_fetch(cfg: &std::path::Path, flag: &str, spec: &str, local: u16) 
         .spawn()
         .unwrap();
     let client = reqwest::blocking::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let body = loop {
-        match client.get(format!("http://127.0.0.1:{local}/")).send() {
-            Ok(r) => break r.text().unwrap(),
-            Err(_) => {
-                assert!(tunnel.try_wait().unwrap().is_none(), "ssh -L exited");
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the forward never opened"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    };
+    let body = fixtures::poll_for(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(50),
+        "the forward opens",
+        || {
+            assert!(tunnel.try_wait().unwrap().is_none(), "ssh -L exited");
+            let r = client.get(format!("http://127.0.0.1:{local}/")).send();
+            r.map_err(|e| e.to_string())
+        },
+    )
+    .text()
+    .unwrap();
     assert_eq!(body, "hello from the workspace");
     // A second request over a new forwarded connection.
     let again = client
@@ -344,10 +313,7 @@ fn forward_and_fetch(cfg: &std::path::Path, flag: &str, spec: &str, local: u16) 
         .unwrap();
     assert_eq!(again, "hello from the workspace");
     // SIGTERM, as a user's ^C would: ssh then ends its ProxyCommand too.
-    Command::new("kill")
-        .args(["-TERM", &tunnel.id().to_string()])
-        .status()
-        .unwrap();
+    tests::fixtures::signal(tunnel.id(), "TERM");
     tunnel.wait().unwrap();
 }
 
@@ -852,7 +818,7 @@ fn get_through_socks(proxy: u16, target: u16) -> Option<String> {
     let mut reply = [0u8; 10];
     conn.read_exact(&mut reply).unwrap();
     assert_eq!(reply[1], 0, "the proxy could not connect: {reply:?}");
-    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
@@ -889,7 +855,7 @@ fn socks_stdio_forwarding_and_shared_connections_through_real_ssh() {
     let out = ssh(
         &cfg,
         &["-W", &format!("127.0.0.1:{server}"), "myco.dev"],
-        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.ends_with("hello from the workspace"), "{out:?}");
@@ -1139,23 +1105,6 @@ fn remote_forwards_past_the_limit_are_refused() {
     );
 }
 
-/// A TCP server on loopback that echoes every connection's bytes back, standing in
-/// for a long-lived service (a database) in the workspace.
-fn echo_server() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut back = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut conn, &mut back);
-            });
-        }
-    });
-    port
-}
-
 /// Connects to `port` and checks a line comes back; None when the connection is
 /// closed instead (ssh closes it when the agent refuses the channel).
 fn echoed(port: u16) -> Option<std::net::TcpStream> {
@@ -1285,10 +1234,7 @@ fn gateway_ports_lets_remote_forwards_listen_where_asked() {
 /// SIGTERM, as a user's ^C would: ssh then ends its ProxyCommand too (SIGKILL would
 /// leave it behind).
 fn terminate(ssh: &mut std::process::Child) {
-    Command::new("kill")
-        .args(["-TERM", &ssh.id().to_string()])
-        .status()
-        .unwrap();
+    tests::fixtures::signal(ssh.id(), "TERM");
     let _ = ssh.wait();
 }
 
