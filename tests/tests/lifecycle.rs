@@ -521,14 +521,17 @@ fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
     push(
         &env,
         // Long enough for the agent to connect and report the session first on a
-        // loaded machine (the deadline counts from the build's end).
-        &process_with(dir.path(), "ttl = \"12s\"\nactivity_bump = \"4s\""),
+        // loaded machine (the deadline counts from the build's end). The bump outlasts
+        // a few late heartbeats: with 1 s heartbeats an agent counts as disconnected
+        // (so not in use) after 2 s unheard, and a 4 s bump once let a busy machine
+        // stop the workspace mid-session.
+        &process_with(dir.path(), "ttl = \"12s\"\nactivity_bump = \"10s\""),
     );
     env.run("admin", &["create", "dev", "--template", "quick"])
         .ok();
     env.wait_agent_connected("admin", "dev");
     // A session that lasts well past the TTL.
-    let mut session = env.cmd("admin", &["ssh", "dev", "--", "sleep", "22"]);
+    let mut session = env.cmd("admin", &["ssh", "dev", "--", "sleep", "26"]);
     let mut child = session
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
