@@ -2,6 +2,10 @@
 //! versioned, builds run by the coordinator's own provisioners (the example
 //! `process` template makes a real agent process), a failing or hanging command, a
 //! cancel, and a coordinator killed with -9 in the middle of a build.
+//!
+//! Long because each scenario runs a whole workspace life against real processes;
+//! they share one binary, the `Env` that deletes the machines left behind, and its
+//! template helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};

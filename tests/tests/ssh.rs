@@ -1,4 +1,8 @@
 //! SSH over the mesh with the real OpenSSH client, through `myco config-ssh`.
+//!
+//! One file for every way OpenSSH's users reach a workspace (sessions, scp, sftp,
+//! forwarding, agent forwarding, config-ssh's pinning), so they share one binary
+//! and its helpers; each test is one scenario, read on its own.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::io::Write;
