@@ -106,32 +106,37 @@ pub fn current_path(conn: &Connection) -> PathKind {
 }
 
 /// Every change of the selected path, with when it happened.
+/// The task that follows the connection's path events is the log's: it stops when the
+/// last clone is dropped (or the connection's events end).
 #[derive(Clone, Default)]
-pub struct PathLog(Arc<Mutex<Vec<(Instant, PathKind)>>>);
+pub struct PathLog {
+    log: Arc<Mutex<Vec<(Instant, PathKind)>>>,
+    _watcher: Option<Arc<tokio_util::task::AbortOnDropHandle<()>>>,
+}
 
 impl PathLog {
     fn watch(conn: &Connection) -> Self {
-        let log = Self::default();
-        if let Ok(mut v) = log.0.lock() {
-            v.push((Instant::now(), current_path(conn)));
-        }
+        let log = Arc::new(Mutex::new(vec![(Instant::now(), current_path(conn))]));
         let mut events = conn.path_events();
         let l = log.clone();
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             while let Some(ev) = events.next().await {
                 if let PathEvent::Selected { remote_addr, .. } = ev
-                    && let Ok(mut v) = l.0.lock()
+                    && let Ok(mut v) = l.lock()
                 {
                     v.push((Instant::now(), describe(&remote_addr)));
                 }
             }
         });
-        log
+        Self {
+            log,
+            _watcher: Some(Arc::new(tokio_util::task::AbortOnDropHandle::new(watcher))),
+        }
     }
 
     /// The selected path at connect time, then every change (repeats folded).
     pub fn changes(&self) -> Vec<(Instant, PathKind)> {
-        let mut v = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        let mut v = self.log.lock().map(|v| v.clone()).unwrap_or_default();
         v.dedup_by(|b, a| a.1.short() == b.1.short());
         v
     }

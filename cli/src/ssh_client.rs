@@ -125,6 +125,16 @@ struct Client {
     /// Remote forwards by the port the agent listens on.
     forwards: Arc<Mutex<HashMap<u32, (String, u16)>>>,
     agent_socket: Option<PathBuf>,
+    /// Forwarded connections (remote forwards, agent forwarding): the connection's,
+    /// stopped when it ends.
+    tunnels: tokio::task::JoinSet<()>,
+}
+
+impl Client {
+    /// Forgets the tunnels that have ended, so a long session does not keep them.
+    fn reap(&mut self) {
+        while self.tunnels.try_join_next().is_some() {}
+    }
 }
 
 impl russh::client::Handler for Client {
@@ -180,7 +190,8 @@ impl russh::client::Handler for Client {
             return Ok(());
         };
         // Connected outside the session loop, so a slow target stalls nothing else.
-        tokio::spawn(async move {
+        self.reap();
+        self.tunnels.spawn(async move {
             match mesh::splice::connect(&host, port).await {
                 Ok(mut tcp) => {
                     reply.accept().await;
@@ -212,7 +223,8 @@ impl russh::client::Handler for Client {
         match tokio::net::UnixStream::connect(&path).await {
             Ok(mut local) => {
                 reply.accept().await;
-                tokio::spawn(async move {
+                self.reap();
+                self.tunnels.spawn(async move {
                     let mut stream = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut local).await;
                 });
@@ -306,6 +318,7 @@ pub async fn run(d: Dialed, req: Request) -> anyhow::Result<u8> {
         terminal: terminal.clone(),
         forwards: forwards.clone(),
         agent_socket,
+        tunnels: tokio::task::JoinSet::new(),
     };
     let stream = tokio::io::join(d.recv, d.send);
     let mut session = russh::client::connect_stream(config(), stream, client)

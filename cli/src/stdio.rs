@@ -88,6 +88,10 @@ impl Input {
     }
 
     /// The next chunk; `None` at end of input (or a read error).
+    ///
+    /// # Cancel safety
+    /// Cancel safe (it is a `select!` branch of `myco ssh`'s loop): it awaits only
+    /// readiness or a channel, and reads without awaiting, so no input is lost.
     pub async fn recv(&mut self) -> Option<Bytes> {
         match self {
             Self::Thread(rx) => rx.recv().await.flatten(),
@@ -206,6 +210,9 @@ impl Output {
 
     /// Writes or queues `data`. Once the writer has stopped, fails with the error that
     /// stopped it (a full disk is not a closed pipe).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a pipe may have taken part of `data` when the future is dropped.
     pub async fn write(&mut self, stream: Stream, data: Bytes) -> std::io::Result<()> {
         let (tx, thread) = match self {
             // `--stdio` writes nothing to stderr; anything that did would go out at once.
@@ -243,6 +250,9 @@ impl Output {
     }
 
     /// Waits until everything queued is written.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the output thread to finish on its own.
     pub async fn finish(self) -> std::io::Result<()> {
         let Self::Threaded { tx, thread } = self else {
             return Ok(());

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
@@ -162,32 +163,37 @@ fn stop_signals() -> anyhow::Result<(
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let (count_tx, count) = tokio::sync::watch::channel(0u32);
-    tokio::spawn(async move {
-        loop {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            let n = *count_tx.borrow() + 1;
-            if n == 1 {
-                tracing::info!(
-                    signal = name,
-                    "stopping after the shutdown script, if any (send it again to cut the script short)"
-                );
-            } else {
-                tracing::warn!(
-                    signal = name,
-                    "stopping now: the shutdown script is cut short"
-                );
+    // Owned by the two futures together: the counting stops when both are dropped.
+    let counting = Arc::new(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        async move {
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                let n = *count_tx.borrow() + 1;
+                if n == 1 {
+                    tracing::info!(
+                        signal = name,
+                        "stopping after the shutdown script, if any (send it again to cut the script short)"
+                    );
+                } else {
+                    tracing::warn!(
+                        signal = name,
+                        "stopping now: the shutdown script is cut short"
+                    );
+                }
+                if count_tx.send(n).is_err() {
+                    return;
+                }
             }
-            if count_tx.send(n).is_err() {
-                return;
-            }
-        }
-    });
+        },
+    )));
     let reached = |n: u32| {
         let mut count = count.clone();
+        let counting = counting.clone();
         async move {
+            let _counting = counting;
             // The sender lives as long as the runtime: an error only means it is going.
             let _ = count.wait_for(|c| *c >= n).await;
         }

@@ -17,6 +17,7 @@ use mesh::{WorkspaceRef, frame, splice};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 
 use crate::Globals;
 use crate::dial::{self, MeshArgs};
@@ -104,6 +105,8 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
         signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
     );
     let mut stdout = std::io::stdout();
+    // Every forward's listener task, stopped when this returns.
+    let mut serving = JoinSet::new();
     for b in bound {
         let fwd = match &b {
             Bound::Tcp(_, f) | Bound::Udp(_, f) => *f,
@@ -121,8 +124,8 @@ pub async fn run(globals: &Globals, args: Args) -> anyhow::Result<()> {
             label,
         };
         match b {
-            Bound::Tcp(listener, _) => tokio::spawn(serve_tcp(listener, route)),
-            Bound::Udp(socket, _) => tokio::spawn(serve_udp(socket, route)),
+            Bound::Tcp(listener, _) => serving.spawn(serve_tcp(listener, route)),
+            Bound::Udp(socket, _) => serving.spawn(serve_udp(socket, route)),
         };
     }
     let stopped = async {
@@ -207,12 +210,18 @@ async fn open(route: &Route) -> anyhow::Result<(SendStream, RecvStream)> {
     Ok((send, recv))
 }
 
+/// Accepts local connections; each one's task is owned here and stops with it.
 async fn serve_tcp(listener: TcpListener, route: Route) {
+    let mut connections = JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        match accepted {
             Ok((tcp, _peer)) => {
                 let route = route.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = tcp_connection(tcp, &route).await {
                         eprintln!("{}: {}", route.label, mesh::error::error_chain(e.as_ref()));
                     }
@@ -247,6 +256,8 @@ async fn serve_udp(socket: UdpSocket, route: Route) {
     let mut sessions: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)> = HashMap::new();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut next_id = 0u64;
+    // Each source's session task, owned here; reaped as new ones start.
+    let mut running = JoinSet::new();
     let mut buf = vec![0u8; frame::MAX_DATAGRAM];
     loop {
         tokio::select! {
@@ -284,7 +295,8 @@ async fn serve_udp(socket: UdpSocket, route: Route) {
                 };
                 let ended = ended_tx.clone();
                 let id = next_id;
-                tokio::spawn(async move {
+                while running.try_join_next().is_some() {}
+                running.spawn(async move {
                     if let Err(e) = session.run(rx).await {
                         eprintln!(
                             "{} from {source}: {}",

@@ -13,6 +13,7 @@ use mesh::api::{
     ProvisionerJob, ProvisionerKeyInfo, Renewed, Transition,
 };
 use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::Globals;
 use crate::client::Client;
@@ -225,9 +226,10 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
     let state_dir = input.state_dir.clone();
     let (line_tx, mut line_rx) = mpsc::channel::<(mesh::Timestamp, String)>(1024);
     let (cancel_tx, cancel_rx) = watch::channel(false);
+    // Both tasks are this build's: dropped (so stopped) when it returns, or earlier.
     let sender = {
         let (client, base, instance) = (client.clone(), base.clone(), instance.to_owned());
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let mut open = true;
             while open {
                 let mut lines = Vec::new();
@@ -259,11 +261,11 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
                     }
                 }
             }
-        })
+        }))
     };
     let renewer = {
         let (client, base, instance) = (client.clone(), base.clone(), instance.to_owned());
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
                 let renewed: anyhow::Result<Renewed> = client
@@ -293,10 +295,10 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
                     }
                 }
             }
-        })
+        }))
     };
     let outcome = provision::run(input, line_tx, cancel_rx).await;
-    renewer.abort();
+    drop(renewer);
     let _ = sender.await;
     let (status, reason) = match outcome {
         Outcome::Succeeded => (BuildStatus::Succeeded, None),

@@ -219,9 +219,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         coordinator.scheme(),
         coordinator.local_addr()
     );
-    if let Some(reloader) = coordinator.tls_reloader() {
-        reload_on_sighup(reloader)?;
-    }
+    // Held until the server has stopped: the reloads end with it.
+    let _reloads = match coordinator.tls_reloader() {
+        Some(reloader) => Some(reload_on_sighup(reloader)?),
+        None => None,
+    };
     println!("access URL: {url}");
     println!("relay: {}", coordinator.relay_url());
     println!(
@@ -259,18 +261,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Reads the TLS certificate files again on every SIGHUP, for renewals; connections
 /// open meanwhile keep going, new ones get the new certificate.
-fn reload_on_sighup(reloader: coordinator::TlsReloader) -> anyhow::Result<()> {
+/// The reloading task is the returned handle's: it stops when that is dropped.
+fn reload_on_sighup(
+    reloader: coordinator::TlsReloader,
+) -> anyhow::Result<tokio_util::task::AbortOnDropHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match reloader.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                Err(e) => tracing::error!("SIGHUP: kept the TLS certificate being served: {e}"),
+    Ok(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        async move {
+            while hup.recv().await.is_some() {
+                match reloader.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: kept the TLS certificate being served: {e}"),
+                }
             }
-        }
-    });
-    Ok(())
+        },
+    )))
 }
 
 /// A future that resolves on the first SIGINT or SIGTERM. The handlers are installed
