@@ -102,6 +102,9 @@ const ACK_AFTER_PACKETS: u32 = 4;
 ///
 /// # Errors
 /// [`EndpointError`] when the sockets cannot be bound.
+///
+/// # Cancel safety
+/// Cancel safe: dropping the future drops the half-built endpoint and its sockets.
 pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> {
     let lookup = MemoryLookup::new();
     let quic = opts

@@ -195,6 +195,9 @@ impl Report {
 /// Runs every probe and returns the report; never fails, never takes much longer than
 /// a few times `opts.timeout`. The probes only observe; [`Report::from_observations`]
 /// draws the verdicts.
+///
+/// # Cancel safety
+/// Cancel safe: the probes only observe, and dropping the future closes their sockets.
 pub async fn run(targets: &Targets, opts: &Options) -> Report {
     let started = Instant::now();
     let (v4, v6, port_mapping, relay_http) = tokio::join!(

@@ -53,6 +53,9 @@ pub(crate) async fn http_ping(
 ///
 /// # Errors
 /// The request failed or timed out, or the relay did not answer 2xx.
+///
+/// # Cancel safety
+/// Cancel safe: dropping the future drops the request; the client stays usable.
 pub async fn relay_ping(
     client: &reqwest::Client,
     relay: &url::Url,
