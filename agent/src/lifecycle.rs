@@ -5,6 +5,14 @@
 //! created -> starting -> ready | start_error | start_timeout
 //!    (any state) -> shutting_down -> off | shutdown_error | shutdown_timeout
 //! ```
+//!
+//! The startup script runs once, on the first welcome, in a task of its own (SSH keeps
+//! being served). On SIGTERM/SIGINT a running startup script's group is killed, the
+//! shutdown script runs with the control channel still up, and the agent waits a
+//! little for the report queue to drain; a second signal kills the shutdown script's
+//! group at once (reported as shutdown_error, "cut short", in its log) and the agent
+//! stops the same way. How a script runs (`$SHELL -c`, its own process group, output
+//! as capped lines, a timeout that kills the group) is `script.rs`'s.
 
 use std::time::Duration;
 

@@ -13,6 +13,20 @@
 //! ports seeing different addresses means the NAT maps per destination (a symmetric NAT,
 //! which defeats hole punching). Hairpinning is then tested by sending from that same
 //! socket to its own public address.
+//!
+//! Behind NAT means the public IP is not the local address the route to the relay
+//! leaves from. The port-mapping probe is n0's `portmapper` (the one inside iroh's
+//! endpoint) asking the default gateway whether UPnP, NAT-PMP and PCP answer. A
+//! relay's latency is the best of its QAD handshake's round trip and a `GET /ping` on
+//! a warm HTTP connection; the preferred relay is the fastest. The probes only
+//! observe (`udp`, `relays`); the verdicts are drawn by the pure
+//! `Report::from_observations` (`verdict`), tested without a network.
+//!
+//! `myco ping` runs it (2 s, no port mapping) when a connection ends relayed, reads the
+//! agent's last report from the coordinator, and names the cause: UDP blocked on
+//! either side, or a NAT whose mapping varies by destination on either side. Not
+//! probed: captive portals (the coordinator's relay is the only thing the mesh talks
+//! to).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

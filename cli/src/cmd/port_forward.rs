@@ -1,6 +1,20 @@
 //! `myco port-forward WS --tcp SPEC --udp SPEC`: local TCP listeners and UDP sockets
 //! whose traffic the agent carries to ports in the workspace, over one mesh connection
 //! (`myco/forward/1`: one QUIC stream per TCP connection or per UDP source).
+//!
+//! The first stream carries the ticket handshake and then stays open, silent, as the
+//! session's anchor: when this process ends it, the agent closes the connection.
+//! Every forwarded TCP connection and every UDP source is a new bi stream that starts
+//! with a `mesh::frame` [`ForwardRequest`] (always to `127.0.0.1`); the agent connects
+//! (TCP) or binds a UDP socket `connect`ed to the target and answers a
+//! [`ForwardReply`], whose error is a sentence for the user. TCP is raw bytes both
+//! ways (`mesh::splice::tcp`, shared by both ends: a half-close travels as a QUIC
+//! finish, a failure as a reset with code 1). UDP is each datagram as a big-endian
+//! `u16` length and the payload (`frame::write_datagram`); each local UDP socket
+//! keeps a map from source address to session stream and answers with
+//! `send_to(source)`, and the agent has a socket per session, so the target sees one
+//! peer per source. Either side ends a UDP session after [`UDP_IDLE`] without a
+//! datagram either way by finishing its stream.
 
 mod spec;
 

@@ -1,5 +1,16 @@
 //! Builds of a workspace made from a template: queue one (start, stop, delete),
 //! list them, read one's output (waiting for more with `wait`), cancel one.
+//!
+//! A build's output is followed by long-poll (`.../builds/N/logs?after=L&wait=S`,
+//! within half the request timeout): a waiting request sleeps on the store's
+//! build-change signal (a `watch` bumped after every commit that adds output or ends
+//! a build, any workspace's), then reads its build again; nothing polls.
+//!
+//! A start build mints new agent tokens (the old ones stop working) and hands them to
+//! the template's command as `MYCO_AGENT_TOKEN[_<AGENT>]`, with `MYCO_INIT_SCRIPT`;
+//! tokens are stored hashed, so they exist in clear only in the build's environment.
+//! A template's `MYCO_STATE_DIR` is a directory per workspace on the provisioner's
+//! machine, kept from build to build and removed after a delete succeeds.
 
 use std::time::Duration;
 

@@ -19,6 +19,27 @@
 //! metrics, the relay's and the histograms go through prometheus-client's registry,
 //! appended after (its OpenMetrics `# EOF` stays last).
 //!
+//! A scrape ([`CoordinatorMetrics::scrape`]), step by step:
+//! 1. takes `now` once;
+//! 2. `Store::scrape` reads one snapshot: the count of workspace changes, the workspace
+//!    records only if that count moved, then every connection-time and report row,
+//!    each table in one range scan, merge-joined by agent id with the agents kept from
+//!    the last scrape (`ScrapeCache`, sorted by id). A record whose bytes are those of
+//!    last time is not decoded again; an agent's `revision` moves when its workspace
+//!    record or its reports changed, never for connection times alone;
+//! 3. judges every agent with `status::agent_status` against that `now`;
+//! 4. renders anew only the agents whose revision or status changed, and builds anew
+//!    only the family blocks (`# HELP`, `# TYPE` and every agent's lines, in id order)
+//!    in which one of those agents' lines changed, copying the runs of unchanged
+//!    agents between them from the old block at once;
+//! 5. answers with `myco_agents_up` (small, written every time), the blocks as they
+//!    are (shared `Bytes`) and the registry's families last.
+//!
+//! What stays between scrapes: the blocks (about one body), per agent its position,
+//! its decoded summaries and report bytes, and the workspaces' summaries and bytes. A
+//! scrape that fails to read empties what was kept; one that panicked leaves nothing
+//! kept behind.
+//!
 //! Architecture Invariant: `metrics` knows nothing of the HTTP API: it imports nothing
 //! from `api` or `error`, and has no routes or handlers. A scrape answers a
 //! [`ScrapeBody`] (an `http_body::Body`) or the store's [`StoreError`]; `api` serves

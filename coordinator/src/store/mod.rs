@@ -24,6 +24,26 @@
 //! check), `records` (users, tokens, workspaces and their agents), `accounts` (users
 //! and tokens), `workspaces`, `agent_state` (what agents report), `scrape` (what
 //! `/metrics` reads) and `lifecycle` (templates, builds and the build queue).
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `users` | username | `UserRecord` (JSON) |
+//! | `tokens` | token id | `TokenRecord`: kind (session, api, agent), secret hash, expiry |
+//! | `token_names` | `owner/name` | token id of a named API token |
+//! | `workspaces` | workspace id | `WorkspaceRecord` with its agents and their apps inline |
+//! | `workspace_names` | `owner/name` | workspace id |
+//! | `agent_connections` | agent id | (first connected, last connected, disconnected) in unix ms, 0 for never: fixed width |
+//! | `agent_reports` | agent id | `AgentReports`: lifecycle, apps' health, stats, metadata (JSON) |
+//! | `agent_logs` | (agent id, sequence) | `LogLine` of a startup or shutdown script; the last 10 000 per agent are kept |
+//! | `templates` | template name | latest version number |
+//! | `template_versions` | (name, version) | `TemplateVersionRecord`: its `template.toml`, who pushed it, sha256 |
+//! | `template_archives` | (name, version) | the template directory as a tar archive (at most 8 MiB) |
+//! | `builds` | (workspace id, number) | `Build`: transition, status, reason, times, provisioner |
+//! | `build_logs` | (workspace id, number, line) | a line of the build's output; the first 10 000 kept per build |
+//! | `jobs` | workspace id | `JobRecord`: the build not yet ended, who claimed it, its lease |
+//! | `changes` | counter name | `u64`; `workspaces` counts the write transactions that changed workspace records |
+//!
+//! Deleting a workspace deletes its agents' rows in the same transaction.
 
 mod accounts;
 mod agent_state;
