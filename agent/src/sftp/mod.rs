@@ -1,11 +1,11 @@
 //! The SFTP subsystem (protocol version 3, as OpenSSH's `sftp` and `scp` speak it),
-//! served on an SSH channel by `russh-sftp`, with the workspace's file system behind
-//! it. Relative paths start at the home directory, like OpenSSH's `sftp-server`.
+//! served on an SSH channel with `russh-sftp`'s packets, with the workspace's file
+//! system behind it. Relative paths start at the home directory, like OpenSSH's `sftp-server`.
 //!
 //! File I/O is positional (`pread`/`pwrite` on a blocking thread), so one request costs
 //! one hop off the async runtime and pipelined requests need no shared file offset.
 //!
-//! `channel.rs` is the SSH channel as the protocol loop sees it, `fs.rs` the requests
+//! `channel.rs` is the protocol loop on the SSH channel, `fs.rs` the requests
 //! of version 3, `extensions.rs` OpenSSH's extensions, `wire.rs` the encodings they
 //! share.
 
@@ -24,7 +24,6 @@ use russh_sftp::protocol::{File, StatusCode};
 use russh_sftp::server::StatusReply;
 
 use crate::ssh::ChannelSlot;
-use channel::SubsystemStream;
 
 /// The largest SFTP packet a client may send (a write request with its header).
 const MAX_PACKET: u32 = 256 * 1024;
@@ -34,24 +33,23 @@ const MAX_IO: u32 = MAX_PACKET - 1024;
 /// Serves SFTP on a session channel until the client ends it, then reports exit
 /// status 0 (OpenSSH's `scp` counts a missing status as failure). `slot`, the
 /// channel's place among its connection's open channels, is kept until then.
-pub fn serve(channel: Channel<Msg>, handle: Handle, home: PathBuf, slot: Option<ChannelSlot>) {
-    let config = russh_sftp::server::Config {
-        max_client_packet_len: MAX_PACKET,
-    };
-    let handler = Sftp {
+///
+/// # Cancel safety
+/// Dropping it ends the session at once, without the exit status: the SSH connection
+/// it is one of the tasks of has ended.
+pub async fn serve(
+    channel: Channel<Msg>,
+    handle: Handle,
+    home: PathBuf,
+    slot: Option<ChannelSlot>,
+) {
+    let _slot = slot;
+    let sftp = Sftp {
         home,
         handles: HashMap::new(),
         next_handle: 0,
     };
-    let id = channel.id();
-    let stream = SubsystemStream {
-        inner: Some(channel.into_stream()),
-        handle,
-        id,
-        _slot: slot,
-    };
-    // Its protocol loop drops the stream, and with it the slot, when it ends.
-    tokio::spawn(russh_sftp::server::run_with_config(stream, handler, config));
+    channel::run(channel, handle, sftp).await;
 }
 
 /// What an SFTP handle names.

@@ -16,6 +16,7 @@ mod host_key;
 mod limits;
 mod process;
 mod signals;
+mod tasks;
 mod tunnels;
 
 use std::collections::HashMap;
@@ -26,7 +27,6 @@ use russh::keys::PrivateKey;
 use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelId};
 
-use crate::AbortOnDrop;
 use crate::account::Account;
 use crate::sessions::SessionCounts;
 
@@ -36,6 +36,7 @@ pub(crate) use tunnels::set_gateway_ports;
 
 use limits::{ChannelCount, MAX_CHANNELS, MAX_ENV_VARS, check_env, too_many_channels};
 use process::{Input, PtyRequest, Running, size};
+use tasks::{ConnectionTasks, TaskGuard};
 use tunnels::UnixForward;
 
 /// The server configuration: our host key, no authentication beyond the ticket, and
@@ -155,13 +156,17 @@ pub struct SshSession {
     running: HashMap<ChannelId, Running>,
     /// Remote forwards (`ssh -R`): (address, port) -> the listener's task. Like the
     /// fields below, they last as long as the SSH connection that asked for them.
-    forwards: HashMap<(String, u32), AbortOnDrop<()>>,
+    forwards: HashMap<(String, u32), TaskGuard>,
     /// Remote forwards of Unix sockets (`ssh -R /path:...`), by the path asked for.
     unix_forwards: HashMap<String, UnixForward>,
     /// Session channels not yet running anything; a subsystem takes its channel.
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Agent forwarding, once asked for: the socket's private dir and its listener.
-    agent: Option<(tempfile::TempDir, AbortOnDrop<()>)>,
+    agent: Option<(tempfile::TempDir, TaskGuard)>,
+    /// Every task serving this connection: commands' input and output, forwarded
+    /// connections and their listeners, the SFTP session. Last, so it is dropped
+    /// (aborting them) after `running` has hung up the commands still running.
+    tasks: ConnectionTasks,
 }
 
 impl SshSession {
@@ -186,6 +191,7 @@ impl SshSession {
             unix_forwards: HashMap::new(),
             channels: HashMap::new(),
             agent: None,
+            tasks: ConnectionTasks::default(),
         }
     }
 }
@@ -242,7 +248,9 @@ impl russh::server::Handler for SshSession {
             ("sftp", Some(ch)) => {
                 // Where a shell of the same account starts.
                 let home = self.account.home.clone().unwrap_or_else(|| "/".into());
-                crate::sftp::serve(ch, session.handle(), home, self.slots.remove(&channel));
+                let sftp =
+                    crate::sftp::serve(ch, session.handle(), home, self.slots.remove(&channel));
+                self.tasks.spawn(sftp);
                 session.channel_success(channel)
             }
             (name, _) => {

@@ -91,7 +91,8 @@ pub(super) struct Running {
     session: SessionGuard,
     /// How much more client input to look at for the session's kind.
     sniff_left: usize,
-    /// The tasks feeding and reading the command; aborting them drops (kills) it.
+    /// The tasks feeding and reading the command (in the connection's
+    /// [`super::tasks::ConnectionTasks`]); aborting them drops (kills) it.
     tasks: [tokio::task::AbortHandle; 2],
 }
 
@@ -173,7 +174,7 @@ impl SshSession {
         let queued = direct.queued.clone();
         let (read, mut write) = pty.into_split();
         let (tx, mut rx) = mpsc::channel(INPUT_QUEUE);
-        let feeder = tokio::spawn(async move {
+        let feeder = self.tasks.spawn(async move {
             while let Some(input) = rx.recv().await {
                 match input {
                     Input::Data(d) => {
@@ -196,7 +197,7 @@ impl SshSession {
         let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reaped = exited.clone();
         let slot = self.slots.remove(&channel);
-        let reader = tokio::spawn(async move {
+        let reader = self.tasks.spawn(async move {
             let _slot = slot;
             // The terminal reads EIO once the shell and everything it started are gone.
             let out = pump(Some(read), handle.clone(), channel, None);
@@ -222,7 +223,7 @@ impl SshSession {
                 session,
                 // What is typed on a terminal is a person's, not a tool's script.
                 sniff_left: 0,
-                tasks: [feeder.abort_handle(), reader.abort_handle()],
+                tasks: [feeder, reader],
             },
         );
         Ok(())
@@ -256,11 +257,11 @@ impl SshSession {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-        let feeder = tokio::spawn(feed(stdin, rx));
+        let feeder = self.tasks.spawn(feed(stdin, rx));
         let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reaped = exited.clone();
         let slot = self.slots.remove(&channel);
-        let reader = tokio::spawn(async move {
+        let reader = self.tasks.spawn(async move {
             let _slot = slot;
             let out = pump(stdout, handle.clone(), channel, None);
             let err = pump(stderr, handle.clone(), channel, Some(1));
@@ -282,7 +283,7 @@ impl SshSession {
                 exited,
                 session,
                 sniff_left,
-                tasks: [feeder.abort_handle(), reader.abort_handle()],
+                tasks: [feeder, reader],
             },
         );
         Ok(())

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::SshSession;
 use super::limits::{ChannelSlot, MAX_CHANNELS, MAX_REMOTE_FORWARDS, too_many_channels};
-use crate::AbortOnDrop;
+use super::tasks::{ConnectionTasks, TaskGuard, TaskSpawner};
 
 /// File name of the forwarded agent's socket, inside its private temp dir.
 const AGENT_SOCKET: &str = "agent.sock";
@@ -51,7 +51,7 @@ fn remote_bind_host(asked: &str, gateway_ports: bool) -> String {
 /// listener stops and the socket file goes when the forward is cancelled or the SSH
 /// connection ends.
 pub(super) struct UnixForward {
-    _listener: AbortOnDrop<()>,
+    _listener: TaskGuard,
     path: PathBuf,
 }
 
@@ -72,8 +72,10 @@ fn socket_path(home: Option<&Path>, path: &str) -> PathBuf {
 
 /// A forwarded connection the client asked for (`ssh -L`): connected outside the
 /// session loop, so a target that never answers stalls no other channel; the channel
-/// is accepted once it is connected, refused if it cannot be.
+/// is accepted once it is connected, refused if it cannot be. The connection's `tasks`
+/// own it.
 fn open_direct<S, F>(
+    tasks: &ConnectionTasks,
     channel: Channel<Msg>,
     reply: russh::server::ChannelOpenHandle,
     target: String,
@@ -83,7 +85,7 @@ fn open_direct<S, F>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
     F: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
 {
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let _slot = slot;
         match connect.await {
             Ok(mut sock) => {
@@ -102,13 +104,13 @@ fn open_direct<S, F>(
 }
 
 /// A connection to a remote forward's listener (`ssh -R`), sent back to the client
-/// on the channel `open` asks it for.
-fn send_back<S, F>(mut sock: S, open: F)
+/// on the channel `open` asks it for, as one of the connection's tasks.
+fn send_back<S, F>(tasks: &TaskSpawner, mut sock: S, open: F)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: std::future::Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
 {
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         match open.await {
             Ok(channel) => {
                 let mut stream = channel.into_stream();
@@ -152,10 +154,13 @@ impl SshSession {
         // TempDir is created 0700, so only this user reaches the socket.
         let dir = tempfile::Builder::new().prefix("myco-ssh-").tempdir()?;
         let listener = tokio::net::UnixListener::bind(dir.path().join(AGENT_SOCKET))?;
-        let task = tokio::spawn(async move {
+        let spawner = self.tasks.spawner();
+        let task = self.tasks.spawn(async move {
             while let Ok((mut local, _)) = listener.accept().await {
                 let handle = handle.clone();
-                tokio::spawn(async move {
+                // The connection's, not the listener's: an agent channel in use
+                // outlives nothing but the connection.
+                spawner.spawn(async move {
                     match handle.channel_open_agent().await {
                         Ok(channel) => {
                             let mut stream = channel.into_stream();
@@ -166,7 +171,7 @@ impl SshSession {
                 });
             }
         });
-        self.agent = Some((dir, AbortOnDrop(task)));
+        self.agent = Some((dir, TaskGuard(task)));
         Ok(())
     }
 
@@ -193,7 +198,7 @@ impl SshSession {
         };
         let host = host_to_connect.to_owned();
         let target = format!("{host}:{port}");
-        open_direct(channel, reply, target, slot, async move {
+        open_direct(&self.tasks, channel, reply, target, slot, async move {
             mesh::splice::connect(&host, port).await
         });
     }
@@ -218,6 +223,7 @@ impl SshSession {
             return;
         };
         open_direct(
+            &self.tasks,
             channel,
             reply,
             target,
@@ -265,12 +271,15 @@ impl SshSession {
         // Port 0 asks us to pick; the client learns which from the reply.
         *port = u32::from(bound);
         let connected_address = address.to_owned();
-        let task = tokio::spawn(async move {
+        // Each connection is the SSH connection's task, not the listener's: cancelling
+        // the forward stops the listening only, as with sshd.
+        let spawner = self.tasks.spawner();
+        let task = self.tasks.spawn(async move {
             while let Ok((tcp, peer)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
                 let handle = handle.clone();
                 let connected_address = connected_address.clone();
-                send_back(tcp, async move {
+                send_back(&spawner, tcp, async move {
                     handle
                         .channel_open_forwarded_tcpip(
                             connected_address,
@@ -283,7 +292,7 @@ impl SshSession {
             }
         });
         self.forwards
-            .insert((address.to_owned(), u32::from(bound)), AbortOnDrop(task));
+            .insert((address.to_owned(), u32::from(bound)), TaskGuard(task));
         true
     }
 
@@ -303,11 +312,12 @@ impl SshSession {
             }
         };
         let asked = socket_path.to_owned();
-        let task = tokio::spawn(async move {
+        let spawner = self.tasks.spawner();
+        let task = self.tasks.spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let handle = handle.clone();
                 let asked = asked.clone();
-                send_back(sock, async move {
+                send_back(&spawner, sock, async move {
                     handle.channel_open_forwarded_streamlocal(asked).await
                 });
             }
@@ -315,7 +325,7 @@ impl SshSession {
         self.unix_forwards.insert(
             socket_path.to_owned(),
             UnixForward {
-                _listener: AbortOnDrop(task),
+                _listener: TaskGuard(task),
                 path,
             },
         );
