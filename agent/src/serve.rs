@@ -117,7 +117,7 @@ async fn handle(
             let session = russh::server::run_stream(
                 ssh,
                 tokio::io::join(recv, send),
-                crate::ssh::SshSession::new(
+                crate::ssh::SshConnection::new(
                     env,
                     crate::ssh::Peer {
                         conn: conn.clone(),

@@ -132,7 +132,7 @@ impl Peer {
 }
 
 /// One SSH connection.
-pub struct SshSession {
+pub struct SshConnection {
     base_env: SessionEnv,
     peer: Peer,
     /// The account every command runs as, read when the connection started, as sshd
@@ -169,7 +169,7 @@ pub struct SshSession {
     tasks: ConnectionTasks,
 }
 
-impl SshSession {
+impl SshConnection {
     pub(crate) fn new(
         base_env: SessionEnv,
         peer: Peer,
@@ -196,7 +196,7 @@ impl SshSession {
     }
 }
 
-impl russh::server::Handler for SshSession {
+impl russh::server::Handler for SshConnection {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 
-use super::SshSession;
+use super::SshConnection;
 use super::signals::sig_name;
 use crate::sessions::{self, SessionGuard, SessionKind};
 
@@ -118,7 +118,7 @@ impl Drop for Running {
     }
 }
 
-impl SshSession {
+impl SshConnection {
     /// `$SHELL -c COMMAND` (or a login shell) in the home dir, with the client's
     /// environment requests (but the session kind, which is ours) and the MYCO_*
     /// variables.
@@ -211,7 +211,7 @@ impl SshSession {
                 }
             };
             reaped.store(true, std::sync::atomic::Ordering::Release);
-            report(status, &handle, channel).await;
+            send_exit_status(status, &handle, channel).await;
         });
         self.running.insert(
             channel,
@@ -268,7 +268,7 @@ impl SshSession {
             let _ = tokio::join!(out, err);
             let status = child.wait().await;
             reaped.store(true, std::sync::atomic::Ordering::Release);
-            report(status, &handle, channel).await;
+            send_exit_status(status, &handle, channel).await;
         });
         let sniff_left = match session.kind() {
             SessionKind::Ssh => sessions::SNIFF_BYTES,
@@ -354,7 +354,7 @@ async fn feed(stdin: Option<ChildStdin>, mut rx: mpsc::Receiver<Input>) {
 
 /// Reports the command's exit status (or the signal that killed it) and closes the
 /// channel.
-async fn report(
+async fn send_exit_status(
     status: std::io::Result<std::process::ExitStatus>,
     handle: &Handle,
     channel: ChannelId,

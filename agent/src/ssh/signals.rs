@@ -3,9 +3,9 @@
 
 use russh::ChannelId;
 
-use super::SshSession;
+use super::SshConnection;
 
-impl SshSession {
+impl SshConnection {
     /// Sends the signal the client named to the command on `channel`, if it still runs.
     pub(super) fn signal_command(&self, channel: ChannelId, signal: &russh::Sig) {
         // Not once the command has exited (as sshd): its group id may be reused.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use tokio::task::{AbortHandle, JoinSet};
 
 /// Every task of one SSH connection. Its owner is the connection's handler
-/// ([`super::SshSession`]), which russh drops when the session loop ends; dropping
+/// ([`super::SshConnection`]), which russh drops when the session loop ends; dropping
 /// the set aborts what still runs.
 #[derive(Default)]
 pub(super) struct ConnectionTasks(Arc<Mutex<JoinSet<()>>>);

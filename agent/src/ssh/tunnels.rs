@@ -8,7 +8,7 @@ use russh::Channel;
 use russh::server::{Handle, Msg};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::SshSession;
+use super::SshConnection;
 use super::limits::{ChannelSlot, MAX_CHANNELS, MAX_REMOTE_FORWARDS, too_many_channels};
 use super::tasks::{ConnectionTasks, TaskGuard, TaskSpawner};
 
@@ -17,7 +17,7 @@ const AGENT_SOCKET: &str = "agent.sock";
 
 /// Whether remote forwards may listen beyond loopback: set once by [`crate::run`]
 /// from `--ssh-gateway-ports`. A process-wide setting (like sshd_config's) until the
-/// mesh server hands it to each [`SshSession`].
+/// mesh server hands it to each [`SshConnection`].
 static GATEWAY_PORTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Lets remote forwards listen where the client asks (OpenSSH's `GatewayPorts
@@ -121,7 +121,7 @@ where
     });
 }
 
-impl SshSession {
+impl SshConnection {
     /// Whether one more remote forward fits under [`MAX_REMOTE_FORWARDS`]; logs the
     /// refusal when not. A forward asked for again (same address and port, or path)
     /// replaces the old one, but is counted as new: a client has no reason to.
