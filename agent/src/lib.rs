@@ -99,8 +99,8 @@ pub enum AgentError {
     #[error(transparent)]
     Identity(#[from] mesh::identity::IdentityError),
     /// The SSH host key could not be loaded or created.
-    #[error("{0}")]
-    HostKey(String),
+    #[error(transparent)]
+    HostKey(#[from] ssh::HostKeyError),
     /// The control channel failed in a way retrying cannot fix.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -139,7 +139,7 @@ pub async fn run(
         }
     }
     let key = mesh::identity::load_or_create(&config.data_dir.join("agent.key"))?;
-    let host_key = ssh::load_or_create_host_key(&config.data_dir).map_err(AgentError::HostKey)?;
+    let host_key = ssh::load_or_create_host_key(&config.data_dir)?;
     tracing::info!(endpoint = %key.public(), "agent identity");
     ssh::set_gateway_ports(config.ssh_gateway_ports);
     let (welcome_tx, welcome) = watch::channel(None);

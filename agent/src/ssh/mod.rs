@@ -30,7 +30,7 @@ use russh::{Channel, ChannelId};
 use crate::account::Account;
 use crate::sessions::SessionCounts;
 
-pub use host_key::load_or_create_host_key;
+pub use host_key::{HostKeyError, load_or_create_host_key};
 pub(crate) use limits::ChannelSlot;
 pub(crate) use tunnels::set_gateway_ports;
 

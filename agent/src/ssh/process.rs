@@ -78,6 +78,34 @@ impl DirectPty {
     }
 }
 
+/// Why a command (or shell) could not start without a terminal.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SpawnError {
+    /// The process could not be started.
+    #[error("{0}")]
+    Spawn(std::io::Error),
+    /// The client asked for a terminal, and it failed there.
+    #[error(transparent)]
+    Pty(#[from] SpawnPtyError),
+}
+
+/// Why a command (or shell) could not start on a terminal.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SpawnPtyError {
+    /// No terminal could be opened.
+    #[error("{0}")]
+    Open(pty_process::Error),
+    /// The terminal could not be given the client's size.
+    #[error("{0}")]
+    Resize(pty_process::Error),
+    /// The process could not be started on the terminal.
+    #[error("{0}")]
+    Spawn(pty_process::Error),
+    /// The terminal could not be opened a second time for writes from the session loop.
+    #[error("{0}")]
+    Dup(std::io::Error),
+}
+
 /// A channel running a command.
 pub(super) struct Running {
     input: mpsc::Sender<Input>,
@@ -156,19 +184,19 @@ impl SshConnection {
         req: PtyRequest,
         handle: Handle,
         session: SessionGuard,
-    ) -> Result<(), String> {
-        let (pty, pts) = pty_process::open().map_err(|e| e.to_string())?;
-        pty.resize(req.size).map_err(|e| e.to_string())?;
+    ) -> Result<(), SpawnPtyError> {
+        let (pty, pts) = pty_process::open().map_err(SpawnPtyError::Open)?;
+        pty.resize(req.size).map_err(SpawnPtyError::Resize)?;
         let mut command = pty_process::Command::from(cmd).env("TERM", &req.term);
         if let Ok(tty) = nix::unistd::ttyname(&pts) {
             command = command.env("SSH_TTY", tty);
         }
-        let mut child = command.spawn(pts).map_err(|e| e.to_string())?;
+        let mut child = command.spawn(pts).map_err(SpawnPtyError::Spawn)?;
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         let direct = DirectPty {
             fd: std::os::fd::AsFd::as_fd(&pty)
                 .try_clone_to_owned()
-                .map_err(|e| e.to_string())?,
+                .map_err(SpawnPtyError::Dup)?,
             queued: Arc::default(),
         };
         let queued = direct.queued.clone();
@@ -234,7 +262,7 @@ impl SshConnection {
         channel: ChannelId,
         command: Option<String>,
         handle: Handle,
-    ) -> Result<(), String> {
+    ) -> Result<(), SpawnError> {
         // The channel now runs a command; its data arrives through `Handler::data`.
         self.channels.remove(&channel);
         let kind = sessions::classify(
@@ -244,14 +272,14 @@ impl SshConnection {
         let session = self.sessions.open(kind);
         let mut cmd = self.command(channel, command.as_deref());
         if let Some(req) = self.pty_requests.remove(&channel) {
-            return self.spawn_pty(channel, cmd, req, handle, session);
+            return Ok(self.spawn_pty(channel, cmd, req, handle, session)?);
         }
         // Its own process group, so a signal reaches the whole pipeline, as with sshd.
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let mut child = cmd.spawn().map_err(SpawnError::Spawn)?;
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
