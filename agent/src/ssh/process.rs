@@ -420,6 +420,11 @@ async fn send_exit_status(
 }
 
 /// Copies a child's output into the channel (stdout, or extended data `ext`).
+///
+/// # Cancel safety
+/// Not cancel safe: output read but not yet sent is lost when it is dropped. A
+/// terminal's reader polls it by reference in `select!` and under [`PTY_DRAIN`]'s
+/// timeout, so it is dropped only when the drain is over, when what is left is given up.
 async fn pump<R: AsyncRead + Unpin>(
     out: Option<R>,
     handle: Handle,
