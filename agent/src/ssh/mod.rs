@@ -11,6 +11,10 @@
 //! A connection is held to limits (see [`limits`]): what is over one is refused as
 //! sshd refuses it (a channel with "resource shortage", a global or channel request
 //! with failure) and logged as a warning.
+//!
+//! The handler here hands each request to the module that holds its topic: `process`
+//! (commands, terminals, exit status), `signals`, `tunnels` (forwarding), `host_key`,
+//! `limits`, and `tasks`, the tasks a connection owns.
 
 mod host_key;
 mod limits;
@@ -131,7 +135,9 @@ impl Peer {
     }
 }
 
-/// One SSH connection.
+/// One SSH connection: russh's handler for it, which holds everything the connection
+/// runs (its commands, forwards and SFTP sessions, in [`tasks`]) and is dropped, ending
+/// them, when russh's session loop ends.
 pub struct SshConnection {
     base_env: SessionEnv,
     peer: Peer,
