@@ -5,6 +5,27 @@
 //! A terminal gets raw mode, a PTY on the agent and resizes on SIGWINCH; without one,
 //! stdin is streamed until EOF and SIGINT/SIGTERM/SIGHUP are passed to the command.
 //! The remote exit status becomes ours (128 + N for a command killed by signal N).
+//!
+//! The keystroke path (figures in BENCHMARKS.md): the terminal, read on the client's
+//! runtime thread (`stdio::Input`: the tty is opened again by name, so its non-blocking
+//! mode lives on a file description of our own, never on the one shared with the user's
+//! shell; a test checks the shell's stays blocking) -> the russh session task -> the
+//! QUIC connection task -> UDP; on the agent the endpoint and connection tasks -> the
+//! russh session, whose `data` handler writes the terminal directly -> the kernel's
+//! echo -> the PTY reader task -> the session -> QUIC -> UDP; back here the session
+//! loop writes the echo to the terminal itself (`TerminalOut`). Behind OpenSSH's
+//! ProxyCommand (`myco ssh --stdio`) the pipes from and to the OpenSSH client are
+//! opened again through `/proc/self/fd` and polled on the runtime's thread the same
+//! way, and stdin is read straight into the buffer the QUIC stream sends. Hops removed
+//! on the way: the stdin thread's wake-up, the agent's input-task turn, the client's
+//! hand-over to its command task, the `block_on` self-wake, and ACK-only packets in the
+//! middle of a round trip (peers are asked, through QUIC's ACK frequency extension, to
+//! acknowledge after more than 4 packets or the 25 ms timer:
+//! `mesh::endpoint::transport_config`). The agent's and server's default log filter
+//! keeps `iroh::socket::transports` at warn, since iroh opens an info-level span per
+//! datagram sent. What is left is per-packet work in user space (noq, iroh's socket,
+//! russh, tokio) with no hot spot, which is why the release profile builds the whole
+//! program as one unit (`lto = "fat"`, `codegen-units = 1`).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;

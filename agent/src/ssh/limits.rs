@@ -1,5 +1,11 @@
 //! What one SSH connection may hold (channels, remote forwards, environment
 //! variables), and the checks that refuse what is over a limit.
+//!
+//! Over a limit the request is refused as sshd refuses it (a channel with "resource
+//! shortage" and a sentence OpenSSH prints, a request with failure) and the agent logs
+//! a warning (an env refusal once per channel). A channel's place is held by whatever
+//! serves it (the command's reader task, the forwarded connection's task, the SFTP
+//! loop) and given back when that ends.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

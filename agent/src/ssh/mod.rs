@@ -15,6 +15,16 @@
 //! The handler here hands each request to the module that holds its topic: `process`
 //! (commands, terminals, exit status), `signals`, `tunnels` (forwarding), `host_key`,
 //! `limits`, and `tasks`, the tasks a connection owns.
+//!
+//! Idle connections: russh's server closes a connection after 10 minutes without SSH
+//! traffic by default, which cut off terminals left idle; OpenSSH's sshd has no such
+//! limit, and neither has the agent unless `--ssh-idle-timeout` sets one (then the
+//! agent closes the mesh connection with code `IDLE` and a reason, which `myco ssh`
+//! prints, and `myco ssh --stdio` writes to the stderr OpenSSH shows). A stopping agent
+//! closes its connections the same way, with code `SHUTDOWN` and "the agent is shutting
+//! down", after its shutdown script and before its endpoint closes. A client that is
+//! gone is noticed below SSH: iroh's QUIC keep-alives stop being answered and the
+//! connection's idle timeout ends it, the SSH session with it, and its commands.
 
 mod host_key;
 mod limits;

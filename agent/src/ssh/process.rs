@@ -1,6 +1,36 @@
 //! Commands and shells on an SSH channel: the process (on a terminal when the client
 //! asked for one), the tasks that feed its stdin and send its output, and its exit
 //! status or exit signal.
+//!
+//! Sessions exec through `$SHELL -c`, shells are login shells, a PTY is opened when
+//! asked. `$SHELL` is the account's login shell from the password database, read when
+//! each SSH connection (and each script) starts, as sshd reads it at login, off the
+//! runtime thread (a container seldom gives its entrypoint `$SHELL` or `$USER`); the
+//! agent's own `$SHELL` only when that entry names no shell that can run (`nologin`,
+//! `false`, missing), then `/bin/sh`. Every command gets a login's `USER`, `LOGNAME`,
+//! `HOME` (the agent's when set) and `SHELL`, and OpenSSH's `SSH_CONNECTION` and
+//! `SSH_CLIENT` (the direct path's UDP addresses when the command starts; zeros over
+//! the relay, where the client has no address, as Coder's agent always gives), and a
+//! terminal's `SSH_TTY`; what the agent itself inherited of these is replaced, so shell
+//! prompts and tools that look for an SSH login find one. Sessions never inherit the
+//! agent's credentials (`MYCO_AGENT_TOKEN`, `MYCO_TOKEN`) or an `SSH_AUTH_SOCK` that
+//! was not forwarded.
+//!
+//! Client data for a running command goes through a per-channel queue to a task that
+//! writes the command's stdin or terminal (a terminal is written straight from the
+//! session loop while nothing is queued for it: `DirectPty`), so the session loop never
+//! waits on a command (it would otherwise stop taking the client's window adjusts, and
+//! a command whose output waits on a full client window would hang the session for
+//! good; a test pins this).
+//!
+//! Commands run in their own process group, and signals go to the group. A channel that
+//! closes first, or a connection that drops, hangs up its command while it runs: SIGHUP
+//! to its whole group (the shell itself is killed), so a pipeline's or a compound
+//! command's children go too, unless they ignore SIGHUP (`nohup`); what a command that
+//! has exited left in the background stays, as with sshd. A terminal session ends when
+//! its shell exits (after a short drain, so a background job holding the terminal does
+//! not keep it). A command killed by a signal is reported as exit-signal (OpenSSH's
+//! client then exits 255; `myco ssh` exits 128+N).
 
 use std::process::Stdio;
 use std::sync::Arc;

@@ -1,6 +1,19 @@
 //! Forwarding over an SSH connection: local (`direct-tcpip` and
 //! `direct-streamlocal@openssh.com`, `ssh -L`), remote (`tcpip-forward` and
 //! `streamlocal-forward@openssh.com`, `ssh -R`) and the client's agent (`ssh -A`).
+//!
+//! Unix sockets are forwarded both ways like TCP ports (`direct-streamlocal`,
+//! `streamlocal-forward@openssh.com`; a relative path starts at the home directory, an
+//! existing path is refused as with sshd's `StreamLocalBindUnlink no`, and the agent
+//! removes its socket when the forward or the connection ends). Agent forwarding
+//! (`auth-agent-req@openssh.com`) makes one listening socket per SSH connection in a
+//! new 0700 temp dir, named by `SSH_AUTH_SOCK` in the sessions that follow; each
+//! connection to it is an `auth-agent@openssh.com` channel back to the client.
+//!
+//! Remote forwards listen on loopback (127.0.0.1, or ::1 for an IPv6 address) whatever
+//! address the client names, as sshd's `GatewayPorts no`, so `ssh -R 0.0.0.0:8080:...`
+//! does not open the workspace's port to its network; `myco agent --ssh-gateway-ports`
+//! lets the client choose (`clientspecified`; `*` or `""` is every IPv4 interface).
 
 use std::path::{Path, PathBuf};
 
