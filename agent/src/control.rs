@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, h
 use crate::backoff::Backoff;
 use crate::reports::Reports;
 use crate::stats::MeshActivity;
-use crate::{AgentConfig, EndpointCell, Welcome};
+use crate::{AgentConfig, EndpointCell, ServerSlot, Welcome};
 
 type WelcomeTx = tokio::sync::watch::Sender<Option<Welcome>>;
 
@@ -85,6 +85,7 @@ pub async fn run(
     key: SecretKey,
     welcome: WelcomeTx,
     endpoint: EndpointCell,
+    server: &ServerSlot,
     reports: Reports,
     activity: Arc<MeshActivity>,
 ) -> Result<(), ControlError> {
@@ -95,6 +96,7 @@ pub async fn run(
         let shared = Shared {
             welcome: &welcome,
             endpoint: &endpoint,
+            server,
             reports: &reports,
             activity: &activity,
         };
@@ -113,6 +115,7 @@ pub async fn run(
 struct Shared<'a> {
     welcome: &'a WelcomeTx,
     endpoint: &'a EndpointCell,
+    server: &'a ServerSlot,
     reports: &'a Reports,
     activity: &'a Arc<MeshActivity>,
 }
@@ -124,6 +127,7 @@ async fn channel(
     Shared {
         welcome,
         endpoint,
+        server,
         reports,
         activity,
     }: Shared<'_>,
@@ -221,7 +225,7 @@ async fn channel(
                 Ok(ep) => ep,
                 Err(e) => return ChannelEnd::Fatal(e.into()),
             };
-            tokio::spawn(crate::serve::accept_loop(
+            server.put(crate::serve::MeshServer::spawn(
                 ep.endpoint.clone(),
                 welcome.subscribe(),
                 crate::ssh::config(config.host_key.clone(), config.ssh_idle_timeout),

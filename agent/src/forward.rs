@@ -37,11 +37,18 @@ pub(crate) async fn serve(
     // The client sends nothing more on the anchor; its end is the end of the session.
     let anchor_ended = async { while let Ok(Some(_)) = anchor.read_chunk(1024).await {} };
     tokio::pin!(anchor_ended);
+    // The forwarded streams are this connection's: they end with it.
+    let mut streams = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => {
                 let (send, recv) = accepted.map_err(|e| e.to_string())?;
-                tokio::spawn(stream(send, recv).in_current_span());
+                streams.spawn(stream(send, recv).in_current_span());
+            }
+            Some(ended) = streams.join_next() => {
+                if let Err(e) = ended && e.is_panic() {
+                    tracing::warn!("a forwarded stream's task panicked: {e}");
+                }
             }
             () = &mut anchor_ended => {
                 drop(anchor_send);

@@ -85,6 +85,27 @@ pub(crate) type WelcomeRx = watch::Receiver<Option<Welcome>>;
 /// waits for it to be built.
 pub(crate) type EndpointCell = Arc<tokio::sync::SetOnce<mesh::endpoint::MeshEndpoint>>;
 
+/// Holds the mesh server from the moment the control channel built the endpoint; [`run`]
+/// takes it out at shutdown and awaits it, and dropping it aborts what it serves.
+#[derive(Default)]
+pub(crate) struct ServerSlot(std::sync::Mutex<Option<serve::MeshServer>>);
+
+impl ServerSlot {
+    fn put(&self, server: serve::MeshServer) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(server);
+    }
+
+    fn take(&self) -> Option<serve::MeshServer> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -144,6 +165,7 @@ pub async fn run(
     ssh::set_gateway_ports(config.ssh_gateway_ports);
     let (welcome_tx, welcome) = watch::channel(None);
     let endpoint: EndpointCell = Arc::default();
+    let server = ServerSlot::default();
     let reports = reports::Reports::default();
     let activity = Arc::new(stats::MeshActivity::default());
     let netcheck_opts = ::netcheck::Options {
@@ -159,6 +181,7 @@ pub async fn run(
         key,
         welcome_tx,
         endpoint.clone(),
+        &server,
         reports.clone(),
         activity.clone(),
     );
@@ -214,12 +237,12 @@ pub async fn run(
             }
         }
     };
-    if let Some(ep) = endpoint.get() {
+    if let Some(server) = server.take() {
         // Tell connected clients we are going, and why (`myco ssh` and `myco ssh
         // --stdio` print it), instead of letting them time out; closing waits for
-        // peers, so it gets a bound.
+        // peers, so it gets a bound, past which the connections left are aborted.
         activity.close_all(mesh::alpn::close::SHUTDOWN, "the agent is shutting down");
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), ep.endpoint.close()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server.shutdown()).await;
     }
     tracing::info!("agent stopped");
     result

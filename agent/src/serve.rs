@@ -1,5 +1,5 @@
-//! The agent's mesh server: accepts connections, checks each one's ticket, and runs
-//! the protocol its ALPN names (port forwarding lives in `forward`).
+//! The agent's mesh server ([`MeshServer`]): accepts connections, checks each one's
+//! ticket, and runs the protocol its ALPN names (port forwarding lives in `forward`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,20 +23,87 @@ const CHUNK: usize = 256 * 1024;
 /// The longest speedtest the agent will run.
 const MAX_SPEEDTEST: Duration = Duration::from_secs(120);
 
-pub async fn accept_loop(
+/// The agent's mesh server: owns the accept loop and, through it, one task per
+/// connection (which owns that connection's streams). Modelled on iroh's `Router`:
+/// dropping it aborts everything; [`MeshServer::shutdown`] stops it in order.
+#[must_use = "dropping a MeshServer aborts its accept loop and every connection it serves"]
+pub(crate) struct MeshServer {
     endpoint: Endpoint,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    accept_loop: crate::AbortOnDrop<()>,
+}
+
+impl MeshServer {
+    /// Starts accepting connections on `endpoint`.
+    pub(crate) fn spawn(
+        endpoint: Endpoint,
+        welcome: WelcomeRx,
+        ssh: Arc<russh::server::Config>,
+        activity: Arc<MeshActivity>,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let accept_loop = crate::AbortOnDrop(tokio::spawn(accept_loop(
+            endpoint.clone(),
+            stopped,
+            welcome,
+            ssh,
+            activity,
+        )));
+        Self {
+            endpoint,
+            stop: Some(stop),
+            accept_loop,
+        }
+    }
+
+    /// Stops accepting, closes the endpoint (which closes every connection and waits
+    /// for peers to acknowledge), and waits for every connection's task to end.
+    ///
+    /// # Cancel safety
+    /// Dropping the future (a timeout) drops the server, which aborts the tasks that
+    /// had not ended yet.
+    pub(crate) async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let (_, ended) = tokio::join!(self.endpoint.close(), &mut self.accept_loop.0);
+        if let Err(e) = ended
+            && e.is_panic()
+        {
+            tracing::warn!("the mesh accept loop panicked: {e}");
+        }
+    }
+}
+
+/// Accepts connections until told to stop or the endpoint closes, then waits for the
+/// connections' tasks, which it owns: aborting it aborts them.
+async fn accept_loop(
+    endpoint: Endpoint,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
     welcome: WelcomeRx,
     ssh: Arc<russh::server::Config>,
     activity: Arc<MeshActivity>,
 ) {
     let bound = Arc::new(endpoint.bound_sockets());
-    while let Some(incoming) = endpoint.accept().await {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+            Some(ended) = connections.join_next() => {
+                log_panic(ended);
+                continue;
+            }
+            _ = &mut stop => break,
+        };
         let welcome = welcome.clone();
         let ssh = ssh.clone();
         let activity = activity.clone();
         let me = endpoint.id();
         let bound = bound.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -52,6 +119,18 @@ pub async fn accept_loop(
                 tracing::debug!("connection ended: {e}");
             }
         });
+    }
+    // The endpoint is closing, which ends every connection and so every task.
+    while let Some(ended) = connections.join_next().await {
+        log_panic(ended);
+    }
+}
+
+fn log_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        tracing::warn!("a mesh connection's task panicked: {e}");
     }
 }
 
