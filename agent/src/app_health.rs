@@ -89,6 +89,28 @@ impl Check {
     }
 }
 
+/// Why the health checker could not be built.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckerError {
+    /// The HTTP client could not be built (no TLS backend or resolver).
+    #[error("cannot build the health check client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Why one health check failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// The app answered with a server error.
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    /// The request failed (refused, timed out, bad TLS).
+    #[error("{}", netcheck::error_chain(.0))]
+    Request(reqwest::Error),
+    /// The probe's task panicked.
+    #[error("the check failed: {0}")]
+    Panicked(tokio::task::JoinError),
+}
+
 /// Checks a set of apps, each on its own schedule, one request per app at a time.
 pub(crate) struct AppHealthChecker {
     client: reqwest::Client,
@@ -99,7 +121,7 @@ pub(crate) struct AppHealthChecker {
 impl AppHealthChecker {
     /// # Errors
     /// The HTTP client cannot be built (no TLS backend or resolver).
-    pub(crate) fn new(checks: Vec<Check>) -> Result<Self, String> {
+    pub(crate) fn new(checks: Vec<Check>) -> Result<Self, CheckerError> {
         let client = reqwest::Client::builder()
             .use_preconfigured_tls((*trust::get().client_config()).clone())
             // The app is in the workspace: no proxy from the environment in between.
@@ -108,7 +130,7 @@ impl AppHealthChecker {
             // something else.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| format!("cannot build the health check client: {e}"))?;
+            .map_err(CheckerError::Client)?;
         let schedule = PeriodicSchedule::new(
             checks.iter().map(|c| (c.slug.clone(), c.interval)),
             Instant::now(),
@@ -138,8 +160,8 @@ impl AppHealthChecker {
             async move {
                 match request.send().await {
                     Ok(resp) if resp.status().as_u16() < 500 => Ok(()),
-                    Ok(resp) => Err(format!("answered {}", resp.status())),
-                    Err(e) => Err(netcheck::error_chain(&e)),
+                    Ok(resp) => Err(ProbeError::Status(resp.status())),
+                    Err(e) => Err(ProbeError::Request(e)),
                 }
             }
         })
@@ -156,7 +178,7 @@ impl AppHealthChecker {
     async fn run_with<F, P>(mut self, mut changed: impl FnMut(&Name, AppHealth), mut probe: F)
     where
         F: FnMut(&Check) -> P,
-        P: Future<Output = Result<(), String>> + Send + 'static,
+        P: Future<Output = Result<(), ProbeError>> + Send + 'static,
     {
         let mut probes = JoinSet::new();
         let mut probing: HashMap<tokio::task::Id, Name> = HashMap::new();
@@ -173,7 +195,7 @@ impl AppHealthChecker {
                 Some(done) = probes.join_next_with_id() => {
                     let (id, result) = match done {
                         Ok((id, result)) => (id, result),
-                        Err(e) => (e.id(), Err(format!("the check failed: {e}"))),
+                        Err(e) => (e.id(), Err(ProbeError::Panicked(e))),
                     };
                     let Some(slug) = probing.remove(&id) else { continue };
                     self.schedule.finished(&slug, Instant::now());

@@ -244,7 +244,7 @@ async fn channel(
             .unwrap_or_default(),
     };
     if let Err(e) = send(&mut ws, &host_key).await {
-        return ChannelEnd::Failed(e);
+        return ChannelEnd::Failed(e.to_string());
     }
     reports.channel_opened();
     let mut addrs = ep.endpoint.watch_addr();
@@ -260,7 +260,7 @@ async fn channel(
                 proof: proof.clone(),
             };
             if let Err(e) = send(&mut ws, &msg).await {
-                return ChannelEnd::Failed(e);
+                return ChannelEnd::Failed(e.to_string());
             }
             tracing::debug!(addrs = ?addr.addrs, "published address");
             last_sent = Some(addr);
@@ -268,7 +268,7 @@ async fn channel(
         while let Some(msg) = reports.poll_transmit() {
             if let Err(e) = send(&mut ws, &msg).await {
                 reports.requeue(msg);
-                return ChannelEnd::Failed(e);
+                return ChannelEnd::Failed(e.to_string());
             }
         }
         reports.sent();
@@ -283,7 +283,7 @@ async fn channel(
             }
             _ = heartbeat.tick() => {
                 if let Err(e) = send(&mut ws, &AgentMessage::Heartbeat).await {
-                    return ChannelEnd::Failed(e);
+                    return ChannelEnd::Failed(e.to_string());
                 }
             }
             msg = ws.next() => match msg {
@@ -338,12 +338,21 @@ fn pin_coordinator(
     Ok(())
 }
 
-async fn send<S>(ws: &mut S, msg: &AgentMessage) -> Result<(), String>
+/// Why a message could not be sent on the control channel.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The message could not be encoded as JSON.
+    #[error(transparent)]
+    Encode(#[from] serde_json::Error),
+    /// The WebSocket failed.
+    #[error(transparent)]
+    Socket(#[from] tungstenite::Error),
+}
+
+async fn send<S>(ws: &mut S, msg: &AgentMessage) -> Result<(), SendError>
 where
     S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
-    ws.send(Message::Text(text.into()))
-        .await
-        .map_err(|e| e.to_string())
+    let text = serde_json::to_string(msg)?;
+    Ok(ws.send(Message::Text(text.into())).await?)
 }

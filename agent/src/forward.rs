@@ -10,7 +10,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
+use iroh::endpoint::{ClosedStream, Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use mesh::control::{ForwardProtocol, ForwardReply, ForwardRequest};
 use mesh::{frame, splice};
 use tokio::net::UdpSocket;
@@ -26,13 +26,49 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 /// and a browser opens dozens (noq's default is 100).
 const MAX_STREAMS: u32 = 4096;
 
+/// Why a forwarding connection ended before the client ended its anchor stream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServeError {
+    /// The connection failed or was closed while waiting for the next stream.
+    #[error(transparent)]
+    Accept(#[from] ConnectionError),
+}
+
+/// Why the agent's answer to a forward request could not be sent.
+#[derive(Debug, thiserror::Error)]
+enum ReplyError {
+    /// The reply frame could not be written.
+    #[error(transparent)]
+    Write(#[from] frame::FrameError),
+    /// The stream was already gone when the agent finished it after a refusal.
+    #[error(transparent)]
+    Finish(#[from] ClosedStream),
+}
+
+/// Why a forwarded TCP connection or UDP session ended with an error.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    /// The reply (acceptance or refusal) could not be sent.
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    /// Relaying bytes between the stream and the TCP connection failed.
+    #[error(transparent)]
+    Splice(std::io::Error),
+    /// The client's datagrams could not be read, or one could not be written back.
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    /// The UDP socket failed to send to or receive from the target.
+    #[error(transparent)]
+    Socket(std::io::Error),
+}
+
 /// Serves one forwarding connection until the client ends its anchor stream or the
 /// connection goes.
 pub(crate) async fn serve(
     conn: Connection,
     anchor_send: SendStream,
     mut anchor: RecvStream,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_STREAMS));
     // The client sends nothing more on the anchor; its end is the end of the session.
     let anchor_ended = async { while let Ok(Some(_)) = anchor.read_chunk(1024).await {} };
@@ -42,7 +78,7 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => {
-                let (send, recv) = accepted.map_err(|e| e.to_string())?;
+                let (send, recv) = accepted?;
                 streams.spawn(stream(send, recv).in_current_span());
             }
             Some(ended) = streams.join_next() => {
@@ -93,22 +129,22 @@ async fn stream(send: SendStream, mut recv: RecvStream) {
 }
 
 /// Tells the client why this stream cannot be forwarded, and ends it.
-async fn refuse(send: &mut SendStream, why: String) -> Result<(), String> {
+async fn refuse(send: &mut SendStream, why: String) -> Result<(), ReplyError> {
     tracing::debug!(why, "forward refused");
-    frame::write(send, &ForwardReply { error: Some(why) })
-        .await
-        .map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())
+    frame::write(send, &ForwardReply { error: Some(why) }).await?;
+    Ok(send.finish()?)
 }
 
-async fn accept(send: &mut SendStream) -> Result<(), String> {
-    frame::write(send, &ForwardReply { error: None })
-        .await
-        .map_err(|e| e.to_string())
+async fn accept(send: &mut SendStream) -> Result<(), ReplyError> {
+    Ok(frame::write(send, &ForwardReply { error: None }).await?)
 }
 
 /// Connects to `host:port` and relays bytes until both sides have ended.
-async fn tcp(req: &ForwardRequest, mut send: SendStream, recv: RecvStream) -> Result<(), String> {
+async fn tcp(
+    req: &ForwardRequest,
+    mut send: SendStream,
+    recv: RecvStream,
+) -> Result<(), StreamError> {
     let target = format!("{}:{}", req.host, req.port);
     let tcp = match splice::connect(&req.host, req.port).await {
         Ok(t) => t,
@@ -117,14 +153,16 @@ async fn tcp(req: &ForwardRequest, mut send: SendStream, recv: RecvStream) -> Re
                 &mut send,
                 format!("nothing listens on {target} in the workspace (connection refused)"),
             )
-            .await;
+            .await
+            .map_err(StreamError::from);
         }
         Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
             return refuse(
                 &mut send,
                 format!("cannot connect to {target} from the workspace: {e}"),
             )
-            .await;
+            .await
+            .map_err(StreamError::from);
         }
         Err(_) => {
             return refuse(
@@ -134,13 +172,14 @@ async fn tcp(req: &ForwardRequest, mut send: SendStream, recv: RecvStream) -> Re
                     splice::CONNECT_TIMEOUT.as_secs()
                 ),
             )
-            .await;
+            .await
+            .map_err(StreamError::from);
         }
     };
     accept(&mut send).await?;
     splice::tcp(tcp, send, recv)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(StreamError::Splice)
 }
 
 /// Binds a UDP socket connected to `host:port` and relays datagrams until the client
@@ -149,7 +188,7 @@ async fn udp(
     req: &ForwardRequest,
     mut send: SendStream,
     mut recv: RecvStream,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let (send, recv) = (&mut send, &mut recv);
     let target = format!("{}:{}", req.host, req.port);
     let addr = match tokio::net::lookup_host((req.host.as_str(), req.port))
@@ -158,7 +197,9 @@ async fn udp(
         .and_then(|mut a| a.next())
     {
         Some(a) => a,
-        None => return refuse(send, format!("cannot resolve {target} in the workspace")).await,
+        None => {
+            return Ok(refuse(send, format!("cannot resolve {target} in the workspace")).await?);
+        }
     };
     let local: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -169,32 +210,29 @@ async fn udp(
     let socket = match UdpSocket::bind(local).await {
         Ok(s) => s,
         Err(e) => {
-            return refuse(
+            return Ok(refuse(
                 send,
                 format!("cannot open a UDP socket in the workspace: {e}"),
             )
-            .await;
+            .await?);
         }
     };
     if let Err(e) = socket.connect(addr).await {
-        return refuse(
+        return Ok(refuse(
             send,
             format!("cannot send to {target} from the workspace: {e}"),
         )
-        .await;
+        .await?);
     }
     accept(send).await?;
     let activity = Notify::new();
     let to_target = async {
-        while let Some(d) = frame::read_datagram(recv)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        while let Some(d) = frame::read_datagram(recv).await? {
             match socket.send(&d).await {
                 Ok(_) => {}
                 // An earlier datagram met a closed port; UDP servers come and go.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(StreamError::Socket(e)),
             }
             activity.notify_one();
         }
@@ -205,13 +243,11 @@ async fn udp(
         loop {
             match socket.recv(&mut buf).await {
                 Ok(n) => {
-                    frame::write_datagram(send, &buf[..n])
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    frame::write_datagram(send, &buf[..n]).await?;
                     activity.notify_one();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                Err(e) => return Err::<(), _>(e.to_string()),
+                Err(e) => return Err::<(), _>(StreamError::Socket(e)),
             }
         }
     };

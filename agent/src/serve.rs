@@ -134,6 +134,54 @@ fn log_panic(ended: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Why a mesh connection ended with an error; logged, since the client has been told
+/// already (a refusal closes the connection with its reason) or is gone.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnd {
+    /// The client's first stream never came.
+    #[error(transparent)]
+    Accept(#[from] iroh::endpoint::ConnectionError),
+    /// The connection was refused (no ticket, a bad one, revoked access, an unknown
+    /// protocol); the reason was sent to the client.
+    #[error("{0}")]
+    Refused(String),
+    /// The agent's hello could not be written.
+    #[error(transparent)]
+    Hello(frame::FrameError),
+    /// The SSH session failed.
+    #[error(transparent)]
+    Ssh(#[from] russh::Error),
+    /// The SSH connection was closed for idling past `--ssh-idle-timeout`.
+    #[error("{0}")]
+    SshIdle(String),
+    /// A ping stream failed.
+    #[error(transparent)]
+    Ping(#[from] iroh::endpoint::WriteError),
+    /// A speedtest failed.
+    #[error(transparent)]
+    Speedtest(#[from] SpeedtestError),
+    /// A forwarding session failed.
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ServeError),
+}
+
+/// Why a speedtest ended with an error.
+#[derive(Debug, thiserror::Error)]
+enum SpeedtestError {
+    /// The request or the upload's result frame could not be read or written.
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    /// Sending the download's data failed.
+    #[error(transparent)]
+    Write(#[from] iroh::endpoint::WriteError),
+    /// The stream was gone when the agent finished it.
+    #[error(transparent)]
+    Finish(#[from] iroh::endpoint::ClosedStream),
+    /// Receiving the upload's data failed.
+    #[error(transparent)]
+    Read(#[from] iroh::endpoint::ReadError),
+}
+
 async fn handle(
     conn: Connection,
     me: iroh::EndpointId,
@@ -141,8 +189,8 @@ async fn handle(
     welcome: WelcomeRx,
     ssh: Arc<russh::server::Config>,
     activity: Arc<MeshActivity>,
-) -> Result<(), String> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+) -> Result<(), ConnectionEnd> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
     let hello: ClientHello = tokio::time::timeout(HELLO_TIMEOUT, frame::read(&mut recv))
         .await
         .map_err(|_| refuse(&conn, close::PROTOCOL, "no ticket presented in time"))?
@@ -185,10 +233,10 @@ async fn handle(
         },
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(ConnectionEnd::Hello)?;
     match conn.alpn() {
-        a if a == alpn::PING => echo(send, recv).await,
-        a if a == alpn::SPEEDTEST => speedtest(send, recv).await,
+        a if a == alpn::PING => Ok(echo(send, recv).await?),
+        a if a == alpn::SPEEDTEST => Ok(speedtest(send, recv).await?),
         a if a == alpn::SSH => {
             let env = crate::ssh::SessionEnv::from_target(&known.agent);
             let idle_timeout = ssh.inactivity_timeout;
@@ -206,8 +254,7 @@ async fn handle(
                     account,
                 ),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             match session.await {
                 // The client prints the reason instead of a bare "ended".
                 Err(russh::Error::InactivityTimeout) => {
@@ -217,14 +264,14 @@ async fn handle(
                     );
                     tracing::info!("SSH connection closed: idle");
                     conn.close(close::IDLE.into(), reason.as_bytes());
-                    Err(reason)
+                    Err(ConnectionEnd::SshIdle(reason))
                 }
-                ended => ended.map_err(|e| e.to_string()),
+                ended => Ok(ended?),
             }
         }
         a if a == alpn::FORWARD => {
             let _session = activity.sessions.open(SessionKind::PortForward);
-            crate::forward::serve(conn.clone(), send, recv).await
+            Ok(crate::forward::serve(conn.clone(), send, recv).await?)
         }
         other => Err(refuse(
             &conn,
@@ -235,26 +282,29 @@ async fn handle(
 }
 
 /// Closes the connection with a reason the client prints, and returns it for the log.
-fn refuse(conn: &Connection, code: u32, reason: &str) -> String {
+fn refuse(conn: &Connection, code: u32, reason: &str) -> ConnectionEnd {
     tracing::info!(reason, "connection refused");
     conn.close(code.into(), reason.as_bytes());
-    reason.to_owned()
+    ConnectionEnd::Refused(reason.to_owned())
 }
 
 /// Ping: echo every 16-byte probe until the client finishes its stream.
-async fn echo(mut send: SendStream, mut recv: RecvStream) -> Result<(), String> {
+async fn echo(
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), iroh::endpoint::WriteError> {
     let mut buf = [0u8; 16];
     loop {
         match recv.read_exact(&mut buf).await {
             Ok(_) => {}
             Err(_) => return Ok(()),
         }
-        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+        send.write_all(&buf).await?;
     }
 }
 
-async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), String> {
-    let req: SpeedtestRequest = frame::read(&mut recv).await.map_err(|e| e.to_string())?;
+async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), SpeedtestError> {
+    let req: SpeedtestRequest = frame::read(&mut recv).await?;
     let duration = Duration::from_millis(req.duration_ms).min(MAX_SPEEDTEST);
     match req.direction {
         Direction::Down => {
@@ -262,11 +312,9 @@ async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), Str
             let chunk = bytes::Bytes::from(vec![0u8; CHUNK]);
             let deadline = tokio::time::Instant::now() + duration;
             while tokio::time::Instant::now() < deadline {
-                send.write_chunk(chunk.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                send.write_chunk(chunk.clone()).await?;
             }
-            send.finish().map_err(|e| e.to_string())?;
+            send.finish()?;
             // Wait until the client has read everything before the connection goes.
             let _ = send.stopped().await;
             Ok(())
@@ -279,14 +327,12 @@ async fn speedtest(mut send: SendStream, mut recv: RecvStream) -> Result<(), Str
                 match recv.read_chunk(CHUNK).await {
                     Ok(Some(c)) => bytes += c.len() as u64,
                     Ok(None) => break,
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             let elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            frame::write(&mut send, &SpeedtestResult { bytes, elapsed_ms })
-                .await
-                .map_err(|e| e.to_string())?;
-            send.finish().map_err(|e| e.to_string())?;
+            frame::write(&mut send, &SpeedtestResult { bytes, elapsed_ms }).await?;
+            send.finish()?;
             let _ = send.stopped().await;
             Ok(())
         }
