@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use iroh::{SecretKey, Watcher};
-use mesh::control::{AgentMessage, CONTROL_PATH, CoordinatorMessage};
+use mesh::control::{AgentMessage, CoordinatorMessage};
+use mesh::control_channel::{self as wire, ConnectError, Received, RecvError, SendError};
 use mesh::endpoint::EndpointOptions;
-use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest, http};
 
 use crate::backoff::Backoff;
 use crate::reports::Reports;
@@ -56,28 +55,30 @@ pub enum ControlError {
     PinFile(#[from] crate::pin::PinFileError),
 }
 
-/// Why one control channel ended; all are retried.
+/// Why one control channel ended; all but `Fatal` are retried.
 #[derive(Debug, thiserror::Error)]
 enum ChannelEnd {
+    /// The channel could not be opened.
     #[error("cannot connect: {0}")]
-    Connect(String),
+    Connect(ConnectError),
+    /// The coordinator closed it, with its reason if it gave one.
     #[error("channel closed by the coordinator{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     Closed(Option<String>),
+    /// A message could not be sent.
     #[error("channel failed: {0}")]
-    Failed(String),
+    Send(#[from] SendError),
+    /// The socket failed while receiving.
+    #[error("channel failed: {0}")]
+    Recv(RecvError),
+    /// The coordinator's first message was something else than a welcome.
+    #[error("channel failed: the first message was not a welcome")]
+    NotWelcome,
+    /// The coordinator sent a second welcome on one channel.
+    #[error("channel failed: a second welcome on one channel")]
+    SecondWelcome,
+    /// Retrying cannot help.
     #[error("fatal: {0}")]
     Fatal(ControlError),
-}
-
-fn control_url(url: &str) -> Result<String, ControlError> {
-    let base = url.trim_end_matches('/');
-    if let Some(rest) = base.strip_prefix("http://") {
-        Ok(format!("ws://{rest}{CONTROL_PATH}"))
-    } else if let Some(rest) = base.strip_prefix("https://") {
-        Ok(format!("wss://{rest}{CONTROL_PATH}"))
-    } else {
-        Err(ControlError::BadUrl(url.to_owned()))
-    }
 }
 
 pub async fn run(
@@ -89,7 +90,8 @@ pub async fn run(
     reports: Reports,
     activity: Arc<MeshActivity>,
 ) -> Result<(), ControlError> {
-    let url = control_url(&config.url)?;
+    // A bad URL stays bad: say so now rather than on every retry.
+    wire::control_url(&config.url).map_err(|_| ControlError::BadUrl(config.url.clone()))?;
     let mut backoff = Backoff::default();
     loop {
         backoff.started(tokio::time::Instant::now());
@@ -100,7 +102,7 @@ pub async fn run(
             reports: &reports,
             activity: &activity,
         };
-        match channel(&config, &url, &key, shared).await {
+        match channel(&config, &key, shared).await {
             ChannelEnd::Fatal(e) => return Err(e),
             end => tracing::warn!("control channel: {end}"),
         }
@@ -122,7 +124,6 @@ struct Shared<'a> {
 
 async fn channel(
     config: &ChannelConfig,
-    url: &str,
     key: &SecretKey,
     Shared {
         welcome,
@@ -132,46 +133,31 @@ async fn channel(
         activity,
     }: Shared<'_>,
 ) -> ChannelEnd {
-    let mut request = match url.into_client_request() {
-        Ok(r) => r,
-        Err(e) => return ChannelEnd::Fatal(ControlError::BadUrl(format!("{url}: {e}"))),
-    };
-    let Ok(auth) = http::HeaderValue::from_str(&format!("Bearer {}", config.token)) else {
-        return ChannelEnd::Fatal(ControlError::TokenRefused(
-            "it holds characters a header cannot".into(),
-        ));
-    };
-    request
-        .headers_mut()
-        .insert(http::header::AUTHORIZATION, auth);
-    let tls = tokio_tungstenite::Connector::Rustls(trust::get().client_config());
-    let (mut ws, _) = match tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        None,
-        true,
-        Some(tls),
-    )
-    .await
-    {
-        Ok(ok) => ok,
-        Err(tungstenite::Error::Http(resp)) if resp.status() == http::StatusCode::UNAUTHORIZED => {
-            let body = resp
-                .body()
-                .as_ref()
-                .and_then(|b| serde_json::from_slice::<mesh::api::ErrorBody>(b).ok())
-                .map(|b| b.message)
-                .unwrap_or_else(|| "401".into());
-            return ChannelEnd::Fatal(ControlError::TokenRefused(body));
+    let mut ws = match wire::connect(&config.url, &config.token, None).await {
+        Ok(ws) => ws,
+        Err(ConnectError::Url(_)) => {
+            return ChannelEnd::Fatal(ControlError::BadUrl(config.url.clone()));
         }
-        Err(e) => return ChannelEnd::Connect(e.to_string()),
+        Err(ConnectError::BadRequest { url, source }) => {
+            return ChannelEnd::Fatal(ControlError::BadUrl(format!("{url}: {source}")));
+        }
+        Err(ConnectError::BadToken) => {
+            return ChannelEnd::Fatal(ControlError::TokenRefused(
+                "it holds characters a header cannot".into(),
+            ));
+        }
+        Err(ConnectError::Refused(message)) => {
+            return ChannelEnd::Fatal(ControlError::TokenRefused(message));
+        }
+        Err(e) => return ChannelEnd::Connect(e),
     };
-    let first = match ws.next().await {
-        Some(Ok(Message::Text(t))) => t,
-        Some(Ok(Message::Close(frame))) => return ChannelEnd::Closed(close_reason(frame)),
-        Some(Ok(_)) | None => return ChannelEnd::Closed(None),
-        Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
+    let first = match ws.recv().await {
+        Ok(Received::Message(m)) => m,
+        Ok(Received::Closed(reason)) => return ChannelEnd::Closed(reason),
+        Err(RecvError::Decode(_)) => return ChannelEnd::NotWelcome,
+        Err(e @ RecvError::Socket(_)) => return ChannelEnd::Recv(e),
     };
-    let Ok(CoordinatorMessage::Welcome {
+    let CoordinatorMessage::Welcome {
         coordinator_key,
         workspace_id,
         agent_id,
@@ -182,9 +168,9 @@ async fn channel(
         relay_quic,
         relay_quic_signature,
         manifest,
-    }) = serde_json::from_str::<CoordinatorMessage>(&first)
+    } = first
     else {
-        return ChannelEnd::Failed("the first message was not a welcome".into());
+        return ChannelEnd::NotWelcome;
     };
     // Nothing of a welcome is used before its key passed the pin.
     if let Err(e) = pin_coordinator(
@@ -243,8 +229,8 @@ async fn channel(
             .to_openssh()
             .unwrap_or_default(),
     };
-    if let Err(e) = send(&mut ws, &host_key).await {
-        return ChannelEnd::Failed(e.to_string());
+    if let Err(e) = ws.send(&host_key).await {
+        return e.into();
     }
     reports.channel_opened();
     let mut addrs = ep.endpoint.watch_addr();
@@ -259,16 +245,16 @@ async fn channel(
                 addr: addr.clone(),
                 proof: proof.clone(),
             };
-            if let Err(e) = send(&mut ws, &msg).await {
-                return ChannelEnd::Failed(e.to_string());
+            if let Err(e) = ws.send(&msg).await {
+                return e.into();
             }
             tracing::debug!(addrs = ?addr.addrs, "published address");
             last_sent = Some(addr);
         }
         while let Some(msg) = reports.poll_transmit() {
-            if let Err(e) = send(&mut ws, &msg).await {
+            if let Err(e) = ws.send(&msg).await {
                 reports.requeue(msg);
-                return ChannelEnd::Failed(e.to_string());
+                return e.into();
             }
         }
         reports.sent();
@@ -282,35 +268,24 @@ async fn channel(
                 }
             }
             _ = heartbeat.tick() => {
-                if let Err(e) = send(&mut ws, &AgentMessage::Heartbeat).await {
-                    return ChannelEnd::Failed(e.to_string());
+                if let Err(e) = ws.send(&AgentMessage::Heartbeat).await {
+                    return e.into();
                 }
             }
-            msg = ws.next() => match msg {
-                None => return ChannelEnd::Closed(None),
-                Some(Ok(Message::Close(frame))) => return ChannelEnd::Closed(close_reason(frame)),
-                Some(Err(e)) => return ChannelEnd::Failed(e.to_string()),
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<CoordinatorMessage>(&text) {
-                    Ok(CoordinatorMessage::Revoke { token_ids }) => {
-                        let closed = activity.revoke(&token_ids, "the coordinator revoked this session's access");
-                        tracing::info!(closed, "access revoked by the coordinator");
-                    }
-                    Ok(CoordinatorMessage::Welcome { .. }) => {
-                        return ChannelEnd::Failed("a second welcome on one channel".into());
-                    }
-                    Err(e) => tracing::warn!("unknown message from the coordinator: {e}"),
-                },
-                Some(Ok(_)) => {}
+            msg = ws.recv() => match msg {
+                Ok(Received::Closed(reason)) => return ChannelEnd::Closed(reason),
+                Err(e @ RecvError::Socket(_)) => return ChannelEnd::Recv(e),
+                Ok(Received::Message(CoordinatorMessage::Revoke { token_ids })) => {
+                    let closed = activity.revoke(&token_ids, "the coordinator revoked this session's access");
+                    tracing::info!(closed, "access revoked by the coordinator");
+                }
+                Ok(Received::Message(CoordinatorMessage::Welcome { .. })) => {
+                    return ChannelEnd::SecondWelcome;
+                }
+                Err(RecvError::Decode(e)) => tracing::warn!("unknown message from the coordinator: {e}"),
             },
         }
     }
-}
-
-/// The reason a close frame gives, if any.
-fn close_reason(frame: Option<tungstenite::protocol::CloseFrame>) -> Option<String> {
-    frame
-        .map(|f| f.reason.to_string())
-        .filter(|r| !r.is_empty())
 }
 
 /// Checks the welcome's key against the pin and the `--coordinator-key` flag, and
@@ -336,23 +311,4 @@ fn pin_coordinator(
         tracing::info!(coordinator_key = %pin.coordinator_key, file = %path.display(), "coordinator pinned");
     }
     Ok(())
-}
-
-/// Why a message could not be sent on the control channel.
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    /// The message could not be encoded as JSON.
-    #[error(transparent)]
-    Encode(#[from] serde_json::Error),
-    /// The WebSocket failed.
-    #[error(transparent)]
-    Socket(#[from] tungstenite::Error),
-}
-
-async fn send<S>(ws: &mut S, msg: &AgentMessage) -> Result<(), SendError>
-where
-    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
-{
-    let text = serde_json::to_string(msg)?;
-    Ok(ws.send(Message::Text(text.into())).await?)
 }

@@ -6,14 +6,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use mesh::Name;
 use mesh::api::{App, AppHealth, HealthCheck, MetadataSpec, Script};
 use mesh::control::{AgentMessage, CoordinatorMessage, Manifest};
+use mesh::control_channel::{ControlServer, Received};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Bound on every wait for the agent, so a broken agent fails the test instead of
 /// hanging it.
@@ -124,7 +122,7 @@ impl Drop for RunningAgent {
 /// The coordinator's side of the control channel, as far as the agent can tell.
 struct FakeCoordinator {
     listener: TcpListener,
-    welcome: String,
+    welcome: CoordinatorMessage,
 }
 
 impl FakeCoordinator {
@@ -143,10 +141,7 @@ impl FakeCoordinator {
             relay_quic: None,
             manifest,
         };
-        Self {
-            listener,
-            welcome: serde_json::to_string(&welcome).unwrap(),
-        }
+        Self { listener, welcome }
     }
 
     /// Starts an agent (in this process) against this coordinator, in a data dir of
@@ -188,10 +183,8 @@ impl FakeCoordinator {
             .await
             .expect("the agent never connected")
             .unwrap();
-        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        ws.send(Message::Text(self.welcome.clone().into()))
-            .await
-            .unwrap();
+        let mut ws = mesh::control_channel::accept(tcp).await.unwrap();
+        ws.send(&self.welcome).await.unwrap();
         Channel {
             ws,
             seen: Seen::default(),
@@ -223,7 +216,7 @@ impl Seen {
 }
 
 struct Channel {
-    ws: WebSocketStream<TcpStream>,
+    ws: ControlServer<TcpStream>,
     seen: Seen,
 }
 
@@ -232,9 +225,8 @@ impl Channel {
     async fn until(&mut self, what: &str, done: impl Fn(&Seen) -> bool) {
         let read = async {
             while !done(&self.seen) {
-                let msg = match self.ws.next().await {
-                    Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap(),
-                    Some(Ok(_)) => continue,
+                let msg = match self.ws.recv().await {
+                    Ok(Received::Message(msg)) => msg,
                     other => panic!(
                         "the channel ended ({other:?}) before {what}: {:#?}",
                         self.seen

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use mesh::control::{AgentMessage, CoordinatorMessage};
+use mesh::control_channel::{ControlClient, Received, RecvError};
 use tests::TestEnv;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http};
 
@@ -128,28 +129,14 @@ fn a_relay_client_that_never_shakes_hands_is_dropped() {
     eprintln!("silent relay client dropped after {:?}", started.elapsed());
 }
 
-async fn agent_channel(
-    env: &TestEnv,
-    token: &str,
-) -> (
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    CoordinatorMessage,
-) {
-    let url = format!(
-        "{}{}",
-        env.url.replace("http://", "ws://"),
-        mesh::control::CONTROL_PATH
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert(
-        http::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let Some(Ok(Message::Text(first))) = ws.next().await else {
+async fn agent_channel(env: &TestEnv, token: &str) -> (ControlClient, CoordinatorMessage) {
+    let mut ws = mesh::control_channel::connect(&env.url, token, None)
+        .await
+        .unwrap();
+    let Ok(Received::Message(first)) = ws.recv().await else {
         panic!("no welcome")
     };
-    (ws, serde_json::from_str(&first).unwrap())
+    (ws, first)
 }
 
 #[test]
@@ -161,7 +148,6 @@ fn reports_out_of_bounds_are_refused_and_nothing_else_is_lost() {
     let long_line = "x".repeat(mesh::limits::LOG_LINE_MAX + 1);
     rt.block_on(async {
         let (mut ws, _welcome) = agent_channel(&env, &token).await;
-        let send = |m: AgentMessage| Message::Text(serde_json::to_string(&m).unwrap().into());
         let line = |text: &str| mesh::api::LogLine {
             at: mesh::Timestamp::now(),
             source: mesh::api::LogSource::Startup,
@@ -190,12 +176,12 @@ fn reports_out_of_bounds_are_refused_and_nothing_else_is_lost() {
                 openssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n* ssh-ed25519 AAAA".into(),
             },
         ] {
-            ws.send(send(bad)).await.unwrap();
+            ws.send(&bad).await.unwrap();
         }
         // A good line after them is kept.
-        ws.send(send(AgentMessage::Logs {
+        ws.send(&AgentMessage::Logs {
             lines: vec![line("the good line")],
-        }))
+        })
         .await
         .unwrap();
         // Wait until the flush made it visible, with the channel still open.
@@ -220,7 +206,7 @@ fn reports_out_of_bounds_are_refused_and_nothing_else_is_lost() {
             "{shown:#}"
         );
         // The channel is still open: it was refused reports, not closed.
-        ws.send(send(AgentMessage::Heartbeat)).await.unwrap();
+        ws.send(&AgentMessage::Heartbeat).await.unwrap();
     });
 }
 
@@ -232,19 +218,18 @@ fn an_agent_flooding_its_channel_is_cut_off() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reason = rt.block_on(async {
         let (mut ws, _) = agent_channel(&env, &token).await;
-        let hb = serde_json::to_string(&AgentMessage::Heartbeat).unwrap();
         for _ in 0..2000 {
-            if ws.send(Message::Text(hb.clone().into())).await.is_err() {
+            if ws.send(&AgentMessage::Heartbeat).await.is_err() {
                 break;
             }
         }
         loop {
-            match tokio::time::timeout(Duration::from_secs(30), ws.next())
+            match tokio::time::timeout(Duration::from_secs(30), ws.recv())
                 .await
                 .expect("the flood was never cut off")
             {
-                Some(Ok(Message::Close(Some(f)))) => break f.reason.to_string(),
-                Some(Ok(_)) => {}
+                Ok(Received::Closed(Some(reason))) => break reason,
+                Ok(Received::Message(_)) | Err(RecvError::Decode(_)) => {}
                 other => panic!("closed without a reason: {other:?}"),
             }
         }

@@ -3,52 +3,32 @@
 //! and an agent holds to the coordinator it pinned.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use futures_util::{SinkExt, StreamExt};
 use mesh::control::{AgentMessage, CoordinatorMessage};
+use mesh::control_channel::{ControlClient, Received, RecvError};
 use tests::TestEnv;
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http};
 
 /// Opens a control channel with `token` as a hand-written agent would, and returns
 /// the socket and the welcome.
-async fn rogue_channel(
-    env: &TestEnv,
-    token: &str,
-) -> (
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    CoordinatorMessage,
-) {
-    let url = format!(
-        "{}{}",
-        env.url.replace("http://", "ws://"),
-        mesh::control::CONTROL_PATH
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert(
-        http::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let Some(Ok(Message::Text(first))) = ws.next().await else {
+async fn rogue_channel(env: &TestEnv, token: &str) -> (ControlClient, CoordinatorMessage) {
+    let mut ws = mesh::control_channel::connect(&env.url, token, None)
+        .await
+        .unwrap();
+    let Ok(Received::Message(first)) = ws.recv().await else {
         panic!("no welcome")
     };
-    (ws, serde_json::from_str(&first).unwrap())
+    (ws, first)
 }
 
 /// Reads until the coordinator closes the channel; returns the close reason.
-async fn close_reason(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) -> String {
+async fn close_reason(ws: &mut ControlClient) -> String {
     loop {
-        match tokio::time::timeout(std::time::Duration::from_secs(30), ws.next())
+        match tokio::time::timeout(std::time::Duration::from_secs(30), ws.recv())
             .await
             .expect("the coordinator never closed the channel")
         {
-            Some(Ok(Message::Close(Some(f)))) => return f.reason.to_string(),
-            Some(Ok(Message::Close(None))) | None => return String::new(),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => panic!("channel failed instead of closing: {e}"),
+            Ok(Received::Closed(reason)) => return reason.unwrap_or_default(),
+            Ok(Received::Message(_)) | Err(RecvError::Decode(_)) => {}
+            Err(e) => panic!("channel failed instead of closing: {e}"),
         }
     }
 }
@@ -82,9 +62,7 @@ fn a_rogue_agent_cannot_take_another_users_agent_endpoint() {
             addr: iroh::EndpointAddr::new(victim_id),
             proof: mesh::sign::endpoint_proof(&own, &challenge, &agent_id),
         };
-        ws.send(Message::Text(serde_json::to_string(&msg).unwrap().into()))
-            .await
-            .unwrap();
+        ws.send(&msg).await.unwrap();
         close_reason(&mut ws).await
     });
     assert!(

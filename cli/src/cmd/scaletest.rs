@@ -11,20 +11,19 @@
 //! a change are not judged.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::{SinkExt, StreamExt};
 use mesh::api::{
     AgentSpec, AgentStats, App, AppHealth, CreateWorkspace, CreatedWorkspace, HealthCheck,
     LifecycleState,
 };
-use mesh::control::{AgentMessage, AppHealthChange, CONTROL_PATH, CoordinatorMessage};
+use mesh::control::{AgentMessage, AppHealthChange, CoordinatorMessage};
+use mesh::control_channel::{self, Received, RecvError};
 use mesh::{Name, Timestamp};
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http};
 
 use crate::Globals;
 use crate::client::Client;
@@ -427,48 +426,22 @@ async fn agent_channel(
     ctx: &AgentTask,
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
-    let ws_url = ctx.url.replacen("http", "ws", 1) + CONTROL_PATH;
-    let mut request = ws_url.as_str().into_client_request()?;
-    request.headers_mut().insert(
-        http::header::AUTHORIZATION,
-        http::HeaderValue::from_str(&format!("Bearer {}", ctx.token))?,
-    );
-    let target: reqwest::Url = ctx.url.parse()?;
-    let host = target.host_str().context("the URL has no host")?;
-    let port = target.port_or_known_default().unwrap_or(80);
-    let server: SocketAddr = tokio::net::lookup_host((host, port))
-        .await?
-        .next()
-        .context("the coordinator's host does not resolve")?;
-    let socket = match server {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    if let Some(src) = ctx.source {
-        socket.bind(SocketAddr::new(src, 0))?;
-    }
-    let tcp = socket.connect(server).await?;
-    tcp.set_nodelay(true)?;
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await?;
-    let first = match ws.next().await {
-        Some(Ok(Message::Text(t))) => t,
-        other => bail!("no welcome: {other:?}"),
-    };
+    let mut ws = control_channel::connect(&ctx.url, &ctx.token, ctx.source).await?;
     let CoordinatorMessage::Welcome {
         heartbeat_interval_ms,
         ..
-    } = serde_json::from_str(&first)?
+    } = (match ws.recv().await? {
+        Received::Message(m) => m,
+        Received::Closed(reason) => bail!("no welcome: the channel closed ({reason:?})"),
+    })
     else {
         bail!("the first message was not a welcome");
     };
-    let send = |m: &AgentMessage| -> anyhow::Result<Message> {
-        Ok(Message::Text(serde_json::to_string(m)?.into()))
-    };
     let now = Timestamp::now();
-    ws.send(send(&AgentMessage::Lifecycle {
+    ws.send(&AgentMessage::Lifecycle {
         state: LifecycleState::Ready,
         changed_at: now,
-    })?)
+    })
     .await?;
     let changes = (0..ctx.apps)
         .map(|k| {
@@ -478,7 +451,7 @@ async fn agent_channel(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    ws.send(send(&AgentMessage::AppHealth { changes })?).await?;
+    ws.send(&AgentMessage::AppHealth { changes }).await?;
     ctx.opened_at.store(since(ctx.t0), Ordering::Relaxed);
     ctx.connected.fetch_add(1, Ordering::Relaxed);
     *permit = None;
@@ -491,21 +464,21 @@ async fn agent_channel(
     loop {
         tokio::select! {
             _ = beat.tick() => {
-                ws.send(send(&AgentMessage::Heartbeat)?).await?;
+                ws.send(&AgentMessage::Heartbeat).await?;
                 beats += 1;
                 if beats.is_multiple_of(2) {
                     let stats = AgentStats { connection_count: 1, connections_direct: 1, rx_bytes: beats * 1000, tx_bytes: beats * 2000, connection_median_latency_ms: 0.2, session_count_ssh: 1, ..AgentStats::default() };
-                    ws.send(send(&AgentMessage::Stats { stats })?).await?;
+                    ws.send(&AgentMessage::Stats { stats }).await?;
                 }
             }
             () = ctx.wake.notified() => {
-                let _ = ws.close(None).await;
+                let _ = ws.close().await;
                 return Ok(());
             }
-            msg = ws.next() => match msg {
-                None | Some(Ok(Message::Close(_))) => bail!("the coordinator closed the channel"),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(_)) => {}
+            msg = ws.recv() => match msg {
+                Ok(Received::Closed(_)) => bail!("the coordinator closed the channel"),
+                Err(RecvError::Socket(e)) => return Err(e.into()),
+                Ok(Received::Message(_)) | Err(RecvError::Decode(_)) => {}
             },
         }
     }
