@@ -74,7 +74,7 @@ const GRACE: Duration = Duration::from_secs(3);
 
 pub async fn run(globals: &Globals, cmd: ScaletestCommand) -> anyhow::Result<()> {
     match cmd {
-        ScaletestCommand::Agents(args) => agents(globals, args).await,
+        ScaletestCommand::Agents(args) => run_fake_agents(globals, args).await,
     }
 }
 
@@ -93,14 +93,10 @@ struct SimAgent {
     closed_at: Arc<AtomicU64>,
 }
 
-async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
-    if args.count == 0 {
-        bail!("--count must be at least 1");
-    }
-    if !(0.0..=1.0).contains(&args.hang_up) {
-        bail!("--hang-up is a share between 0 and 1, not {}", args.hang_up);
-    }
-    check_open_files(args.count)?;
+/// `myco scaletest agents`: create the workspaces, connect the simulated agents,
+/// scrape and judge for the run's duration, then clean up and give the verdict.
+async fn run_fake_agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
+    check_args(&args)?;
     let client = Client::authenticated(globals)?;
     let me: mesh::api::User = client.get("/api/v1/users/me").await?;
     if args.metrics_url.is_none() && !me.admin {
@@ -108,17 +104,42 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
             "/metrics on the API is for admins; log in as one, or pass --metrics-url with the coordinator's --prometheus-address"
         );
     }
+    let (sims, extra) = create_agents(&client, &args).await?;
+    let t0 = Instant::now();
+    let mut tasks = connect_agents(client.base_url(), &sims, args.apps, t0).await?;
+    let report = scrape_and_judge(&client, &args, &sims, &extra, t0).await?;
+    hang_up(&sims);
+    tasks.shutdown().await;
+    report.print();
+    if !args.keep {
+        delete_workspaces(&client, &sims, &extra).await?;
+    }
+    if report.false_disconnects + report.false_connects + report.missing > 0 {
+        bail!("the coordinator's /metrics disagreed with the agents' real state");
+    }
+    Ok(())
+}
+
+fn check_args(args: &AgentsArgs) -> anyhow::Result<()> {
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.hang_up) {
+        bail!("--hang-up is a share between 0 and 1, not {}", args.hang_up);
+    }
+    check_open_files(args.count)
+}
+
+/// Creates the workspaces of the agents that connect and of those that never do.
+async fn create_agents(
+    client: &Client,
+    args: &AgentsArgs,
+) -> anyhow::Result<(Vec<SimAgent>, Vec<SimAgent>)> {
     let started = Instant::now();
     let run_id = format!("{:06x}", u32::from_le_bytes(random4()) & 0xff_ffff);
-    let sims = create_workspaces(&client, &run_id, args.count, args.apps).await?;
+    let sims = create_workspaces(client, &run_id, args.count, args.apps).await?;
     let extra = if args.extra_agents > 0 {
-        create_workspaces(
-            &client,
-            &format!("{run_id}-x"),
-            args.extra_agents,
-            args.apps,
-        )
-        .await?
+        create_workspaces(client, &format!("{run_id}-x"), args.extra_agents, args.apps).await?
     } else {
         Vec::new()
     };
@@ -129,21 +150,29 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
         sims.len().div_ceil(AGENTS_PER_WORKSPACE) + extra.len().div_ceil(AGENTS_PER_WORKSPACE),
         started.elapsed()
     );
+    Ok((sims, extra))
+}
 
-    let url = client.base_url().to_owned();
-    let sources = source_addrs(&url)?;
+/// Starts one task per simulated agent and returns once every one has its welcome
+/// (or failed, which fails the run); the tasks run on until told to hang up.
+async fn connect_agents(
+    url: &str,
+    sims: &[SimAgent],
+    apps: usize,
+    t0: Instant,
+) -> anyhow::Result<tokio::task::JoinSet<()>> {
+    let sources = source_addrs(url)?;
     let connected = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
-    let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, sim) in sims.iter().enumerate() {
         let permit = sem.clone().acquire_owned().await?;
         let ctx = AgentTask {
-            url: url.clone(),
+            url: url.to_owned(),
             source: sources.get(i % sources.len().max(1)).copied(),
             token: sim.token.clone(),
-            apps: args.apps,
+            apps,
             hang_up: sim.hang_up.clone(),
             wake: sim.wake.clone(),
             opened_at: sim.opened_at.clone(),
@@ -171,12 +200,19 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
     if failures > 0 {
         bail!("{failures} simulated agents could not open their control channel");
     }
+    Ok(tasks)
+}
 
-    let metrics_path = args.metrics_url.clone();
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls((*trust::get().client_config()).clone())
-        .timeout(Duration::from_secs(60))
-        .build()?;
+/// Scrapes every interval for the run's duration, judging each scrape against the
+/// agents' real state; halfway through, a share of the agents hang up.
+async fn scrape_and_judge(
+    client: &Client,
+    args: &AgentsArgs,
+    sims: &[SimAgent],
+    extra: &[SimAgent],
+    t0: Instant,
+) -> anyhow::Result<Report> {
+    let mut scraper = Scraper::new(client, args.metrics_url.clone())?;
     let mut report = Report::default();
     let end = Instant::now() + args.duration;
     let halfway = Instant::now() + args.duration / 2;
@@ -189,97 +225,148 @@ async fn agents(globals: &Globals, args: AgentsArgs) -> anyhow::Result<()> {
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scrape_no = 0u64;
-    // Bodies go into one buffer kept from scrape to scrape, as Prometheus reads a scrape
-    // into a buffer sized from the last one: a fresh buffer per scrape would add this
-    // process's page faults and copies to the time.
-    let mut body: Vec<u8> = Vec::new();
     while Instant::now() < end {
         tick.tick().await;
         scrape_no += 1;
-        let began = Instant::now();
         let since_start = t0.elapsed();
-        let response = match &metrics_path {
-            Some(u) => http.get(u).send().await.and_then(|r| r.error_for_status()),
-            None => http
-                .get(format!("{url}/metrics"))
-                .bearer_auth(client.token().unwrap_or_default())
-                .send()
-                .await
-                .and_then(|r| r.error_for_status()),
+        let scrape = scraper.scrape(scrape_no).await?;
+        let mut verdict = judge(sims, &scrape.shown, since_start);
+        verdict.add(judge_never_connected(extra, &scrape.shown));
+        println!(
+            "scrape {scrape_no}: {:.1?} (headers after {:.1?}), {} agents shown, {} judged: {} false disconnects, {} false connects, {} missing",
+            scrape.took,
+            scrape.headers,
+            scrape.shown.len(),
+            verdict.judged,
+            verdict.false_disconnects,
+            verdict.false_connects,
+            verdict.missing
+        );
+        report.add(scrape.took, scrape.headers, &verdict);
+        // Hang up right after a scrape, so that this process's own burst of closes
+        // does not delay the reading of the next response: it has an interval to pass.
+        if !hung_up && Instant::now() >= halfway {
+            let n = (sims.len() as f64 * args.hang_up).round() as usize;
+            hang_up(&sims[..n.min(sims.len())]);
+            hung_up = true;
+            eprintln!("{n} agents hang up");
+        }
+    }
+    Ok(report)
+}
+
+/// Tells each of `sims` to hang up.
+fn hang_up(sims: &[SimAgent]) {
+    for s in sims {
+        s.hang_up.store(true, Ordering::Relaxed);
+        s.wake.notify_one();
+    }
+}
+
+/// Reads `/metrics` (or `--metrics-url`) into a buffer kept from scrape to scrape.
+struct Scraper<'a> {
+    client: &'a Client,
+    http: reqwest::Client,
+    metrics_url: Option<String>,
+    /// Bodies go into one buffer kept from scrape to scrape, as Prometheus reads a
+    /// scrape into a buffer sized from the last one: a fresh buffer per scrape would
+    /// add this process's page faults and copies to the time.
+    body: Vec<u8>,
+}
+
+/// What one scrape showed, and how long it took.
+struct Scrape {
+    took: Duration,
+    /// Until the response's headers.
+    headers: Duration,
+    shown: HashMap<(String, String), String>,
+}
+
+impl<'a> Scraper<'a> {
+    fn new(client: &'a Client, metrics_url: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*trust::get().client_config()).clone())
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            client,
+            http,
+            metrics_url,
+            body: Vec::new(),
+        })
+    }
+
+    /// Scrape number `scrape_no`.
+    async fn scrape(&mut self, scrape_no: u64) -> anyhow::Result<Scrape> {
+        let began = Instant::now();
+        let response = match &self.metrics_url {
+            Some(u) => self.http.get(u).send().await,
+            None => {
+                self.http
+                    .get(format!("{}/metrics", self.client.base_url()))
+                    .bearer_auth(self.client.token().unwrap_or_default())
+                    .send()
+                    .await
+            }
         };
-        let mut response = match response {
+        let mut response = match response.and_then(|r| r.error_for_status()) {
             Ok(r) => r,
             Err(e) => bail!("scrape {scrape_no} failed: {e}"),
         };
         // The coordinator sends nothing before the whole body is ready: the headers
         // arrive when its work is done, the rest is transfer.
         let headers = began.elapsed();
-        body.clear();
+        self.body.clear();
         while let Some(chunk) = response.chunk().await.context("the scrape broke off")? {
-            body.extend_from_slice(&chunk);
+            self.body.extend_from_slice(&chunk);
         }
         let took = began.elapsed();
-        let text = std::str::from_utf8(&body).context("the scrape is not UTF-8")?;
-        let shown = parse_connections(text);
-        let mut verdict = judge(&sims, &shown, since_start);
-        // Agents that never connected must never be shown connected.
-        for s in &extra {
-            match shown.get(&(s.workspace.clone(), s.name.clone())) {
-                None => verdict.missing += 1,
-                Some(status) => {
-                    verdict.judged += 1;
-                    if status == "connected" {
-                        verdict.false_connects += 1;
-                    }
+        let text = std::str::from_utf8(&self.body).context("the scrape is not UTF-8")?;
+        Ok(Scrape {
+            took,
+            headers,
+            shown: parse_connections(text),
+        })
+    }
+}
+
+/// Agents that never connected must never be shown connected.
+fn judge_never_connected(extra: &[SimAgent], shown: &HashMap<(String, String), String>) -> Verdict {
+    let mut v = Verdict::default();
+    for s in extra {
+        match shown.get(&(s.workspace.clone(), s.name.clone())) {
+            None => v.missing += 1,
+            Some(status) => {
+                v.judged += 1;
+                if status == "connected" {
+                    v.false_connects += 1;
                 }
             }
         }
-        println!(
-            "scrape {scrape_no}: {took:.1?} (headers after {headers:.1?}), {} agents shown, {} judged: {} false disconnects, {} false connects, {} missing",
-            shown.len(),
-            verdict.judged,
-            verdict.false_disconnects,
-            verdict.false_connects,
-            verdict.missing
-        );
-        report.add(took, headers, &verdict);
-        // Hang up right after a scrape, so that this process's own burst of closes
-        // does not delay the reading of the next response: it has an interval to pass.
-        if !hung_up && Instant::now() >= halfway {
-            let n = (sims.len() as f64 * args.hang_up).round() as usize;
-            for s in sims.iter().take(n) {
-                s.hang_up.store(true, Ordering::Relaxed);
-                s.wake.notify_one();
-            }
-            hung_up = true;
-            eprintln!("{n} agents hang up");
-        }
     }
-    for s in &sims {
-        s.hang_up.store(true, Ordering::Relaxed);
-        s.wake.notify_one();
-    }
-    tasks.shutdown().await;
-    report.print();
-    if !args.keep {
-        let mut names: Vec<&str> = sims
-            .iter()
-            .chain(&extra)
-            .map(|s| s.workspace.as_str())
-            .collect();
-        names.dedup();
-        for ws in names {
-            client
-                .call(
-                    reqwest::Method::DELETE,
-                    &format!("/api/v1/workspaces/me/{ws}"),
-                )
-                .await
-                .with_context(|| format!("cannot delete scaletest workspace {ws}"))?;
-        }
-    }
-    if report.false_disconnects + report.false_connects + report.missing > 0 {
-        bail!("the coordinator's /metrics disagreed with the agents' real state");
+    v
+}
+
+/// Deletes the scaletest's workspaces.
+async fn delete_workspaces(
+    client: &Client,
+    sims: &[SimAgent],
+    extra: &[SimAgent],
+) -> anyhow::Result<()> {
+    let mut names: Vec<&str> = sims
+        .iter()
+        .chain(extra)
+        .map(|s| s.workspace.as_str())
+        .collect();
+    names.dedup();
+    for ws in names {
+        client
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/workspaces/me/{ws}"),
+            )
+            .await
+            .with_context(|| format!("cannot delete scaletest workspace {ws}"))?;
     }
     Ok(())
 }
@@ -521,6 +608,15 @@ struct Verdict {
     false_connects: u64,
     /// Agents of this test absent from the scrape.
     missing: u64,
+}
+
+impl Verdict {
+    fn add(&mut self, other: Verdict) {
+        self.judged += other.judged;
+        self.false_disconnects += other.false_disconnects;
+        self.false_connects += other.false_connects;
+        self.missing += other.missing;
+    }
 }
 
 fn judge(
