@@ -81,6 +81,17 @@ enum ChannelEnd {
     Fatal(ControlError),
 }
 
+/// Holds the control channel: opens it, serves it until it ends, and opens it again
+/// after a backoff, until something retrying cannot fix.
+///
+/// # Errors
+/// [`ControlError`]: a bad URL, a refused token, a coordinator other than the pinned
+/// one, or the mesh endpoint failed.
+///
+/// # Cancel safety
+/// Not cancel safe: dropping it closes the channel without a word to the coordinator
+/// and loses the reports it had taken but not sent. [`crate::run`] polls it by
+/// reference in `select!` and drops it only as the agent stops.
 pub async fn run(
     config: ChannelConfig,
     key: SecretKey,

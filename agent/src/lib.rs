@@ -139,6 +139,10 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 ///
 /// # Errors
 /// [`AgentError`]: an unusable key file, or a token the coordinator refuses.
+///
+/// # Cancel safety
+/// Dropping the future stops the agent at once: its tasks are aborted and its scripts
+/// killed, without the shutdown script; resolve `shutdown` for an orderly stop.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -260,6 +264,9 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Runs `work` on one part of the manifest (picked by `part`) from the first welcome
 /// on, and starts it over whenever a welcome brings a different part; returns when
 /// the control channel gives up.
+///
+/// # Cancel safety
+/// Dropping it drops the `work` under way.
 pub(crate) async fn follow_manifest<T, F>(
     mut welcome: WelcomeRx,
     part: fn(&Manifest) -> &T,
@@ -287,6 +294,9 @@ pub(crate) async fn follow_manifest<T, F>(
 }
 
 /// Sleeps until `deadline`, or forever without one.
+///
+/// # Cancel safety
+/// Cancel safe.
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
