@@ -14,13 +14,15 @@ use crate::api::AppState;
 use crate::schedule::{Action, Autostart, Schedule, judge};
 use crate::status::{ConnectionTimes, agent_status};
 use crate::store::{Snapshot, WorkspaceRecord};
+use crate::tasks::TaskGroup;
 
 /// How often workspaces are judged.
 pub(crate) const TICK: Duration = Duration::from_secs(2);
 
-/// Starts the ticker; it runs until the process ends.
-pub(crate) fn spawn(state: AppState) {
-    tokio::spawn(async move {
+/// Starts the ticker; it runs until the returned group is dropped or shut down.
+pub(crate) fn spawn(state: AppState) -> TaskGroup {
+    let mut tasks = TaskGroup::new("the schedule ticker");
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -30,6 +32,7 @@ pub(crate) fn spawn(state: AppState) {
             }
         }
     });
+    tasks
 }
 
 /// Whether any agent of `ws` is connected and reports an open session.

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::api::AppState;
 use crate::provision::{self, BuildInput, Outcome};
 use crate::store::{ClaimedJob, Store, StoreError, TokenKind};
+use crate::tasks::TaskGroup;
 
 /// The name the coordinator's own provisioners claim jobs under.
 pub(crate) const OWN: &str = "coordinator";
@@ -156,14 +157,17 @@ pub(crate) fn recover(store: &Store) -> Result<usize, StoreError> {
     Ok(failed)
 }
 
-/// Starts `n` workers and the reaper; they run until the process ends.
-pub(crate) fn spawn(state: AppState, n: usize, data_dir: PathBuf) {
+/// Starts `n` workers and the reaper; they run until the returned group is dropped
+/// or shut down.
+pub(crate) fn spawn(state: AppState, n: usize, data_dir: PathBuf) -> TaskGroup {
+    let mut tasks = TaskGroup::new("the build workers");
     for i in 0..n {
         let state = state.clone();
         let dir = data_dir.clone();
-        tokio::spawn(async move { worker(i, state, dir).await });
+        tasks.spawn(async move { worker(i, state, dir).await });
     }
-    tokio::spawn(reaper(state));
+    tasks.spawn(reaper(state));
+    tasks
 }
 
 async fn worker(i: usize, state: AppState, data_dir: PathBuf) {
@@ -232,16 +236,19 @@ async fn run_claimed(state: &AppState, claimed: ClaimedJob, data_dir: &std::path
     let state_dir = input.state_dir.clone();
     let (line_tx, line_rx) = mpsc::channel(1024);
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let writer = tokio::spawn(write_logs(
+    // The log writer and the lease renewer go with this build: aborted if the worker
+    // is, and the writer drained before the build is finished.
+    let mut helpers = TaskGroup::new("a build's log writer and lease renewer");
+    helpers.spawn(write_logs(
         state.store.clone(),
         ws_id.clone(),
         number,
         line_rx,
     ));
-    let renewer = tokio::spawn(renew(state.store.clone(), ws_id.clone(), number, cancel_tx));
+    let renewer = helpers.spawn(renew(state.store.clone(), ws_id.clone(), number, cancel_tx));
     let outcome = provision::run(input, line_tx, cancel_rx).await;
     renewer.abort();
-    let _ = writer.await;
+    helpers.join_all().await;
     let (status, reason) = match outcome {
         Outcome::Succeeded => (BuildStatus::Succeeded, None),
         Outcome::Failed(why) => (BuildStatus::Failed, Some(why)),

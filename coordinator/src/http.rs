@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
+use crate::tasks::TaskGroup;
+
 /// Limits of one HTTP listener.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
@@ -55,8 +57,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip = PerIp::default();
-    // Every connection task holds a receiver; the sender's `closed()` says all ended.
+    // Tells every connection to finish its request in flight and close.
     let (closing_tx, closing_rx) = watch::channel(false);
+    let mut connections = TaskGroup::new("the HTTP connections");
     tokio::pin!(stop);
     let mut refused_logged = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
@@ -72,6 +75,7 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
+        connections.reap();
         let proxy = is_trusted(&limits.trusted_proxies, peer.ip());
         let admitted = permits.clone().try_acquire_owned().ok().and_then(|p| {
             if proxy {
@@ -116,7 +120,7 @@ pub async fn serve(
         let closing = closing_rx.clone();
         let tls = tls.clone();
         let limits = limits.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             match tls {
                 None => serve_connection(tcp, peer, service, limits, closing).await,
@@ -137,8 +141,7 @@ pub async fn serve(
     }
     drop(listener);
     let _ = closing_tx.send(true);
-    drop(closing_rx);
-    closing_tx.closed().await;
+    connections.join_all().await;
     Ok(())
 }
 

@@ -22,6 +22,7 @@ pub mod schedule;
 mod server;
 pub mod status;
 pub mod store;
+mod tasks;
 mod throttle;
 mod tls;
 

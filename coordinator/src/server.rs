@@ -12,6 +12,7 @@ use crate::registry::MeshRegistry;
 use crate::relay::RelayState;
 use crate::status::StatusPolicy;
 use crate::store::{Store, StoreError};
+use crate::tasks::TaskGroup;
 
 /// The store's file name inside the data dir.
 pub const STORE_FILE: &str = "myco.redb";
@@ -379,8 +380,13 @@ impl Coordinator {
             Ok(Err(e)) => return Err(ServerError::Store(e)),
             Err(e) => tracing::error!("cannot look for interrupted builds: {e}"),
         }
-        crate::builds::spawn(state.clone(), self.provisioners, self.data_dir.clone());
-        crate::autostop::spawn(state.clone());
+        // Each task below has an owner held here: after the listener drains, the build
+        // workers and the ticker are aborted (as a process exit did before), the
+        // flusher commits once more, and the rest are stopped and awaited.
+        let provisioners =
+            crate::builds::spawn(state.clone(), self.provisioners, self.data_dir.clone());
+        let ticker = crate::autostop::spawn(state.clone());
+        let mut background = TaskGroup::new("the server's background tasks");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();
@@ -388,11 +394,12 @@ impl Coordinator {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        tokio::spawn(async move {
+        background.spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let flusher = tokio::spawn(crate::ledger::run_flusher(
+        let mut flusher = TaskGroup::new("the ledger flusher");
+        flusher.spawn(crate::ledger::run_flusher(
             ledger,
             self.store.clone(),
             metrics.clone(),
@@ -402,7 +409,7 @@ impl Coordinator {
             // The login rate limits forget callers whose budgets refilled.
             let throttle = state.throttle.clone();
             let stop = stopped();
-            tokio::spawn(async move {
+            background.spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
                 tokio::select! {
                     () = stop => {}
@@ -417,7 +424,7 @@ impl Coordinator {
                 policy,
             });
             let stop = stopped();
-            tokio::spawn(async move {
+            background.spawn(async move {
                 if let Err(e) = axum::serve(listener, app)
                     .with_graceful_shutdown(stop)
                     .await
@@ -437,9 +444,12 @@ impl Coordinator {
         )
         .await
         .map_err(ServerError::Serve);
+        provisioners.shutdown().await;
+        ticker.shutdown().await;
         // The flusher commits once more after the stop, so nothing acknowledged to
         // agents in the last interval is lost.
-        let _ = flusher.await;
+        flusher.join_all().await;
+        background.shutdown().await;
         served
     }
 }
