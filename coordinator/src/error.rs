@@ -11,7 +11,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use mesh::api::ErrorBody;
 
-use crate::store::StoreError;
+use crate::store::{
+    CreateFirstUserError, CreateUserError, DeleteUserError, StoreError, UpdateUserError,
+};
 
 /// An API failure, answered as JSON `{"message", "detail"}`.
 #[derive(Debug)]
@@ -121,16 +123,6 @@ impl From<StoreError> for ApiError {
                 format!("{owner} holds {max} {what}, the most allowed"),
                 "delete some first, or ask the operator to raise the quota (`myco server --help`, \"quota\")",
             ),
-            StoreError::OwnsWorkspaces(user) => Self::conflict(
-                format!("user {user} still owns workspaces"),
-                format!(
-                    "delete them first (`myco ls --all`, `myco delete {user}/WS`), or disable the user instead"
-                ),
-            ),
-            StoreError::FirstUserExists => Self::conflict(
-                "the first user has already been created",
-                "log in with `myco login URL`, or ask an admin to create your user",
-            ),
             StoreError::TemplateInUse(what) => Self::conflict(
                 what,
                 "`myco ls --all` lists the workspaces and their templates",
@@ -141,6 +133,53 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Busy(what) => Self::conflict(what, "`myco builds WS` shows it"),
             other => Self::internal("the coordinator's store failed", other.to_string()),
+        }
+    }
+}
+
+impl From<CreateFirstUserError> for ApiError {
+    fn from(e: CreateFirstUserError) -> Self {
+        match e {
+            CreateFirstUserError::Exists => Self::conflict(
+                "the first user has already been created",
+                "log in with `myco login URL`, or ask an admin to create your user",
+            ),
+            CreateFirstUserError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<CreateUserError> for ApiError {
+    fn from(e: CreateUserError) -> Self {
+        match e {
+            CreateUserError::Exists(user) => {
+                Self::conflict(format!("user {user} already exists"), "pick another name")
+            }
+            CreateUserError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<UpdateUserError> for ApiError {
+    fn from(e: UpdateUserError) -> Self {
+        match e {
+            e @ UpdateUserError::NotFound(_) => Self::not_found(e.to_string(), ""),
+            UpdateUserError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<DeleteUserError> for ApiError {
+    fn from(e: DeleteUserError) -> Self {
+        match e {
+            DeleteUserError::OwnsWorkspaces(user) => Self::conflict(
+                format!("user {user} still owns workspaces"),
+                format!(
+                    "delete them first (`myco ls --all`, `myco delete {user}/WS`), or disable the user instead"
+                ),
+            ),
+            e @ DeleteUserError::NotFound(_) => Self::not_found(e.to_string(), ""),
+            DeleteUserError::Store(e) => e.into(),
         }
     }
 }

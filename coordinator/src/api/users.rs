@@ -14,7 +14,7 @@ use super::callers::Caller;
 use super::{AppState, ME, blocking, path_name};
 use crate::auth;
 use crate::error::{ApiError, ApiJson, ApiResult};
-use crate::store::{Store, StoreError, TokenKind, UserRecord};
+use crate::store::{CreateFirstUserError, CreateUserError, Store, TokenKind, UserRecord};
 
 /// How long a login session lasts.
 const SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -106,7 +106,7 @@ pub(super) async fn create_first_user(
         .throttle
         .hash(move || {
             if store.has_users()? {
-                return Err(StoreError::FirstUserExists.into());
+                return Err(CreateFirstUserError::Exists.into());
             }
             let hash = auth::hash_password(&body.password)
                 .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;
@@ -314,7 +314,7 @@ pub(super) async fn revoke_user(
             .await?
             .is_none()
         {
-            return Err(StoreError::NotFound(format!("user {target}")).into());
+            return Err(ApiError::not_found(format!("user {target} not found"), ""));
         }
     }
     let tokens = revoke_user_tokens(&state, &target, Revocation::All).await?;
@@ -348,7 +348,7 @@ pub(super) async fn change_password(
         .hash(move || {
             let user = store
                 .user(t.as_str())?
-                .ok_or_else(|| StoreError::NotFound(format!("user {t}")))?;
+                .ok_or_else(|| ApiError::not_found(format!("user {t} not found"), ""))?;
             if let Some(old) = need_old
                 && !auth::verify_password(Some(&user.password_hash), &old)
             {
@@ -397,7 +397,7 @@ pub(super) async fn create_user(
         .throttle
         .hash(move || {
             if store.user(body.username.as_str())?.is_some() {
-                return Err(StoreError::Conflict(format!("user {}", body.username)).into());
+                return Err(CreateUserError::Exists(body.username).into());
             }
             let hash = auth::hash_password(&body.password)
                 .map_err(|e| ApiError::internal("could not hash the password", e.to_string()))?;

@@ -8,7 +8,61 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use super::tables::{
     TOKEN_NAMES, TOKENS, USERS, WORKSPACE_NAMES, check_quota, decode, encode, name_key,
 };
-use super::{Store, StoreError, TokenKind, TokenRecord, UserRecord};
+use super::{Store, StoreError, TokenKind, TokenRecord, UserRecord, store_failure};
+
+/// Why [`Store::create_first_user`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateFirstUserError {
+    /// A user exists already, so the first one was made before.
+    #[error("the first user has already been created")]
+    Exists,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::create_user`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateUserError {
+    /// A user of this name exists.
+    #[error("user {0} already exists")]
+    Exists(Name),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::update_user`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateUserError {
+    /// No user of this name.
+    #[error("user {0} not found")]
+    NotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::delete_user`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteUserError {
+    /// The user owns workspaces, which would be left without an owner.
+    #[error("user {0} still owns workspaces")]
+    OwnsWorkspaces(Name),
+    /// No user of this name.
+    #[error("user {0} not found")]
+    NotFound(Name),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+store_failure!(
+    CreateFirstUserError,
+    CreateUserError,
+    UpdateUserError,
+    DeleteUserError
+);
 
 impl Store {
     pub fn has_users(&self) -> Result<bool, StoreError> {
@@ -18,12 +72,12 @@ impl Store {
 
     /// Creates the first user, only while no user exists. The check and the insert are
     /// one write transaction, so two racing bootstraps cannot both succeed.
-    pub fn create_first_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+    pub fn create_first_user(&self, user: &UserRecord) -> Result<(), CreateFirstUserError> {
         let txn = self.db.begin_write()?;
         {
             let mut users = txn.open_table(USERS)?;
             if !users.is_empty()? {
-                return Err(StoreError::FirstUserExists);
+                return Err(CreateFirstUserError::Exists);
             }
             users.insert(user.username.as_str(), encode(user).as_slice())?;
         }
@@ -31,12 +85,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn create_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+    pub fn create_user(&self, user: &UserRecord) -> Result<(), CreateUserError> {
         let txn = self.db.begin_write()?;
         {
             let mut users = txn.open_table(USERS)?;
             if users.get(user.username.as_str())?.is_some() {
-                return Err(StoreError::Conflict(format!("user {}", user.username)));
+                return Err(CreateUserError::Exists(user.username.clone()));
             }
             users.insert(user.username.as_str(), encode(user).as_slice())?;
         }
@@ -151,7 +205,7 @@ impl Store {
         &self,
         username: &str,
         change: impl FnOnce(&mut UserRecord),
-    ) -> Result<UserRecord, StoreError> {
+    ) -> Result<UserRecord, UpdateUserError> {
         let txn = self.db.begin_write()?;
         let user = {
             let mut users = txn.open_table(USERS)?;
@@ -159,7 +213,7 @@ impl Store {
                 .get(username)?
                 .map(|v| decode("users", username, v.value()))
                 .transpose()?
-                .ok_or_else(|| StoreError::NotFound(format!("user {username}")))?;
+                .ok_or_else(|| UpdateUserError::NotFound(username.to_owned()))?;
             change(&mut user);
             users.insert(username, encode(&user).as_slice())?;
             user
@@ -225,7 +279,7 @@ impl Store {
 
     /// Deletes user `username` and all their tokens, returning the tokens' ids;
     /// refused while they own workspaces.
-    pub fn delete_user(&self, username: &Name) -> Result<Vec<String>, StoreError> {
+    pub fn delete_user(&self, username: &Name) -> Result<Vec<String>, DeleteUserError> {
         let txn = self.db.begin_write()?;
         let ids = {
             let prefix = format!("{username}/");
@@ -236,10 +290,10 @@ impl Store {
                 .transpose()?
                 .is_some_and(|(k, _)| k.value().starts_with(prefix.as_str()));
             if owns {
-                return Err(StoreError::OwnsWorkspaces(username.to_string()));
+                return Err(DeleteUserError::OwnsWorkspaces(username.clone()));
             }
             if txn.open_table(USERS)?.remove(username.as_str())?.is_none() {
-                return Err(StoreError::NotFound(format!("user {username}")));
+                return Err(DeleteUserError::NotFound(username.clone()));
             }
             Self::remove_user_tokens(&txn, username.as_str(), None, false)?
         };
@@ -282,11 +336,11 @@ mod tests {
         store.create_first_user(&user("alice")).unwrap();
         assert!(matches!(
             store.create_first_user(&user("bob")),
-            Err(StoreError::FirstUserExists)
+            Err(CreateFirstUserError::Exists)
         ));
         assert!(matches!(
             store.create_user(&user("alice")),
-            Err(StoreError::Conflict(_))
+            Err(CreateUserError::Exists(_))
         ));
     }
 }

@@ -65,6 +65,7 @@ use tables::{
     USERS, WORKSPACE_NAMES, WORKSPACES,
 };
 
+pub use accounts::{CreateFirstUserError, CreateUserError, DeleteUserError, UpdateUserError};
 pub use agent_state::{AgentReports, AgentStateBatch, MAX_LOG_LINES, Snapshot, StoredConnection};
 pub use lifecycle::{
     ClaimedJob, JobRecord, ProvisionerKey, TemplateVersionRecord, WorkspaceChange,
@@ -98,18 +99,12 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-    /// The first user exists already.
-    #[error("the first user has already been created")]
-    FirstUserExists,
     /// A record with this unique name exists already.
     #[error("{0} already exists")]
     Conflict(String),
     /// The record to change does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// A user to delete still owns workspaces.
-    #[error("user {0} still owns workspaces")]
-    OwnsWorkspaces(String),
     /// A template to delete is used by workspaces (named).
     #[error("{0}")]
     TemplateInUse(String),
@@ -145,6 +140,39 @@ from_redb!(
     redb::StorageError,
     redb::CommitError
 );
+
+/// An operation's own error enum takes redb's errors as its `Store` variant, so `?`
+/// works inside the operation as it does for [`StoreError`].
+macro_rules! store_failure {
+    ($($e:ty),*) => {$(
+        impl From<redb::Error> for $e {
+            fn from(e: redb::Error) -> Self {
+                Self::Store(e.into())
+            }
+        }
+        impl From<redb::TransactionError> for $e {
+            fn from(e: redb::TransactionError) -> Self {
+                Self::Store(e.into())
+            }
+        }
+        impl From<redb::TableError> for $e {
+            fn from(e: redb::TableError) -> Self {
+                Self::Store(e.into())
+            }
+        }
+        impl From<redb::StorageError> for $e {
+            fn from(e: redb::StorageError) -> Self {
+                Self::Store(e.into())
+            }
+        }
+        impl From<redb::CommitError> for $e {
+            fn from(e: redb::CommitError) -> Self {
+                Self::Store(e.into())
+            }
+        }
+    )*};
+}
+pub(crate) use store_failure;
 
 /// The coordinator's database.
 pub struct Store {
