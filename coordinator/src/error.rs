@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use mesh::api::ErrorBody;
 
 use crate::store::{
-    CreateFirstUserError, CreateUserError, DeleteUserError, StoreError, UpdateUserError,
+    CreateFirstUserError, CreateUserError, CreateWorkspaceError, DeleteUserError, InsertTokenError,
+    QuotaReached, StoreError, UpdateUserError,
 };
 
 /// An API failure, answered as JSON `{"message", "detail"}`.
@@ -119,10 +120,6 @@ impl From<StoreError> for ApiError {
                 Self::conflict(format!("{what} already exists"), "pick another name")
             }
             StoreError::NotFound(what) => Self::not_found(format!("{what} not found"), ""),
-            StoreError::Quota { what, owner, max } => Self::forbidden(
-                format!("{owner} holds {max} {what}, the most allowed"),
-                "delete some first, or ask the operator to raise the quota (`myco server --help`, \"quota\")",
-            ),
             StoreError::TemplateInUse(what) => Self::conflict(
                 what,
                 "`myco ls --all` lists the workspaces and their templates",
@@ -133,6 +130,41 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Busy(what) => Self::conflict(what, "`myco builds WS` shows it"),
             other => Self::internal("the coordinator's store failed", other.to_string()),
+        }
+    }
+}
+
+impl From<QuotaReached> for ApiError {
+    fn from(QuotaReached { what, owner, max }: QuotaReached) -> Self {
+        Self::forbidden(
+            format!("{owner} holds {max} {what}, the most allowed"),
+            "delete some first, or ask the operator to raise the quota (`myco server --help`, \"quota\")",
+        )
+    }
+}
+
+impl From<InsertTokenError> for ApiError {
+    fn from(e: InsertTokenError) -> Self {
+        match e {
+            InsertTokenError::Exists { owner, name } => Self::conflict(
+                format!("token {name} of {owner} already exists"),
+                "pick another name",
+            ),
+            InsertTokenError::Quota(q) => q.into(),
+            InsertTokenError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<CreateWorkspaceError> for ApiError {
+    fn from(e: CreateWorkspaceError) -> Self {
+        match e {
+            CreateWorkspaceError::Exists(key) => Self::conflict(
+                format!("workspace {key} already exists"),
+                "pick another name",
+            ),
+            CreateWorkspaceError::Quota(q) => q.into(),
+            CreateWorkspaceError::Store(e) => e.into(),
         }
     }
 }

@@ -6,9 +6,10 @@ use mesh::Name;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::tables::{
-    TOKEN_NAMES, TOKENS, USERS, WORKSPACE_NAMES, check_quota, decode, encode, name_key,
+    CheckQuotaError, TOKEN_NAMES, TOKENS, USERS, WORKSPACE_NAMES, check_quota, decode, encode,
+    name_key,
 };
-use super::{Store, StoreError, TokenKind, TokenRecord, UserRecord, store_failure};
+use super::{QuotaReached, Store, StoreError, TokenKind, TokenRecord, UserRecord, store_failure};
 
 /// Why [`Store::create_first_user`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,31 @@ pub enum DeleteUserError {
     Store(#[from] StoreError),
 }
 
+/// Why [`Store::insert_token`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertTokenError {
+    /// The owner has an API token of this name.
+    #[error("token {name} of {owner} already exists")]
+    Exists { owner: Name, name: Name },
+    /// The owner holds as many API tokens as their quota allows.
+    #[error(transparent)]
+    Quota(QuotaReached),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CheckQuotaError> for InsertTokenError {
+    fn from(e: CheckQuotaError) -> Self {
+        match e {
+            CheckQuotaError::Reached(q) => Self::Quota(q),
+            CheckQuotaError::Store(e) => Self::Store(e),
+        }
+    }
+}
+
 store_failure!(
+    InsertTokenError,
     CreateFirstUserError,
     CreateUserError,
     UpdateUserError,
@@ -124,7 +149,7 @@ impl Store {
         &self,
         token: &TokenRecord,
         max_api_tokens: Option<usize>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), InsertTokenError> {
         let txn = self.db.begin_write()?;
         {
             let mut tokens = txn.open_table(TOKENS)?;
@@ -132,7 +157,10 @@ impl Store {
                 let mut names = txn.open_table(TOKEN_NAMES)?;
                 let key = name_key(user, name);
                 if names.get(key.as_str())?.is_some() {
-                    return Err(StoreError::Conflict(format!("token {name} of {user}")));
+                    return Err(InsertTokenError::Exists {
+                        owner: user.clone(),
+                        name: name.clone(),
+                    });
                 }
                 check_quota(&names, "API tokens", user, max_api_tokens)?;
                 names.insert(key.as_str(), token.id.as_str())?;

@@ -58,6 +58,7 @@ mod workspaces;
 use std::path::Path;
 use std::time::Duration;
 
+use mesh::Name;
 use redb::Database;
 
 use tables::{
@@ -65,7 +66,9 @@ use tables::{
     USERS, WORKSPACE_NAMES, WORKSPACES,
 };
 
-pub use accounts::{CreateFirstUserError, CreateUserError, DeleteUserError, UpdateUserError};
+pub use accounts::{
+    CreateFirstUserError, CreateUserError, DeleteUserError, InsertTokenError, UpdateUserError,
+};
 pub use agent_state::{AgentReports, AgentStateBatch, MAX_LOG_LINES, Snapshot, StoredConnection};
 pub use lifecycle::{
     ClaimedJob, JobRecord, ProvisionerKey, TemplateVersionRecord, WorkspaceChange,
@@ -75,7 +78,7 @@ pub use scrape::{
     AgentSummary, AppSummary, ReportsSummary, ScrapeAgent, ScrapeCache, ScrapeView,
     WorkspaceSummary,
 };
-pub use workspaces::EndpointClaim;
+pub use workspaces::{CreateWorkspaceError, EndpointClaim};
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +119,6 @@ pub enum StoreError {
     /// A build of the workspace has not ended.
     #[error("{0}")]
     Busy(String),
-    /// The owner already has as many of these as their quota allows.
-    #[error("{what} of {owner}: the quota of {max} is reached")]
-    Quota {
-        what: &'static str,
-        owner: String,
-        max: usize,
-    },
 }
 
 macro_rules! from_redb {
@@ -173,6 +169,16 @@ macro_rules! store_failure {
     )*};
 }
 pub(crate) use store_failure;
+
+/// The owner already holds as many of these as their quota allows.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} of {owner}: the quota of {max} is reached")]
+pub struct QuotaReached {
+    /// What is counted: "workspaces", "API tokens".
+    pub what: &'static str,
+    pub owner: Name,
+    pub max: usize,
+}
 
 /// The coordinator's database.
 pub struct Store {

@@ -5,7 +5,7 @@ use mesh::Name;
 use redb::{ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::StoreError;
+use super::{QuotaReached, StoreError};
 
 /// username -> [`UserRecord`](super::UserRecord)
 pub(super) const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
@@ -56,6 +56,18 @@ pub(super) fn decode<T: DeserializeOwned>(
     })
 }
 
+/// Why [`check_quota`] refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CheckQuotaError {
+    /// The owner holds `max` already.
+    #[error(transparent)]
+    Reached(QuotaReached),
+    /// Reading the names failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+super::store_failure!(CheckQuotaError);
+
 pub(super) fn name_key(owner: &Name, name: &Name) -> String {
     format!("{owner}/{name}")
 }
@@ -67,7 +79,7 @@ pub(super) fn check_quota(
     what: &'static str,
     owner: &Name,
     max: Option<usize>,
-) -> Result<(), StoreError> {
+) -> Result<(), CheckQuotaError> {
     let Some(max) = max else { return Ok(()) };
     let prefix = format!("{owner}/");
     let mut n = 0;
@@ -78,11 +90,11 @@ pub(super) fn check_quota(
         }
         n += 1;
         if n >= max {
-            return Err(StoreError::Quota {
+            return Err(CheckQuotaError::Reached(QuotaReached {
                 what,
-                owner: owner.to_string(),
+                owner: owner.clone(),
                 max,
-            });
+            }));
         }
     }
     Ok(())

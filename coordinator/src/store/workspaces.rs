@@ -7,11 +7,37 @@ use mesh::Name;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::lifecycle;
+use super::tables::CheckQuotaError;
 use super::tables::{
     AGENT_CONNECTIONS, AGENT_ENDPOINTS, AGENT_LOGS, AGENT_REPORTS, CHANGES, TOKENS,
     WORKSPACE_NAMES, WORKSPACES, WORKSPACES_CHANGED, check_quota, decode, encode, name_key,
 };
-use super::{Store, StoreError, TokenRecord, WorkspaceRecord};
+use super::{QuotaReached, Store, StoreError, TokenRecord, WorkspaceRecord, store_failure};
+
+/// Why [`Store::create_workspace`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateWorkspaceError {
+    /// The owner has a workspace of this name (`owner/name`).
+    #[error("workspace {0} already exists")]
+    Exists(String),
+    /// The owner holds as many workspaces as their quota allows.
+    #[error(transparent)]
+    Quota(QuotaReached),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CheckQuotaError> for CreateWorkspaceError {
+    fn from(e: CheckQuotaError) -> Self {
+        match e {
+            CheckQuotaError::Reached(q) => Self::Quota(q),
+            CheckQuotaError::Store(e) => Self::Store(e),
+        }
+    }
+}
+
+store_failure!(CreateWorkspaceError);
 
 /// What [`Store::claim_agent_endpoint`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,13 +117,13 @@ impl Store {
         ws: &WorkspaceRecord,
         agent_tokens: &[TokenRecord],
         max_workspaces: Option<usize>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CreateWorkspaceError> {
         let txn = self.db.begin_write()?;
         {
             let mut names = txn.open_table(WORKSPACE_NAMES)?;
             let key = name_key(&ws.owner, &ws.name);
             if names.get(key.as_str())?.is_some() {
-                return Err(StoreError::Conflict(format!("workspace {key}")));
+                return Err(CreateWorkspaceError::Exists(key));
             }
             check_quota(&names, "workspaces", &ws.owner, max_workspaces)?;
             names.insert(key.as_str(), ws.id.as_str())?;
@@ -451,7 +477,7 @@ mod tests {
         assert_eq!(store.workspaces(None).unwrap().len(), 3);
         assert!(matches!(
             store.create_workspace(&ws("al", "x", "4"), &[], None),
-            Err(StoreError::Conflict(_))
+            Err(CreateWorkspaceError::Exists(_))
         ));
     }
 
