@@ -52,6 +52,11 @@ impl BuildQueue {
 
 /// A start build's new agent tokens (the old ones stop working), for the machine it
 /// makes: each agent's name and token. Other builds get none.
+///
+/// # Cancel safety
+/// Not cancel safe. Called from the provisioners' acquire handler, under the request
+/// deadline: dropped after the store replaced the tokens, the new ones are lost (the
+/// build cannot hand them to its machine) and the old agents' channels stay open.
 pub(crate) async fn start_tokens(
     state: &AppState,
     claimed: &ClaimedJob,
@@ -94,6 +99,12 @@ pub(crate) async fn start_tokens(
 /// Ends build `number` of `ws_id` held by `by`; false when it is not theirs. A
 /// failure is counted; a successful delete takes the workspace's agents off the
 /// mesh.
+///
+/// # Cancel safety
+/// Not cancel safe. Called from the provisioners' finish handler, under the request
+/// deadline: dropped after the store recorded the end, the failure is not counted
+/// and a deleted workspace's agents are not told to close (they are refused at their
+/// next connection, their tokens being gone).
 pub(crate) async fn finish(
     state: &AppState,
     ws_id: &str,

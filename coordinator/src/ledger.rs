@@ -311,6 +311,11 @@ pub async fn run_flusher(
 }
 
 /// One group commit.
+///
+/// # Cancel safety
+/// Not cancel safe. Dropped while the batch is being written, the write still runs
+/// to its end on the blocking pool, but a batch that failed to write is lost instead
+/// of kept for the next flush, and the flush is not counted in `/metrics`.
 pub async fn flush(
     ledger: &AgentLedger,
     store: &Arc<Store>,

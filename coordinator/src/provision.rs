@@ -175,6 +175,12 @@ pub fn token_var(agent: &str) -> String {
 /// Runs one build to its end. Output lines go to `lines` (cut at
 /// [`mesh::api::BUILD_LOG_LINE_MAX`] bytes); `cancel` turning true stops the command
 /// (SIGTERM to its process group, SIGKILL after a grace).
+///
+/// # Cancel safety
+/// Not cancel safe: stop a build with `cancel`. Dropped (a build worker aborted at
+/// the coordinator's shutdown), the shell gets SIGKILL but what it started in its
+/// process group keeps running, and the build is recorded as failed at the next
+/// start.
 pub async fn run(
     input: BuildInput,
     lines: mpsc::Sender<(Timestamp, String)>,

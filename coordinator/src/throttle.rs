@@ -96,6 +96,12 @@ impl Throttle {
 
     /// Runs `f` (argon2 work) on a blocking thread once one of the hashing permits
     /// is free; `429` when none frees within [`HASH_WAIT`].
+    ///
+    /// # Cancel safety
+    /// Called by handlers under the request deadline. Dropped while waiting for a
+    /// permit, nothing happened. Dropped while `f` runs, `f` still runs to its end on
+    /// the blocking pool, but the permit is given back at once, so for that while
+    /// one more hash may run than the budget says.
     pub(crate) async fn hash<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

@@ -368,6 +368,11 @@ fn revoke_tokens(state: &AppState, token_ids: Vec<String>) {
 const REVOKE_CHUNK: usize = 1000;
 
 /// Runs blocking store or hashing work off the async runtime.
+///
+/// # Cancel safety
+/// Every handler runs under the request deadline, so this may be dropped: `f` still
+/// runs to its end on the blocking pool and its result is lost. A store write in it
+/// is committed whole or not at all, whether or not anyone waits for it.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> ApiResult<T> {
