@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use mesh::api::ErrorBody;
 
 use crate::store::{
-    CreateFirstUserError, CreateUserError, CreateWorkspaceError, DeleteUserError, InsertTokenError,
+    CancelBuildError, CreateFirstUserError, CreateProvisionerKeyError, CreateUserError,
+    CreateWorkspaceError, DeleteTemplateError, DeleteUserError, InsertTokenError, QueueBuildError,
     QuotaReached, StoreError, UpdateUserError,
 };
 
@@ -116,19 +117,7 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict(what) => {
-                Self::conflict(format!("{what} already exists"), "pick another name")
-            }
             StoreError::NotFound(what) => Self::not_found(format!("{what} not found"), ""),
-            StoreError::TemplateInUse(what) => Self::conflict(
-                what,
-                "`myco ls --all` lists the workspaces and their templates",
-            ),
-            e @ StoreError::NoTemplate(_) => Self::conflict(
-                e.to_string(),
-                "create it with `myco create WS --template NAME` to have its machine built",
-            ),
-            StoreError::Busy(what) => Self::conflict(what, "`myco builds WS` shows it"),
             other => Self::internal("the coordinator's store failed", other.to_string()),
         }
     }
@@ -164,7 +153,58 @@ impl From<CreateWorkspaceError> for ApiError {
                 "pick another name",
             ),
             CreateWorkspaceError::Quota(q) => q.into(),
+            CreateWorkspaceError::Build(e) => e.into(),
             CreateWorkspaceError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<QueueBuildError> for ApiError {
+    fn from(e: QueueBuildError) -> Self {
+        match e {
+            e @ QueueBuildError::NoTemplate(_) => Self::conflict(
+                e.to_string(),
+                "create it with `myco create WS --template NAME` to have its machine built",
+            ),
+            e @ QueueBuildError::Busy { .. } => {
+                Self::conflict(e.to_string(), "`myco builds WS` shows it")
+            }
+            e @ (QueueBuildError::WorkspaceNotFound(_) | QueueBuildError::TemplateNotFound(_)) => {
+                Self::not_found(e.to_string(), "")
+            }
+            QueueBuildError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<DeleteTemplateError> for ApiError {
+    fn from(e: DeleteTemplateError) -> Self {
+        match e {
+            e @ DeleteTemplateError::InUse { .. } => Self::conflict(
+                e.to_string(),
+                "`myco ls --all` lists the workspaces and their templates",
+            ),
+            DeleteTemplateError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<CancelBuildError> for ApiError {
+    fn from(e: CancelBuildError) -> Self {
+        match e {
+            e @ CancelBuildError::NotRunning(_) => Self::not_found(e.to_string(), ""),
+            CancelBuildError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<CreateProvisionerKeyError> for ApiError {
+    fn from(e: CreateProvisionerKeyError) -> Self {
+        match e {
+            e @ CreateProvisionerKeyError::Exists(_) => {
+                Self::conflict(e.to_string(), "pick another name")
+            }
+            CreateProvisionerKeyError::Store(e) => e.into(),
         }
     }
 }

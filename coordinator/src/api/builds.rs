@@ -24,7 +24,7 @@ use serde::Deserialize;
 use super::callers::Caller;
 use super::{AppState, blocking, find_workspace};
 use crate::error::{ApiError, ApiJson, ApiResult};
-use crate::store::WorkspaceRecord;
+use crate::store::{QueueBuildError, WorkspaceRecord};
 
 /// Builds listed at most.
 const BUILDS_SHOWN: usize = 100;
@@ -38,9 +38,7 @@ const MAX_WAIT: Duration = Duration::from_secs(25);
 fn check_transition(ws: &WorkspaceRecord, transition: Transition) -> ApiResult<()> {
     use WorkspaceState as S;
     if ws.template.is_none() {
-        return Err(
-            crate::store::StoreError::NoTemplate(format!("{}/{}", ws.owner, ws.name)).into(),
-        );
+        return Err(QueueBuildError::NoTemplate(format!("{}/{}", ws.owner, ws.name)).into());
     }
     let state = ws.state();
     let allowed = match transition {
@@ -228,9 +226,7 @@ pub(super) async fn set_schedule(
 ) -> ApiResult<Json<api::WorkspaceSchedule>> {
     let ws = find_workspace(&state, &caller, &owner, &name).await?;
     if ws.template.is_none() {
-        return Err(
-            crate::store::StoreError::NoTemplate(format!("{}/{}", ws.owner, ws.name)).into(),
-        );
+        return Err(QueueBuildError::NoTemplate(format!("{}/{}", ws.owner, ws.name)).into());
     }
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let bad = |e: String, detail: &str| ApiError::bad_request(e, detail.to_owned());

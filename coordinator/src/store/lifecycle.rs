@@ -13,7 +13,81 @@ use serde::{Deserialize, Serialize};
 
 use super::tables::{TOKENS, WORKSPACE_NAMES, WORKSPACES, decode, encode};
 use super::workspaces::WorkspacesMut;
-use super::{Store, StoreError, TokenRecord, WorkspaceRecord};
+use super::{Store, StoreError, TokenRecord, WorkspaceRecord, store_failure};
+
+/// Why a build could not be queued ([`Store::queue_build`], [`Store::queue_build_if`],
+/// a template workspace's first build).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueBuildError {
+    /// The workspace (`owner/name`) was made without a template: no machine to build.
+    #[error(
+        "workspace {0} was made without a template; there is no machine to start, stop or build"
+    )]
+    NoTemplate(String),
+    /// A build of the workspace has not ended.
+    #[error("build {number} ({transition}) of {workspace} has not ended; wait for it or cancel it")]
+    Busy {
+        number: u64,
+        transition: &'static str,
+        /// `owner/name`.
+        workspace: String,
+    },
+    /// No workspace has this id.
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// The template version the workspace uses is not stored.
+    #[error("template {0} not found")]
+    TemplateNotFound(Name),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::delete_template`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteTemplateError {
+    /// Workspaces (`owner/name`) were made from the template.
+    #[error(
+        "template {template} is used by workspace {}; delete those workspaces first",
+        workspaces.join(", ")
+    )]
+    InUse {
+        template: Name,
+        workspaces: Vec<String>,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::cancel_build`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelBuildError {
+    /// The workspace has no build of this number that has not ended.
+    #[error("a build {0} that has not ended not found")]
+    NotRunning(u64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::create_provisioner_key`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateProvisionerKeyError {
+    /// A provisioner key of this name exists.
+    #[error("provisioner key {0} already exists")]
+    Exists(Name),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+store_failure!(
+    QueueBuildError,
+    DeleteTemplateError,
+    CancelBuildError,
+    CreateProvisionerKeyError
+);
 
 /// Template name -> latest version number.
 pub(super) const TEMPLATES: TableDefinition<&str, u64> = TableDefinition::new("templates");
@@ -178,7 +252,7 @@ impl Store {
     }
 
     /// Deletes a template and all its versions; refused while a workspace uses it.
-    pub fn delete_template(&self, name: &Name) -> Result<bool, StoreError> {
+    pub fn delete_template(&self, name: &Name) -> Result<bool, DeleteTemplateError> {
         let txn = self.db.begin_write()?;
         {
             if txn.open_table(TEMPLATES)?.get(name.as_str())?.is_none() {
@@ -200,10 +274,10 @@ impl Store {
                 users
             };
             if !users.is_empty() {
-                return Err(StoreError::TemplateInUse(format!(
-                    "template {name} is used by workspace {}; delete those workspaces first",
-                    users.join(", ")
-                )));
+                return Err(DeleteTemplateError::InUse {
+                    template: name.clone(),
+                    workspaces: users,
+                });
             }
             txn.open_table(TEMPLATES)?.remove(name.as_str())?;
             let range = (name.as_str(), 0)..=(name.as_str(), u64::MAX);
@@ -223,13 +297,13 @@ impl Store {
         transition: Transition,
         initiator: Option<Name>,
         now: Timestamp,
-    ) -> Result<Build, StoreError> {
+    ) -> Result<Build, QueueBuildError> {
         let txn = self.db.begin_write()?;
         let build = {
             let mut workspaces = WorkspacesMut::open(&txn)?;
             let mut ws = workspaces
                 .get(workspace_id)?
-                .ok_or_else(|| StoreError::NotFound(format!("workspace {workspace_id}")))?;
+                .ok_or_else(|| QueueBuildError::WorkspaceNotFound(workspace_id.to_owned()))?;
             let build = queue_in(&txn, &mut ws, transition, initiator, now)?;
             workspaces.insert(&ws)?;
             build
@@ -249,7 +323,7 @@ impl Store {
         now: Timestamp,
         guard: impl FnOnce(&WorkspaceRecord) -> bool,
         update: impl FnOnce(&mut WorkspaceRecord),
-    ) -> Result<Option<Build>, StoreError> {
+    ) -> Result<Option<Build>, QueueBuildError> {
         let txn = self.db.begin_write()?;
         let build = {
             let mut workspaces = WorkspacesMut::open(&txn)?;
@@ -611,12 +685,10 @@ impl Store {
         workspace_id: &str,
         number: u64,
         now: Timestamp,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, CancelBuildError> {
         let job = self.job(workspace_id)?;
         let Some(job) = job.filter(|j| j.number == number) else {
-            return Err(StoreError::NotFound(format!(
-                "a build {number} that has not ended"
-            )));
+            return Err(CancelBuildError::NotRunning(number));
         };
         if job.claimed_by.is_none() {
             let (done, _) = self.finish_build(
@@ -649,15 +721,12 @@ impl Store {
         &self,
         key: &ProvisionerKey,
         token: &TokenRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CreateProvisionerKeyError> {
         let txn = self.db.begin_write()?;
         {
             let mut keys = txn.open_table(PROVISIONER_KEYS)?;
             if keys.get(key.name.as_str())?.is_some() {
-                return Err(StoreError::Conflict(format!(
-                    "provisioner key {}",
-                    key.name
-                )));
+                return Err(CreateProvisionerKeyError::Exists(key.name.clone()));
             }
             keys.insert(key.name.as_str(), encode(key).as_slice())?;
             txn.open_table(TOKENS)?
@@ -724,26 +793,27 @@ pub(super) fn queue_in(
     transition: Transition,
     initiator: Option<Name>,
     now: Timestamp,
-) -> Result<Build, StoreError> {
+) -> Result<Build, QueueBuildError> {
     let Some(template) = ws.template.clone() else {
-        return Err(StoreError::NoTemplate(format!("{}/{}", ws.owner, ws.name)));
+        return Err(QueueBuildError::NoTemplate(format!(
+            "{}/{}",
+            ws.owner, ws.name
+        )));
     };
     let mut jobs = txn.open_table(JOBS)?;
     if let Some(job) = read_job(&jobs, &ws.id)? {
-        return Err(StoreError::Busy(format!(
-            "build {} ({}) of {}/{} has not ended; wait for it or cancel it",
-            job.number,
-            job.transition.as_str(),
-            ws.owner,
-            ws.name
-        )));
+        return Err(QueueBuildError::Busy {
+            number: job.number,
+            transition: job.transition.as_str(),
+            workspace: format!("{}/{}", ws.owner, ws.name),
+        });
     }
     let spec: TemplateVersionRecord = txn
         .open_table(TEMPLATE_VERSIONS)?
         .get((template.name.as_str(), template.version))?
         .map(|v| decode("template_versions", template.name.as_str(), v.value()))
         .transpose()?
-        .ok_or_else(|| StoreError::NotFound(format!("template {}", template.name)))?;
+        .ok_or_else(|| QueueBuildError::TemplateNotFound(template.name.clone()))?;
     let number = ws.latest_build.as_ref().map_or(0, |b| b.number) + 1;
     let build = Build {
         number,

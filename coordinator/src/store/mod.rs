@@ -71,7 +71,8 @@ pub use accounts::{
 };
 pub use agent_state::{AgentReports, AgentStateBatch, MAX_LOG_LINES, Snapshot, StoredConnection};
 pub use lifecycle::{
-    ClaimedJob, JobRecord, ProvisionerKey, TemplateVersionRecord, WorkspaceChange,
+    CancelBuildError, ClaimedJob, CreateProvisionerKeyError, DeleteTemplateError, JobRecord,
+    ProvisionerKey, QueueBuildError, TemplateVersionRecord, WorkspaceChange,
 };
 pub use records::{AgentRecord, TokenKind, TokenRecord, UserRecord, WorkspaceRecord};
 pub use scrape::{
@@ -102,23 +103,9 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-    /// A record with this unique name exists already.
-    #[error("{0} already exists")]
-    Conflict(String),
     /// The record to change does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// A template to delete is used by workspaces (named).
-    #[error("{0}")]
-    TemplateInUse(String),
-    /// A workspace made without a template has no machine to start or stop.
-    #[error(
-        "workspace {0} was made without a template; there is no machine to start, stop or build"
-    )]
-    NoTemplate(String),
-    /// A build of the workspace has not ended.
-    #[error("{0}")]
-    Busy(String),
 }
 
 macro_rules! from_redb {

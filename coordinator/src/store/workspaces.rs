@@ -23,6 +23,9 @@ pub enum CreateWorkspaceError {
     /// The owner holds as many workspaces as their quota allows.
     #[error(transparent)]
     Quota(QuotaReached),
+    /// The workspace's first build (from its template) could not be queued.
+    #[error(transparent)]
+    Build(#[from] lifecycle::QueueBuildError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
