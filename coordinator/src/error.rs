@@ -14,7 +14,7 @@ use mesh::api::ErrorBody;
 use crate::store::{
     CancelBuildError, CreateFirstUserError, CreateProvisionerKeyError, CreateUserError,
     CreateWorkspaceError, DeleteTemplateError, DeleteUserError, InsertTokenError, QueueBuildError,
-    QuotaReached, StoreError, UpdateUserError,
+    QuotaReached, RotateAgentTokenError, StoreError, UpdateUserError,
 };
 
 /// An API failure, answered as JSON `{"message", "detail"}`.
@@ -205,6 +205,16 @@ impl From<CreateProvisionerKeyError> for ApiError {
                 Self::conflict(e.to_string(), "pick another name")
             }
             CreateProvisionerKeyError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RotateAgentTokenError> for ApiError {
+    fn from(e: RotateAgentTokenError) -> Self {
+        match e {
+            e @ (RotateAgentTokenError::WorkspaceNotFound(_)
+            | RotateAgentTokenError::AgentNotFound { .. }) => Self::not_found(e.to_string(), ""),
+            RotateAgentTokenError::Store(e) => e.into(),
         }
     }
 }

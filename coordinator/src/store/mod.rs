@@ -44,6 +44,11 @@
 //! | `changes` | counter name | `u64`; `workspaces` counts the write transactions that changed workspace records |
 //!
 //! Deleting a workspace deletes its agents' rows in the same transaction.
+//!
+//! An operation that can be refused returns its own error enum (`CreateUserError`,
+//! `QueueBuildError`, ...), a doc line per variant and a `Store` variant for
+//! [`StoreError`]: redb failing, a record unreadable, or a record that another points
+//! at missing. `api` maps each variant to its status and message.
 
 mod accounts;
 mod agent_state;
@@ -79,7 +84,9 @@ pub use scrape::{
     AgentSummary, AppSummary, ReportsSummary, ScrapeAgent, ScrapeCache, ScrapeView,
     WorkspaceSummary,
 };
-pub use workspaces::{CreateWorkspaceError, EndpointClaim};
+pub use workspaces::{
+    ClaimEndpointError, CreateWorkspaceError, EndpointClaim, RotateAgentTokenError, SetHostKeyError,
+};
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +110,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-    /// The record to change does not exist.
+    /// A record another one points at is missing (a queued job's workspace, build or
+    /// template version).
     #[error("{0} not found")]
     NotFound(String),
 }

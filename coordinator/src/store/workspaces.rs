@@ -40,7 +40,54 @@ impl From<CheckQuotaError> for CreateWorkspaceError {
     }
 }
 
-store_failure!(CreateWorkspaceError);
+/// Why [`Store::rotate_agent_token`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateAgentTokenError {
+    /// No workspace of this `owner/name`.
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// The workspace (`owner/name`) has no agent of this name.
+    #[error("agent {agent} of workspace {workspace} not found")]
+    AgentNotFound { agent: Name, workspace: String },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::claim_agent_endpoint`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimEndpointError {
+    /// No workspace has this id: it was deleted while its agent was connected.
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// The workspace has no agent of this id.
+    #[error("agent {0} not found")]
+    AgentNotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::set_agent_host_key`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetHostKeyError {
+    /// No workspace has this id: it was deleted while its agent was connected.
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// The workspace has no agent of this id.
+    #[error("agent {0} not found")]
+    AgentNotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+store_failure!(
+    CreateWorkspaceError,
+    RotateAgentTokenError,
+    ClaimEndpointError,
+    SetHostKeyError
+);
 
 /// What [`Store::claim_agent_endpoint`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,7 +344,7 @@ impl Store {
         workspace_id: &str,
         agent_id: &str,
         endpoint: &str,
-    ) -> Result<EndpointClaim, StoreError> {
+    ) -> Result<EndpointClaim, ClaimEndpointError> {
         {
             let txn = self.db.begin_read()?;
             let owner = txn.open_table(AGENT_ENDPOINTS)?.get(endpoint)?;
@@ -323,13 +370,15 @@ impl Store {
             }
             let mut workspaces = WorkspacesMut::open(&txn)?;
             let Some(mut ws) = workspaces.get(workspace_id)? else {
-                return Err(StoreError::NotFound(format!("workspace {workspace_id}")));
+                return Err(ClaimEndpointError::WorkspaceNotFound(
+                    workspace_id.to_owned(),
+                ));
             };
             let agent = ws
                 .agents
                 .iter_mut()
                 .find(|a| a.id == agent_id)
-                .ok_or_else(|| StoreError::NotFound(format!("agent {agent_id}")))?;
+                .ok_or_else(|| ClaimEndpointError::AgentNotFound(agent_id.to_owned()))?;
             let previous = agent.endpoint_id.replace(endpoint.to_owned());
             if let Some(old) = &previous {
                 endpoints.remove(old.as_str())?;
@@ -348,18 +397,18 @@ impl Store {
         workspace_id: &str,
         agent_id: &str,
         key: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, SetHostKeyError> {
         let txn = self.db.begin_write()?;
         let changed = {
             let mut workspaces = WorkspacesMut::open(&txn)?;
             let Some(mut ws) = workspaces.get(workspace_id)? else {
-                return Err(StoreError::NotFound(format!("workspace {workspace_id}")));
+                return Err(SetHostKeyError::WorkspaceNotFound(workspace_id.to_owned()));
             };
             let agent = ws
                 .agents
                 .iter_mut()
                 .find(|a| a.id == agent_id)
-                .ok_or_else(|| StoreError::NotFound(format!("agent {agent_id}")))?;
+                .ok_or_else(|| SetHostKeyError::AgentNotFound(agent_id.to_owned()))?;
             if agent.ssh_host_key.as_deref() == Some(key) {
                 false
             } else {
@@ -380,7 +429,7 @@ impl Store {
         workspace: &Name,
         agent: &Name,
         new_token: &TokenRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), RotateAgentTokenError> {
         let txn = self.db.begin_write()?;
         {
             let names = txn.open_table(WORKSPACE_NAMES)?;
@@ -388,16 +437,19 @@ impl Store {
             let id = names
                 .get(key.as_str())?
                 .map(|v| v.value().to_owned())
-                .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
+                .ok_or_else(|| RotateAgentTokenError::WorkspaceNotFound(key.clone()))?;
             let mut workspaces = WorkspacesMut::open(&txn)?;
             let mut ws = workspaces
                 .get(id.as_str())?
-                .ok_or_else(|| StoreError::NotFound(format!("workspace {key}")))?;
+                .ok_or_else(|| RotateAgentTokenError::WorkspaceNotFound(key.clone()))?;
             let rec = ws
                 .agents
                 .iter_mut()
                 .find(|a| &a.name == agent)
-                .ok_or_else(|| StoreError::NotFound(format!("agent {agent} of workspace {key}")))?;
+                .ok_or_else(|| RotateAgentTokenError::AgentNotFound {
+                    agent: agent.clone(),
+                    workspace: key.clone(),
+                })?;
             let mut tokens = txn.open_table(TOKENS)?;
             tokens.remove(rec.token_id.as_str())?;
             tokens.insert(new_token.id.as_str(), encode(new_token).as_slice())?;
