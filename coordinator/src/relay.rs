@@ -130,6 +130,11 @@ impl AccessControl for RegistryAccess {
 }
 
 /// `GET /relay`: upgrades to a WebSocket and hands it to iroh-relay's client registry.
+///
+/// # Cancel safety
+/// Cancel safe (it runs under the request deadline): it only checks the request and
+/// answers the upgrade. The relayed connection runs in the task axum spawns once the
+/// upgrade completes, which the deadline does not bound.
 pub async fn relay_handler(State(state): State<RelayState>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {

@@ -30,6 +30,12 @@ mod dispatch;
 /// otherwise (`myco server --heartbeat-interval`).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 
+/// `GET /api/v1/agent/control`: upgrades to the agent's control channel.
+///
+/// # Cancel safety
+/// Cancel safe (it runs under the request deadline): it only checks the request and
+/// answers the upgrade. The channel runs in the task axum spawns once the upgrade
+/// completes, which the deadline does not bound.
 pub async fn control_handler(
     State(state): State<AppState>,
     agent: AgentCaller,
