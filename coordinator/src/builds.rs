@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::api::AppState;
 use crate::provision::{self, BuildInput, Outcome};
-use crate::store::{ClaimedJob, Store, StoreError, TokenKind};
+use crate::store::{ClaimedJob, FinishBuildError, Store, TokenKind};
 use crate::tasks::TaskGroup;
 
 /// The name the coordinator's own provisioners claim jobs under.
@@ -136,7 +136,7 @@ pub(crate) async fn finish(
 }
 
 /// Fails the builds the coordinator's own provisioners held when it stopped.
-pub(crate) fn recover(store: &Store) -> Result<usize, StoreError> {
+pub(crate) fn recover(store: &Store) -> Result<usize, FinishBuildError> {
     let now = Timestamp::now();
     let mut failed = 0;
     for job in store.jobs()? {

@@ -12,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use mesh::api::ErrorBody;
 
 use crate::store::{
-    CancelBuildError, CreateFirstUserError, CreateProvisionerKeyError, CreateUserError,
-    CreateWorkspaceError, DeleteTemplateError, DeleteUserError, InsertTokenError, QueueBuildError,
-    QuotaReached, RotateAgentTokenError, StoreError, UpdateUserError,
+    CancelBuildError, ClaimJobError, CreateFirstUserError, CreateProvisionerKeyError,
+    CreateUserError, CreateWorkspaceError, DeleteTemplateError, DeleteUserError, FinishBuildError,
+    InsertTokenError, QueueBuildError, QuotaReached, ReplaceAgentTokensError,
+    RotateAgentTokenError, StoreError, UpdateUserError,
 };
 
 /// An API failure, answered as JSON `{"message", "detail"}`.
@@ -116,10 +117,7 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(what) => Self::not_found(format!("{what} not found"), ""),
-            other => Self::internal("the coordinator's store failed", other.to_string()),
-        }
+        Self::internal("the coordinator's store failed", e.to_string())
     }
 }
 
@@ -193,6 +191,7 @@ impl From<CancelBuildError> for ApiError {
     fn from(e: CancelBuildError) -> Self {
         match e {
             e @ CancelBuildError::NotRunning(_) => Self::not_found(e.to_string(), ""),
+            CancelBuildError::Finish(e) => e.into(),
             CancelBuildError::Store(e) => e.into(),
         }
     }
@@ -215,6 +214,35 @@ impl From<RotateAgentTokenError> for ApiError {
             e @ (RotateAgentTokenError::WorkspaceNotFound(_)
             | RotateAgentTokenError::AgentNotFound { .. }) => Self::not_found(e.to_string(), ""),
             RotateAgentTokenError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<ClaimJobError> for ApiError {
+    fn from(e: ClaimJobError) -> Self {
+        match e {
+            e @ (ClaimJobError::WorkspaceNotFound(_)
+            | ClaimJobError::BuildNotFound(_)
+            | ClaimJobError::TemplateNotFound(_)) => Self::not_found(e.to_string(), ""),
+            ClaimJobError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<ReplaceAgentTokensError> for ApiError {
+    fn from(e: ReplaceAgentTokensError) -> Self {
+        match e {
+            e @ ReplaceAgentTokensError::WorkspaceNotFound(_) => Self::not_found(e.to_string(), ""),
+            ReplaceAgentTokensError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<FinishBuildError> for ApiError {
+    fn from(e: FinishBuildError) -> Self {
+        match e {
+            e @ FinishBuildError::BuildNotFound(_) => Self::not_found(e.to_string(), ""),
+            FinishBuildError::Store(e) => e.into(),
         }
     }
 }

@@ -78,6 +78,10 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The builds this coordinator was running when it last stopped could not be
+    /// failed.
+    #[error(transparent)]
+    Recover(#[from] crate::store::FinishBuildError),
     /// The coordinator's ticket-signing key could not be loaded or created.
     #[error(transparent)]
     Key(#[from] mesh::identity::IdentityError),
@@ -377,7 +381,7 @@ impl Coordinator {
                 builds = n,
                 "failed the builds that were running when the coordinator stopped"
             ),
-            Ok(Err(e)) => return Err(ServerError::Store(e)),
+            Ok(Err(e)) => return Err(ServerError::Recover(e)),
             Err(e) => tracing::error!("cannot look for interrupted builds: {e}"),
         }
         // Each task below has an owner held here: after the listener drains, the build

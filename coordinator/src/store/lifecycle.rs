@@ -66,6 +66,9 @@ pub enum CancelBuildError {
     /// The workspace has no build of this number that has not ended.
     #[error("a build {0} that has not ended not found")]
     NotRunning(u64),
+    /// The pending build could not be ended.
+    #[error(transparent)]
+    Finish(#[from] FinishBuildError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -82,7 +85,49 @@ pub enum CreateProvisionerKeyError {
     Store(#[from] StoreError),
 }
 
+/// Why [`Store::claim_job`] failed: a record the job points at is gone.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimJobError {
+    /// The job's workspace (by id).
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// The job's build record.
+    #[error("build {0} not found")]
+    BuildNotFound(u64),
+    /// The template version the job builds.
+    #[error("template {0} not found")]
+    TemplateNotFound(Name),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::replace_agent_tokens`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceAgentTokensError {
+    /// No workspace has this id.
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why [`Store::finish_build`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FinishBuildError {
+    /// The job's build record is gone.
+    #[error("build {0} not found")]
+    BuildNotFound(u64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 store_failure!(
+    ClaimJobError,
+    ReplaceAgentTokensError,
+    FinishBuildError,
     QueueBuildError,
     DeleteTemplateError,
     CancelBuildError,
@@ -473,7 +518,7 @@ impl Store {
         tags: &BTreeMap<String, String>,
         now: Timestamp,
         lease_until: Timestamp,
-    ) -> Result<Option<ClaimedJob>, StoreError> {
+    ) -> Result<Option<ClaimedJob>, ClaimJobError> {
         // Looked for in a read transaction: an idle provisioner polling writes nothing.
         {
             let txn = self.db.begin_read()?;
@@ -514,14 +559,14 @@ impl Store {
             let mut workspaces = WorkspacesMut::open(&txn)?;
             let mut ws = workspaces
                 .get(&job.workspace_id)?
-                .ok_or_else(|| StoreError::NotFound(format!("workspace {}", job.workspace_id)))?;
+                .ok_or_else(|| ClaimJobError::WorkspaceNotFound(job.workspace_id.clone()))?;
             let mut builds = txn.open_table(BUILDS)?;
             let key = (job.workspace_id.as_str(), job.number);
             let mut build: Build = builds
                 .get(key)?
                 .map(|v| decode("builds", &job.workspace_id, v.value()))
                 .transpose()?
-                .ok_or_else(|| StoreError::NotFound(format!("build {}", job.number)))?;
+                .ok_or(ClaimJobError::BuildNotFound(job.number))?;
             build.status = BuildStatus::Running;
             build.started_at = Some(now);
             build.provisioner = Some(by.to_owned());
@@ -534,7 +579,7 @@ impl Store {
                 .get((name, job.template.version))?
                 .map(|v| decode("template_versions", name, v.value()))
                 .transpose()?
-                .ok_or_else(|| StoreError::NotFound(format!("template {name}")))?;
+                .ok_or_else(|| ClaimJobError::TemplateNotFound(job.template.name.clone()))?;
             let archive = txn
                 .open_table(TEMPLATE_ARCHIVES)?
                 .get((name, job.template.version))?
@@ -584,13 +629,13 @@ impl Store {
         &self,
         workspace_id: &str,
         tokens: &[(String, TokenRecord)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), ReplaceAgentTokensError> {
         let txn = self.db.begin_write()?;
         {
             let mut workspaces = WorkspacesMut::open(&txn)?;
-            let mut ws = workspaces
-                .get(workspace_id)?
-                .ok_or_else(|| StoreError::NotFound(format!("workspace {workspace_id}")))?;
+            let mut ws = workspaces.get(workspace_id)?.ok_or_else(|| {
+                ReplaceAgentTokensError::WorkspaceNotFound(workspace_id.to_owned())
+            })?;
             let mut table = txn.open_table(TOKENS)?;
             for (agent_id, record) in tokens {
                 if let Some(a) = ws.agents.iter_mut().find(|a| &a.id == agent_id) {
@@ -616,7 +661,7 @@ impl Store {
         status: BuildStatus,
         reason: Option<String>,
         now: Timestamp,
-    ) -> Result<(bool, Option<WorkspaceRecord>), StoreError> {
+    ) -> Result<(bool, Option<WorkspaceRecord>), FinishBuildError> {
         let txn = self.db.begin_write()?;
         let deleted = {
             let mut jobs = txn.open_table(JOBS)?;
@@ -633,7 +678,7 @@ impl Store {
                 .get((workspace_id, number))?
                 .map(|v| decode("builds", workspace_id, v.value()))
                 .transpose()?
-                .ok_or_else(|| StoreError::NotFound(format!("build {number}")))?;
+                .ok_or(FinishBuildError::BuildNotFound(number))?;
             build.status = status;
             build.reason = reason;
             build.ended_at = Some(now);

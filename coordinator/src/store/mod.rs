@@ -47,8 +47,8 @@
 //!
 //! An operation that can be refused returns its own error enum (`CreateUserError`,
 //! `QueueBuildError`, ...), a doc line per variant and a `Store` variant for
-//! [`StoreError`]: redb failing, a record unreadable, or a record that another points
-//! at missing. `api` maps each variant to its status and message.
+//! [`StoreError`]: redb failing or a record unreadable. `api` maps each variant to its
+//! status and message.
 
 mod accounts;
 mod agent_state;
@@ -76,8 +76,9 @@ pub use accounts::{
 };
 pub use agent_state::{AgentReports, AgentStateBatch, MAX_LOG_LINES, Snapshot, StoredConnection};
 pub use lifecycle::{
-    CancelBuildError, ClaimedJob, CreateProvisionerKeyError, DeleteTemplateError, JobRecord,
-    ProvisionerKey, QueueBuildError, TemplateVersionRecord, WorkspaceChange,
+    CancelBuildError, ClaimJobError, ClaimedJob, CreateProvisionerKeyError, DeleteTemplateError,
+    FinishBuildError, JobRecord, ProvisionerKey, QueueBuildError, ReplaceAgentTokensError,
+    TemplateVersionRecord, WorkspaceChange,
 };
 pub use records::{AgentRecord, TokenKind, TokenRecord, UserRecord, WorkspaceRecord};
 pub use scrape::{
@@ -110,10 +111,6 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-    /// A record another one points at is missing (a queued job's workspace, build or
-    /// template version).
-    #[error("{0} not found")]
-    NotFound(String),
 }
 
 macro_rules! from_redb {
