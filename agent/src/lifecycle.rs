@@ -101,7 +101,7 @@ pub(crate) async fn startup(mut welcome: WelcomeRx, reports: Reports) {
         Err(_) => return,
     };
     reports.lifecycle(LifecycleEvent::StartupBegan);
-    let outcome = match script {
+    let (outcome, lingering) = match script {
         Some(script) => {
             // Stopping the agent drops this task, which kills the script.
             run_logged(
@@ -112,9 +112,14 @@ pub(crate) async fn startup(mut welcome: WelcomeRx, reports: Reports) {
             )
             .await
         }
-        None => ScriptOutcome::Exited(0),
+        None => (ScriptOutcome::Exited(0), None),
     };
     reports.lifecycle(LifecycleEvent::StartupEnded(outcome));
+    // What the script left running goes on being logged while this task lives: until
+    // the agent stops (which drops it) or those processes close their output.
+    if let Some(lingering) = lingering {
+        lingering.finish().await;
+    }
 }
 
 /// Runs the shutdown script of the last welcome (if any), reporting the lifecycle and
@@ -131,7 +136,12 @@ pub(crate) async fn shutdown(
         .and_then(|w| w.manifest.shutdown_script.clone());
     reports.lifecycle(LifecycleEvent::ShutdownBegan);
     let outcome = match script {
-        Some(script) => run_logged(&script, LogSource::Shutdown, reports, hurry).await,
+        // Output left behind by the shutdown script is not waited for: the agent stops.
+        Some(script) => {
+            run_logged(&script, LogSource::Shutdown, reports, hurry)
+                .await
+                .0
+        }
         None => ScriptOutcome::Exited(0),
     };
     reports.lifecycle(LifecycleEvent::ShutdownEnded(outcome));
@@ -139,13 +149,14 @@ pub(crate) async fn shutdown(
 
 /// Runs a script, sending its output to the coordinator's log, plus one line saying
 /// how it ended when that was not a success. When `hurry` resolves first the script's
-/// process group is killed and it ends [`ScriptOutcome::CutShort`].
+/// process group is killed and it ends [`ScriptOutcome::CutShort`]. Also returns the
+/// reading of what the script left running, if it left something.
 async fn run_logged(
     script: &Script,
     source: LogSource,
     reports: &Reports,
     hurry: impl std::future::Future<Output = ()>,
-) -> ScriptOutcome {
+) -> (ScriptOutcome, Option<script::Lingering>) {
     let name = match source {
         LogSource::Startup => "startup",
         LogSource::Shutdown => "shutdown",
@@ -162,10 +173,10 @@ async fn run_logged(
         }
     };
     let timeout = Duration::from_secs(script.timeout);
-    let outcome = tokio::select! {
-        outcome = script::run(&script.run, timeout, sink) => outcome,
+    let (outcome, lingering) = tokio::select! {
+        (outcome, lingering) = script::run_lingering(&script.run, timeout, sink) => (outcome, Some(lingering)),
         // Dropping the run kills the script's process group.
-        () = hurry => ScriptOutcome::CutShort,
+        () = hurry => (ScriptOutcome::CutShort, None),
     };
     if outcome.succeeded() {
         tracing::info!("the {name} script succeeded");
@@ -183,7 +194,7 @@ async fn run_logged(
             text: format!("myco: the {name} script failed: {why}"),
         });
     }
-    outcome
+    (outcome, lingering)
 }
 
 #[cfg(test)]

@@ -115,15 +115,29 @@ impl Drop for GroupKiller {
     }
 }
 
+/// [`run_lingering`]'s outcome alone: what the script left running is read no further.
+#[cfg(test)]
+pub(crate) async fn run<F>(script: &str, timeout: Duration, sink: F) -> ScriptOutcome
+where
+    F: FnMut(String) + Send + 'static,
+{
+    run_lingering(script, timeout, sink).await.0
+}
+
 /// Runs `script` with `$SHELL -c`, handing every line of its stdout and stderr to
 /// `sink` as it comes (interleaved, each cut at [`LINE_MAX`] bytes).
 ///
-/// Returns when the script exits or its timeout kills its process group. Output that
-/// background processes write later still reaches `sink`, from a task of its own.
+/// Returns when the script exits or its timeout kills its process group, with the
+/// reading of what background processes write later, which reaches `sink` for as long
+/// as the caller keeps the returned [`Lingering`].
 ///
 /// # Cancel safety
-/// Dropping the future kills the script's process group.
-pub(crate) async fn run<F>(script: &str, timeout: Duration, sink: F) -> ScriptOutcome
+/// Dropping the future kills the script's process group and stops the reading.
+pub(crate) async fn run_lingering<F>(
+    script: &str,
+    timeout: Duration,
+    sink: F,
+) -> (ScriptOutcome, Lingering)
 where
     F: FnMut(String) + Send + 'static,
 {
@@ -131,14 +145,20 @@ where
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            return ScriptOutcome::Failed(format!(
+            let why = format!(
                 "cannot start {}: {e}",
                 cmd.as_std().get_program().to_string_lossy()
-            ));
+            );
+            return (ScriptOutcome::Failed(why), Lingering(None));
         }
     };
     let mut group = GroupKiller::new(child.id());
-    let mut reader = tokio::spawn(read_lines(child.stdout.take(), child.stderr.take(), sink));
+    // Owned here, then by the returned `Lingering`.
+    let mut reader = Lingering(Some(tokio::spawn(read_lines(
+        child.stdout.take(),
+        child.stderr.take(),
+        sink,
+    ))));
     let outcome = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => {
             group.disarm();
@@ -154,9 +174,42 @@ where
             ScriptOutcome::TimedOut
         }
     };
-    // The reader goes on by itself if background processes keep the pipes open.
-    let _ = tokio::time::timeout(OUTPUT_DRAIN, &mut reader).await;
-    outcome
+    // The reader goes on if background processes keep the pipes open: the caller
+    // decides for how long.
+    if let Some(handle) = reader.0.as_mut()
+        && tokio::time::timeout(OUTPUT_DRAIN, handle).await.is_ok()
+    {
+        reader.0 = None;
+    }
+    (outcome, reader)
+}
+
+/// The output of a script's background processes (a server the startup script left
+/// running), still read and logged after the script ended, for as long as its owner
+/// keeps this: dropping it stops the reading, [`Lingering::finish`] waits until the
+/// pipes close.
+#[must_use = "dropping it stops reading what the script left running"]
+pub(crate) struct Lingering(Option<tokio::task::JoinHandle<()>>);
+
+impl Lingering {
+    /// Reads on until every process holding the script's pipes has closed them.
+    ///
+    /// # Cancel safety
+    /// Dropping the future stops the reading.
+    pub(crate) async fn finish(mut self) {
+        if let Some(handle) = self.0.as_mut() {
+            let _ = handle.await;
+            self.0 = None;
+        }
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
 }
 
 /// Reads stdout and stderr until both end, splitting them into lines for `sink`.
