@@ -23,7 +23,8 @@
 //! `tables` (the tables, how records are encoded in them, the name index and quota
 //! check), `records` (users, tokens, workspaces and their agents), `accounts` (users
 //! and tokens), `workspaces`, `agent_state` (what agents report), `scrape` (what
-//! `/metrics` reads) and `lifecycle` (templates, builds and the build queue).
+//! `/metrics` reads), `templates` (templates and provisioner keys) and `lifecycle`
+//! (builds and the build queue).
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
@@ -58,6 +59,7 @@ mod lifecycle;
 mod records;
 mod scrape;
 mod tables;
+mod templates;
 mod workspaces;
 
 use std::path::Path;
@@ -76,14 +78,16 @@ pub use accounts::{
 };
 pub use agent_state::{AgentReports, AgentStateBatch, MAX_LOG_LINES, Snapshot, StoredConnection};
 pub use lifecycle::{
-    CancelBuildError, ClaimJobError, ClaimedJob, CreateProvisionerKeyError, DeleteTemplateError,
-    FinishBuildError, JobRecord, ProvisionerKey, QueueBuildError, ReplaceAgentTokensError,
-    TemplateVersionRecord, WorkspaceChange,
+    CancelBuildError, ClaimJobError, ClaimedJob, FinishBuildError, JobRecord, QueueBuildError,
+    ReplaceAgentTokensError, WorkspaceChange,
 };
 pub use records::{AgentRecord, TokenKind, TokenRecord, UserRecord, WorkspaceRecord};
 pub use scrape::{
     AgentSummary, AppSummary, ReportsSummary, ScrapeAgent, ScrapeCache, ScrapeView,
     WorkspaceSummary,
+};
+pub use templates::{
+    CreateProvisionerKeyError, DeleteTemplateError, ProvisionerKey, TemplateVersionRecord,
 };
 pub use workspaces::{
     ClaimEndpointError, CreateWorkspaceError, EndpointClaim, RotateAgentTokenError, SetHostKeyError,
@@ -225,13 +229,13 @@ impl Store {
         txn.open_table(AGENT_LOGS)?;
         txn.open_table(AGENT_ENDPOINTS)?;
         txn.open_table(CHANGES)?;
-        txn.open_table(lifecycle::TEMPLATES)?;
-        txn.open_table(lifecycle::TEMPLATE_VERSIONS)?;
-        txn.open_table(lifecycle::TEMPLATE_ARCHIVES)?;
+        txn.open_table(templates::TEMPLATES)?;
+        txn.open_table(templates::TEMPLATE_VERSIONS)?;
+        txn.open_table(templates::TEMPLATE_ARCHIVES)?;
         txn.open_table(lifecycle::BUILDS)?;
         txn.open_table(lifecycle::BUILD_LOGS)?;
         txn.open_table(lifecycle::JOBS)?;
-        txn.open_table(lifecycle::PROVISIONER_KEYS)?;
+        txn.open_table(templates::PROVISIONER_KEYS)?;
         txn.commit()?;
         Ok(Self {
             db,
