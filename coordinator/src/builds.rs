@@ -265,12 +265,13 @@ async fn run_claimed(state: &AppState, claimed: ClaimedJob, data_dir: &std::path
         Outcome::Failed(why) => (BuildStatus::Failed, Some(why)),
         Outcome::Canceled => (BuildStatus::Canceled, Some("canceled".to_owned())),
     };
-    match finish(state, &ws_id, number, OWN, status, reason).await {
-        Ok(true) if job.transition == Transition::Delete && status == BuildStatus::Succeeded => {
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(state_dir)).await;
-        }
-        Ok(_) => {}
-        Err(e) => tracing::error!(build = number, "cannot record how the build ended: {e}"),
+    // A deleted machine's state goes before the build is recorded as ended: whoever
+    // waits for the workspace to be deleted then finds nothing of it left.
+    if job.transition == Transition::Delete && status == BuildStatus::Succeeded {
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(state_dir)).await;
+    }
+    if let Err(e) = finish(state, &ws_id, number, OWN, status, reason).await {
+        tracing::error!(build = number, "cannot record how the build ended: {e}");
     }
 }
 

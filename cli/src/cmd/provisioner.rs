@@ -311,6 +311,11 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
         status: Some(status),
         reason,
     };
+    // A deleted machine's state goes before the end is reported: whoever waits for
+    // the workspace to be deleted then finds nothing of it left.
+    if job.transition == Transition::Delete && status == BuildStatus::Succeeded {
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(state_dir)).await;
+    }
     // The result must arrive: retried while the coordinator is unreachable, within
     // the lease (after it, the reaper has failed the build anyway).
     for attempt in 0..6 {
@@ -325,8 +330,5 @@ async fn run_job(client: &Client, job: ProvisionerJob, dir: &std::path::Path, in
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
-    }
-    if job.transition == Transition::Delete && status == BuildStatus::Succeeded {
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(state_dir)).await;
     }
 }
