@@ -235,7 +235,7 @@ pub(super) async fn set_schedule(
         Some("manual") => Some(None),
         Some(t) => {
             let d = api::parse_duration("stop after", t)
-                .map_err(|e| bad(e, "or \"manual\" for no auto-stop"))?;
+                .map_err(|e| bad(e.to_string(), "or \"manual\" for no auto-stop"))?;
             if d.is_zero() {
                 return Err(bad(
                     "stop after 0s would stop it at once".into(),
@@ -248,7 +248,7 @@ pub(super) async fn set_schedule(
     let extend = change
         .extend
         .as_deref()
-        .map(|t| api::parse_duration("extend", t).map_err(|e| bad(e, "")))
+        .map(|t| api::parse_duration("extend", t).map_err(|e| bad(e.to_string(), "")))
         .transpose()?;
     if extend.is_some() && ws.state() != WorkspaceState::Running {
         return Err(ApiError::conflict(

@@ -286,10 +286,9 @@ pub(super) async fn create_workspace(
             let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             let ttl = match spec.ttl.as_deref() {
                 Some("manual") => None,
-                Some(text) => Some(
-                    api::parse_duration("--ttl", text)
-                        .map_err(|e| ApiError::bad_request(e, "or \"manual\" for no auto-stop"))?,
-                ),
+                Some(text) => Some(api::parse_duration("--ttl", text).map_err(|e| {
+                    ApiError::bad_request(e.to_string(), "or \"manual\" for no auto-stop")
+                })?),
                 None => rec.spec.ttl().unwrap_or(None),
             };
             let bump = rec

@@ -70,14 +70,49 @@ pub const MAX_BUILD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// The default activity bump.
 pub const DEFAULT_ACTIVITY_BUMP: Duration = Duration::from_secs(3600);
 
+/// A duration that cannot be read, as templates and flags write it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{what} {text:?} is not a duration ({reason}); write e.g. \"20s\", \"8h\"")]
+pub struct DurationError {
+    /// The field or flag the text was given for.
+    pub what: &'static str,
+    /// The text as given.
+    pub text: String,
+    /// Why it is not a duration; part of the message, so not a source.
+    pub reason: humantime::DurationError,
+}
+
+/// A `template.toml` that cannot be kept or built from.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    /// `[provisioner] run` is empty or only blanks.
+    #[error("[provisioner] run is empty; give the command that makes the machine")]
+    EmptyRun,
+    /// A duration field (`timeout`, `ttl`, `activity_bump`) cannot be read.
+    #[error(transparent)]
+    Duration(#[from] DurationError),
+    /// `[provisioner] timeout` is zero or longer than a build may run.
+    #[error(
+        "[provisioner] timeout {0:?} is out of range: between 1s and {max}",
+        max = humantime::format_duration(MAX_BUILD_TIMEOUT)
+    )]
+    TimeoutOutOfRange(String),
+    /// Two `[[agents]]` share a name.
+    #[error("agent {0} is given twice")]
+    DuplicateAgent(Name),
+}
+
 /// A duration as templates and flags write it ("20s", "8h", "1h 30m"), named by
 /// `what` in the error.
 ///
 /// # Errors
-/// A message that names `what`, the text, and an example.
-pub fn parse_duration(what: &str, text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("{what} {text:?} is not a duration ({e}); write e.g. \"20s\", \"8h\""))
+/// The text is not a duration; the message names `what`, the text, and an example.
+pub fn parse_duration(what: &'static str, text: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(text.trim()).map_err(|reason| DurationError {
+        what,
+        text: text.to_owned(),
+        reason,
+    })
 }
 
 impl TemplateSpec {
@@ -85,16 +120,13 @@ impl TemplateSpec {
     ///
     /// # Errors
     /// A bad or out-of-range `[provisioner] timeout`.
-    pub fn build_timeout(&self) -> Result<Duration, String> {
+    pub fn build_timeout(&self) -> Result<Duration, SpecError> {
         let Some(t) = &self.provisioner.timeout else {
             return Ok(DEFAULT_BUILD_TIMEOUT);
         };
         let d = parse_duration("[provisioner] timeout", t)?;
         if d.is_zero() || d > MAX_BUILD_TIMEOUT {
-            return Err(format!(
-                "[provisioner] timeout {t:?} is out of range: between 1s and {}",
-                humantime::format_duration(MAX_BUILD_TIMEOUT)
-            ));
+            return Err(SpecError::TimeoutOutOfRange(t.clone()));
         }
         Ok(d)
     }
@@ -103,7 +135,7 @@ impl TemplateSpec {
     ///
     /// # Errors
     /// A bad `[schedule] ttl`.
-    pub fn ttl(&self) -> Result<Option<Duration>, String> {
+    pub fn ttl(&self) -> Result<Option<Duration>, DurationError> {
         self.schedule
             .ttl
             .as_deref()
@@ -115,7 +147,7 @@ impl TemplateSpec {
     ///
     /// # Errors
     /// A bad `[schedule] activity_bump`.
-    pub fn activity_bump(&self) -> Result<Duration, String> {
+    pub fn activity_bump(&self) -> Result<Duration, DurationError> {
         self.schedule
             .activity_bump
             .as_deref()
@@ -128,11 +160,9 @@ impl TemplateSpec {
     ///
     /// # Errors
     /// The first problem found, in words that name the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         if self.provisioner.run.trim().is_empty() {
-            return Err(
-                "[provisioner] run is empty; give the command that makes the machine".into(),
-            );
+            return Err(SpecError::EmptyRun);
         }
         self.build_timeout()?;
         self.ttl()?;
@@ -140,7 +170,7 @@ impl TemplateSpec {
         let mut seen = std::collections::HashSet::new();
         for a in &self.agents {
             if !seen.insert(&a.name) {
-                return Err(format!("agent {} is given twice", a.name));
+                return Err(SpecError::DuplicateAgent(a.name.clone()));
             }
         }
         Ok(())
@@ -469,7 +499,7 @@ mod tests {
 
     fn spec(json: &str) -> Result<TemplateSpec, String> {
         let s: TemplateSpec = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        s.validate().map(|()| s)
+        s.validate().map(|()| s).map_err(|e| e.to_string())
     }
 
     #[test]
