@@ -58,35 +58,76 @@ pub enum Outcome {
     Canceled,
 }
 
+/// A template archive that cannot be unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The archive is not a readable tar file.
+    #[error("the template archive is unreadable: {0}")]
+    Unreadable(#[source] std::io::Error),
+    /// An entry's path cannot be read.
+    #[error("a path in the template archive is unreadable: {0}")]
+    UnreadablePath(#[source] std::io::Error),
+    /// An entry's path is absolute or climbs out with `..`.
+    #[error("the template archive names {}, outside its directory", .0.display())]
+    Outside(PathBuf),
+    /// An entry is a link, a device or anything else but a file or a directory.
+    #[error(
+        "the template archive holds {}, which is neither a file nor a directory",
+        .0.display()
+    )]
+    NotFileOrDir(PathBuf),
+    /// A directory cannot be created under the target.
+    #[error("cannot create {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An entry's contents cannot be read from the archive.
+    #[error("cannot read {} from the archive: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file cannot be written under the target.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A written file's mode cannot be set.
+    #[error("cannot set the mode of {}: {source}", path.display())]
+    SetMode {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The archive's files written under `dir`: regular files and directories only,
 /// each path relative and inside `dir`; anything else (a link, a device, `..`) is
 /// refused, naming the entry.
 ///
 /// # Errors
-/// A message naming the entry or the I/O failure.
-pub fn unpack(archive: &[u8], dir: &Path) -> Result<(), String> {
+/// See [`UnpackError`]; each names the entry or the I/O failure.
+pub fn unpack(archive: &[u8], dir: &Path) -> Result<(), UnpackError> {
     use std::os::unix::fs::PermissionsExt;
     let mut ar = tar::Archive::new(archive);
-    let entries = ar
-        .entries()
-        .map_err(|e| format!("the template archive is unreadable: {e}"))?;
+    let entries = ar.entries().map_err(UnpackError::Unreadable)?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| format!("the template archive is unreadable: {e}"))?;
+        let mut entry = entry.map_err(UnpackError::Unreadable)?;
         let path = entry
             .path()
-            .map_err(|e| format!("a path in the template archive is unreadable: {e}"))?
+            .map_err(UnpackError::UnreadablePath)?
             .into_owned();
         let mut rel = PathBuf::new();
         for c in path.components() {
             match c {
                 Component::Normal(p) => rel.push(p),
                 Component::CurDir => {}
-                _ => {
-                    return Err(format!(
-                        "the template archive names {}, outside its directory",
-                        path.display()
-                    ));
-                }
+                _ => return Err(UnpackError::Outside(path)),
             }
         }
         if rel.as_os_str().is_empty() {
@@ -95,27 +136,36 @@ pub fn unpack(archive: &[u8], dir: &Path) -> Result<(), String> {
         let target = dir.join(&rel);
         let kind = entry.header().entry_type();
         let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+        let create_dir = |path: &Path| {
+            std::fs::create_dir_all(path).map_err(|source| UnpackError::CreateDir {
+                path: path.to_owned(),
+                source,
+            })
+        };
         if kind.is_dir() {
-            std::fs::create_dir_all(&target)
-                .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+            create_dir(&target)?;
         } else if kind.is_file() {
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                create_dir(parent)?;
             }
             let mut bytes = Vec::new();
             entry
                 .read_to_end(&mut bytes)
-                .map_err(|e| format!("cannot read {} from the archive: {e}", rel.display()))?;
-            std::fs::write(&target, bytes)
-                .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+                .map_err(|source| UnpackError::Read {
+                    path: rel.clone(),
+                    source,
+                })?;
+            std::fs::write(&target, bytes).map_err(|source| UnpackError::Write {
+                path: target.clone(),
+                source,
+            })?;
             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode | 0o600))
-                .map_err(|e| format!("cannot set the mode of {}: {e}", target.display()))?;
+                .map_err(|source| UnpackError::SetMode {
+                    path: target.clone(),
+                    source,
+                })?;
         } else {
-            return Err(format!(
-                "the template archive holds {}, which is neither a file nor a directory",
-                rel.display()
-            ));
+            return Err(UnpackError::NotFileOrDir(rel));
         }
     }
     Ok(())
@@ -198,7 +248,7 @@ pub async fn run(
     };
     match prepared {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Outcome::Failed(e),
+        Ok(Err(e)) => return Outcome::Failed(e.to_string()),
         Err(e) => return Outcome::Failed(format!("cannot prepare the build: {e}")),
     }
     say(format!(
@@ -216,13 +266,30 @@ pub async fn run(
     outcome
 }
 
-fn prepare(input: &BuildInput) -> Result<(), String> {
+/// A build's directories that cannot be made ready.
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    /// The work or state directory cannot be created.
+    #[error("cannot create {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The template cannot be unpacked into the work directory.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+}
+
+fn prepare(input: &BuildInput) -> Result<(), PrepareError> {
     let _ = std::fs::remove_dir_all(&input.work_dir);
     for dir in [&input.work_dir, &input.state_dir] {
-        mesh::identity::private_dir(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        mesh::identity::private_dir(dir).map_err(|source| PrepareError::CreateDir {
+            path: dir.clone(),
+            source,
+        })?;
     }
-    unpack(&input.archive, &input.work_dir)
+    Ok(unpack(&input.archive, &input.work_dir)?)
 }
 
 async fn run_command(
@@ -447,7 +514,10 @@ mod tests {
             archive(&[("/etc/x", tar::EntryType::Regular, b"x")]),
             archive(&[("link", tar::EntryType::Symlink, b"")]),
         ] {
-            let err = unpack(&bad, dir.path()).err().unwrap_or_default();
+            let err = unpack(&bad, dir.path())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(err.contains("outside") || err.contains("neither"), "{err}");
         }
         assert!(

@@ -82,7 +82,12 @@ fn spec_of(archive: &[u8]) -> ApiResult<TemplateSpec> {
         let dir = tempfile_dir()?;
         let unpacked = crate::provision::unpack(archive, dir.path());
         drop(dir);
-        unpacked.map_err(|e| bad(e, "templates hold regular files and directories only"))?;
+        unpacked.map_err(|e| {
+            bad(
+                e.to_string(),
+                "templates hold regular files and directories only",
+            )
+        })?;
         return Ok(spec);
     }
     Err(bad(
