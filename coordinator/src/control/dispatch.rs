@@ -95,6 +95,17 @@ impl End {
     }
 }
 
+/// A limit a channel's message broke; the message is the close frame's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum OverLimit {
+    /// The agent sends faster than the channel's message rate.
+    #[error("more than {MESSAGES_PER_SECOND} messages a second (burst {MESSAGE_BURST})")]
+    Messages,
+    /// The agent sent more SSH host keys than one channel needs.
+    #[error("more than {MAX_HOST_KEYS} SSH host keys on one channel")]
+    HostKeys,
+}
+
 /// One control channel, from the welcome on. Pure: the caller passes `now`.
 #[derive(Debug)]
 pub(crate) struct ControlChannel {
@@ -189,7 +200,7 @@ impl ControlChannel {
     pub(crate) fn handle_message(&mut self, msg: AgentMessage, now: Instant) -> Step {
         if let Err(over) = self.admit(&msg, now) {
             tracing::warn!("closing the agent's channel: {over}");
-            return Step::End(End::closing(over, "over its limits"));
+            return Step::End(End::closing(over.to_string(), "over its limits"));
         }
         if let Err(refusal) = mesh::limits::check_agent_message(&msg, &self.manifest) {
             tracing::warn!(kind = msg.kind(), "agent report refused: {refusal}");
@@ -220,18 +231,14 @@ impl ControlChannel {
     }
 
     /// Takes one message; an error says which limit it broke.
-    fn admit(&mut self, msg: &AgentMessage, now: Instant) -> Result<(), String> {
+    fn admit(&mut self, msg: &AgentMessage, now: Instant) -> Result<(), OverLimit> {
         if !self.messages.try_take(1.0, now) {
-            return Err(format!(
-                "more than {MESSAGES_PER_SECOND} messages a second (burst {MESSAGE_BURST})"
-            ));
+            return Err(OverLimit::Messages);
         }
         if let AgentMessage::HostKey { .. } = msg {
             self.host_keys += 1;
             if self.host_keys > MAX_HOST_KEYS {
-                return Err(format!(
-                    "more than {MAX_HOST_KEYS} SSH host keys on one channel"
-                ));
+                return Err(OverLimit::HostKeys);
             }
         }
         Ok(())

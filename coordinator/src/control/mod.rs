@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::api::AppState;
 use crate::api::callers::AgentCaller;
 use crate::error::ApiError;
-use crate::store::EndpointClaim;
+use crate::store::{ClaimEndpointError, EndpointClaim};
 use dispatch::{ControlChannel, End, Received, Step, idle_timeout};
 
 mod dispatch;
@@ -176,6 +176,7 @@ async fn apply(
         }
         Step::ClaimEndpoint(addr) => {
             if let Err(refusal) = claim_endpoint(state, agent, &addr).await {
+                let refusal = refusal.to_string();
                 tracing::warn!(endpoint = %addr.id, "agent address refused: {refusal}");
                 close(socket, &refusal).await;
                 return Err(End::endpoint_refused(refusal).reason);
@@ -256,13 +257,30 @@ async fn send(socket: &mut WebSocket, msg: &CoordinatorMessage) -> bool {
     }
 }
 
+/// Why the endpoint an agent proved is not recorded as its own; the message is the
+/// refusal the agent logs.
+#[derive(Debug, thiserror::Error)]
+enum ClaimError {
+    /// The store's task did not finish (it panicked or the runtime is stopping).
+    #[error("the coordinator failed to record the endpoint: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The store could not record it.
+    #[error("the coordinator failed to record the endpoint: {0}")]
+    Store(#[source] ClaimEndpointError),
+    /// Another agent holds the endpoint's key.
+    #[error(
+        "endpoint {} is another agent's; do not copy an agent's data dir (its key) between workspaces",
+        .0.fmt_short()
+    )]
+    Taken(iroh::EndpointId),
+}
+
 /// Records the endpoint the agent proved as the agent's unless another agent holds it.
-/// Returns the refusal, worded for the agent's log.
 async fn claim_endpoint(
     state: &AppState,
     agent: &AgentCaller,
     addr: &iroh::EndpointAddr,
-) -> Result<(), String> {
+) -> Result<(), ClaimError> {
     let store = state.store.clone();
     let (ws, id, endpoint) = (
         agent.workspace_id.clone(),
@@ -272,8 +290,8 @@ async fn claim_endpoint(
     let claim =
         tokio::task::spawn_blocking(move || store.claim_agent_endpoint(&ws, &id, &endpoint))
             .await
-            .map_err(|e| format!("the coordinator failed to record the endpoint: {e}"))?
-            .map_err(|e| format!("the coordinator failed to record the endpoint: {e}"))?;
+            .map_err(ClaimError::Task)?
+            .map_err(ClaimError::Store)?;
     match claim {
         EndpointClaim::Unchanged => Ok(()),
         EndpointClaim::Claimed { previous } => {
@@ -284,10 +302,7 @@ async fn claim_endpoint(
         }
         EndpointClaim::Taken { by_agent } => {
             tracing::warn!(other_agent = %by_agent, endpoint = %addr.id, "agent announced another agent's endpoint id");
-            Err(format!(
-                "endpoint {} is another agent's; do not copy an agent's data dir (its key) between workspaces",
-                addr.id.fmt_short()
-            ))
+            Err(ClaimError::Taken(addr.id))
         }
     }
 }
