@@ -88,6 +88,34 @@ pub struct Autostart {
     text: String,
 }
 
+/// How an auto-start schedule is written, for its errors.
+const AUTOSTART_EXAMPLE: &str =
+    "write it like \"Mon-Fri 09:00 Europe/Berlin\" or \"daily 08:30 UTC\"";
+
+/// An auto-start schedule that cannot be read; each message names the part that is
+/// wrong and the whole text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AutostartError {
+    /// Not `DAYS HH:MM` with an optional zone.
+    #[error("bad auto-start schedule {text:?}: {AUTOSTART_EXAMPLE}")]
+    Shape { text: String },
+    /// A day or a day range that is not `Mon`..`Sun`.
+    #[error(
+        "bad days {item:?} in auto-start schedule {text:?}: days are Mon..Sun; {AUTOSTART_EXAMPLE}"
+    )]
+    Days { item: String, text: String },
+    /// A time that is not `HH:MM` on a 24-hour clock.
+    #[error(
+        "bad time {time:?} in auto-start schedule {text:?}: HH:MM, 24-hour; {AUTOSTART_EXAMPLE}"
+    )]
+    Time { time: String, text: String },
+    /// A zone that is not an IANA time zone name this machine knows.
+    #[error(
+        "unknown time zone {zone:?} in auto-start schedule {text:?}: an IANA name such as Europe/Berlin or America/New_York"
+    )]
+    Zone { zone: String, text: String },
+}
+
 /// Day names, Monday first: short and full.
 const DAYS: [(&str, &str); 7] = [
     ("mon", "monday"),
@@ -109,14 +137,17 @@ impl Autostart {
     /// Parses `DAYS HH:MM [ZONE]`.
     ///
     /// # Errors
-    /// A message naming the part that is wrong, with an example.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let example = "write it like \"Mon-Fri 09:00 Europe/Berlin\" or \"daily 08:30 UTC\"";
+    /// See [`AutostartError`]: the part that is wrong, with an example.
+    pub fn parse(text: &str) -> Result<Self, AutostartError> {
         let parts: Vec<&str> = text.split_whitespace().collect();
         let (days_part, time_part, zone) = match parts.as_slice() {
             [d, t] => (*d, *t, "UTC"),
             [d, t, z] => (*d, *t, *z),
-            _ => return Err(format!("bad auto-start schedule {text:?}: {example}")),
+            _ => {
+                return Err(AutostartError::Shape {
+                    text: text.to_owned(),
+                });
+            }
         };
         let mut days = [false; 7];
         if days_part.eq_ignore_ascii_case("daily") || days_part == "*" {
@@ -125,9 +156,10 @@ impl Autostart {
             for item in days_part.split(',') {
                 let (a, b) = item.split_once('-').unwrap_or((item, item));
                 let (Some(a), Some(b)) = (day_index(a), day_index(b)) else {
-                    return Err(format!(
-                        "bad days {item:?} in auto-start schedule {text:?}: days are Mon..Sun; {example}"
-                    ));
+                    return Err(AutostartError::Days {
+                        item: item.to_owned(),
+                        text: text.to_owned(),
+                    });
                 };
                 let mut i = a;
                 loop {
@@ -139,13 +171,13 @@ impl Autostart {
                 }
             }
         }
-        let at: Time = time_part.parse().map_err(|_| {
-            format!(
-                "bad time {time_part:?} in auto-start schedule {text:?}: HH:MM, 24-hour; {example}"
-            )
+        let at: Time = time_part.parse().map_err(|_| AutostartError::Time {
+            time: time_part.to_owned(),
+            text: text.to_owned(),
         })?;
-        let tz = TimeZone::get(zone).map_err(|_| {
-            format!("unknown time zone {zone:?} in auto-start schedule {text:?}: an IANA name such as Europe/Berlin or America/New_York")
+        let tz = TimeZone::get(zone).map_err(|_| AutostartError::Zone {
+            zone: zone.to_owned(),
+            text: text.to_owned(),
         })?;
         Ok(Self {
             days,
@@ -303,7 +335,10 @@ mod tests {
             ("Mon 9am", "bad time \"9am\""),
             ("Mon 09:00 Mars/Olympus", "unknown time zone"),
         ] {
-            let err = Autostart::parse(text).err().unwrap_or_default();
+            let err = Autostart::parse(text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(err.contains(part), "{text}: {err}");
         }
         let a = Autostart::parse("sat,sun  10:00").unwrap_or_else(|e| panic!("{e}"));

@@ -265,7 +265,7 @@ pub(super) async fn set_schedule(
         None => None,
         Some("manual") => Some(None),
         Some(text) => Some(Some(
-            crate::schedule::Autostart::parse(text).map_err(|e| bad(e, ""))?,
+            crate::schedule::Autostart::parse(text).map_err(|e| bad(e.to_string(), ""))?,
         )),
     };
     let now = Timestamp::now();
