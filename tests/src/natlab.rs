@@ -542,7 +542,7 @@ fn build_side(
     // router itself, and its connection-tracking entry then holds the outside port, so
     // the inside host's own packet to that peer gets a new port. The mapping would
     // then depend on the destination after all, and two such NATs never punch
-    // through (ARCHITECTURE.md, "NAT lab"). Dropped packets leave no entry, as behind
+    // through. Dropped packets leave no entry, as behind
     // a router whose firewall refuses unsolicited packets (OpenWrt's default).
     let masquerade = match nat {
         Nat::Symmetric => "masquerade fully-random",

@@ -1,7 +1,7 @@
 //! Direct or relayed through NATs and firewalls: the real coordinator, agent and
 //! clients in the NAT lab's network namespaces (`tests/src/natlab.rs`). Each test
-//! needs root (CI runs as root); elsewhere it prints why it skipped. The outcomes are
-//! written down in ARCHITECTURE.md ("NAT lab").
+//! needs root (CI runs as root); elsewhere it prints why it skipped. The kinds of NAT
+//! and firewall are described with [`tests::natlab::Nat`].
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::io::{BufRead, BufReader};
