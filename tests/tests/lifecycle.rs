@@ -535,20 +535,37 @@ fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
         .ok();
     env.wait_agent_connected("admin", "dev");
     // A session that lasts well past the TTL.
-    let mut session = env.cmd("admin", &["ssh", "dev", "--", "sleep", "26"]);
+    // The session says when it runs (so a slow connect is told from a session not
+    // counted), and what the client logged goes into a failure's message.
+    let said = dir.path().join("session.err");
+    let mut session = env.cmd(
+        "admin",
+        &["ssh", "dev", "--", "echo", "open;", "exec", "sleep", "26"],
+    );
     let mut child = session
+        .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&said).unwrap())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
+    let mut open = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut open,
+    )
+    .unwrap();
+    let opened = started.elapsed();
+    assert_eq!(open.trim(), "open", "the session never opened");
     while child.try_wait().unwrap().is_none() {
+        let shown = env.run("admin", &["show", "dev", "-o", "json"]).ok().json();
         assert_eq!(
-            state(&env, "admin", "dev"),
+            shown["state"],
             "running",
-            "stopped {:?} into an open session",
-            started.elapsed()
+            "stopped {:?} into a session open since {opened:?}: {shown:#}\nthe client said: {}",
+            started.elapsed(),
+            std::fs::read_to_string(&said).unwrap_or_default()
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
