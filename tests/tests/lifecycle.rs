@@ -560,13 +560,19 @@ fn an_open_ssh_session_keeps_a_workspace_up_past_its_ttl() {
     assert_eq!(open.trim(), "open", "the session never opened");
     while child.try_wait().unwrap().is_none() {
         let shown = env.run("admin", &["show", "dev", "-o", "json"]).ok().json();
-        assert_eq!(
-            shown["state"],
-            "running",
-            "stopped {:?} into a session open since {opened:?}: {shown:#}\nthe client said: {}",
-            started.elapsed(),
-            std::fs::read_to_string(&said).unwrap_or_default()
-        );
+        if shown["state"] != "running" {
+            let agent_log = env
+                .data_dir()
+                .join("provisioner/state")
+                .join(shown["id"].as_str().unwrap_or_default())
+                .join("agent.log");
+            panic!(
+                "stopped {:?} into a session open since {opened:?}: {shown:#}\nthe client said: {}\nthe agent said: {}",
+                started.elapsed(),
+                std::fs::read_to_string(&said).unwrap_or_default(),
+                std::fs::read_to_string(&agent_log).unwrap_or_default()
+            );
+        }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     assert!(started.elapsed() > std::time::Duration::from_secs(16));
