@@ -115,14 +115,13 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
     let reason = if sent {
         loop {
             // Each branch is cancel safe: `recv` on the socket and on the push queue
-            // loses nothing when the other wins.
+            // loses nothing when another wins. Biased: a push (close, revoke) goes
+            // first, as the agent cannot flood that queue; frames that arrived while
+            // the loop was busy (a slow store write, a stalled runtime) count before
+            // the idle timer may end the channel for silence.
             let step = tokio::select! {
-                () = tokio::time::sleep_until(core.poll_timeout()) => {
-                    match core.handle_timeout(Instant::now()) {
-                        Some(end) => Step::End(end),
-                        None => continue,
-                    }
-                }
+                biased;
+                push = pushed.recv() => core.handle_push(push),
                 received = socket.recv() => {
                     let now = Instant::now();
                     match &received {
@@ -135,7 +134,12 @@ async fn run_channel(mut socket: WebSocket, state: AppState, agent: AgentCaller)
                         Some(Ok(_)) => core.handle_received(Received::Other, now),
                     }
                 }
-                push = pushed.recv() => core.handle_push(push),
+                () = tokio::time::sleep_until(core.poll_timeout()) => {
+                    match core.handle_timeout(Instant::now()) {
+                        Some(end) => Step::End(end),
+                        None => continue,
+                    }
+                }
             };
             if let Err(reason) = apply(step, &mut core, &mut socket, &state, &agent, channel).await
             {
