@@ -55,6 +55,9 @@ struct ConnectionTable {
     /// Tokens the coordinator revoked, and when: tickets issued under them before
     /// then (give or take clock skew) are refused until they have expired.
     revoked: HashMap<String, Timestamp>,
+    /// One task per open connection, waiting for it to close to add its final
+    /// counters; owned here, so they end with the agent's `MeshActivity`.
+    closing: tokio::task::JoinSet<()>,
 }
 
 /// Revoked tokens remembered at once; the oldest are forgotten beyond it (the
@@ -147,31 +150,33 @@ impl MeshActivity {
         conn: &Connection,
         claims: &mesh::ticket::TicketClaims,
     ) -> Result<(), RevokedToken> {
-        let id = {
-            let mut table = self.table();
-            if let Some(at) = table.revoked.get(&claims.token_id)
-                && issued_before(claims, *at)
-            {
-                return Err(RevokedToken);
-            }
-            table.next_id += 1;
-            let id = table.next_id;
-            table.open.insert(
-                id,
-                Tracked {
-                    conn: conn.weak_handle(),
-                    token_id: claims.token_id.clone(),
-                    rx: 0,
-                    tx: 0,
-                },
-            );
-            id
-        };
         // The weak handle's future carries the final counters and keeps nothing open.
         let closed = conn.weak_handle().closed();
-        let activity = self.clone();
-        tokio::spawn(async move {
+        let activity = Arc::downgrade(self);
+        let mut table = self.table();
+        if let Some(at) = table.revoked.get(&claims.token_id)
+            && issued_before(claims, *at)
+        {
+            return Err(RevokedToken);
+        }
+        table.next_id += 1;
+        let id = table.next_id;
+        table.open.insert(
+            id,
+            Tracked {
+                conn: conn.weak_handle(),
+                token_id: claims.token_id.clone(),
+                rx: 0,
+                tx: 0,
+            },
+        );
+        // Reap the tasks of connections that closed since the last one opened.
+        while table.closing.try_join_next().is_some() {}
+        table.closing.spawn(async move {
             let end = closed.await;
+            let Some(activity) = activity.upgrade() else {
+                return;
+            };
             let mut table = activity.table();
             if let Some(t) = table.open.remove(&id) {
                 let (rx, tx) = end.map_or((t.rx, t.tx), |c| {
