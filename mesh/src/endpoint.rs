@@ -98,6 +98,18 @@ pub fn transport_config() -> QuicTransportConfig {
 /// How many ack-eliciting packets the peer may receive before it must acknowledge.
 const ACK_AFTER_PACKETS: u32 = 4;
 
+/// ring's provider with AES-128-GCM as the first TLS 1.3 suite, so the mesh's QUIC
+/// encrypts with it (ring and rustls put AES-256-GCM first): ten AES rounds a block
+/// instead of fourteen, on every byte each end sends and receives (BENCHMARKS.md,
+/// "The IDE path"). It is TLS 1.3's mandatory suite and QUIC's initial one.
+fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    std::sync::Arc::new(provider)
+}
+
 /// Builds and binds an endpoint.
 ///
 /// # Errors
@@ -124,6 +136,7 @@ pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> 
         .address_lookup(lookup.clone())
         .net_report_config(net_report)
         .transport_config(transport_config())
+        .crypto_provider(crypto_provider())
         .alpns(opts.alpns);
     builder = builder.portmapper_config(if opts.portmapper {
         PortmapperConfig::default()
@@ -148,4 +161,23 @@ pub async fn bind(opts: EndpointOptions) -> Result<MeshEndpoint, EndpointError> 
     }
     let endpoint = builder.bind().await?;
     Ok(MeshEndpoint { endpoint, lookup })
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite;
+
+    #[test]
+    fn quic_offers_aes_128_gcm_first_and_keeps_the_other_suites() {
+        let suites: Vec<CipherSuite> = super::crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(suites[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let ring = rustls::crypto::ring::default_provider();
+        assert_eq!(suites.len(), ring.cipher_suites.len());
+        assert!(suites.contains(&CipherSuite::TLS13_AES_256_GCM_SHA384));
+        assert!(suites.contains(&CipherSuite::TLS13_CHACHA20_POLY1305_SHA256));
+    }
 }

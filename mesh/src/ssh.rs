@@ -14,16 +14,18 @@ pub const CHANNEL_BUFFER: usize = 1024;
 /// Bytes read from a command's output or the user's stdin at a time.
 pub const READ_CHUNK: usize = 256 * 1024;
 
-/// The agent's algorithm lists: russh's defaults with AES-256-GCM first (with AES-NI it
-/// is cheaper per byte than ChaCha20-Poly1305, which russh and OpenSSH put first), and
+/// The agent's algorithm lists: russh's defaults with AES-128-GCM then AES-256-GCM first
+/// (with AES-NI they are cheaper per byte than ChaCha20-Poly1305, which russh and
+/// OpenSSH put first; OpenSSH too lists aes128 before aes256), and
 /// `none` last, which only `myco ssh` asks for (see [`client_preferred`]).
 pub fn server_preferred() -> russh::Preferred {
-    let mut ciphers = vec![russh::cipher::AES_256_GCM];
+    let first = [russh::cipher::AES_128_GCM, russh::cipher::AES_256_GCM];
+    let mut ciphers = first.to_vec();
     ciphers.extend(
         russh::Preferred::DEFAULT
             .cipher
             .iter()
-            .filter(|c| **c != russh::cipher::AES_256_GCM),
+            .filter(|c| !first.contains(c)),
     );
     ciphers.push(russh::cipher::NONE);
     let mut macs = russh::Preferred::DEFAULT.mac.to_vec();

@@ -51,6 +51,16 @@ fn exec_exit_code_env_and_bulk_through_real_ssh() {
     let out = ssh(&cfg, &["myco.dev", "echo ${MYCO_AGENT_TOKEN:-unset}"], b"");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "unset\n", "{out:?}");
 
+    // OpenSSH and the agent settle on AES-128-GCM, the cheapest cipher per byte both
+    // have (config-ssh's `Ciphers` line and the agent's list put it first).
+    let out = ssh(&cfg, &["-v", "myco.dev", "true"], b"");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("client->server cipher: aes128-gcm@openssh.com")
+            && said.contains("server->client cipher: aes128-gcm@openssh.com"),
+        "{said}"
+    );
+
     // The agent's name works as well as the workspace's.
     let out = ssh(&cfg, &["myco.dev.main", "cat"], b"echo back");
     assert_eq!(out.stdout, b"echo back", "{out:?}");

@@ -325,7 +325,7 @@ fn block(parts: &BlockParts) -> String {
            UserKnownHostsFile {}\n  \
            KnownHostsCommand {} --config-dir {}{tls} ssh --known-hosts{strip} %H\n  \
            StrictHostKeyChecking yes\n  \
-           Ciphers aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n  \
+           Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n  \
            ConnectTimeout 0\n  \
            LogLevel ERROR\n\
          {extra}\
